@@ -1,0 +1,563 @@
+"""Run inside the guest: own the ipykernel and bridge it to the host's framed stream.
+
+Started by :mod:`smolvm_guest.init` as root. The in-guest kernel runs as the
+unprivileged ``user`` (uid 1000), so code in a cell cannot touch the agent,
+the channel device or the kernel's connection file.
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import fcntl
+import glob
+import hashlib
+import hmac
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import zmq
+
+from smolvm_guest import wire
+from smolvm_guest.wire import Channel
+
+AGENT_VERSION = "0.1.0"
+SERIAL_PORT_NAME = "org.smolvm.agent.0"
+VSOCK_PORT = 1024
+RUN_DIR = "/run/smolvm"
+USER_UID = USER_GID = 1000
+USER_HOME = "/home/user"
+#: Files may be put/got only below these directories (after resolving links).
+FILE_ROOTS = (USER_HOME, "/tmp")
+MAX_FILE = 256 * 1024 * 1024
+#: Host-bound Jupyter frames waiting to be written; past this the agent stops
+#: reading the kernel's sockets, so a flood backs up into ZMQ, not into RAM.
+LOW_QUEUE_LIMIT = 256
+SYNC_MAGIC = b"\x00\xffSMOLVM-SYNC\xff\x00"
+_AGENT_MSG_PREFIX = "smolvm-agent:"
+_RNDADDENTROPY = 0x40085203
+
+
+def log(msg: str) -> None:
+    print(f"smolvm-agent: {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- links
+
+class SerialLink:
+    """The virtio-serial port named ``org.smolvm.agent.0``.
+
+    No udev runs in the guest, so the device node is found through sysfs.
+    While no host is connected, reads return EOF at once: the agent then
+    backs off instead of spinning.
+    """
+
+    reconnects_by_eof = True
+
+    def __init__(self) -> None:
+        self.path = self._find()
+        self.fd = os.open(self.path, os.O_RDWR)
+
+    @staticmethod
+    def _find() -> str:
+        deadline = time.monotonic() + 10
+        while True:
+            for name_file in glob.glob("/sys/class/virtio-ports/*/name"):
+                with open(name_file) as fh:
+                    if fh.read().strip() == SERIAL_PORT_NAME:
+                        return "/dev/" + name_file.split("/")[-2]
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no virtio-serial port named {SERIAL_PORT_NAME}")
+            time.sleep(0.05)
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def read(self) -> bytes:
+        return os.read(self.fd, 1 << 20)
+
+    def write_all(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.write(self.fd, view)
+            view = view[n:]
+
+    def hang_up(self) -> None:
+        """Nothing to close: the port stays open across host reconnects."""
+
+
+class VsockLink:
+    """An AF_VSOCK listener on port 1024 (Firecracker's hybrid vsock, QEMU vhost-vsock)."""
+
+    reconnects_by_eof = False
+
+    def __init__(self) -> None:
+        self.listener = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+        self.listener.bind((socket.VMADDR_CID_ANY, VSOCK_PORT))
+        self.listener.listen(1)
+        self.conn: socket.socket | None = None
+        self._lock = threading.Lock()
+
+    def fileno(self) -> int:
+        return self.conn.fileno() if self.conn else self.listener.fileno()
+
+    def read(self) -> bytes:
+        if self.conn is None:
+            conn, _ = self.listener.accept()
+            with self._lock:
+                self.conn = conn
+            raise _Accepted
+        return self.conn.recv(1 << 20)
+
+    def write_all(self, data: bytes) -> None:
+        with self._lock:
+            conn = self.conn
+        if conn is None:
+            raise BrokenPipeError("no host connected")
+        conn.sendall(data)
+
+    def hang_up(self) -> None:
+        with self._lock:
+            if self.conn is not None:
+                self.conn.close()
+                self.conn = None
+
+
+class _Accepted(Exception):
+    """A new host connection was accepted; the poll set must change."""
+
+
+def open_link() -> SerialLink | VsockLink:
+    with open("/proc/cmdline") as fh:
+        cmdline = fh.read().split()
+    if "smolvm.channel=vsock" in cmdline:
+        return VsockLink()
+    return SerialLink()
+
+
+# ---------------------------------------------------------------- outbox
+
+class Outbox:
+    """Frames for the host, written by one thread; priority frames go first."""
+
+    def __init__(self, link) -> None:
+        self.link = link
+        self._high: collections.deque[bytes] = collections.deque()
+        self._low: collections.deque[bytes] = collections.deque()
+        self._cond = threading.Condition()
+        threading.Thread(target=self._run, name="outbox", daemon=True).start()
+
+    def put(self, channel: Channel, body: bytes) -> None:
+        if len(body) > wire.MAX_FRAME:
+            self.put_json({"event": "dropped", "channel": int(channel), "size": len(body)})
+            return
+        frame = wire.encode_frame(channel, body)
+        with self._cond:
+            (self._high if channel in wire.PRIORITY_CHANNELS else self._low).append(frame)
+            self._cond.notify()
+
+    def put_json(self, obj: dict) -> None:
+        self.put(Channel.AGENT, wire.encode_json(obj))
+
+    def restart(self, preamble: bytes) -> None:
+        """Drop everything queued for a previous host and send ``preamble`` first."""
+        with self._cond:
+            self._high.clear()
+            self._low.clear()
+            self._high.append(preamble)
+            self._cond.notify()
+
+    def low_full(self) -> bool:
+        return len(self._low) >= LOW_QUEUE_LIMIT
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._high and not self._low:
+                    self._cond.wait()
+                frame = self._high.popleft() if self._high else self._low.popleft()
+            try:
+                self.link.write_all(frame)
+            except OSError as exc:
+                log(f"write to host failed: {exc}")
+                time.sleep(0.05)
+
+
+# ---------------------------------------------------------------- kernel
+
+class GuestKernel:
+    """The in-guest ipykernel process and the agent's ZMQ client sockets to it."""
+
+    def __init__(self, ctx: zmq.Context, key: bytes) -> None:
+        self.key = key
+        self.ctx = ctx
+        self.session = uuid.uuid4().hex
+        self.ready = False
+        self.kernel_info: dict = {}
+        self._sent_info_at = 0.0
+        os.makedirs(RUN_DIR, mode=0o711, exist_ok=True)
+        kdir = os.path.join(RUN_DIR, "kernel")
+        os.makedirs(kdir, mode=0o700, exist_ok=True)
+        os.chown(kdir, USER_UID, USER_GID)
+        base = os.path.join(kdir, "k")
+        conn = {
+            "transport": "ipc", "ip": base, "key": key.decode(),
+            "signature_scheme": "hmac-sha256", "kernel_name": "python3",
+            "shell_port": 1, "iopub_port": 2, "stdin_port": 3, "control_port": 4, "hb_port": 5,
+        }
+        conn_file = os.path.join(kdir, "connection.json")
+        fd = os.open(conn_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(conn, fh)
+        os.chown(conn_file, USER_UID, USER_GID)
+        self.log_path = os.path.join(RUN_DIR, "kernel.log")
+        env = {
+            "HOME": USER_HOME, "USER": "user", "LOGNAME": "user", "SHELL": "/bin/sh",
+            "PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "TERM": "xterm-256color",
+            "MPLBACKEND": "module://matplotlib_inline.backend_inline",
+            "PYDEVD_DISABLE_FILE_VALIDATION": "1",
+        }
+        log_fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "ipykernel_launcher", "-f", conn_file,
+             "--IPKernelApp.connection_dir=" + kdir],
+            cwd=USER_HOME, env=env, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,
+            user=USER_UID, group=USER_GID, extra_groups=[], start_new_session=True,
+        )
+        os.close(log_fd)
+        ident = self.session.encode()
+        self.sockets: dict[Channel, zmq.Socket] = {}
+        for chan, port, kind in ((Channel.SHELL, 1, zmq.DEALER), (Channel.CONTROL, 4, zmq.DEALER),
+                                 (Channel.STDIN, 3, zmq.DEALER), (Channel.IOPUB, 2, zmq.SUB)):
+            sock = ctx.socket(kind)
+            sock.linger = 0
+            if kind == zmq.SUB:
+                sock.setsockopt(zmq.SUBSCRIBE, b"")
+            else:
+                # ipykernel routes input_request to the stdin socket whose
+                # identity equals the requesting shell socket's.
+                sock.setsockopt(zmq.IDENTITY, ident)
+            sock.connect(f"ipc://{base}-{port}")
+            self.sockets[chan] = sock
+
+    def poll_ready(self) -> None:
+        """Ask for kernel_info until an iopub message proves the SUB socket is live."""
+        now = time.monotonic()
+        if not self.ready and now - self._sent_info_at > 0.5:
+            self._sent_info_at = now
+            self.send_own(Channel.SHELL, "kernel_info_request", {})
+
+    def send_own(self, chan: Channel, msg_type: str, content: dict) -> None:
+        header = {
+            "msg_id": _AGENT_MSG_PREFIX + uuid.uuid4().hex, "msg_type": msg_type,
+            "session": self.session, "username": "smolvm-agent", "version": "5.3",
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime()),
+        }
+        parts = [json.dumps(p).encode() for p in (header, {}, {}, content)]
+        sig = hmac.new(self.key, b"".join(parts), hashlib.sha256).hexdigest().encode()
+        self.sockets[chan].send_multipart([b"<IDS|MSG>", sig, *parts])
+
+    def is_own(self, parts: list[bytes]) -> dict | None:
+        """Return the content of a message answering the agent itself, else None."""
+        try:
+            i = parts.index(b"<IDS|MSG>")
+        except ValueError:
+            return None
+        if len(parts) < i + 6 or _AGENT_MSG_PREFIX.encode() not in parts[i + 3]:
+            return None
+        header = json.loads(parts[i + 2])
+        return {"msg_type": header.get("msg_type"), "content": json.loads(parts[i + 5])}
+
+    def interrupt(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGINT)
+
+    def log_tail(self, n: int = 4000) -> str:
+        try:
+            with open(self.log_path, "rb") as fh:
+                fh.seek(max(0, os.path.getsize(self.log_path) - n))
+                return fh.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+    def rss_kib(self) -> int:
+        try:
+            with open(f"/proc/{self.proc.pid}/status") as fh:
+                for line in fh:
+                    if line.startswith("VmRSS:"):
+                        return int(line.split()[1])
+        except OSError:
+            pass
+        return 0
+
+
+# ---------------------------------------------------------------- agent
+
+class Agent:
+    """The agent's single-threaded poll loop (plus the outbox writer thread)."""
+
+    def __init__(self, link) -> None:
+        self.link = link
+        self.outbox = Outbox(link)
+        self.decoder = wire.FrameDecoder()
+        self.ctx = zmq.Context()
+        self.kernel: GuestKernel | None = None
+        self.kernel_dead_reported = False
+        self._cpu_prev: tuple[int, int] | None = None
+        self._link_paused_until = 0.0
+        self.shutting_down = False
+
+    # -- requests from the host
+
+    def handle_agent(self, req: dict) -> None:
+        op = req.get("op")
+        rid = req.get("id")
+        try:
+            handler = getattr(self, f"op_{op}", None) if isinstance(op, str) else None
+            if handler is None:
+                raise ValueError(f"unknown op {op!r}")
+            result = handler(req)
+            reply = {"id": rid, "ok": True, **(result or {})}
+        except Exception as exc:  # report, never die on a bad request
+            reply = {"id": rid, "ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        self.outbox.put_json(reply)
+
+    def op_hello(self, req: dict) -> dict:
+        if req.get("proto") != wire.PROTOCOL_VERSION:
+            return {"proto": wire.PROTOCOL_VERSION, "mismatch": True}
+        entropy = base64.b64decode(req.get("entropy", ""))
+        if entropy:
+            _add_entropy(entropy)
+        if isinstance(req.get("time"), (int, float)):
+            try:
+                time.clock_settime(time.CLOCK_REALTIME, float(req["time"]))
+            except OSError as exc:
+                log(f"cannot set the clock: {exc}")
+        key = req.get("key", "")
+        if not isinstance(key, str) or len(key) < 32:
+            raise ValueError("hello needs a key of at least 32 hex characters")
+        if self.kernel is None:
+            self.kernel = GuestKernel(self.ctx, key.encode())
+        elif self.kernel.key != key.encode():
+            raise ValueError("the kernel already runs with another key")
+        return {"proto": wire.PROTOCOL_VERSION, "agent": AGENT_VERSION,
+                "kernel_ready": self.kernel.ready, "python": sys.version.split()[0]}
+
+    def op_ping(self, req: dict) -> dict:
+        return {"t": time.time()}
+
+    def op_interrupt(self, req: dict) -> dict:
+        if self.kernel is None:
+            raise ValueError("no kernel is running")
+        self.kernel.interrupt()
+        return {}
+
+    def op_stats(self, req: dict) -> dict:
+        mem = _meminfo()
+        with open("/proc/stat") as fh:
+            fields = [int(x) for x in fh.readline().split()[1:]]
+        idle, total = fields[3] + fields[4], sum(fields[:8])
+        cpu_pct = None
+        if self._cpu_prev is not None and total > self._cpu_prev[1]:
+            d_idle, d_total = idle - self._cpu_prev[0], total - self._cpu_prev[1]
+            cpu_pct = round(100.0 * (1 - d_idle / d_total), 1)
+        self._cpu_prev = (idle, total)
+        st = os.statvfs("/")
+        with open("/proc/uptime") as fh:
+            uptime = float(fh.read().split()[0])
+        return {
+            "vcpus": os.cpu_count(), "mem_total_kib": mem.get("MemTotal", 0),
+            "mem_available_kib": mem.get("MemAvailable", 0), "cpu_percent": cpu_pct,
+            "disk_total_bytes": st.f_blocks * st.f_frsize,
+            "disk_used_bytes": (st.f_blocks - st.f_bfree) * st.f_frsize,
+            "uptime_s": uptime, "loadavg": os.getloadavg()[0],
+            "kernel_pid": self.kernel.proc.pid if self.kernel else None,
+            "kernel_rss_kib": self.kernel.rss_kib() if self.kernel else 0,
+            "kernel_ready": bool(self.kernel and self.kernel.ready),
+        }
+
+    def op_put(self, req: dict) -> dict:
+        path = _confined(req["path"])
+        data = base64.b64decode(req["data"])
+        offset = int(req.get("offset", 0))
+        if offset < 0 or offset + len(data) > MAX_FILE:
+            raise ValueError(f"files are limited to {MAX_FILE} bytes")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if offset == 0 else 0) | os.O_NOFOLLOW
+        fd = os.open(path, flags, 0o644)
+        try:
+            os.pwrite(fd, data, offset)
+            os.fchown(fd, USER_UID, USER_GID)
+        finally:
+            os.close(fd)
+        return {"size": offset + len(data)}
+
+    def op_get(self, req: dict) -> dict:
+        path = _confined(req["path"])
+        offset = int(req.get("offset", 0))
+        length = min(int(req.get("length", 1 << 20)), 4 << 20)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            size = os.fstat(fd).st_size
+            if size > MAX_FILE:
+                raise ValueError(f"{path} is {size} bytes; files are limited to {MAX_FILE} bytes")
+            data = os.pread(fd, length, offset)
+        finally:
+            os.close(fd)
+        return {"size": size, "data": base64.b64encode(data).decode()}
+
+    def op_shutdown(self, req: dict) -> dict:
+        self.shutting_down = True
+        return {}
+
+    # -- the loop
+
+    def on_link_data(self, data: bytes) -> None:
+        for chan, body in self.decoder.feed(data):
+            if chan == Channel.AGENT:
+                req = wire.decode_json(body)
+                if req.get("op") == "hello":
+                    nonce = bytes.fromhex(req.get("nonce", ""))
+                    self.outbox.restart(SYNC_MAGIC + nonce)
+                self.handle_agent(req)
+            elif self.kernel is not None:
+                self.kernel.sockets[chan].send_multipart(wire.unpack_parts(body))
+            else:
+                log(f"dropping a {chan.name} message: no kernel yet")
+
+    def on_kernel_message(self, chan: Channel, parts: list[bytes]) -> None:
+        kernel = self.kernel
+        own = kernel.is_own(parts)
+        if own is not None:
+            if own["msg_type"] == "kernel_info_reply":
+                kernel.kernel_info = own["content"]
+            elif chan == Channel.IOPUB and kernel.kernel_info and not kernel.ready:
+                kernel.ready = True
+                self.outbox.put_json({"event": "kernel_ready", "kernel_info": kernel.kernel_info})
+            return
+        try:
+            body = wire.pack_parts(parts)
+        except wire.FrameError as exc:
+            log(f"dropping a {chan.name} message: {exc}")
+            return
+        self.outbox.put(chan, body)
+
+    def check_kernel(self) -> None:
+        kernel = self.kernel
+        if kernel is None or self.kernel_dead_reported:
+            return
+        code = kernel.proc.poll()
+        if code is not None:
+            self.kernel_dead_reported = True
+            self.outbox.put_json({"event": "kernel_died", "code": code, "log": kernel.log_tail()})
+        else:
+            kernel.poll_ready()
+
+    def run(self) -> None:
+        poller = zmq.Poller()
+        link_registered = False
+        registered: set[Channel] = set()
+        while not self.shutting_down:
+            now = time.monotonic()
+            want_link = now >= self._link_paused_until
+            if want_link and not link_registered:
+                poller.register(self.link.fileno(), zmq.POLLIN)
+                link_registered = True
+            want_kernel = self.kernel is not None and not self.outbox.low_full()
+            for chan, sock in (self.kernel.sockets.items() if self.kernel else ()):
+                if want_kernel and chan not in registered:
+                    poller.register(sock, zmq.POLLIN)
+                    registered.add(chan)
+                elif not want_kernel and chan in registered:
+                    poller.unregister(sock)
+                    registered.discard(chan)
+            events = dict(poller.poll(50 if not want_kernel and self.kernel else 200))
+            fd = self.link.fileno()
+            if link_registered and fd in events:
+                try:
+                    data = self.link.read()
+                except _Accepted:
+                    poller.unregister(fd)
+                    link_registered = False
+                    self.decoder.reset()
+                    continue
+                except OSError as exc:
+                    log(f"read from host failed: {exc}")
+                    data = b""
+                if data:
+                    try:
+                        self.on_link_data(data)
+                    except wire.FrameError as exc:
+                        log(f"protocol error from host, resynchronising: {exc}")
+                        self.decoder.reset()
+                else:
+                    # Host gone (or not yet there): back off, then listen again.
+                    poller.unregister(fd)
+                    link_registered = False
+                    self.decoder.reset()
+                    self.link.hang_up()
+                    if self.link.reconnects_by_eof:
+                        self._link_paused_until = time.monotonic() + 0.05
+            for chan in list(registered):
+                sock = self.kernel.sockets[chan]
+                if sock in events:
+                    for _ in range(64):
+                        try:
+                            parts = sock.recv_multipart(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        self.on_kernel_message(chan, parts)
+            self.check_kernel()
+        # Give the outbox a moment to deliver the shutdown reply.
+        time.sleep(0.1)
+
+
+def _meminfo() -> dict[str, int]:
+    out = {}
+    with open("/proc/meminfo") as fh:
+        for line in fh:
+            name, _, rest = line.partition(":")
+            out[name] = int(rest.split()[0])
+    return out
+
+
+def _add_entropy(data: bytes) -> None:
+    """Mix host entropy into the pool and credit it (struct rand_pool_info)."""
+    try:
+        fd = os.open("/dev/urandom", os.O_WRONLY)
+        try:
+            fcntl.ioctl(fd, _RNDADDENTROPY, struct.pack("ii", len(data) * 8, len(data)) + data)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        log(f"cannot add entropy: {exc}")
+
+
+def _confined(path: str) -> str:
+    if not isinstance(path, str) or not path:
+        raise ValueError("a path is required")
+    full = os.path.realpath(os.path.join(USER_HOME, path))
+    for root in FILE_ROOTS:
+        if full == root or full.startswith(root + "/"):
+            return full
+    raise PermissionError(f"{path!r} is outside {' and '.join(FILE_ROOTS)}")
+
+
+def main() -> int:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    link = open_link()
+    log(f"listening on {getattr(link, 'path', 'vsock port %d' % VSOCK_PORT)}")
+    Agent(link).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

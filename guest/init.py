@@ -1,0 +1,74 @@
+"""PID 1 of the guest after switch_root: finish the mounts, start the agent, reap.
+
+When the agent exits (shutdown requested, or it crashed) the VM restarts,
+which the VMM turns into an exit (``-no-reboot``): the host then sees the VM
+end rather than a guest with nobody answering.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import os
+import socket
+import struct
+import subprocess
+import sys
+
+_SIOCSIFFLAGS = 0x8914
+_IFF_UP = 0x1
+_RB_AUTOBOOT = 0x01234567
+
+
+_MS_NOSUID, _MS_NODEV = 2, 4
+
+
+def _mount(source: str, target: str, fstype: str, options: str = "",
+           flags: int = _MS_NOSUID | _MS_NODEV) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    os.makedirs(target, exist_ok=True)
+    if libc.mount(source.encode(), target.encode(), fstype.encode(), flags,
+                  options.encode() or None) != 0:
+        err = ctypes.get_errno()
+        print(f"smolvm-init: mount {target}: {os.strerror(err)}", file=sys.stderr)
+
+
+def _loopback_up() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        fcntl.ioctl(s, _SIOCSIFFLAGS, struct.pack("16sH", b"lo", _IFF_UP))
+
+
+def _restart_vm() -> None:
+    os.sync()
+    ctypes.CDLL(None).reboot(_RB_AUTOBOOT)
+
+
+def main() -> None:
+    _mount("tmpfs", "/run", "tmpfs", "mode=0755")
+    _mount("tmpfs", "/dev/shm", "tmpfs", "mode=1777")
+    _mount("devpts", "/dev/pts", "devpts", "mode=0620,ptmxmode=0666", flags=_MS_NOSUID)
+    os.chmod("/tmp", 0o1777)
+    socket.sethostname("smolvm")
+    try:
+        _loopback_up()
+    except OSError as exc:
+        print(f"smolvm-init: lo: {exc}", file=sys.stderr)
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "PYTHONPATH": "/opt/smolvm",
+           "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1"}
+    agent = subprocess.Popen([sys.executable, "-u", "-m", "smolvm_guest.agent"], env=env)
+    while True:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        if pid == agent.pid:
+            print(f"smolvm-init: agent exited ({status}); restarting the VM", file=sys.stderr)
+            break
+    _restart_vm()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    finally:
+        _restart_vm()

@@ -1,0 +1,27 @@
+"""smolvm-kernel: run Jupyter cells inside a dedicated microVM.
+
+Example::
+
+    from smolvm_kernel import Sandbox
+    with Sandbox(vcpus=1, mem_mib=512) as sb:
+        for out in sb.execute("6 * 7"):
+            print(out)
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["Sandbox", "SandboxConfig", "Output", "__version__"]
+
+
+def __getattr__(name: str):
+    # Lazy: `python -m smolvm_kernel` and the CLI should not pay for imports
+    # they do not use.
+    if name in ("Sandbox", "Output"):
+        from smolvm_kernel import sandbox
+        return getattr(sandbox, name)
+    if name == "SandboxConfig":
+        from smolvm_kernel.config import SandboxConfig
+        return SandboxConfig
+    raise AttributeError(name)

@@ -1,0 +1,1 @@
+"""VMM drivers behind one Popen-shaped async base class."""

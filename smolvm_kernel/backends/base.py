@@ -1,0 +1,204 @@
+"""The backend contract: one VMM process with a Popen-shaped async lifecycle.
+
+Modelled on jupyter_client's KernelProvisionerBase. The Sandbox calls, in
+order: :meth:`Backend.launch`, :meth:`Backend.open_channel`, then any of
+:meth:`poll`/:meth:`wait`/:meth:`send_signal`, and finally
+:meth:`terminate` or :meth:`kill` followed by :meth:`cleanup`. Killing and
+cleaning up twice is safe.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import ctypes
+import dataclasses
+import enum
+import os
+import signal
+import subprocess
+from pathlib import Path
+from typing import ClassVar
+
+from smolvm_kernel.images import Image
+
+_PR_SET_PDEATHSIG = 1
+
+
+class VMState(enum.Enum):
+    CREATED = "created"
+    RUNNING = "running"
+    EXITED = "exited"
+
+
+@dataclasses.dataclass
+class VMSpec:
+    """Everything a backend needs to start one VM."""
+
+    vm_id: str
+    run_dir: Path
+    image: Image
+    vcpus: int = 2
+    mem_mib: int = 512
+    disk_mib: int = 2048
+    accel: str = "tcg"
+    debug_console: bool = False
+    #: Host TSC frequency; passed to a TCG guest (see kernel_cmdline).
+    tsc_khz: int | None = None
+
+    @property
+    def console_log(self) -> Path:
+        return self.run_dir / "console.log"
+
+    @property
+    def scratch_disk(self) -> Path:
+        return self.run_dir / "scratch.img"
+
+    def kernel_cmdline(self, extra: tuple[str, ...] = ()) -> str:
+        args = ["console=ttyS0", "reboot=t", "panic=-1", "pci=off", "i8042.noaux", "i8042.nokbd",
+                "8250.nr_uarts=1", "random.trust_bootloader=on"]
+        args.append("loglevel=7" if self.debug_console else "loglevel=4 quiet")
+        if self.accel == "tcg" and self.tsc_khz:
+            # Without these, about 1 cold TCG boot in 15 hangs after "tsc: Unable
+            # to calibrate against PIT": the emulated PIT races the host clock.
+            # The guest TSC runs at the host's rate under TCG, so tell it.
+            args += [f"tsc_early_khz={self.tsc_khz}", "tsc=reliable"]
+        return " ".join(args + list(extra))
+
+
+def create_scratch_disk(path: Path, size_mib: int) -> None:
+    """Make a sparse ext4 file: it costs only the blocks the guest writes."""
+    with open(path, "wb") as fh:
+        fh.truncate(size_mib * 1024 * 1024)
+    proc = subprocess.run(
+        ["mkfs.ext4", "-q", "-F", "-O", "^has_journal", "-E", "lazy_itable_init=1,nodiscard",
+         "-L", "smolvm-scratch", "-m", "0", str(path)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        from smolvm_kernel.errors import CommandFailed
+        raise CommandFailed(["mkfs.ext4", str(path)], proc.returncode, proc.stderr,
+                            hint="install e2fsprogs")
+
+
+def die_with_parent() -> None:
+    """preexec_fn: SIGKILL the child when the thread that forked it dies."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    os.setsid()  # an interrupt meant for the host kernel must not hit the VMM
+
+
+class Backend(abc.ABC):
+    """One VMM process. Subclasses implement :meth:`launch` and :meth:`open_channel`."""
+
+    name: ClassVar[str]
+    #: Transport the guest agent uses with this backend ("serial" or "vsock").
+    channel_kind: ClassVar[str]
+
+    def __init__(self, spec: VMSpec, binary: str) -> None:
+        self.spec = spec
+        self.binary = binary
+        self.proc: asyncio.subprocess.Process | None = None
+        self.state = VMState.CREATED
+        self._killed = False
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    @abc.abstractmethod
+    async def launch(self) -> None:
+        """Start the VMM. Called once by the Sandbox; returns when the process runs."""
+
+    @abc.abstractmethod
+    async def open_channel(self, timeout: float) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Connect to the guest agent's byte stream. Called by the Sandbox after launch."""
+
+    async def _spawn(self, argv: list[str]) -> None:
+        """Start ``argv`` tied to this process's life; stdout/stderr go to vmm.log."""
+        log = open(self.spec.run_dir / "vmm.log", "ab")
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                preexec_fn=die_with_parent, close_fds=True)
+        finally:
+            log.close()
+        self.state = VMState.RUNNING
+
+    def poll(self) -> int | None:
+        """Return the exit code, or None while the VMM runs."""
+        if self.proc is None:
+            return None
+        code = self.proc.returncode
+        if code is not None:
+            self.state = VMState.EXITED
+        return code
+
+    async def wait(self) -> int:
+        """Wait for the VMM to exit and return its exit code."""
+        assert self.proc is not None, "wait() before launch()"
+        code = await self.proc.wait()
+        self.state = VMState.EXITED
+        return code
+
+    def send_signal(self, sig: int) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.send_signal(sig)
+
+    async def terminate(self, grace: float = 2.0) -> None:
+        """Ask the VMM to exit, then kill it after ``grace`` seconds."""
+        if self.proc is None or self.proc.returncode is not None:
+            return
+        self.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(self.proc.wait(), grace)
+        except asyncio.TimeoutError:
+            await self.kill()
+        self.state = VMState.EXITED
+
+    async def kill(self) -> None:
+        """SIGKILL the VMM; safe to call twice or before launch."""
+        if self._killed or self.proc is None:
+            return
+        self._killed = True
+        if self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+        self.state = VMState.EXITED
+
+    async def cleanup(self) -> None:
+        """Remove the VM's run folder (scratch disk, sockets, logs). Idempotent."""
+        import shutil
+
+        shutil.rmtree(self.spec.run_dir, ignore_errors=True)
+
+    def console_tail(self, limit: int = 4000) -> str:
+        """The end of the guest's serial console, for error messages."""
+        try:
+            with open(self.spec.console_log, "rb") as fh:
+                fh.seek(0, os.SEEK_END)
+                fh.seek(max(0, fh.tell() - limit))
+                text = fh.read().decode(errors="replace")
+        except OSError:
+            return "(no console output)"
+        return text.strip() or "(no console output)"
+
+    def vmm_log_tail(self, limit: int = 2000) -> str:
+        try:
+            return (self.spec.run_dir / "vmm.log").read_bytes()[-limit:].decode(errors="replace")
+        except OSError:
+            return ""
+
+
+async def connect_unix(path: Path, timeout: float, proc_alive) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Connect to a UNIX socket the VMM creates, retrying until ``timeout``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    last: Exception | None = None
+    while loop.time() < deadline:
+        if not proc_alive():
+            break
+        try:
+            return await asyncio.open_unix_connection(str(path), limit=1 << 22)
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            last = exc
+            await asyncio.sleep(0.01)
+    raise ConnectionError(f"could not connect to {path}: {last}")

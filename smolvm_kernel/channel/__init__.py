@@ -1,0 +1,1 @@
+"""The host side of the guest channel: framing and transports."""

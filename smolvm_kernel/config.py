@@ -1,0 +1,178 @@
+"""SandboxConfig: every user-tunable value, validated, with SMOLVM_* fallbacks.
+
+Values come, in increasing priority, from the trait defaults, ``SMOLVM_*``
+environment variables, a traitlets config file (``jupyter_smolvm_config.py``),
+and keyword arguments::
+
+    SandboxConfig(vcpus=2, mem_mib=1024)
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+from traitlets import Bool, Enum, Float, Int, Unicode, default, validate
+from traitlets.config import Configurable
+from traitlets.traitlets import TraitError
+
+from smolvm_kernel.images.recipe import PROFILES
+
+MAX_VCPUS = 32
+MIN_MEM_MIB, MAX_MEM_MIB = 192, 65536
+MIN_DISK_MIB, MAX_DISK_MIB = 64, 1024 * 1024
+
+
+def _env(name: str) -> str | None:
+    value = os.environ.get(name)
+    return value if value not in (None, "") else None
+
+
+def _env_int(name: str, fallback: int) -> int:
+    value = _env(name)
+    if value is None:
+        return fallback
+    try:
+        return int(value)
+    except ValueError:
+        raise TraitError(f"{name}={value!r} is not a whole number; unset it or give e.g. {fallback}") from None
+
+
+def _env_float(name: str, fallback: float) -> float:
+    value = _env(name)
+    if value is None:
+        return fallback
+    try:
+        return float(value)
+    except ValueError:
+        raise TraitError(f"{name}={value!r} is not a number; unset it or give e.g. {fallback}") from None
+
+
+class SandboxConfig(Configurable):
+    """Size, image, backend and limits of one microVM."""
+
+    vcpus = Int(help="Virtual CPUs of the VM (env SMOLVM_VCPUS).").tag(config=True)
+    mem_mib = Int(help="Guest memory in MiB (env SMOLVM_MEM_MIB).").tag(config=True)
+    disk_mib = Int(help="Size of the per-VM scratch disk in MiB; sparse, so unused space "
+                        "costs nothing (env SMOLVM_DISK_MIB).").tag(config=True)
+    profile = Unicode(help="Guest image profile: " + ", ".join(PROFILES) +
+                           " (env SMOLVM_PROFILE).").tag(config=True)
+    backend = Enum(["auto", "qemu", "firecracker"],
+                   help="VMM: auto picks Firecracker where it can run, else QEMU "
+                        "(env SMOLVM_BACKEND).").tag(config=True)
+    accel = Enum(["auto", "kvm", "hvf", "tcg"],
+                 help="Accelerator: auto probes KVM by booting a tiny guest and falls back "
+                      "to TCG (env SMOLVM_ACCEL).").tag(config=True)
+    boot_timeout = Float(help="Seconds to wait for the guest kernel to answer after launch "
+                              "(env SMOLVM_BOOT_TIMEOUT).").tag(config=True)
+    exec_timeout = Float(help="Default per-execution wall-clock limit in seconds; 0 means "
+                              "none (env SMOLVM_TIMEOUT).").tag(config=True)
+    network = Enum(["none"], default_value="none",
+                   help="Guest networking. Off: the VM has no NIC.").tag(config=True)
+    qemu_path = Unicode(help="The qemu-system binary (env SMOLVM_QEMU).").tag(config=True)
+    firecracker_path = Unicode(help="The firecracker binary (env SMOLVM_FIRECRACKER).").tag(config=True)
+    auto_build = Bool(help="Build the guest image on first use if it is missing "
+                           "(env SMOLVM_AUTO_BUILD=1).").tag(config=True)
+    debug_console = Bool(help="Verbose guest kernel console (loglevel=7) for boot "
+                              "debugging (env SMOLVM_DEBUG_CONSOLE=1).").tag(config=True)
+    max_message_bytes = Int(32 * 1024 * 1024,
+                            help="Largest message accepted from the guest; larger ones are "
+                                 "dropped with a warning in the cell.").tag(config=True)
+
+    @default("vcpus")
+    def _vcpus_default(self) -> int:
+        return _env_int("SMOLVM_VCPUS", 2)
+
+    @default("mem_mib")
+    def _mem_default(self) -> int:
+        return _env_int("SMOLVM_MEM_MIB", 512)
+
+    @default("disk_mib")
+    def _disk_default(self) -> int:
+        return _env_int("SMOLVM_DISK_MIB", 2048)
+
+    @default("profile")
+    def _profile_default(self) -> str:
+        return _env("SMOLVM_PROFILE") or "base"
+
+    @default("backend")
+    def _backend_default(self) -> str:
+        return _env("SMOLVM_BACKEND") or "auto"
+
+    @default("accel")
+    def _accel_default(self) -> str:
+        return _env("SMOLVM_ACCEL") or "auto"
+
+    @default("boot_timeout")
+    def _boot_timeout_default(self) -> float:
+        # A cold TCG boot reaches a ready ipykernel in 8-13 s on 2 cores;
+        # leave room for a loaded CI host.
+        return _env_float("SMOLVM_BOOT_TIMEOUT", 90.0)
+
+    @default("exec_timeout")
+    def _exec_timeout_default(self) -> float:
+        return _env_float("SMOLVM_TIMEOUT", 0.0)
+
+    @default("qemu_path")
+    def _qemu_default(self) -> str:
+        return _env("SMOLVM_QEMU") or shutil.which("qemu-system-x86_64") or "qemu-system-x86_64"
+
+    @default("firecracker_path")
+    def _fc_default(self) -> str:
+        return _env("SMOLVM_FIRECRACKER") or shutil.which("firecracker") or "firecracker"
+
+    @default("auto_build")
+    def _auto_build_default(self) -> bool:
+        return _env("SMOLVM_AUTO_BUILD") in ("1", "true", "yes")
+
+    @default("debug_console")
+    def _debug_console_default(self) -> bool:
+        return _env("SMOLVM_DEBUG_CONSOLE") in ("1", "true", "yes")
+
+    @validate("vcpus")
+    def _check_vcpus(self, proposal):
+        n = proposal["value"]
+        cores = os.cpu_count() or 1
+        if not 1 <= n <= min(MAX_VCPUS, max(cores, 1) * 4):
+            raise TraitError(f"vcpus={n} is out of range; use 1 to {min(MAX_VCPUS, cores * 4)} "
+                             f"(this host has {cores} cores)")
+        return n
+
+    @validate("mem_mib")
+    def _check_mem(self, proposal):
+        n = proposal["value"]
+        if not MIN_MEM_MIB <= n <= MAX_MEM_MIB:
+            raise TraitError(f"mem_mib={n} is out of range; use {MIN_MEM_MIB} to {MAX_MEM_MIB} "
+                             f"(the guest kernel plus ipykernel need about 150 MiB)")
+        return n
+
+    @validate("disk_mib")
+    def _check_disk(self, proposal):
+        n = proposal["value"]
+        if not MIN_DISK_MIB <= n <= MAX_DISK_MIB:
+            raise TraitError(f"disk_mib={n} is out of range; use {MIN_DISK_MIB} to {MAX_DISK_MIB}")
+        return n
+
+    @validate("profile")
+    def _check_profile(self, proposal):
+        name = proposal["value"]
+        if name not in PROFILES:
+            raise TraitError(f"profile={name!r} is unknown; choose one of {', '.join(PROFILES)}")
+        return name
+
+    @validate("boot_timeout", "exec_timeout")
+    def _check_timeout(self, proposal):
+        value = proposal["value"]
+        name = proposal["trait"].name
+        if value < 0 or (name == "boot_timeout" and value < 5):
+            raise TraitError(f"{name}={value} is too small; give seconds"
+                             f"{' (at least 5)' if name == 'boot_timeout' else ' (0 = no limit)'}")
+        return value
+
+    @validate("max_message_bytes")
+    def _check_max_msg(self, proposal):
+        value = proposal["value"]
+        if not 64 * 1024 <= value <= 32 * 1024 * 1024:
+            raise TraitError(f"max_message_bytes={value} is out of range; use 65536 to 33554432 "
+                             f"(the wire protocol's frame limit)")
+        return value

@@ -1,0 +1,136 @@
+"""The content-hashed image cache: find, list, build and remove guest images."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from smolvm_kernel import paths
+from smolvm_kernel.errors import ConfigError, ImageNotFound
+from smolvm_kernel.images import recipe
+
+
+@dataclasses.dataclass(frozen=True)
+class Image:
+    """A built guest image: kernel, initramfs and read-only root file system."""
+
+    profile: str
+    key: str
+    directory: Path
+    kernel_release: str
+
+    @property
+    def vmlinuz(self) -> Path:
+        return self.directory / "vmlinuz"
+
+    @property
+    def vmlinux(self) -> Path:
+        """Uncompressed ELF kernel (Firecracker; PVH boot under QEMU)."""
+        return self.directory / "vmlinux"
+
+    @property
+    def initramfs(self) -> Path:
+        return self.directory / "initramfs.cpio"
+
+    @property
+    def rootfs(self) -> Path:
+        return self.directory / "rootfs.sqfs"
+
+    def size_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.directory.iterdir() if p.is_file())
+
+
+class ImageCache:
+    """Images under ``<cache>/images/<profile>-<hash>``; parts under ``<cache>/parts``.
+
+    Example::
+
+        cache = ImageCache()
+        image = cache.ensure("base")     # builds on first use
+    """
+
+    def __init__(self, root: Path | None = None) -> None:
+        self.root = root or paths.cache_dir()
+
+    @property
+    def images_dir(self) -> Path:
+        return self.root / "images"
+
+    @property
+    def parts_dir(self) -> Path:
+        return self.root / "parts"
+
+    def list(self) -> list[Image]:
+        """Every complete image whose recipe still matches this version's, newest first."""
+        found = []
+        if not self.images_dir.is_dir():
+            return found
+        for d in sorted(self.images_dir.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True):
+            manifest = recipe.read_manifest(d)
+            if not manifest or manifest.get("profile") not in recipe.PROFILES:
+                continue
+            profile = recipe.PROFILES[manifest["profile"]]
+            if recipe.image_key(profile, manifest.get("kernel_package", "")) != manifest.get("key"):
+                continue  # built from an older recipe: stale
+            found.append(Image(profile.name, manifest["key"], d, manifest.get("kernel_release", "")))
+        return found
+
+    def get(self, profile: str) -> Image:
+        """Return the newest current image for ``profile`` or raise :class:`ImageNotFound`."""
+        _check_profile(profile)
+        for image in self.list():
+            if image.profile == profile:
+                return image
+        raise ImageNotFound(profile)
+
+    def ensure(self, profile: str, progress: Callable[[str], None] | None = None) -> Image:
+        """Return the image for ``profile``, building it first if needed."""
+        try:
+            return self.get(profile)
+        except ImageNotFound:
+            return self.build(profile, progress=progress)
+
+    def build(self, profile: str, progress: Callable[[str], None] | None = None,
+              force: bool = False) -> Image:
+        """Build (or, unless ``force``, reuse) the image for ``profile``."""
+        from smolvm_kernel.images.build import ImageBuilder
+
+        _check_profile(profile)
+        return ImageBuilder(self, recipe.PROFILES[profile], progress=progress).build(force=force)
+
+    def remove(self, target: str) -> list[Path]:
+        """Remove images whose profile or hash prefix is ``target`` (``all``: everything)."""
+        removed = []
+        if target == "all":
+            for d in (self.images_dir, self.parts_dir):
+                if d.exists():
+                    shutil.rmtree(d)
+                    removed.append(d)
+            return removed
+        if not self.images_dir.is_dir():
+            return removed
+        for d in self.images_dir.iterdir():
+            manifest = recipe.read_manifest(d) or {}
+            if target in (manifest.get("profile"), d.name) or manifest.get("key", "").startswith(target):
+                shutil.rmtree(d)
+                removed.append(d)
+        return removed
+
+    def prune_stale(self) -> list[Path]:
+        """Remove images and parts that no current recipe refers to."""
+        keep = {img.directory for img in self.list()}
+        removed = []
+        if self.images_dir.is_dir():
+            for d in self.images_dir.iterdir():
+                if d not in keep and not d.name.startswith("."):
+                    shutil.rmtree(d, ignore_errors=True)
+                    removed.append(d)
+        return removed
+
+
+def _check_profile(profile: str) -> None:
+    if profile not in recipe.PROFILES:
+        raise ConfigError("profile", profile, f"choose one of {', '.join(recipe.PROFILES)}")
+

@@ -1,0 +1,544 @@
+"""Sandbox: one microVM, its channel and its in-guest ipykernel.
+
+Example::
+
+    from smolvm_kernel import Sandbox
+
+    with Sandbox(vcpus=1, mem_mib=512) as sb:
+        for out in sb.execute("import os; print(os.uname().release); 6*7"):
+            print(out.type, out.text)
+        sb.stats()["mem_total_kib"]
+
+The kernel, the magic and the widgets are front ends over this class; none
+of them talks to a backend or a transport directly. The public methods are
+synchronous and thread-safe; the work happens on one background asyncio loop
+(:mod:`smolvm_kernel.aio`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import enum
+import logging
+import os
+import queue
+import secrets
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from jupyter_client.session import Session
+from traitlets import TraitError
+
+from smolvm_guest import wire
+from smolvm_guest.wire import Channel
+from smolvm_kernel import aio
+from smolvm_kernel.backends.base import Backend, VMSpec
+from smolvm_kernel.channel.stream import GuestChannel
+from smolvm_kernel.config import SandboxConfig
+from smolvm_kernel.errors import (BootTimeout, ConfigError, ExecutionTimeout, GuestDied,
+                                  GuestFileError, ProtocolError, SandboxStopped, SmolVMError)
+from smolvm_kernel.images import Image, ImageCache
+from smolvm_kernel.state import Registry, VMRecord, this_process
+
+log = logging.getLogger("smolvm_kernel")
+
+#: After a timeout's interrupt, how long the guest gets to come back idle
+#: before the VM is reset. A Python-level interrupt lands in milliseconds;
+#: a second allows for a busy TCG guest.
+INTERRUPT_GRACE_S = 3.0
+_FILE_CHUNK = 1 << 20
+
+
+class SandboxState(enum.Enum):
+    STOPPED = "stopped"
+    BOOTING = "booting"
+    READY = "ready"
+    BUSY = "busy"
+    DEAD = "dead"
+
+
+@dataclasses.dataclass(frozen=True)
+class Output:
+    """One output of an execution, as the guest kernel published it."""
+
+    type: str          # stream | display_data | update_display_data | execute_result | error | clear_output
+    content: dict
+
+    @property
+    def text(self) -> str:
+        """A plain-text rendering: stream text, text/plain data, or the error line."""
+        c = self.content
+        if self.type == "stream":
+            return c.get("text", "")
+        if self.type == "error":
+            return f"{c.get('ename')}: {c.get('evalue')}"
+        return c.get("data", {}).get("text/plain", "")
+
+    @property
+    def name(self) -> str | None:
+        """stdout or stderr, for streams."""
+        return self.content.get("name")
+
+
+class _Died:
+    def __init__(self, error: SmolVMError) -> None:
+        self.error = error
+
+
+class Sandbox:
+    """A microVM running an ipykernel, with a start/execute/interrupt/reset/stop API."""
+
+    def __init__(self, config: SandboxConfig | None = None, *,
+                 progress: Callable[[str], None] | None = None, **overrides) -> None:
+        try:
+            self.config = _merged_config(config, overrides)
+        except TraitError as exc:
+            raise ConfigError.from_trait(exc) from None
+        self._progress = progress
+        self.state = SandboxState.STOPPED
+        self.backend: Backend | None = None
+        self.image: Image | None = None
+        self.accel_reason = ""
+        self.kernel_info: dict = {}
+        self.vm_id: str | None = None
+        self.started_at: float | None = None
+        self.boot_seconds: float | None = None
+        self._channel: GuestChannel | None = None
+        self._session: Session | None = None
+        self._pending: dict[str, queue.Queue] = {}
+        self._lock = threading.RLock()
+        self._ready: asyncio.Future | None = None
+        self._death: SmolVMError | None = None
+        self._registry = Registry()
+        #: Frames no pending request claims (the relaying kernel hooks in here).
+        self.on_unclaimed: Callable[[Channel, dict], None] | None = None
+
+    # ------------------------------------------------------------ lifecycle
+
+    def __enter__(self) -> Sandbox:
+        if self.state in (SandboxState.STOPPED, SandboxState.DEAD):
+            self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        """Boot the VM and wait until its kernel answers (at most ``boot_timeout``)."""
+        with self._lock:
+            if self.state in (SandboxState.READY, SandboxState.BUSY):
+                return
+            aio.run(self._start())
+
+    def stop(self) -> None:
+        """Destroy the VM and remove its files; safe to call twice."""
+        with self._lock:
+            aio.run(self._stop())
+
+    def reset(self) -> None:
+        """Replace the VM with a fresh one (same settings); all guest state is lost."""
+        with self._lock:
+            aio.run(self._stop())
+            aio.run(self._start())
+
+    def _say(self, msg: str) -> None:
+        log.info(msg)
+        if self._progress:
+            self._progress(msg)
+
+    async def _start(self) -> None:
+        from smolvm_kernel.backends.accel import choose_accel, host_tsc_khz
+        from smolvm_kernel.backends.qemu import QemuBackend, find_qemu
+
+        cfg = self.config
+        t0 = time.monotonic()
+        self.state = SandboxState.BOOTING
+        self._death = None
+        try:
+            await asyncio.to_thread(self._registry.cleanup)
+            cache = ImageCache()
+            if cfg.auto_build:
+                self.image = await asyncio.to_thread(cache.ensure, cfg.profile, self._progress)
+            else:
+                self.image = cache.get(cfg.profile)
+            backend_name = self._pick_backend()
+            if backend_name == "firecracker":
+                from smolvm_kernel.backends.firecracker import FirecrackerBackend
+                backend_cls, binary, accel, self.accel_reason = (
+                    FirecrackerBackend, cfg.firecracker_path, "kvm", "Firecracker requires KVM")
+            else:
+                binary = find_qemu(cfg.qemu_path)
+                choice = await asyncio.to_thread(choose_accel, cfg.accel, binary, self.image)
+                backend_cls, accel, self.accel_reason = QemuBackend, choice.name, choice.reason
+            self.vm_id = uuid.uuid4().hex[:12]
+            owner_pid, owner_start = this_process()
+            run_dir = self._registry.new_run_dir(self.vm_id)
+            self._registry.add(VMRecord(
+                vm_id=self.vm_id, backend=backend_cls.name, accel=accel, profile=cfg.profile,
+                run_dir=str(run_dir), owner_pid=owner_pid, owner_start=owner_start,
+                vcpus=cfg.vcpus, mem_mib=cfg.mem_mib))
+            spec = VMSpec(vm_id=self.vm_id, run_dir=run_dir, image=self.image, vcpus=cfg.vcpus,
+                          mem_mib=cfg.mem_mib, disk_mib=cfg.disk_mib, accel=accel,
+                          debug_console=cfg.debug_console,
+                          tsc_khz=host_tsc_khz() if accel == "tcg" else None)
+            self.backend = backend_cls(spec, binary)
+            self._say(f"starting microVM ({backend_cls.name}/{accel})")
+            await self.backend.launch()
+            self._registry.set_vmm(self.vm_id, self.backend.pid)
+            self.started_at = time.time()
+            await self._connect(t0)
+            self.boot_seconds = time.monotonic() - t0
+            self.state = SandboxState.READY
+            self._say(f"microVM ready in {self.boot_seconds:.1f} s")
+        except BaseException:
+            await self._stop()
+            raise
+
+    def _pick_backend(self) -> str:
+        wanted = self.config.backend
+        if wanted == "qemu":
+            return "qemu"
+        from smolvm_kernel.backends.firecracker import firecracker_available
+        ok, why = firecracker_available(self.config.firecracker_path)
+        if wanted == "firecracker" and not ok:
+            raise ConfigError("backend", "firecracker", why + "; use backend=auto or qemu")
+        return "firecracker" if ok else "qemu"
+
+    async def _connect(self, t0: float) -> None:
+        backend = self.backend
+        timeout = self.config.boot_timeout
+        loop = asyncio.get_running_loop()
+
+        def remaining() -> float:
+            return max(0.1, timeout - (time.monotonic() - t0))
+
+        try:
+            reader, writer = await backend.open_channel(remaining())
+        except ConnectionError:
+            raise self._boot_failure("the guest channel", timeout) from None
+        self._ready = loop.create_future()
+        self._channel = GuestChannel(reader, writer, self._on_frame, self._on_channel_close,
+                                     max_frame=self.config.max_message_bytes + 64 * 1024)
+        key = secrets.token_hex(32)
+        self._session = Session(key=key.encode(), username="smolvm", check_pid=False)
+        watcher = asyncio.create_task(backend.wait())
+        try:
+            handshake = asyncio.create_task(self._channel.handshake({"key": key}, remaining()))
+            done, _ = await asyncio.wait({handshake, watcher}, timeout=remaining(),
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if handshake not in done:
+                handshake.cancel()
+                raise self._boot_failure("the guest agent", timeout)
+            handshake.result()
+            self._channel.start()
+            done, _ = await asyncio.wait({self._ready, watcher}, timeout=remaining(),
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if self._ready not in done:
+                raise self._boot_failure("a ready guest kernel", timeout)
+            self.kernel_info = self._ready.result()
+        except BaseException:
+            watcher.cancel()
+            raise
+        watcher.add_done_callback(self._on_vm_exit)
+
+    def _boot_failure(self, stage: str, timeout: float) -> SmolVMError:
+        backend = self.backend
+        code = backend.poll() if backend else None
+        if self._death is not None:
+            return self._death
+        if code is not None:
+            return GuestDied(f"the VMM exited with status {code} while booting",
+                             backend.vmm_log_tail() + "\n--- guest console (tail) ---\n"
+                             + backend.console_tail())
+        return BootTimeout(timeout, stage, backend.console_tail() if backend else "")
+
+    async def _stop(self) -> None:
+        chan, backend, vm_id = self._channel, self.backend, self.vm_id
+        self._channel = None
+        if chan is not None:
+            await chan.close()
+        if backend is not None:
+            await backend.terminate(grace=1.0)
+            await backend.kill()
+            await backend.cleanup()
+        if vm_id is not None:
+            await asyncio.to_thread(self._registry.remove, vm_id)
+        self.backend = None
+        self.vm_id = None
+        self.state = SandboxState.STOPPED
+        self._fail_pending(SandboxStopped())
+
+    # ------------------------------------------------------------ guest events
+
+    def _on_vm_exit(self, task: asyncio.Task) -> None:
+        if task.cancelled() or self.backend is None:
+            return
+        code = task.result()
+        self._die(GuestDied(f"the microVM exited (status {code})",
+                            "--- guest console (tail) ---\n" + self.backend.console_tail(2000)))
+
+    def _on_channel_close(self, error: BaseException | None) -> None:
+        if self.backend is not None and self.state not in (SandboxState.STOPPED,):
+            self._die(GuestDied("the channel to the guest agent closed",
+                                f"{error or 'end of stream'}"))
+
+    def _die(self, error: SmolVMError) -> None:
+        if self._death is None:
+            self._death = error
+        if self.state != SandboxState.STOPPED:
+            self.state = SandboxState.DEAD
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_exception(error)
+        self._fail_pending(error)
+
+    def _fail_pending(self, error: SmolVMError) -> None:
+        for q in list(self._pending.values()):
+            q.put(_Died(error))
+
+    def _on_frame(self, chan: Channel, body: bytes) -> None:
+        if chan == Channel.AGENT:
+            self._on_agent_event(wire.decode_json(body))
+            return
+        try:
+            parts = wire.unpack_parts(body)
+            _, msg_list = self._session.feed_identities(parts, copy=True)
+            msg = self._session.deserialize(msg_list, content=True, copy=True)
+        except (wire.FrameError, ValueError, KeyError, TypeError) as exc:
+            # A guest that signs wrongly or sends garbage gets its message dropped.
+            log.warning("dropped an invalid %s message from the guest: %s", chan.name, exc)
+            return
+        msg["channel"] = chan.name.lower()
+        parent_id = msg.get("parent_header", {}).get("msg_id")
+        q = self._pending.get(parent_id)
+        if q is not None:
+            q.put(msg)
+        elif self.on_unclaimed is not None:
+            self.on_unclaimed(chan, msg)
+
+    def _on_agent_event(self, event: dict) -> None:
+        kind = event.get("event")
+        if kind == "kernel_ready":
+            if self._ready is not None and not self._ready.done():
+                info = event.get("kernel_info")
+                self._ready.set_result(info if isinstance(info, dict) else {})
+        elif kind == "kernel_died":
+            self._die(GuestDied(f"the guest's Python kernel died (exit status {event.get('code')})",
+                                str(event.get("log", ""))[-3000:]))
+        elif kind == "dropped":
+            note = {"msg_type": "stream", "channel": "iopub", "content": {
+                "name": "stderr",
+                "text": f"[smolvm] an output of {event.get('size')} bytes was dropped: it exceeds "
+                        f"the {wire.MAX_FRAME}-byte message limit\n"}}
+            for q in list(self._pending.values()):
+                q.put(note)
+        else:
+            log.warning("unknown agent event %r", kind)
+
+    # ------------------------------------------------------------ messaging
+
+    def _require_running(self) -> None:
+        if self.state == SandboxState.DEAD:
+            raise self._death or GuestDied("the microVM is gone")
+        if self.state not in (SandboxState.READY, SandboxState.BUSY) or self._channel is None:
+            raise SandboxStopped()
+
+    def send_message(self, chan: Channel, msg: dict) -> None:
+        """Sign ``msg`` with the guest key and queue it for the guest kernel."""
+        parts = self._session.serialize(msg)
+        body = wire.pack_parts(parts)
+        channel = self._channel
+        aio.loop().call_soon_threadsafe(channel.send, chan, body)
+
+    def agent_request(self, op: str, timeout: float = 10.0, **fields) -> dict:
+        """Run one agent op and return its reply, raising on errors."""
+        self._require_running()
+        try:
+            reply = aio.run(self._channel.request(op, timeout=timeout, **fields), timeout + 1)
+        except (asyncio.TimeoutError, TimeoutError):
+            raise GuestDied(f"the guest agent did not answer {op!r} within {timeout:g} s") from None
+        if not reply.get("ok"):
+            raise GuestFileError(reply.get("error", "error")) if op in ("put", "get") \
+                else ProtocolError(f"the guest agent failed {op!r}: {reply.get('error')}")
+        return reply
+
+    def execute(self, code: str, *, timeout: float | None = None,
+                stdin: Callable[[str, bool], str] | None = None,
+                silent: bool = False, store_history: bool = True) -> Iterator[Output]:
+        """Run ``code`` in the guest kernel and yield its outputs as they arrive.
+
+        ``timeout`` (seconds; default ``config.exec_timeout``, 0 = none) interrupts a
+        run that takes longer and raises :class:`ExecutionTimeout`. ``stdin`` answers
+        ``input()``/``getpass()``: it gets the prompt and whether it is a password.
+        """
+        self._require_running()
+        limit = self.config.exec_timeout if timeout is None else timeout
+        msg = self._session.msg("execute_request", content={
+            "code": code, "silent": silent, "store_history": store_history,
+            "user_expressions": {}, "allow_stdin": stdin is not None, "stop_on_error": True})
+        msg_id = msg["header"]["msg_id"]
+        q: queue.Queue = queue.Queue()
+        self._pending[msg_id] = q
+        self.state = SandboxState.BUSY
+        got_reply = got_idle = False
+        deadline = time.monotonic() + limit if limit else None
+        try:
+            self.send_message(Channel.SHELL, msg)
+            while not (got_reply and got_idle):
+                wait = None if deadline is None else deadline - time.monotonic()
+                try:
+                    if wait is not None and wait <= 0:
+                        raise queue.Empty
+                    item = q.get(timeout=wait)
+                except queue.Empty:
+                    self._on_timeout(q, limit)
+                if isinstance(item, _Died):
+                    raise item.error
+                mtype = item["msg_type"]
+                if item["channel"] == "shell":
+                    got_reply = mtype == "execute_reply"
+                elif item["channel"] == "stdin" and mtype == "input_request":
+                    self._answer_input(item, stdin)
+                elif mtype == "status":
+                    got_idle = item["content"].get("execution_state") == "idle"
+                elif mtype in ("stream", "display_data", "update_display_data", "execute_result",
+                               "error", "clear_output"):
+                    yield Output(mtype, item["content"])
+        finally:
+            self._pending.pop(msg_id, None)
+            if self.state == SandboxState.BUSY:
+                self.state = SandboxState.READY
+
+    def _on_timeout(self, q: queue.Queue, limit: float) -> None:
+        """Interrupt; if the guest does not come back idle, reset the VM. Always raises."""
+        try:
+            self.interrupt()
+            deadline = time.monotonic() + INTERRUPT_GRACE_S
+            reply = idle = False
+            while not (reply and idle) and time.monotonic() < deadline:
+                item = q.get(timeout=max(0.01, deadline - time.monotonic()))
+                if isinstance(item, _Died):
+                    break
+                reply = reply or item.get("msg_type") == "execute_reply"
+                idle = idle or (item.get("msg_type") == "status" and
+                                item["content"].get("execution_state") == "idle")
+            if reply and idle:
+                raise ExecutionTimeout(limit, reset=False)
+        except (queue.Empty, SmolVMError) as exc:
+            if isinstance(exc, ExecutionTimeout):
+                raise
+        self.reset()
+        raise ExecutionTimeout(limit, reset=True)
+
+    def _answer_input(self, request: dict, stdin: Callable[[str, bool], str] | None) -> None:
+        content = request["content"]
+        try:
+            value = stdin(content.get("prompt", ""), bool(content.get("password"))) if stdin else ""
+        except (EOFError, KeyboardInterrupt):
+            value = ""
+        reply = self._session.msg("input_reply", content={"value": value},
+                                  parent=request["header"])
+        self.send_message(Channel.STDIN, reply)
+
+    def request(self, msg_type: str, content: dict, channel: Channel = Channel.SHELL,
+                timeout: float = 30.0) -> dict:
+        """Send one shell/control request and return its reply message."""
+        self._require_running()
+        msg = self._session.msg(msg_type, content=content)
+        q: queue.Queue = queue.Queue()
+        self._pending[msg["header"]["msg_id"]] = q
+        try:
+            self.send_message(channel, msg)
+            deadline = time.monotonic() + timeout
+            while True:
+                item = q.get(timeout=max(0.01, deadline - time.monotonic()))
+                if isinstance(item, _Died):
+                    raise item.error
+                if item["channel"] == channel.name.lower() and item["msg_type"].endswith("_reply"):
+                    return item
+        except queue.Empty:
+            raise GuestDied(f"the guest kernel did not answer {msg_type} within {timeout:g} s") from None
+        finally:
+            self._pending.pop(msg["header"]["msg_id"], None)
+
+    # ------------------------------------------------------------ controls
+
+    def interrupt(self) -> None:
+        """Interrupt the running cell (SIGINT to the guest kernel)."""
+        self.agent_request("interrupt", timeout=5.0)
+
+    def stats(self) -> dict:
+        """Guest and host figures: vCPUs, memory, CPU %, disk, uptime, backend, accelerator."""
+        host = {
+            "state": self.state.value, "vm_id": self.vm_id,
+            "backend": self.backend.name if self.backend else None,
+            "accel": self.backend.spec.accel if self.backend else None,
+            "accel_reason": self.accel_reason, "transport": self.backend.channel_kind if self.backend else None,
+            "network": self.config.network, "profile": self.config.profile,
+            "configured_vcpus": self.config.vcpus, "configured_mem_mib": self.config.mem_mib,
+            "vmm_pid": self.backend.pid if self.backend else None,
+            "vmm_rss_kib": _rss_kib(self.backend.pid) if self.backend else None,
+            "boot_seconds": self.boot_seconds,
+        }
+        if self.state not in (SandboxState.READY, SandboxState.BUSY):
+            return host
+        guest = self.agent_request("stats")
+        guest.pop("ok", None)
+        guest.pop("id", None)
+        return {**host, **guest}
+
+    def put_file(self, data: bytes | str | os.PathLike, remote: str) -> int:
+        """Write ``data`` (bytes, or a local path) to ``remote`` under the guest's home."""
+        if not isinstance(data, bytes):
+            data = Path(data).read_bytes()
+        offset = 0
+        while True:
+            chunk = data[offset:offset + _FILE_CHUNK]
+            self.agent_request("put", path=remote, offset=offset,
+                               data=base64.b64encode(chunk).decode(), timeout=60)
+            offset += len(chunk)
+            if offset >= len(data):
+                return offset
+
+    def get_file(self, remote: str, max_bytes: int = 256 * 1024 * 1024) -> bytes:
+        """Read ``remote`` (relative to the guest's home, or under /tmp) from the guest."""
+        out = bytearray()
+        while True:
+            reply = self.agent_request("get", path=remote, offset=len(out), length=_FILE_CHUNK, timeout=60)
+            size = int(reply["size"])
+            if size > max_bytes:
+                raise GuestFileError(f"{remote} is {size} bytes, over the {max_bytes}-byte limit")
+            chunk = base64.b64decode(reply["data"])
+            out += chunk
+            if not chunk or len(out) >= size:
+                return bytes(out)
+
+    def __repr__(self) -> str:
+        accel = self.backend.spec.accel if self.backend else "-"
+        return f"<Sandbox {self.vm_id or '-'} {self.state.value} {accel} {self.config.vcpus}cpu/{self.config.mem_mib}MiB>"
+
+
+def _merged_config(config: SandboxConfig | None, overrides: dict) -> SandboxConfig:
+    if config is None:
+        return SandboxConfig(**overrides)
+    if not overrides:
+        return config
+    values = {name: getattr(config, name) for name in config.trait_names()
+              if config.trait_metadata(name, "config")}
+    return SandboxConfig(**{**values, **overrides})
+
+
+def _rss_kib(pid: int | None) -> int | None:
+    if not pid:
+        return None
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
