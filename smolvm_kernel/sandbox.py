@@ -97,6 +97,8 @@ class Sandbox:
                  progress: Callable[[str], None] | None = None, **overrides) -> None:
         try:
             self.config = _merged_config(config, overrides)
+            for name in self.config.trait_names():
+                getattr(self.config, name)  # defaults are lazy: read env fallbacks now
         except TraitError as exc:
             raise ConfigError.from_trait(exc) from None
         self._progress = progress

@@ -98,10 +98,12 @@ class GuestChannel:
 
     @staticmethod
     def _check_hello(reply: dict) -> dict:
-        if reply.get("mismatch") or reply.get("proto") != wire.PROTOCOL_VERSION:
+        if reply.get("mismatch"):
             raise ProtocolMismatch(wire.PROTOCOL_VERSION, reply.get("proto"))
         if not reply.get("ok"):
             raise ProtocolError(f"the guest agent refused the hello: {reply.get('error')}")
+        if reply.get("proto") != wire.PROTOCOL_VERSION:
+            raise ProtocolMismatch(wire.PROTOCOL_VERSION, reply.get("proto"))
         return reply
 
     def start(self) -> None:

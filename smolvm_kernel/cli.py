@@ -1,0 +1,193 @@
+"""smolvm-kernel: set up, build images, list and clean up VMs, diagnose, demo."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+
+from smolvm_kernel import __version__
+from smolvm_kernel.errors import SmolVMError
+
+
+def _print_table(rows: list[list[str]], header: list[str]) -> None:
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+    for row in [header] + rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+
+
+def cmd_image_build(args) -> int:
+    from smolvm_kernel.images import ImageCache
+
+    cache = ImageCache()
+    for profile in args.profile:
+        image = cache.build(profile, force=args.force)
+        print(f"{image.profile}: {image.directory}")
+    return 0
+
+
+def cmd_image_ls(args) -> int:
+    from smolvm_kernel.images import ImageCache
+
+    images = ImageCache().list()
+    if not images:
+        print("no images; build one with `smolvm-kernel image build`")
+        return 0
+    _print_table([[i.profile, i.key[:16], i.kernel_release, f"{i.size_bytes() / 1e6:.0f} MB",
+                   str(i.directory)] for i in images],
+                 ["PROFILE", "HASH", "KERNEL", "SIZE", "PATH"])
+    return 0
+
+
+def cmd_image_rm(args) -> int:
+    from smolvm_kernel.images import ImageCache
+
+    removed = ImageCache().remove(args.target)
+    for path in removed:
+        print(f"removed {path}")
+    if not removed:
+        print(f"nothing matches {args.target!r}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_ls(args) -> int:
+    from smolvm_kernel.state import Registry
+
+    recs = Registry().list()
+    if not recs:
+        print("no VMs")
+        return 0
+    now = time.time()
+    _print_table([[r.vm_id, r.backend, r.accel, r.profile, str(r.vmm_pid or "-"),
+                   f"{r.vcpus}/{r.mem_mib}M", str(r.owner_pid),
+                   "alive" if r.owner_alive else "DEAD", f"{now - r.created:.0f}s"] for r in recs],
+                 ["VM", "BACKEND", "ACCEL", "PROFILE", "PID", "CPU/MEM", "OWNER", "OWNER STATE", "AGE"])
+    return 0
+
+
+def cmd_cleanup(args) -> int:
+    from smolvm_kernel.state import Registry
+
+    lines = Registry().cleanup(everything=args.all)
+    for line in lines:
+        print(line)
+    if not lines:
+        print("nothing to clean up")
+    return 0
+
+
+def cmd_doctor(args) -> int:
+    from smolvm_kernel.backends.accel import choose_accel, host_tsc_khz
+    from smolvm_kernel.config import SandboxConfig
+    from smolvm_kernel.images import ImageCache
+
+    cfg = SandboxConfig()
+    ok = True
+
+    def line(label: str, value: str, good: bool = True) -> None:
+        nonlocal ok
+        ok = ok and good
+        print(f"{'ok ' if good else 'BAD'}  {label:<14} {value}")
+
+    line("smolvm-kernel", __version__)
+    line("python", f"{sys.version.split()[0]} ({sys.executable})")
+    line("host", f"{platform.system()} {platform.release()} {platform.machine()}, {os.cpu_count()} cores")
+    qemu = shutil.which(cfg.qemu_path)
+    if qemu:
+        ver = subprocess.run([qemu, "--version"], capture_output=True, text=True).stdout.splitlines()[0]
+        line("qemu", f"{qemu}: {ver}")
+    else:
+        line("qemu", "not found; install qemu-system-x86 (Debian) or qemu (Homebrew)", False)
+    from smolvm_kernel.backends.firecracker import firecracker_available
+    fc_ok, fc_why = firecracker_available(cfg.firecracker_path)
+    line("firecracker", "usable" if fc_ok else f"not usable: {fc_why}")
+    images = ImageCache().list()
+    if images:
+        for image in images:
+            line("image", f"{image.profile} {image.key[:16]} kernel {image.kernel_release} "
+                          f"({image.size_bytes() / 1e6:.0f} MB)")
+    else:
+        line("image", "none built; run `smolvm-kernel image build`", False)
+    backend = "firecracker" if (cfg.backend == "firecracker" or (cfg.backend == "auto" and fc_ok)) else "qemu"
+    line("backend", f"{backend} (configured: {cfg.backend})")
+    if qemu and images and backend == "qemu":
+        try:
+            choice = choose_accel(cfg.accel, qemu, images[0])
+            line("accelerator", f"{choice.name}: {choice.reason}")
+        except SmolVMError as exc:
+            line("accelerator", str(exc), False)
+    tsc = host_tsc_khz()
+    line("host tsc", f"{tsc} kHz (passed to TCG guests)" if tsc else "unknown (no constant_tsc)")
+    for tool in ("mmdebstrap", "tar2sqfs", "mkfs.ext4", "lz4"):
+        path = shutil.which(tool)
+        line(tool, path or "missing (needed to build images / scratch disks)", bool(path))
+    return 0 if ok else 1
+
+
+def cmd_setup(args) -> int:
+    """Build the default image(s); later steps register the kernelspec too."""
+    from smolvm_kernel.images import ImageCache
+
+    cache = ImageCache()
+    for profile in args.profile:
+        cache.ensure(profile)
+    return cmd_doctor(args)
+
+
+def cmd_demo(args) -> int:
+    from smolvm_kernel.demo import main as demo_main
+
+    return demo_main()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="smolvm-kernel", description=__doc__)
+    p.add_argument("--version", action="version", version=__version__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("setup", help="build the guest image and check the host")
+    s.add_argument("--profile", action="append", default=None, help="image profile(s); default: base")
+    s.set_defaults(func=cmd_setup)
+
+    img = sub.add_parser("image", help="build, list or remove guest images")
+    isub = img.add_subparsers(dest="image_command", required=True)
+    b = isub.add_parser("build", help="build a guest image (cached by content hash)")
+    b.add_argument("--profile", action="append", default=None, help="base (default) or scipy")
+    b.add_argument("--force", action="store_true", help="rebuild even if cached")
+    b.set_defaults(func=cmd_image_build)
+    isub.add_parser("ls", help="list built images").set_defaults(func=cmd_image_ls)
+    r = isub.add_parser("rm", help="remove images by profile, hash prefix, or 'all'")
+    r.add_argument("target")
+    r.set_defaults(func=cmd_image_rm)
+
+    sub.add_parser("ls", help="list live VMs").set_defaults(func=cmd_ls)
+    c = sub.add_parser("cleanup", help="kill VMs whose owner died and remove their files")
+    c.add_argument("--all", action="store_true", help="also VMs whose owner is alive")
+    c.set_defaults(func=cmd_cleanup)
+    sub.add_parser("doctor", help="show backend, accelerator and why, images, versions"
+                   ).set_defaults(func=cmd_doctor)
+    sub.add_parser("demo", help="boot a microVM and show results computed inside it"
+                   ).set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "profile", "x") is None:
+        args.profile = ["base"]
+    try:
+        return args.func(args)
+    except SmolVMError as exc:
+        print(f"smolvm-kernel: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,219 @@
+"""The guest agent's logic, driven by the host's GuestChannel over a socketpair."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import socket
+import threading
+import types
+
+import pytest
+
+import smolvm_guest.agent as agent_mod
+from smolvm_guest import wire
+from smolvm_guest.wire import Channel
+from smolvm_kernel.channel.stream import GuestChannel
+from smolvm_kernel.errors import ProtocolError, ProtocolMismatch
+
+
+class SocketLink:
+    reconnects_by_eof = False
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def read(self) -> bytes:
+        return self.sock.recv(1 << 16)
+
+    def write_all(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def hang_up(self) -> None:
+        pass
+
+
+class FakeProc:
+    pid = os.getpid()
+
+    def poll(self):
+        return None
+
+
+class FakeKernel:
+    """Stands in for the ipykernel process: the agent's op logic is under test here."""
+
+    instances: list[FakeKernel] = []
+
+    def __init__(self, ctx, key: bytes) -> None:
+        self.key = key
+        self.ready = False
+        self.sockets = {}
+        self.proc = FakeProc()
+        self.interrupted = 0
+        FakeKernel.instances.append(self)
+
+    def poll_ready(self) -> None:
+        pass
+
+    def interrupt(self) -> None:
+        self.interrupted += 1
+
+    def rss_kib(self) -> int:
+        return 1
+
+
+@pytest.fixture
+def agent_pair(tmp_path, monkeypatch):
+    monkeypatch.setattr(agent_mod, "GuestKernel", FakeKernel)
+    monkeypatch.setattr(agent_mod, "USER_HOME", str(tmp_path))
+    monkeypatch.setattr(agent_mod, "FILE_ROOTS", (str(tmp_path),))
+    monkeypatch.setattr(agent_mod, "USER_UID", os.getuid())
+    monkeypatch.setattr(agent_mod, "USER_GID", os.getgid())
+    monkeypatch.setattr(agent_mod, "MAX_FILE", 1000)
+    host_sock, guest_sock = socket.socketpair()
+    agent = agent_mod.Agent(SocketLink(guest_sock))
+    thread = threading.Thread(target=agent.run, daemon=True)
+    thread.start()
+    yield host_sock, agent
+    agent.shutting_down = True
+    thread.join(2)
+    host_sock.close()
+    guest_sock.close()
+
+
+async def _channel(host_sock, stale: bytes = b""):
+    frames = []
+    reader, writer = await asyncio.open_unix_connection(sock=host_sock)
+    chan = GuestChannel(reader, writer, lambda c, b: frames.append((c, b)), lambda e: None)
+    return chan, frames
+
+
+def test_hello_then_ops(agent_pair, tmp_path):
+    host_sock, agent = agent_pair
+
+    async def scenario():
+        chan, _ = await _channel(host_sock)
+        reply = await chan.handshake({"key": "ab" * 32}, timeout=5)
+        assert reply["ok"] and reply["proto"] == wire.PROTOCOL_VERSION
+        chan.start()
+        assert (await chan.request("ping"))["ok"]
+        stats = await chan.request("stats")
+        assert stats["vcpus"] == os.cpu_count() and stats["mem_total_kib"] > 0
+        await chan.request("interrupt")
+        put = await chan.request("put", path="sub/f.txt", data=base64.b64encode(b"hello").decode())
+        assert put["ok"] and (tmp_path / "sub" / "f.txt").read_bytes() == b"hello"
+        got = await chan.request("get", path="sub/f.txt")
+        assert base64.b64decode(got["data"]) == b"hello"
+        escape = await chan.request("put", path="../../etc/x", data="")
+        assert not escape["ok"] and "outside" in escape["error"]
+        big = await chan.request("put", path="big", data=base64.b64encode(b"x" * 1001).decode())
+        assert not big["ok"] and "limited" in big["error"]
+        bad = await chan.request("frobnicate")
+        assert not bad["ok"] and "unknown op" in bad["error"]
+        await chan.close()
+
+    asyncio.run(scenario())
+    assert FakeKernel.instances[-1].key == b"ab" * 32
+    assert FakeKernel.instances[-1].interrupted == 1
+
+
+def test_symlink_out_of_home_is_refused(agent_pair, tmp_path):
+    host_sock, _ = agent_pair
+    (tmp_path / "link").symlink_to("/etc")
+
+    async def scenario():
+        chan, _ = await _channel(host_sock)
+        await chan.handshake({"key": "cd" * 32}, timeout=5)
+        chan.start()
+        reply = await chan.request("get", path="link/passwd")
+        assert not reply["ok"] and "outside" in reply["error"]
+        await chan.close()
+
+    asyncio.run(scenario())
+
+
+def test_stale_bytes_before_the_hello_are_skipped(agent_pair):
+    """A reconnecting host may find half a frame left over; the sync marker fixes that."""
+    host_sock, agent = agent_pair
+    agent.outbox.put(Channel.IOPUB, b"old output " * 1000)
+
+    async def scenario():
+        chan, _ = await _channel(host_sock)
+        reply = await chan.handshake({"key": "ef" * 32}, timeout=5)
+        assert reply["ok"]
+        await chan.close()
+
+    asyncio.run(scenario())
+
+
+def test_protocol_mismatch_is_reported(agent_pair, monkeypatch):
+    """An agent from another protocol version makes the host refuse, naming the fix."""
+    host_sock, _ = agent_pair
+    newer = types.SimpleNamespace(**{k: getattr(wire, k) for k in dir(wire) if not k.startswith("__")})
+    newer.PROTOCOL_VERSION = wire.PROTOCOL_VERSION + 1
+    monkeypatch.setattr(agent_mod, "wire", newer)
+
+    async def scenario():
+        chan, _ = await _channel(host_sock)
+        with pytest.raises(ProtocolMismatch, match="rebuild") as info:
+            await chan.handshake({"key": "00" * 32}, timeout=5)
+        assert info.value.guest == wire.PROTOCOL_VERSION + 1
+
+    asyncio.run(scenario())
+
+
+def test_short_key_is_refused(agent_pair):
+    host_sock, _ = agent_pair
+
+    async def scenario():
+        chan, _ = await _channel(host_sock)
+        with pytest.raises(ProtocolError, match="key"):
+            await chan.handshake({"key": "short"}, timeout=5)
+
+    asyncio.run(scenario())
+
+
+def test_oversized_frame_from_guest_closes_the_channel():
+    """A frame announcing more than the limit is a protocol violation, not a buffer."""
+    host_sock, guest_sock = socket.socketpair()
+    closed = []
+
+    async def scenario():
+        reader, writer = await asyncio.open_unix_connection(sock=host_sock)
+        chan = GuestChannel(reader, writer, lambda c, b: None, closed.append, max_frame=1024)
+        chan.start()
+        guest_sock.sendall(wire.HEADER.pack(4096, Channel.IOPUB) + b"x" * 10)
+        for _ in range(100):
+            if closed:
+                break
+            await asyncio.sleep(0.01)
+        await chan.close()
+
+    asyncio.run(scenario())
+    assert closed and isinstance(closed[0], ProtocolError)
+    guest_sock.close()
+
+
+def test_control_frames_jump_the_queue():
+    host_sock, guest_sock = socket.socketpair()
+
+    async def scenario():
+        reader, writer = await asyncio.open_unix_connection(sock=host_sock)
+        chan = GuestChannel(reader, writer, lambda c, b: None, lambda e: None)
+        for i in range(50):
+            chan.send(Channel.SHELL, b"bulk%d" % i)
+        chan.send(Channel.CONTROL, b"interrupt")
+        chan.start()
+        await asyncio.sleep(0.2)
+        await chan.close()
+
+    asyncio.run(scenario())
+    guest_sock.settimeout(1)
+    frames = wire.FrameDecoder().feed(guest_sock.recv(1 << 20))
+    assert frames[0] == (Channel.CONTROL, b"interrupt")
+    guest_sock.close()
