@@ -246,7 +246,8 @@ class Sandbox:
         except BaseException:
             watcher.cancel()
             raise
-        watcher.add_done_callback(self._on_vm_exit)
+        vm_id = self.vm_id
+        watcher.add_done_callback(lambda task: self._on_vm_exit(task, vm_id))
 
     def _boot_failure(self, stage: str, timeout: float) -> SmolVMError:
         backend = self.backend
@@ -277,19 +278,24 @@ class Sandbox:
 
     # ------------------------------------------------------------ guest events
 
-    def _on_vm_exit(self, task: asyncio.Task) -> None:
+    def _on_vm_exit(self, task: asyncio.Task, vm_id: str | None) -> None:
         if task.cancelled() or self.backend is None:
             return
         code = task.result()
         self._die(GuestDied(f"the microVM exited (status {code})",
-                            "--- guest console (tail) ---\n" + self.backend.console_tail(2000)))
+                            "--- guest console (tail) ---\n" + self.backend.console_tail(2000)), vm_id)
 
     def _on_channel_close(self, error: BaseException | None) -> None:
-        if self.backend is not None and self.state not in (SandboxState.STOPPED,):
-            self._die(GuestDied("the channel to the guest agent closed",
-                                f"{error or 'end of stream'}"))
+        if self.backend is None or self.state == SandboxState.STOPPED:
+            return
+        died = GuestDied("the channel to the guest agent closed", f"{error or 'end of stream'}")
+        # The stream usually ends because the VMM died; give its exit a moment
+        # to be seen so the cell reports that, the more useful cause.
+        asyncio.get_running_loop().call_later(0.5, self._die, died, self.vm_id)
 
-    def _die(self, error: SmolVMError) -> None:
+    def _die(self, error: SmolVMError, vm_id: str | None = None) -> None:
+        if vm_id is not None and vm_id != self.vm_id:
+            return  # news about a VM this sandbox already replaced
         if self._death is None:
             self._death = error
         if self.state != SandboxState.STOPPED:

@@ -86,6 +86,17 @@ def die_with_parent() -> None:
     os.setsid()  # an interrupt meant for the host kernel must not hit the VMM
 
 
+#: Runs as ``sh -c _WATCHDOG <vmm pid>``: on SIGTERM (its parent died) it kills
+#: the VMM; it exits by itself once the VMM is gone.
+_WATCHDOG = ('trap \'kill -KILL "$0" 2>/dev/null; exit 0\' TERM; '
+             'while kill -0 "$0" 2>/dev/null; do sleep 1 & wait $!; done')
+
+
+def _watchdog_preexec() -> None:
+    ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    os.setsid()
+
+
 class Backend(abc.ABC):
     """One VMM process. Subclasses implement :meth:`launch` and :meth:`open_channel`."""
 
@@ -99,6 +110,7 @@ class Backend(abc.ABC):
         self.proc: asyncio.subprocess.Process | None = None
         self.state = VMState.CREATED
         self._killed = False
+        self._watchdog: subprocess.Popen | None = None
 
     @property
     def pid(self) -> int | None:
@@ -112,8 +124,13 @@ class Backend(abc.ABC):
     async def open_channel(self, timeout: float) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """Connect to the guest agent's byte stream. Called by the Sandbox after launch."""
 
-    async def _spawn(self, argv: list[str]) -> None:
-        """Start ``argv`` tied to this process's life; stdout/stderr go to vmm.log."""
+    async def _spawn(self, argv: list[str], drops_privileges: bool = False) -> None:
+        """Start ``argv`` tied to this process's life; stdout/stderr go to vmm.log.
+
+        Linux clears the parent-death signal when a process changes its
+        credentials, so a VMM that drops to another user (QEMU's -runas) gets
+        a watchdog: a shell that carries the signal and kills the VMM.
+        """
         log = open(self.spec.run_dir / "vmm.log", "ab")
         try:
             self.proc = await asyncio.create_subprocess_exec(
@@ -122,6 +139,11 @@ class Backend(abc.ABC):
         finally:
             log.close()
         self.state = VMState.RUNNING
+        if drops_privileges:
+            self._watchdog = subprocess.Popen(
+                ["/bin/sh", "-c", _WATCHDOG, str(self.proc.pid)], stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                preexec_fn=_watchdog_preexec, close_fds=True)
 
     def poll(self) -> int | None:
         """Return the exit code, or None while the VMM runs."""
@@ -163,11 +185,18 @@ class Backend(abc.ABC):
             self.proc.kill()
             await self.proc.wait()
         self.state = VMState.EXITED
+        self._stop_watchdog()
+
+    def _stop_watchdog(self) -> None:
+        if self._watchdog is not None and self._watchdog.poll() is None:
+            self._watchdog.kill()
+            self._watchdog.wait()
 
     async def cleanup(self) -> None:
         """Remove the VM's run folder (scratch disk, sockets, logs). Idempotent."""
         import shutil
 
+        self._stop_watchdog()
         shutil.rmtree(self.spec.run_dir, ignore_errors=True)
 
     def console_tail(self, limit: int = 4000) -> str:

@@ -99,8 +99,9 @@ class QemuBackend(Backend):
             from smolvm_kernel.errors import SmolVMError
             raise SmolVMError(f"the QEMU backend boots x86_64 guests; this host is {platform.machine()}")
         await asyncio.to_thread(create_scratch_disk, self.spec.scratch_disk, self.spec.disk_mib)
-        self.argv = qemu_argv(self.spec, binary, runas=unprivileged_user())
-        await self._spawn(self.argv)
+        runas = unprivileged_user()
+        self.argv = qemu_argv(self.spec, binary, runas=runas)
+        await self._spawn(self.argv, drops_privileges=runas is not None)
 
     async def open_channel(self, timeout: float):
         return await connect_unix(self.spec.run_dir / "agent.sock", timeout,

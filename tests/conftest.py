@@ -1,0 +1,20 @@
+"""Shared test set-up: each session gets its own private state directory."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import pytest
+
+
+def pytest_configure(config):
+    # VMs, sockets and the registry of this test run live apart from the
+    # user's own; the image cache is shared (it is content-addressed).
+    if "SMOLVM_STATE_DIR" not in os.environ:
+        os.environ["SMOLVM_STATE_DIR"] = tempfile.mkdtemp(prefix="smolvm-test-state-")
+
+
+@pytest.fixture(scope="session")
+def state_dir() -> str:
+    return os.environ["SMOLVM_STATE_DIR"]

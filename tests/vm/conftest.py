@@ -1,0 +1,72 @@
+"""Fixtures that boot real microVMs: image -> sandbox, each VM owned and killed.
+
+Following Firecracker's test framework: a factory records every VM it
+starts and stops all of them at the end; a failing test gets the guest
+console attached to its report.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from smolvm_kernel.images import ImageCache
+from smolvm_kernel.sandbox import Sandbox
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "tests/vm/" in str(item.fspath):
+            item.add_marker(pytest.mark.vm)
+
+
+@pytest.fixture(scope="session")
+def image():
+    if shutil.which("qemu-system-x86_64") is None:
+        pytest.skip("qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)")
+    # Build on first use, like `smolvm-kernel setup`; cached by content hash.
+    return ImageCache().ensure("base")
+
+
+class SandboxFactory:
+    def __init__(self) -> None:
+        self.sandboxes: list[Sandbox] = []
+
+    def __call__(self, **kwargs) -> Sandbox:
+        sb = Sandbox(**{"vcpus": 2, "mem_mib": 512, "backend": "qemu", **kwargs})
+        self.sandboxes.append(sb)
+        sb.start()
+        return sb
+
+    def stop_all(self) -> None:
+        for sb in self.sandboxes:
+            sb.stop()
+
+
+@pytest.fixture(scope="session")
+def sandbox_factory(image):
+    factory = SandboxFactory()
+    yield factory
+    factory.stop_all()
+
+
+@pytest.fixture(scope="session")
+def sandbox(sandbox_factory) -> Sandbox:
+    """One VM shared by the tests that do not destroy it."""
+    return sandbox_factory()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.when != "call" or not report.failed:
+        return
+    factory = item.funcargs.get("sandbox_factory")
+    candidates = [item.funcargs.get("sandbox"), *(factory.sandboxes if factory else [])]
+    seen = set()
+    for sb in candidates:
+        if sb is not None and sb.backend is not None and sb.vm_id not in seen:
+            seen.add(sb.vm_id)
+            report.sections.append((f"guest console {sb.vm_id}", sb.backend.console_tail(6000)))

@@ -1,0 +1,215 @@
+"""The Sandbox against real microVMs (QEMU; TCG on hosts without usable KVM)."""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from smolvm_kernel.errors import ExecutionTimeout, GuestDied, GuestFileError
+from smolvm_kernel.sandbox import SandboxState
+
+
+def run(sb, code, **kw):
+    return list(sb.execute(code, **kw))
+
+
+def texts(outputs, kind=None):
+    return "".join(o.text for o in outputs if kind is None or o.type == kind)
+
+
+def test_state_persists_across_executions(sandbox):
+    assert texts(run(sandbox, "x = 6 * 7\nx"), "execute_result") == "42"
+    assert texts(run(sandbox, "x + 1"), "execute_result") == "43"
+
+
+def test_guest_runs_its_own_kernel(sandbox, image):
+    release = texts(run(sandbox, "import os; print(os.uname().release)"))
+    assert release.strip() == image.kernel_release
+    assert sandbox.kernel_info["language_info"]["name"] == "python"
+
+
+def test_stdout_and_stderr_stream_in_order_as_they_happen(sandbox):
+    code = textwrap.dedent("""
+        import sys, time
+        print("one", flush=True)
+        time.sleep(0.3)
+        print("two", file=sys.stderr, flush=True)
+        time.sleep(0.3)
+        print("three", flush=True)
+        time.sleep(1.5)
+        print("four", flush=True)
+    """)
+    seen = []
+    for out in sandbox.execute(code):
+        seen.append((out.name, out.text.strip(), time.monotonic()))
+    assert [(n, t) for n, t, _ in seen] == [("stdout", "one"), ("stderr", "two"),
+                                            ("stdout", "three"), ("stdout", "four")]
+    # "three" reached us before the cell finished sleeping: outputs stream.
+    assert seen[3][2] - seen[2][2] > 1.0
+
+
+def test_exception_comes_back_as_error_with_traceback(sandbox):
+    outs = run(sandbox, "def f():\n    return 1/0\nf()")
+    errors = [o for o in outs if o.type == "error"]
+    assert len(errors) == 1
+    err = errors[0].content
+    assert err["ename"] == "ZeroDivisionError"
+    plain = [re.sub(r"\x1b\[[0-9;]*m", "", line) for line in err["traceback"]]
+    assert any("return 1/0" in line for line in plain)
+
+
+def test_rich_output(sandbox):
+    outs = run(sandbox, "from IPython.display import display, HTML\ndisplay(HTML('<b>hi</b>'))")
+    assert outs[0].type == "display_data"
+    assert outs[0].content["data"]["text/html"] == "<b>hi</b>"
+
+
+def test_interrupt_stops_a_tight_loop(sandbox):
+    result = {}
+
+    def consume():
+        result["outs"] = run(sandbox, "while True: pass")
+
+    t = threading.Thread(target=consume)
+    t.start()
+    time.sleep(1.0)
+    t0 = time.monotonic()
+    sandbox.interrupt()
+    t.join(10)
+    assert not t.is_alive(), "the loop did not stop within 10 s of the interrupt"
+    assert [o.content["ename"] for o in result["outs"] if o.type == "error"] == ["KeyboardInterrupt"]
+    assert time.monotonic() - t0 < 10
+    assert texts(run(sandbox, "x"), "execute_result") == "42"   # state survived
+
+
+def test_per_call_timeout_interrupts(sandbox):
+    t0 = time.monotonic()
+    with pytest.raises(ExecutionTimeout) as info:
+        run(sandbox, "import time; time.sleep(1000)", timeout=2)
+    assert info.value.reset is False
+    assert time.monotonic() - t0 < 2 + 10
+    assert sandbox.state == SandboxState.READY
+    assert texts(run(sandbox, "x"), "execute_result") == "42"
+
+
+def test_stats_report_the_configured_shape(sandbox):
+    stats = sandbox.stats()
+    assert stats["vcpus"] == 2
+    # MemTotal is the configured size less what the guest kernel reserves.
+    assert 400 * 1024 < stats["mem_total_kib"] <= 512 * 1024
+    assert stats["backend"] == "qemu" and stats["accel"] in ("kvm", "tcg")
+    assert stats["accel_reason"]
+    assert stats["disk_total_bytes"] > 1e9 and stats["uptime_s"] > 0
+    assert stats["network"] == "none"
+
+
+def test_guest_has_no_network_but_loopback(sandbox):
+    out = texts(run(sandbox, "import os; print(sorted(os.listdir('/sys/class/net')))"))
+    assert out.strip() == "['lo']"
+
+
+def test_host_files_are_not_visible(sandbox, tmp_path):
+    canary = tmp_path / f"canary-{secrets.token_hex(8)}"
+    canary.write_text("host secret")
+    code = (f"import os; print(os.path.exists({str(canary)!r}), os.path.exists({str(Path.cwd())!r}),"
+            f" os.path.exists('/root/.cache/smolvm-kernel'))")
+    assert texts(run(sandbox, code)).strip() == "False False False"
+
+
+def test_guest_code_runs_unprivileged(sandbox):
+    out = texts(run(sandbox, "import os; print(os.getuid(), os.access('/run/smolvm/kernel', os.R_OK))"))
+    uid, can_read_agent_dir = out.split()
+    assert uid == "1000"
+
+
+def test_file_put_and_get(sandbox):
+    payload = os.urandom(3 * 1024 * 1024 + 17)   # several chunks
+    sandbox.put_file(payload, "data/blob.bin")
+    out = texts(run(sandbox, "import hashlib; print(hashlib.sha256(open('data/blob.bin','rb').read()).hexdigest())"))
+    import hashlib
+    assert out.strip() == hashlib.sha256(payload).hexdigest()
+    assert sandbox.get_file("data/blob.bin") == payload
+    with pytest.raises(GuestFileError, match="outside"):
+        sandbox.get_file("/etc/shadow")
+
+
+def test_reset_gives_a_clean_vm(sandbox):
+    run(sandbox, "open('/home/user/marker', 'w').write('x'); y = 1")
+    old_id = sandbox.vm_id
+    sandbox.reset()
+    assert sandbox.vm_id != old_id
+    out = texts(run(sandbox, "import os; print(os.path.exists('/home/user/marker'), 'y' in globals())"))
+    assert out.strip() == "False False"
+
+
+def test_vm_death_mid_cell_is_reported_and_reset_recovers(sandbox):
+    result = {}
+
+    def consume():
+        try:
+            run(sandbox, "import time; time.sleep(60)")
+        except GuestDied as exc:
+            result["error"] = exc
+
+    t = threading.Thread(target=consume)
+    t.start()
+    time.sleep(1.0)
+    os.kill(sandbox.backend.pid, signal.SIGKILL)
+    t.join(10)
+    assert not t.is_alive()
+    assert "exited" in str(result["error"]) and "reset()" in str(result["error"])
+    assert sandbox.state == SandboxState.DEAD
+    with pytest.raises(GuestDied):
+        run(sandbox, "1")
+    sandbox.reset()
+    assert texts(run(sandbox, "1 + 1"), "execute_result") == "2"
+
+
+OWNER_SCRIPT = """
+import sys, time
+from smolvm_kernel import Sandbox
+sb = Sandbox(vcpus=1, mem_mib=256, backend="qemu")
+sb.start()
+print(sb.backend.pid, sb.backend.spec.run_dir, flush=True)
+time.sleep(600)
+"""
+
+
+def test_killed_owner_leaves_no_vmm_and_cleanup_leaves_nothing(image, state_dir):
+    owner = subprocess.Popen([sys.executable, "-c", OWNER_SCRIPT], stdout=subprocess.PIPE,
+                             text=True, env=os.environ.copy())
+    try:
+        line = owner.stdout.readline().split()
+        assert line, "the owner process did not start a VM"
+        vmm_pid, run_dir = int(line[0]), Path(line[1])
+        assert run_dir.is_dir()
+    finally:
+        owner.kill()
+        owner.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and Path(f"/proc/{vmm_pid}").exists():
+        stat = Path(f"/proc/{vmm_pid}/stat").read_text()
+        if stat[stat.rindex(")") + 2] == "Z":
+            break
+        time.sleep(0.1)
+    alive = Path(f"/proc/{vmm_pid}").exists() and \
+        Path(f"/proc/{vmm_pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    assert not alive, "the VMM outlived its owner"
+    cli = [sys.executable, "-m", "smolvm_kernel.cli"]
+    first = subprocess.run([*cli, "cleanup"], capture_output=True, text=True, check=True).stdout
+    assert str(run_dir) in first
+    assert not run_dir.exists()
+    second = subprocess.run([*cli, "cleanup"], capture_output=True, text=True, check=True).stdout
+    assert second.strip() == "nothing to clean up"
+    assert list(Path(state_dir, "vms").iterdir()) == [] or all(
+        p.name != run_dir.name for p in Path(state_dir, "vms").iterdir())
