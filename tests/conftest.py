@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 
 import pytest
+
+
+_created: list[str] = []
 
 
 def pytest_configure(config):
@@ -13,6 +17,12 @@ def pytest_configure(config):
     # user's own; the image cache is shared (it is content-addressed).
     if "SMOLVM_STATE_DIR" not in os.environ:
         os.environ["SMOLVM_STATE_DIR"] = tempfile.mkdtemp(prefix="smolvm-test-state-")
+        _created.append(os.environ["SMOLVM_STATE_DIR"])
+
+
+def pytest_unconfigure(config):
+    for path in _created:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
