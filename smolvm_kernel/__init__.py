@@ -15,6 +15,19 @@ __version__ = "0.1.0"
 __all__ = ["Sandbox", "SandboxConfig", "Output", "__version__"]
 
 
+def load_ipython_extension(ipython) -> None:
+    """``%load_ext smolvm_kernel``: register the %%smolvm / %smolvm magics."""
+    from smolvm_kernel.magics import load_ipython_extension as load
+
+    load(ipython)
+
+
+def unload_ipython_extension(ipython) -> None:
+    from smolvm_kernel.magics import unload_ipython_extension as unload
+
+    unload(ipython)
+
+
 def __getattr__(name: str):
     # Lazy: `python -m smolvm_kernel` and the CLI should not pay for imports
     # they do not use.

@@ -139,6 +139,17 @@ def cmd_setup(args) -> int:
     return cmd_doctor(args)
 
 
+def cmd_install(args) -> int:
+    from smolvm_kernel import kernelspec
+
+    prefix = sys.prefix if args.sys_prefix else args.prefix
+    path = kernelspec.install(args.name, args.display_name, user=args.user, prefix=prefix,
+                              profile=args.profile, mem=args.mem, cpus=args.cpus,
+                              timeout=args.timeout, backend=args.backend)
+    print(f"installed kernelspec {args.name} in {path}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from smolvm_kernel.demo import main as demo_main
 
@@ -165,6 +176,20 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("target")
     r.set_defaults(func=cmd_image_rm)
 
+    inst = sub.add_parser("install", help="register the SmolVM Python kernelspec")
+    where = inst.add_mutually_exclusive_group()
+    where.add_argument("--user", action="store_true", help="in the user's Jupyter data dir")
+    where.add_argument("--sys-prefix", action="store_true", help="in this Python's prefix (venv)")
+    where.add_argument("--prefix", help="under PREFIX/share/jupyter/kernels")
+    inst.add_argument("--name", default="smolvm-python")
+    inst.add_argument("--display-name")
+    inst.add_argument("--profile", help="image profile baked into this kernelspec (base, scipy)")
+    inst.add_argument("--mem", type=int, help="guest memory in MiB")
+    inst.add_argument("--cpus", type=int, help="vCPUs")
+    inst.add_argument("--timeout", type=float, help="per-cell timeout in seconds")
+    inst.add_argument("--backend", choices=["auto", "qemu", "firecracker"])
+    inst.set_defaults(func=cmd_install, profile_given=True)
+
     sub.add_parser("ls", help="list live VMs").set_defaults(func=cmd_ls)
     c = sub.add_parser("cleanup", help="kill VMs whose owner died and remove their files")
     c.add_argument("--all", action="store_true", help="also VMs whose owner is alive")
@@ -178,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "profile", "x") is None:
+    if getattr(args, "profile", "x") is None and not getattr(args, "profile_given", False):
         args.profile = ["base"]
     try:
         return args.func(args)

@@ -176,3 +176,29 @@ class SandboxConfig(Configurable):
             raise TraitError(f"max_message_bytes={value} is out of range; use 65536 to 33554432 "
                              f"(the wire protocol's frame limit)")
         return value
+
+
+def load_config():
+    """Read ``jupyter_smolvm_config.py`` / ``.json`` from the Jupyter config path.
+
+    The result is a traitlets ``SandboxConfig`` whose values come from those
+    files (section ``c.SandboxConfig``), then SMOLVM_* variables, then defaults.
+    """
+    from jupyter_core.paths import jupyter_config_path
+    from traitlets.config.loader import Config, JSONFileConfigLoader, PyFileConfigLoader
+
+    merged = Config()
+    # jupyter_config_path() lists the highest priority first; load lowest first.
+    for directory in reversed(jupyter_config_path()):
+        for loader_cls, name in ((JSONFileConfigLoader, "jupyter_smolvm_config.json"),
+                                 (PyFileConfigLoader, "jupyter_smolvm_config.py")):
+            if os.path.isfile(os.path.join(directory, name)):
+                merged.merge(loader_cls(name, path=directory).load_config())
+    try:
+        cfg = SandboxConfig(config=merged)
+        for name in cfg.trait_names():
+            getattr(cfg, name)
+    except TraitError as exc:
+        from smolvm_kernel.errors import ConfigError
+        raise ConfigError.from_trait(exc) from None
+    return cfg

@@ -117,8 +117,15 @@ class Sandbox:
         self._ready: asyncio.Future | None = None
         self._death: SmolVMError | None = None
         self._registry = Registry()
-        #: Frames no pending request claims (the relaying kernel hooks in here).
+        #: Messages no pending request claims.
         self.on_unclaimed: Callable[[Channel, dict], None] | None = None
+        #: When set, every Jupyter frame from the guest goes here raw (as its
+        #: multipart list, not yet verified): the relaying kernel re-signs the
+        #: original bytes instead of re-serialising them. Called on the I/O thread.
+        self.on_guest_frame: Callable[[Channel, list[bytes]], None] | None = None
+        #: Called (on the I/O thread) once when the VM, its agent or kernel dies.
+        self.on_death: Callable[[SmolVMError], None] | None = None
+        self.guest_key: bytes = b""
 
     # ------------------------------------------------------------ lifecycle
 
@@ -227,7 +234,8 @@ class Sandbox:
         self._channel = GuestChannel(reader, writer, self._on_frame, self._on_channel_close,
                                      max_frame=self.config.max_message_bytes + 64 * 1024)
         key = secrets.token_hex(32)
-        self._session = Session(key=key.encode(), username="smolvm", check_pid=False)
+        self.guest_key = key.encode()
+        self._session = Session(key=self.guest_key, username="smolvm", check_pid=False)
         watcher = asyncio.create_task(backend.wait())
         try:
             handshake = asyncio.create_task(self._channel.handshake({"key": key}, remaining()))
@@ -263,6 +271,7 @@ class Sandbox:
     async def _stop(self) -> None:
         chan, backend, vm_id = self._channel, self.backend, self.vm_id
         self._channel = None
+        self.vm_id = None  # from here on, news from this VM is stale (see _die)
         if chan is not None:
             await chan.close()
         if backend is not None:
@@ -303,6 +312,8 @@ class Sandbox:
         if self._ready is not None and not self._ready.done():
             self._ready.set_exception(error)
         self._fail_pending(error)
+        if self.on_death is not None and self._death is error:
+            self.on_death(error)
 
     def _fail_pending(self, error: SmolVMError) -> None:
         for q in list(self._pending.values()):
@@ -311,6 +322,12 @@ class Sandbox:
     def _on_frame(self, chan: Channel, body: bytes) -> None:
         if chan == Channel.AGENT:
             self._on_agent_event(wire.decode_json(body))
+            return
+        if self.on_guest_frame is not None:
+            try:
+                self.on_guest_frame(chan, wire.unpack_parts(body))
+            except wire.FrameError as exc:
+                log.warning("dropped a malformed %s frame from the guest: %s", chan.name, exc)
             return
         try:
             parts = wire.unpack_parts(body)
@@ -361,6 +378,13 @@ class Sandbox:
         body = wire.pack_parts(parts)
         channel = self._channel
         aio.loop().call_soon_threadsafe(channel.send, chan, body)
+
+    def send_raw(self, chan: Channel, parts: list[bytes]) -> None:
+        """Queue already-signed multipart frames for the guest kernel (any thread)."""
+        channel = self._channel
+        if channel is None or self.state not in (SandboxState.READY, SandboxState.BUSY):
+            raise self._death or SandboxStopped()
+        aio.loop().call_soon_threadsafe(channel.send, chan, wire.pack_parts(parts))
 
     def agent_request(self, op: str, timeout: float = 10.0, **fields) -> dict:
         """Run one agent op and return its reply, raising on errors."""

@@ -1,0 +1,1 @@
+"""Kernelspec assets (logos) for SmolVM Python; kernel.json is written by install."""

@@ -1,0 +1,565 @@
+"""The SmolVM Python kernel: a relaying Jupyter kernel whose cells run in a microVM.
+
+The frontend talks the Jupyter wire protocol to this process (key K_host).
+Each message is verified, then its original header/parent/metadata/content
+bytes are re-signed with the guest key K_guest and sent down the VM's
+channel; messages from the guest are size-checked, verified with K_guest and
+re-signed with K_host. msg_ids and parent headers are never rewritten, so
+outputs land in the right cell and comms (ipywidgets) keep working.
+
+The host keeps only what must stay on the host: kernel_info, interrupt,
+shutdown, ``%smolvm`` lines, and host-owned comms (the control panel).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import hmac
+import json
+import logging
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import zmq
+from jupyter_client.session import Session
+
+from smolvm_guest.wire import Channel
+from smolvm_kernel import __version__
+from smolvm_kernel.config import SandboxConfig
+from smolvm_kernel.errors import SmolVMError
+
+log = logging.getLogger("smolvm_kernel.kernel")
+DELIM = b"<IDS|MSG>"
+PROTOCOL_VERSION = "5.3"
+_DIGESTS = {"hmac-sha256": hashlib.sha256, "hmac-sha1": hashlib.sha1, "hmac-md5": hashlib.md5}
+
+
+def _sign(key: bytes, digestmod, parts: list[bytes]) -> bytes:
+    if not key:
+        return b""
+    h = hmac.new(key, digestmod=digestmod)
+    for p in parts:
+        h.update(p)
+    return h.hexdigest().encode()
+
+
+@dataclasses.dataclass
+class _Request:
+    """A frontend request forwarded to the guest and not yet answered."""
+
+    socket: str            # "shell" or "control"
+    idents: list[bytes]
+    header: dict
+    host_busy: bool = False
+
+
+class Relay:
+    """The message logic, apart from sockets and threads (unit-testable).
+
+    ``send_frontend(socket_name, frames)`` delivers to the frontend;
+    ``sandbox`` is a :class:`~smolvm_kernel.sandbox.Sandbox` (or a fake in tests).
+    """
+
+    def __init__(self, session: Session, sandbox, send_frontend: Callable[[str, list[bytes]], None],
+                 max_message_bytes: int = 32 * 1024 * 1024,
+                 is_ready: Callable[[], bool] = lambda: True) -> None:
+        self.session = session
+        self.sandbox = sandbox
+        self.is_ready = is_ready
+        self.send_frontend = send_frontend
+        self.max_message_bytes = max_message_bytes
+        self._host_digest = _DIGESTS.get(session.signature_scheme, hashlib.sha256)
+        self.inflight: dict[str, _Request] = {}
+        self.backlog: list[tuple[Channel, list[bytes]]] = []
+        self.host_comm_ids: set[str] = set()
+        self.host_comm_targets: set[str] = set()
+        self.dropped = 0
+
+    # -- frontend -> guest
+
+    def forward(self, chan: Channel, socket: str, idents: list[bytes], msg_list: list[bytes],
+                header: dict, host_busy: bool = False) -> None:
+        """Re-sign the frontend's original frames with K_guest and send them on."""
+        if chan in (Channel.SHELL, Channel.CONTROL):
+            self.inflight[header["msg_id"]] = _Request(socket, idents, header, host_busy)
+        if not self.is_ready():
+            self.backlog.append((chan, msg_list))
+            return
+        self._send_guest(chan, msg_list)
+
+    def _send_guest(self, chan: Channel, msg_list: list[bytes]) -> None:
+        body = list(msg_list[1:])   # header, parent, metadata, content, buffers...
+        sig = _sign(self.sandbox.guest_key, hashlib.sha256, body[:4])
+        self.sandbox.send_raw(chan, [DELIM, sig, *body])
+
+    def flush_backlog(self) -> None:
+        backlog, self.backlog = self.backlog, []
+        for chan, msg_list in backlog:
+            self._send_guest(chan, msg_list)
+
+    # -- guest -> frontend
+
+    def on_guest(self, chan: Channel, parts: list[bytes]) -> None:
+        """Verify, filter and re-sign one message from the (untrusted) guest."""
+        size = sum(len(p) for p in parts)
+        try:
+            i = parts.index(DELIM)
+        except ValueError:
+            return self._drop(chan, "no delimiter")
+        if len(parts) < i + 6:
+            return self._drop(chan, "too few frames")
+        body = parts[i + 2:]
+        expected = _sign(self.sandbox.guest_key, hashlib.sha256, body[:4])
+        if not hmac.compare_digest(expected, parts[i + 1]):
+            return self._drop(chan, "bad signature")
+        try:
+            header = json.loads(body[0])
+            parent = json.loads(body[1]) if body[1] else {}
+            msg_type = header["msg_type"]
+        except (ValueError, KeyError, TypeError):
+            return self._drop(chan, "malformed header")
+        if not isinstance(parent, dict) or not isinstance(msg_type, str):
+            return self._drop(chan, "malformed header")
+        parent_id = parent.get("msg_id")
+        if size > self.max_message_bytes:
+            self._drop(chan, f"{size} bytes")
+            return self._warn(parent, f"[smolvm] a {msg_type} message of {size} bytes from the VM "
+                                      f"was dropped: the limit is {self.max_message_bytes} bytes\n")
+        if msg_type.startswith("comm_") and self._names_host_comm(body[3]):
+            return self._drop(chan, "names a host-owned comm")
+        if chan == Channel.IOPUB:
+            if msg_type == "status":
+                req = self.inflight.get(parent_id)
+                state = _json_field(body[3], "execution_state")
+                if req is not None and req.host_busy and state == "busy":
+                    return  # the host already said busy while the VM was booting
+            self._to_frontend("iopub", list(parts[:i]), body)
+        elif chan in (Channel.SHELL, Channel.CONTROL):
+            req = self.inflight.pop(parent_id, None)
+            if req is None:
+                return self._drop(chan, "reply to an unknown request")
+            self._to_frontend(req.socket, req.idents, body)
+        elif chan == Channel.STDIN:
+            req = self.inflight.get(parent_id)
+            if req is None:
+                return self._drop(chan, "input request for an unknown request")
+            self._to_frontend("stdin", req.idents, body)
+
+    def _names_host_comm(self, content_bytes: bytes) -> bool:
+        try:
+            content = json.loads(content_bytes)
+        except ValueError:
+            return True
+        if not isinstance(content, dict):
+            return True
+        return content.get("comm_id") in self.host_comm_ids or \
+            content.get("target_name") in self.host_comm_targets
+
+    def _to_frontend(self, socket: str, prefix: list[bytes], body: list[bytes]) -> None:
+        sig = _sign(self.session.key, self._host_digest, body[:4])
+        self.send_frontend(socket, [*prefix, DELIM, sig, *body])
+
+    def _drop(self, chan: Channel, why: str) -> None:
+        self.dropped += 1
+        log.warning("dropped a %s message from the guest: %s", chan.name, why)
+
+    def _warn(self, parent: dict, text: str) -> None:
+        self.publish("stream", {"name": "stderr", "text": text}, parent)
+
+    # -- host-originated messages
+
+    def publish(self, msg_type: str, content: dict, parent: dict | None) -> None:
+        msg = self.session.msg(msg_type, content=content, parent=parent or {})
+        self.send_frontend("iopub", self.session.serialize(msg, ident=f"kernel.smolvm.{msg_type}".encode()))
+
+    def reply(self, socket: str, idents: list[bytes], msg_type: str, content: dict, parent: dict) -> None:
+        msg = self.session.msg(msg_type, content=content, parent=parent)
+        self.send_frontend(socket, self.session.serialize(msg, ident=idents))
+
+    def fail_inflight(self, error: SmolVMError) -> None:
+        """The VM died: end every open request with a clear error, then idle."""
+        inflight, self.inflight = self.inflight, {}
+        self.backlog.clear()
+        text = str(error)
+        for req in inflight.values():
+            mtype = req.header.get("msg_type", "")
+            reply_type = mtype.replace("_request", "_reply")
+            err = {"ename": type(error).__name__, "evalue": text.splitlines()[0],
+                   "traceback": [f"\x1b[0;31m{type(error).__name__}\x1b[0m: {text}"]}
+            if mtype == "execute_request":
+                self.publish("error", err, req.header)
+            self.reply(req.socket, req.idents, reply_type,
+                       {"status": "error", "execution_count": None, **err}, req.header)
+            self.publish("status", {"execution_state": "idle"}, req.header)
+
+
+def _json_field(data: bytes, field: str):
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        return None
+    return obj.get(field) if isinstance(obj, dict) else None
+
+
+class SmolVMKernel:
+    """The kernel process: frontend sockets, one Sandbox, the relay between them."""
+
+    def __init__(self, connection_info: dict, config: SandboxConfig | None = None,
+                 sandbox_factory=None) -> None:
+        from smolvm_kernel.sandbox import Sandbox
+
+        self.info = connection_info
+        self.config = config or SandboxConfig()
+        key = connection_info.get("key", "")
+        self.session = Session(key=key.encode() if isinstance(key, str) else key,
+                               signature_scheme=connection_info.get("signature_scheme", "hmac-sha256"),
+                               username="smolvm-kernel", check_pid=False)
+        self.ctx = zmq.Context.instance()
+        self.sockets: dict[str, zmq.Socket] = {}
+        self._bind()
+        # Guest frames and VM events arrive from other threads through this
+        # queue; the pipe wakes the poller. Sockets are touched by one thread.
+        self._events: queue.Queue = queue.Queue()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        self.sandbox = (sandbox_factory or Sandbox)(self.config, progress=self._on_progress)
+        self.sandbox.on_guest_frame = lambda chan, parts: self._post(("guest", chan, parts))
+        self.sandbox.on_death = lambda err: self._post(("death", err, None))
+        self.relay = Relay(self.session, self.sandbox, self._send_frontend,
+                           self.config.max_message_bytes, is_ready=self._guest_ready)
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="smolvm-vm")
+        self._booting = False
+        self._boot_started = 0.0
+        self._boot_error: SmolVMError | None = None
+        self._progress_line = ""
+        self._boot_display: tuple[str, dict] | None = None   # display_id, parent
+        self.execution_count = 0
+        self.exiting = False
+
+    # -- sockets
+
+    def _bind(self) -> None:
+        transport, ip = self.info.get("transport", "tcp"), self.info.get("ip", "127.0.0.1")
+        for name, kind in (("shell", zmq.ROUTER), ("control", zmq.ROUTER), ("stdin", zmq.ROUTER),
+                           ("iopub", zmq.PUB), ("hb", zmq.ROUTER)):
+            sock = self.ctx.socket(kind)
+            sock.linger = 1000
+            if kind == zmq.ROUTER:
+                sock.router_handover = 1
+            port = self.info[f"{name}_port"]
+            addr = f"{transport}://{ip}" + (f":{port}" if transport == "tcp" else f"-{port}")
+            sock.bind(addr)
+            self.sockets[name] = sock
+        threading.Thread(target=self._heartbeat, name="smolvm-hb", daemon=True).start()
+
+    def _heartbeat(self) -> None:
+        try:
+            zmq.proxy(self.sockets["hb"], self.sockets["hb"])
+        except zmq.ContextTerminated:
+            pass
+
+    def _send_frontend(self, name: str, frames: list[bytes]) -> None:
+        self.sockets[name].send_multipart(frames, copy=False)
+
+    # -- the VM
+
+    def _guest_ready(self) -> bool:
+        from smolvm_kernel.sandbox import SandboxState
+
+        return self.sandbox.state in (SandboxState.READY, SandboxState.BUSY) and not self._booting
+
+    def _ensure_vm(self) -> None:
+        """Boot (or re-boot after a death) in the worker; never blocks the loop."""
+        from smolvm_kernel.sandbox import SandboxState
+
+        if self._booting or self._guest_ready():
+            return
+        self._booting = True
+        self._boot_started = time.monotonic()
+        dead = self.sandbox.state == SandboxState.DEAD
+
+        def boot() -> None:
+            try:
+                if dead:
+                    self.sandbox.reset()
+                else:
+                    self.sandbox.start()
+                self._post(("booted", None, None))
+            except SmolVMError as exc:
+                self._post(("booted", exc, None))
+            except Exception as exc:  # report any failure in the notebook
+                self._post(("booted", SmolVMError(f"{type(exc).__name__}: {exc}"), None))
+
+        self._worker.submit(boot)
+
+    def _post(self, event) -> None:
+        self._events.put(event)
+        try:
+            os.write(self._wake_w, b"x")
+        except BlockingIOError:
+            pass
+
+    def _on_progress(self, line: str) -> None:
+        self._post(("progress", line, None))
+
+    # -- main loop
+
+    def run(self) -> None:
+        self._ensure_vm()
+        poller = zmq.Poller()
+        for name in ("control", "shell", "stdin"):
+            poller.register(self.sockets[name], zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        last_tick = time.monotonic()
+        while not self.exiting:
+            events = dict(poller.poll(250))
+            if self._wake_r in events:
+                os.read(self._wake_r, 65536)
+            self._drain_events()
+            for name in ("control", "shell", "stdin"):
+                sock = self.sockets[name]
+                if sock in events:
+                    for _ in range(32):
+                        try:
+                            frames = sock.recv_multipart(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        self._on_frontend(name, frames)
+                        self._drain_events()
+            now = time.monotonic()
+            if self._booting and now - last_tick >= 1.0:
+                last_tick = now
+                self._show_boot_progress()
+        self._shutdown_vm()
+
+    def _drain_events(self) -> None:
+        while True:
+            try:
+                kind, a, b = self._events.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "guest":
+                self.relay.on_guest(a, b)
+            elif kind == "death":
+                if not self._booting:
+                    self.relay.fail_inflight(a)
+            elif kind == "booted":
+                self._on_booted(a)
+            elif kind == "progress":
+                self._progress_line = a
+                self._show_boot_progress()
+
+    def _on_booted(self, error: SmolVMError | None) -> None:
+        self._booting = False
+        if error is not None:
+            self._boot_error = error
+            self._show_boot_progress(done=f"the microVM failed to start")
+            self.relay.fail_inflight(error)
+            return
+        self._boot_error = None
+        self._show_boot_progress(done=f"microVM ready ({self._accel_label()}) in "
+                                      f"{self.sandbox.boot_seconds:.1f} s")
+        self._boot_display = None
+        self.relay.flush_backlog()
+
+    def _accel_label(self) -> str:
+        backend = self.sandbox.backend
+        if backend is None:
+            return self.config.backend
+        return f"{backend.name}/{backend.spec.accel}"
+
+    def _show_boot_progress(self, done: str | None = None) -> None:
+        if self._boot_display is None:
+            return
+        display_id, parent = self._boot_display
+        elapsed = time.monotonic() - self._boot_started
+        text = done or f"starting microVM ({self._accel_label()})… {elapsed:.1f} s"
+        self.relay.publish("update_display_data", {"data": {"text/plain": text}, "metadata": {},
+                                                   "transient": {"display_id": display_id}}, parent)
+
+    # -- frontend messages
+
+    def _on_frontend(self, name: str, frames: list[bytes]) -> None:
+        try:
+            idents, msg_list = self.session.feed_identities(frames, copy=True)
+            msg = self.session.deserialize(msg_list, content=True, copy=True)
+        except Exception as exc:
+            log.warning("dropped an invalid %s message from the frontend: %s", name, exc)
+            return
+        header = msg["header"]
+        mtype = header.get("msg_type", "")
+        if mtype == "kernel_info_request":
+            return self._kernel_info(name, idents, msg)
+        if name == "control":
+            if mtype == "shutdown_request":
+                return self._shutdown(idents, msg)
+            if mtype == "interrupt_request":
+                return self._interrupt(idents, msg)
+        if name == "shell" and mtype == "execute_request":
+            code = msg["content"].get("code", "")
+            if _is_host_line(code):
+                return self._host_magic(idents, msg, code)
+        if name == "shell" and mtype in ("comm_msg", "comm_close") and \
+                msg["content"].get("comm_id") in self.relay.host_comm_ids:
+            return  # host-owned comms are served by the host (control panel)
+        chan = {"shell": Channel.SHELL, "control": Channel.CONTROL, "stdin": Channel.STDIN}[name]
+        host_busy = False
+        if not self._guest_ready():
+            self._ensure_vm()
+            if mtype == "execute_request" and self._boot_display is None:
+                self._start_boot_display(header)
+                host_busy = True
+        self.relay.forward(chan, name, idents, msg_list, header, host_busy)
+
+    def _start_boot_display(self, header: dict) -> None:
+        # Say busy for the request now; the guest's own "busy" for it is dropped.
+        self.relay.publish("status", {"execution_state": "busy"}, header)
+        display_id = f"smolvm-boot-{header['msg_id']}"
+        self._boot_display = (display_id, header)
+        text = f"starting microVM ({self._accel_label()})…"
+        self.relay.publish("display_data", {"data": {"text/plain": text}, "metadata": {},
+                                            "transient": {"display_id": display_id}}, header)
+
+    def _kernel_info(self, name: str, idents: list[bytes], msg: dict) -> None:
+        self.relay.publish("status", {"execution_state": "busy"}, msg["header"])
+        self.relay.reply(name, idents, "kernel_info_reply", self.kernel_info(), msg["header"])
+        self.relay.publish("status", {"execution_state": "idle"}, msg["header"])
+
+    def kernel_info(self) -> dict:
+        guest = getattr(self.sandbox, "kernel_info", None) or {}
+        language_info = guest.get("language_info") or {
+            "name": "python", "version": "3", "mimetype": "text/x-python",
+            "codemirror_mode": {"name": "ipython", "version": 3}, "pygments_lexer": "ipython3",
+            "nbconvert_exporter": "python", "file_extension": ".py"}
+        label = self._accel_label()
+        return {
+            "status": "ok", "protocol_version": PROTOCOL_VERSION,
+            "implementation": "smolvm-kernel", "implementation_version": __version__,
+            "language_info": language_info,
+            "banner": (f"SmolVM Python {__version__}: every cell runs in a microVM ({label}).\n"
+                       + guest.get("banner", "")),
+            "help_links": guest.get("help_links", []),
+            "debugger": False,
+        }
+
+    def _interrupt(self, idents: list[bytes], msg: dict) -> None:
+        self.interrupt_guest()
+        self.relay.reply("control", idents, "interrupt_reply", {"status": "ok"}, msg["header"])
+
+    def interrupt_guest(self) -> None:
+        if self._guest_ready():
+            self._worker_free(self.sandbox.interrupt)
+
+    def _worker_free(self, fn) -> None:
+        # Interrupts must not wait behind a boot in the single worker.
+        threading.Thread(target=_quietly(fn), daemon=True).start()
+
+    def _shutdown(self, idents: list[bytes], msg: dict) -> None:
+        restart = bool(msg["content"].get("restart"))
+        self._shutdown_vm()
+        self.relay.reply("control", idents, "shutdown_reply", {"status": "ok", "restart": restart},
+                         msg["header"])
+        self.exiting = True
+
+    def _shutdown_vm(self) -> None:
+        try:
+            self.sandbox.stop()
+        except Exception as exc:  # the process is exiting either way
+            log.warning("stopping the VM failed: %s", exc)
+
+    # -- %smolvm lines, run on the host
+
+    def _host_magic(self, idents: list[bytes], msg: dict, code: str) -> None:
+        header = msg["header"]
+        self.relay.publish("status", {"execution_state": "busy"}, header)
+        try:
+            text = self.run_line(code.strip()[len("%smolvm"):].strip())
+            status = {"status": "ok", "execution_count": self.execution_count,
+                      "user_expressions": {}, "payload": []}
+            if text:
+                self.relay.publish("stream", {"name": "stdout", "text": text + "\n"}, header)
+        except SmolVMError as exc:
+            err = {"ename": type(exc).__name__, "evalue": str(exc), "traceback": [str(exc)]}
+            self.relay.publish("error", err, header)
+            status = {"status": "error", "execution_count": self.execution_count, **err}
+        self.relay.reply("shell", idents, "execute_reply", status, header)
+        self.relay.publish("status", {"execution_state": "idle"}, header)
+
+    def run_line(self, line: str) -> str:
+        from smolvm_kernel.magics import format_status
+
+        words = line.split()
+        cmd = words[0] if words else "help"
+        if cmd == "status":
+            return format_status(self.sandbox.stats())
+        if cmd == "reset":
+            # Not awaited here: the loop stays responsive, the next cells wait
+            # in the backlog until the fresh VM answers.
+            self.sandbox.stop()
+            self._ensure_vm()
+            return "resetting: a fresh microVM is starting; the next cell runs in it"
+        if cmd == "stop":
+            self.sandbox.stop()
+            return "microVM stopped; the next cell starts a fresh one"
+        if cmd == "help":
+            return HOST_HELP
+        raise SmolVMError(f"unknown %smolvm command {cmd!r}; try %smolvm help")
+
+
+HOST_HELP = """\
+%smolvm status   show the VM: state, backend/accelerator, vCPUs, memory, disk, uptime
+%smolvm reset    replace the VM with a fresh one (all state is lost)
+%smolvm stop     destroy the VM; the next cell starts a new one
+%smolvm help     this text
+Everything else in a cell runs inside the microVM."""
+
+
+def _is_host_line(code: str) -> bool:
+    stripped = code.strip()
+    return (stripped == "%smolvm" or stripped.startswith("%smolvm ")) and "\n" not in stripped
+
+
+def _quietly(fn):
+    def run():
+        try:
+            fn()
+        except Exception as exc:
+            log.warning("%s failed: %s", getattr(fn, "__name__", fn), exc)
+    return run
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from smolvm_kernel.config import load_config
+
+    ap = argparse.ArgumentParser(prog="python -m smolvm_kernel")
+    ap.add_argument("-f", "--connection-file", required=True)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="[smolvm-kernel] %(message)s")
+    with open(args.connection_file) as fh:
+        info = json.load(fh)
+    kernel = SmolVMKernel(info, load_config())
+
+    def on_sigint(signum, frame):
+        # interrupt_mode "signal": the frontend's SIGINT means "interrupt the cell".
+        kernel.interrupt_guest()
+
+    signal.signal(signal.SIGINT, on_sigint)
+    signal.signal(signal.SIGTERM, lambda *a: setattr(kernel, "exiting", True))
+    try:
+        kernel.run()
+    finally:
+        kernel._shutdown_vm()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""Write and register the SmolVM Python kernelspec(s)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+DEFAULT_NAME = "smolvm-python"
+DEFAULT_DISPLAY = "SmolVM Python"
+#: Options that can be baked into a kernelspec, as SMOLVM_* environment.
+OPTION_ENV = {"profile": "SMOLVM_PROFILE", "mem": "SMOLVM_MEM_MIB", "cpus": "SMOLVM_VCPUS",
+              "timeout": "SMOLVM_TIMEOUT", "backend": "SMOLVM_BACKEND", "disk": "SMOLVM_DISK_MIB"}
+
+
+def kernel_json(display_name: str = DEFAULT_DISPLAY, **options) -> dict:
+    """The kernel.json contents; options (profile, mem, cpus, ...) become env vars."""
+    env = {OPTION_ENV[k]: str(v) for k, v in options.items() if v is not None}
+    spec = {
+        "argv": [sys.executable, "-m", "smolvm_kernel", "-f", "{connection_file}"],
+        "display_name": display_name,
+        "language": "python",
+        # Either mode works; "message" avoids signalling the kernel process.
+        "interrupt_mode": "message",
+        "metadata": {"debugger": False, "smolvm": {"options": options}},
+    }
+    if env:
+        spec["env"] = env
+    return spec
+
+
+def install(name: str = DEFAULT_NAME, display_name: str | None = None, user: bool = False,
+            prefix: str | None = None, **options) -> str:
+    """Install the kernelspec; return the directory it went to."""
+    from jupyter_client.kernelspec import KernelSpecManager
+    from smolvm_kernel.config import SandboxConfig
+
+    # Validate baked options now, not when a notebook starts.
+    checks = {"profile": "profile", "mem": "mem_mib", "cpus": "vcpus", "timeout": "exec_timeout",
+              "backend": "backend", "disk": "disk_mib"}
+    SandboxConfig(**{checks[k]: v for k, v in options.items() if v is not None})
+    if display_name is None:
+        display_name = DEFAULT_DISPLAY if name == DEFAULT_NAME else f"{DEFAULT_DISPLAY} ({name})"
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        (d / "kernel.json").write_text(json.dumps(kernel_json(display_name, **options), indent=2))
+        assets = resources.files("smolvm_kernel._kernelspec")
+        for logo in ("logo-32x32.png", "logo-64x64.png", "logo-svg.svg"):
+            with resources.as_file(assets.joinpath(logo)) as src:
+                shutil.copy(src, d / logo)
+        return KernelSpecManager().install_kernel_spec(str(d), name, user=user, prefix=prefix)

@@ -1,0 +1,177 @@
+"""``%%smolvm`` and ``%smolvm``: the same sandbox from an ordinary IPython kernel.
+
+Example::
+
+    %load_ext smolvm_kernel
+
+    %%smolvm --name scratch --mem 1024
+    import os; print(os.uname().release)
+
+Each ``--name`` gets its own microVM that lives as long as the host kernel.
+Guest code never touches the host kernel's namespace: only its outputs come
+back, as rich display, streams and errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import shlex
+import sys
+import time
+
+from smolvm_kernel.errors import SmolVMError
+
+_sandboxes: dict = {}
+
+
+def format_status(stats: dict) -> str:
+    """Render Sandbox.stats() as a few readable lines."""
+    def mib(kib):
+        return f"{kib / 1024:.0f} MiB" if kib else "?"
+
+    lines = [f"state      {stats.get('state')}  (vm {stats.get('vm_id') or '-'})",
+             f"backend    {stats.get('backend') or '-'} / {stats.get('accel') or '-'}"
+             f"  transport {stats.get('transport') or '-'}  network {stats.get('network')}"]
+    if stats.get("accel_reason"):
+        lines.append(f"           {stats['accel_reason']}")
+    if "mem_total_kib" in stats:
+        used = stats["mem_total_kib"] - stats.get("mem_available_kib", 0)
+        lines += [
+            f"vCPUs      {stats.get('vcpus')}   CPU {stats.get('cpu_percent') or 0:.0f}%",
+            f"memory     {mib(used)} used of {mib(stats['mem_total_kib'])}",
+            f"disk       {stats.get('disk_used_bytes', 0) / 2**20:.0f} MiB used of "
+            f"{stats.get('disk_total_bytes', 0) / 2**20:.0f} MiB",
+            f"uptime     {stats.get('uptime_s', 0):.0f} s   boot {stats.get('boot_seconds') or 0:.1f} s",
+        ]
+    else:
+        lines.append(f"vCPUs      {stats.get('configured_vcpus')}   memory "
+                     f"{stats.get('configured_mem_mib')} MiB (configured)")
+    return "\n".join(lines)
+
+
+class GuestError(Exception):
+    """An exception raised by guest code; IPython shows the guest's traceback."""
+
+    def __init__(self, content: dict) -> None:
+        self.content = content
+        super().__init__(f"{content.get('ename')}: {content.get('evalue')}")
+
+    def _render_traceback_(self) -> list[str]:
+        return list(self.content.get("traceback") or [str(self)])
+
+
+def _parser(cell: bool) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="%%smolvm" if cell else "%smolvm", add_help=False)
+    p.add_argument("--name", default="default")
+    p.add_argument("--cpus", type=int)
+    p.add_argument("--mem", type=int)
+    p.add_argument("--timeout", type=float)
+    p.add_argument("--profile")
+    if not cell:
+        p.add_argument("command", nargs="?", default="help",
+                       choices=["status", "reset", "stop", "list", "help"])
+    return p
+
+
+def _get_sandbox(args, create: bool = True):
+    from smolvm_kernel.sandbox import Sandbox
+
+    sb = _sandboxes.get(args.name)
+    wanted = {k: v for k, v in (("vcpus", args.cpus), ("mem_mib", args.mem),
+                                ("profile", args.profile)) if v is not None}
+    if sb is not None and wanted and any(getattr(sb.config, k) != v for k, v in wanted.items()):
+        sb.stop()      # new resources: a new VM
+        sb = None
+    if sb is None:
+        if not create:
+            return None
+        sb = Sandbox(**wanted)
+        _sandboxes[args.name] = sb
+    return sb
+
+
+def _show(out) -> None:
+    from IPython.display import publish_display_data
+
+    c = out.content
+    if out.type == "stream":
+        (sys.stderr if c.get("name") == "stderr" else sys.stdout).write(c.get("text", ""))
+    elif out.type in ("display_data", "execute_result", "update_display_data"):
+        kwargs = {"metadata": c.get("metadata") or {}}
+        transient = c.get("transient") or {}
+        if transient:
+            kwargs["transient"] = transient
+        if out.type == "update_display_data":
+            kwargs["update"] = True
+        publish_display_data(c.get("data", {}), **kwargs)
+    elif out.type == "clear_output":
+        from IPython.display import clear_output
+        clear_output(wait=bool(c.get("wait")))
+
+
+def _stdin(prompt: str, password: bool) -> str:
+    return getpass.getpass(prompt) if password else input(prompt)
+
+
+def smolvm_cell(line: str, cell: str):
+    """Run the cell body in the named microVM (started on first use)."""
+    try:
+        args = _parser(cell=True).parse_args(shlex.split(line))
+    except SystemExit:
+        raise SmolVMError(f"usage: %%smolvm [--name N] [--cpus N] [--mem MiB] [--timeout S] "
+                          f"[--profile base|scipy]; got {line!r}") from None
+    sb = _get_sandbox(args)
+    if sb.state.value in ("stopped", "dead"):
+        t0 = time.monotonic()
+        print(f"[smolvm] starting microVM {args.name!r}…", file=sys.stderr, flush=True)
+        if sb.state.value == "dead":
+            sb.reset()
+        else:
+            sb.start()
+        print(f"[smolvm] ready in {time.monotonic() - t0:.1f} s "
+              f"({sb.backend.name}/{sb.backend.spec.accel})", file=sys.stderr, flush=True)
+    for out in sb.execute(cell, timeout=args.timeout, stdin=_stdin):
+        if out.type == "error":
+            raise GuestError(out.content)
+        _show(out)
+
+
+def smolvm_line(line: str):
+    """``%smolvm status|reset|stop|list|help [--name N]``."""
+    try:
+        args = _parser(cell=False).parse_args(shlex.split(line))
+    except SystemExit:
+        raise SmolVMError("usage: %smolvm status|reset|stop|list|help [--name N]") from None
+    if args.command == "help":
+        print(__doc__)
+        return
+    if args.command == "list":
+        if not _sandboxes:
+            print("no sandboxes yet; run a %%smolvm cell")
+        for name, sb in _sandboxes.items():
+            print(f"{name:<12} {sb!r}")
+        return
+    sb = _get_sandbox(args, create=False)
+    if sb is None:
+        print(f"no sandbox named {args.name!r}; run a %%smolvm --name {args.name} cell first")
+        return
+    if args.command == "status":
+        print(format_status(sb.stats()))
+    elif args.command == "reset":
+        sb.reset()
+        print(f"sandbox {args.name!r}: fresh microVM ready in {sb.boot_seconds:.1f} s")
+    elif args.command == "stop":
+        sb.stop()
+        print(f"sandbox {args.name!r} stopped")
+
+
+def load_ipython_extension(ipython) -> None:
+    ipython.register_magic_function(smolvm_cell, magic_kind="cell", magic_name="smolvm")
+    ipython.register_magic_function(smolvm_line, magic_kind="line", magic_name="smolvm")
+
+
+def unload_ipython_extension(ipython) -> None:
+    for sb in list(_sandboxes.values()):
+        sb.stop()
+    _sandboxes.clear()
