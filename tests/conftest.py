@@ -18,6 +18,11 @@ def pytest_configure(config):
     if "SMOLVM_STATE_DIR" not in os.environ:
         os.environ["SMOLVM_STATE_DIR"] = tempfile.mkdtemp(prefix="smolvm-test-state-")
         _created.append(os.environ["SMOLVM_STATE_DIR"])
+    # The kernelspecs under test are installed into a private Jupyter path.
+    jupyter = tempfile.mkdtemp(prefix="smolvm-test-jupyter-")
+    _created.append(jupyter)
+    os.environ["JUPYTER_PATH"] = os.path.join(jupyter, "share", "jupyter")
+    os.environ["SMOLVM_TEST_PREFIX"] = jupyter
 
 
 def pytest_unconfigure(config):

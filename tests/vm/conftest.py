@@ -70,3 +70,27 @@ def pytest_runtest_makereport(item, call):
         if sb is not None and sb.backend is not None and sb.vm_id not in seen:
             seen.add(sb.vm_id)
             report.sections.append((f"guest console {sb.vm_id}", sb.backend.console_tail(6000)))
+
+
+@pytest.fixture(scope="session")
+def kernelspec(image):
+    """Install smolvm-python (and a scipy variant) into the test's Jupyter path."""
+    import os
+
+    from smolvm_kernel import kernelspec as ks
+
+    prefix = os.environ["SMOLVM_TEST_PREFIX"]
+    ks.install("smolvm-python", prefix=prefix, backend="qemu")
+    return "smolvm-python"
+
+
+@pytest.fixture(scope="module")
+def kernel(kernelspec):
+    """A running SmolVM Python kernel (its VM booted) and a client."""
+    from jupyter_client.manager import start_new_kernel
+
+    km, kc = start_new_kernel(kernel_name=kernelspec, startup_timeout=60)
+    kc.execute_interactive("pass", timeout=120)     # wait for the VM
+    yield km, kc
+    kc.stop_channels()
+    km.shutdown_kernel(now=False)

@@ -1,0 +1,193 @@
+"""The relay between frontend and guest, with an in-process fake guest kernel."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from jupyter_client.session import Session
+
+from smolvm_guest.wire import Channel
+from smolvm_kernel.errors import GuestDied
+from smolvm_kernel.kernel import DELIM, Relay
+
+HOST_KEY = b"host-key-never-seen-by-the-guest"
+GUEST_KEY = b"g" * 64
+
+
+class FakeGuest:
+    """Answers execute_request like ipykernel would, signing with K_guest."""
+
+    def __init__(self) -> None:
+        self.guest_key = GUEST_KEY
+        self.session = Session(key=GUEST_KEY, check_pid=False)
+        self.received: list[tuple[Channel, list[bytes]]] = []
+        self.relay: Relay | None = None
+        self.extra: list[tuple[Channel, str, dict]] = []
+
+    def send_raw(self, chan: Channel, parts: list[bytes]) -> None:
+        self.received.append((chan, parts))
+        _, msg_list = self.session.feed_identities(parts)
+        msg = self.session.deserialize(msg_list)      # raises if not signed with K_guest
+        if msg["msg_type"] == "execute_request":
+            parent = msg["header"]
+            self.emit(Channel.IOPUB, "status", {"execution_state": "busy"}, parent)
+            for chan2, mtype, content in self.extra:
+                self.emit(chan2, mtype, content, parent)
+            self.emit(Channel.IOPUB, "stream", {"name": "stdout", "text": "hi\n"}, parent)
+            self.emit(Channel.IOPUB, "status", {"execution_state": "idle"}, parent)
+            self.emit(Channel.SHELL, "execute_reply", {"status": "ok", "execution_count": 1}, parent)
+
+    def emit(self, chan: Channel, mtype: str, content: dict, parent: dict, key: bytes | None = None) -> None:
+        session = self.session if key is None else Session(key=key, check_pid=False)
+        msg = session.msg(mtype, content=content, parent=parent)
+        ident = [b"kernel.x." + mtype.encode()] if chan == Channel.IOPUB else []
+        self.relay.on_guest(chan, session.serialize(msg, ident=ident))
+
+
+@pytest.fixture
+def setup():
+    host = Session(key=HOST_KEY, check_pid=False)
+    frontend = Session(key=HOST_KEY, check_pid=False)
+    guest = FakeGuest()
+    sent: list[tuple[str, list[bytes]]] = []
+    relay = Relay(host, guest, lambda sock, frames: sent.append((sock, frames)), max_message_bytes=4096)
+    guest.relay = relay
+    return relay, guest, frontend, sent
+
+
+def frontend_request(frontend: Session, relay: Relay, mtype: str = "execute_request",
+                     content: dict | None = None, host_busy: bool = False):
+    msg = frontend.msg(mtype, content=content or {"code": "print('hi')"})
+    frames = frontend.serialize(msg, ident=[b"client-ident"])
+    idents, msg_list = frontend.feed_identities(frames)
+    relay.forward(Channel.SHELL, "shell", idents, msg_list, msg["header"], host_busy)
+    return msg, msg_list
+
+
+def decode(frontend: Session, sent):
+    """What the frontend sees: every frame verified with K_host."""
+    out = []
+    for sock, frames in sent:
+        idents, msg_list = frontend.feed_identities(frames)
+        out.append((sock, idents, frontend.deserialize(msg_list)))
+    return out
+
+
+def test_headers_and_ids_pass_through_untouched_and_are_resigned(setup):
+    relay, guest, frontend, sent = setup
+    msg, msg_list = frontend_request(frontend, relay)
+    chan, parts = guest.received[0]
+    assert chan == Channel.SHELL
+    i = parts.index(DELIM)
+    assert parts[i + 2:] == msg_list[1:]               # the frontend's exact bytes
+    assert parts[i + 1] != msg_list[0]                  # but signed with K_guest, not K_host
+    got = decode(frontend, sent)
+    assert [m["msg_type"] for _, _, m in got] == ["status", "stream", "status", "execute_reply"]
+    assert all(m["parent_header"]["msg_id"] == msg["header"]["msg_id"] for _, _, m in got)
+    reply_sock, reply_idents, _ = got[-1]
+    assert reply_sock == "shell" and reply_idents == [b"client-ident"]
+    assert got[0][0] == "iopub" and got[0][1] == [b"kernel.x.status"]
+
+
+def test_guest_never_sees_the_host_key(setup):
+    relay, guest, frontend, sent = setup
+    frontend_request(frontend, relay)
+    for _, parts in guest.received:
+        assert all(HOST_KEY not in p for p in parts)
+
+
+def test_message_signed_with_another_key_is_dropped(setup):
+    relay, guest, frontend, sent = setup
+    msg, _ = frontend_request(frontend, relay)
+    sent.clear()
+    guest.emit(Channel.IOPUB, "stream", {"name": "stdout", "text": "forged"}, msg["header"], key=HOST_KEY)
+    guest.emit(Channel.IOPUB, "stream", {"name": "stdout", "text": "forged"}, msg["header"], key=b"")
+    assert sent == [] and relay.dropped == 2
+
+
+def test_forged_host_comm_messages_are_dropped(setup):
+    relay, guest, frontend, sent = setup
+    relay.host_comm_ids.add("panel-comm")
+    relay.host_comm_targets.add("smolvm.panel")
+    msg, _ = frontend_request(frontend, relay)
+    sent.clear()
+    guest.emit(Channel.IOPUB, "comm_msg", {"comm_id": "panel-comm", "data": {"reset": 1}}, msg["header"])
+    guest.emit(Channel.IOPUB, "comm_open", {"comm_id": "x", "target_name": "smolvm.panel", "data": {}},
+               msg["header"])
+    guest.emit(Channel.IOPUB, "comm_open", {"comm_id": "w1", "target_name": "jupyter.widget", "data": {}},
+               msg["header"])
+    got = decode(frontend, sent)
+    assert [m["content"]["comm_id"] for _, _, m in got] == ["w1"]
+
+
+def test_oversized_guest_message_is_dropped_with_a_warning(setup):
+    relay, guest, frontend, sent = setup
+    guest.extra = [(Channel.IOPUB, "stream", {"name": "stdout", "text": "x" * 10000})]
+    frontend_request(frontend, relay)
+    got = decode(frontend, sent)
+    texts = [m["content"].get("text", "") for _, _, m in got if m["msg_type"] == "stream"]
+    assert "x" * 10000 not in texts
+    assert any("was dropped" in t and "4096" in t for t in texts)
+    assert relay.dropped == 1
+
+
+def test_one_busy_idle_pair_when_the_host_said_busy_first(setup):
+    """While booting the host announces busy; the guest's own busy is then dropped."""
+    relay, guest, frontend, sent = setup
+    frontend_request(frontend, relay, host_busy=True)
+    got = decode(frontend, sent)
+    states = [m["content"]["execution_state"] for _, _, m in got if m["msg_type"] == "status"]
+    assert states == ["idle"]
+    iopub_types = [m["msg_type"] for s, _, m in got if s == "iopub"]
+    assert iopub_types[-1] == "status"       # idle only after the last output
+
+
+def test_input_request_goes_to_the_requesting_client(setup):
+    relay, guest, frontend, sent = setup
+    guest.extra = [(Channel.STDIN, "input_request", {"prompt": "name? ", "password": False})]
+    frontend_request(frontend, relay)
+    got = decode(frontend, sent)
+    stdin = [(s, i) for s, i, m in got if m["msg_type"] == "input_request"]
+    assert stdin == [("stdin", [b"client-ident"])]
+
+
+def test_replies_to_unknown_requests_are_dropped(setup):
+    relay, guest, frontend, sent = setup
+    guest.emit(Channel.SHELL, "execute_reply", {"status": "ok"}, {"msg_id": "never-sent"})
+    assert sent == [] and relay.dropped == 1
+
+
+def test_garbage_from_the_guest_is_dropped(setup):
+    relay, guest, frontend, sent = setup
+    relay.on_guest(Channel.IOPUB, [b"no delimiter"])
+    relay.on_guest(Channel.IOPUB, [DELIM, b"sig"])
+    sig_ok = Session(key=GUEST_KEY, check_pid=False).sign([b"{not json", b"{}", b"{}", b"{}"])
+    relay.on_guest(Channel.IOPUB, [DELIM, sig_ok, b"{not json", b"{}", b"{}", b"{}"])
+    assert sent == [] and relay.dropped == 3
+
+
+def test_backlog_waits_for_the_guest(setup):
+    relay, guest, frontend, sent = setup
+    ready = False
+    relay.is_ready = lambda: ready
+    frontend_request(frontend, relay)
+    frontend_request(frontend, relay, "complete_request", {"code": "o", "cursor_pos": 1})
+    assert guest.received == []
+    ready = True
+    relay.flush_backlog()
+    assert [json.loads(p[p.index(DELIM) + 2])["msg_type"] for _, p in guest.received] == \
+        ["execute_request", "complete_request"]
+
+
+def test_death_ends_open_requests_with_error_then_idle(setup):
+    relay, guest, frontend, sent = setup
+    guest.send_raw = lambda chan, parts: None          # the guest never answers
+    msg, _ = frontend_request(frontend, relay)
+    relay.fail_inflight(GuestDied("the microVM exited (status -9)"))
+    got = decode(frontend, sent)
+    assert [m["msg_type"] for _, _, m in got] == ["error", "execute_reply", "status"]
+    assert "microVM exited" in got[0][2]["content"]["evalue"]
+    assert got[1][2]["content"]["status"] == "error"
+    assert got[2][2]["content"]["execution_state"] == "idle"
+    assert relay.inflight == {}

@@ -1,0 +1,161 @@
+"""The SmolVM Python kernel through jupyter_client, as a frontend sees it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from jupyter_client.manager import start_new_kernel
+
+from smolvm_kernel.state import Registry
+
+
+def run(kc, code, timeout=120, **kw):
+    outs = []
+    reply = kc.execute_interactive(code, output_hook=lambda m: outs.append(m), timeout=timeout, **kw)
+    return reply["content"], outs
+
+
+def stdout(outs):
+    return "".join(m["content"]["text"] for m in outs
+                   if m["msg_type"] == "stream" and m["content"]["name"] == "stdout")
+
+
+def vms_of(km):
+    pid = km.provisioner.process.pid
+    return [r for r in Registry().list() if r.owner_pid == pid]
+
+
+def test_kernel_info_names_guest_python_and_backend(kernel):
+    km, kc = kernel
+    info = kc.kernel_info(reply=True, timeout=10)["content"]
+    assert info["implementation"] == "smolvm-kernel"
+    assert info["language_info"]["name"] == "python"
+    assert info["language_info"]["version"].startswith("3.")
+    assert "microVM" in info["banner"] and "qemu/" in info["banner"]
+
+
+def test_outputs_arrive_in_the_right_cell(kernel):
+    km, kc = kernel
+    reply, outs = run(kc, "from IPython.display import display, HTML\nprint('a')\ndisplay(HTML('<i>b</i>'))\n42")
+    assert reply["status"] == "ok"
+    kinds = [m["msg_type"] for m in outs if m["msg_type"] != "status"]
+    assert kinds == ["execute_input", "stream", "display_data", "execute_result"]
+    parents = {m["parent_header"]["msg_id"] for m in outs}
+    assert len(parents) == 1
+
+
+@pytest.mark.parametrize("mode", ["message", "signal"])
+def test_interrupt_stops_sleep_and_tight_loop(kernel, mode):
+    km, kc = kernel
+    for code in ("import time; time.sleep(1e6)", "while True: pass"):
+        timer = {}
+
+        def interrupt():
+            time.sleep(1.5)
+            timer["t"] = time.monotonic()
+            if mode == "message":
+                km.interrupt_kernel()
+            else:
+                km.signal_kernel(signal.SIGINT)
+
+        threading.Thread(target=interrupt).start()
+        reply, outs = run(kc, code, timeout=30)
+        latency = time.monotonic() - timer["t"]
+        assert reply["status"] == "error" and reply["ename"] == "KeyboardInterrupt"
+        assert latency < 5, f"interrupt took {latency:.2f} s"
+    assert run(kc, "print('alive')")[0]["status"] == "ok"
+
+
+def test_stdin_round_trip(kernel):
+    km, kc = kernel
+    msg_id = kc.execute("name = input('who? '); print('hello', name)", allow_stdin=True)
+    req = kc.get_stdin_msg(timeout=30)
+    assert req["msg_type"] == "input_request" and req["content"]["prompt"] == "who? "
+    assert req["parent_header"]["msg_id"] == msg_id
+    kc.input("alice")
+    reply = kc.get_shell_msg(timeout=30)
+    assert reply["content"]["status"] == "ok"
+    assert stdout(run(kc, "print(name)")[1]).strip() == "alice"
+
+
+def test_widget_comm_round_trip(kernel):
+    """A slider made in the VM renders (comm_open) and a frontend change reaches the guest."""
+    km, kc = kernel
+    reply, outs = run(kc, "import ipywidgets as w\ns = w.IntSlider(value=1)\ns")
+    opens = [m for m in outs if m["msg_type"] == "comm_open"
+             and m["content"]["data"]["state"].get("_model_name") == "IntSliderModel"]
+    assert opens, [m["msg_type"] for m in outs]
+    comm_id = opens[0]["content"]["comm_id"]
+    assert opens[0]["content"]["target_name"] == "jupyter.widget"
+    results = [m for m in outs if m["msg_type"] == "execute_result"]
+    assert "application/vnd.jupyter.widget-view+json" in results[0]["content"]["data"]
+    msg = kc.session.msg("comm_msg", content={
+        "comm_id": comm_id, "data": {"method": "update", "state": {"value": 7}, "buffer_paths": []}})
+    kc.shell_channel.send(msg)
+    deadline = time.monotonic() + 20
+    value = None
+    while time.monotonic() < deadline:
+        value = stdout(run(kc, "print(s.value)")[1]).strip()
+        if value == "7":
+            break
+    assert value == "7"
+
+
+def test_host_magic_status_runs_on_the_host(kernel):
+    km, kc = kernel
+    reply, outs = run(kc, "%smolvm status")
+    assert reply["status"] == "ok"
+    text = stdout(outs)
+    assert "state      ready" in text and "qemu" in text
+    reply, outs = run(kc, "%smolvm frobnicate")
+    assert reply["status"] == "error" and "unknown %smolvm command" in reply["evalue"]
+
+
+def test_vmm_death_mid_cell_is_reported_and_next_cell_gets_a_fresh_vm(kernel):
+    km, kc = kernel
+    run(kc, "marker = 'old vm'")
+    (old,) = vms_of(km)
+
+    def kill():
+        time.sleep(2)
+        os.kill(old.vmm_pid, signal.SIGKILL)
+
+    threading.Thread(target=kill).start()
+    t0 = time.monotonic()
+    reply, outs = run(kc, "import time; time.sleep(60)", timeout=60)
+    assert reply["status"] == "error"
+    assert "microVM exited" in reply["evalue"]
+    assert time.monotonic() - t0 < 2 + 5
+    errors = [m for m in outs if m["msg_type"] == "error"]
+    assert errors and "reset()" in errors[0]["content"]["traceback"][0]
+    assert km.is_alive()
+    reply, outs = run(kc, "print('marker' in globals())", timeout=120)
+    assert reply["status"] == "ok" and stdout(outs).strip().endswith("False")
+    (new,) = vms_of(km)
+    assert new.vm_id != old.vm_id
+
+
+def test_restart_gives_a_brand_new_vm_and_shutdown_leaves_nothing(kernelspec):
+    km, kc = start_new_kernel(kernel_name=kernelspec, startup_timeout=60)
+    try:
+        run(kc, "open('/home/user/f', 'w').write('x'); v = 1")
+        (first,) = vms_of(km)
+        km.restart_kernel(now=False)
+        kc.wait_for_ready(timeout=60)
+        reply, outs = run(kc, "import os; print(os.path.exists('/home/user/f'), 'v' in globals())")
+        assert stdout(outs).strip().endswith("False False")
+        (second,) = vms_of(km)
+        assert second.vm_id != first.vm_id
+        assert not Path(first.run_dir).exists()
+        assert not Path(f"/proc/{first.vmm_pid}").exists()
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=False)
+    assert not Path(second.run_dir).exists()
+    assert not Path(f"/proc/{second.vmm_pid}").exists() or \
+        Path(f"/proc/{second.vmm_pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
