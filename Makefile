@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 .PHONY: demo test setup system-deps venv image clean
 
 demo: setup
-	$(VENV)/bin/smolvm-kernel demo
+	$(VENV)/bin/smolvm-kernel demo notebooks/demo.ipynb
 
 test: setup
 	$(PY) -m pytest tests -rs
@@ -25,8 +25,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
 	touch $@
 
+# Builds (or reuses, by content hash) both images and registers the
+# smolvm-python and smolvm-scipy kernelspecs in the venv.
 image: venv
-	$(VENV)/bin/smolvm-kernel image build --profile base
+	$(VENV)/bin/smolvm-kernel setup --profile base --profile scipy
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -130,12 +130,18 @@ def cmd_doctor(args) -> int:
 
 
 def cmd_setup(args) -> int:
-    """Build the default image(s); later steps register the kernelspec too."""
+    """Build the image(s), register a kernelspec per profile, then run doctor."""
+    from smolvm_kernel import kernelspec
     from smolvm_kernel.images import ImageCache
 
     cache = ImageCache()
+    in_venv = sys.prefix != getattr(sys, "base_prefix", sys.prefix)
     for profile in args.profile:
         cache.ensure(profile)
+        name = "smolvm-python" if profile == "base" else f"smolvm-{profile}"
+        path = kernelspec.install(name, prefix=sys.prefix if in_venv else None,
+                                  user=not in_venv, profile=None if profile == "base" else profile)
+        print(f"kernelspec {name}: {path}")
     return cmd_doctor(args)
 
 
@@ -153,7 +159,7 @@ def cmd_install(args) -> int:
 def cmd_demo(args) -> int:
     from smolvm_kernel.demo import main as demo_main
 
-    return demo_main()
+    return demo_main(args.rest)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -196,8 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_cleanup)
     sub.add_parser("doctor", help="show backend, accelerator and why, images, versions"
                    ).set_defaults(func=cmd_doctor)
-    sub.add_parser("demo", help="boot a microVM and show results computed inside it"
-                   ).set_defaults(func=cmd_demo)
+    d = sub.add_parser("demo", help="execute the demo notebook in a microVM and show the results")
+    d.add_argument("rest", nargs=argparse.REMAINDER)
+    d.set_defaults(func=cmd_demo)
     return p
 
 

@@ -18,6 +18,7 @@ synchronous and thread-safe; the work happens on one background asyncio loop
 from __future__ import annotations
 
 import asyncio
+import atexit
 import base64
 import dataclasses
 import enum
@@ -28,6 +29,7 @@ import secrets
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -52,6 +54,19 @@ log = logging.getLogger("smolvm_kernel")
 #: a second allows for a busy TCG guest.
 INTERRUPT_GRACE_S = 3.0
 _FILE_CHUNK = 1 << 20
+
+
+_live: weakref.WeakSet[Sandbox] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_live_sandboxes() -> None:
+    """At interpreter exit, stop every VM this process still runs (files included)."""
+    for sb in list(_live):
+        try:
+            sb.stop()
+        except Exception:  # exiting anyway; cleanup will catch what is left
+            pass
 
 
 class SandboxState(enum.Enum):
@@ -142,6 +157,7 @@ class Sandbox:
         with self._lock:
             if self.state in (SandboxState.READY, SandboxState.BUSY):
                 return
+            _live.add(self)
             aio.run(self._start())
 
     def stop(self) -> None:
@@ -152,6 +168,7 @@ class Sandbox:
     def reset(self) -> None:
         """Replace the VM with a fresh one (same settings); all guest state is lost."""
         with self._lock:
+            _live.add(self)
             aio.run(self._stop())
             aio.run(self._start())
 

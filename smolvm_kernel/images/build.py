@@ -13,6 +13,7 @@ initramfs (about a second) and not the root file system (about a minute):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -67,8 +68,7 @@ class ImageBuilder:
         rootfs = self._rootfs(force)
         kdir = self._kernel(kernel_pkg, kernel_ver)
         busybox = self._busybox()
-        tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=self.cache.images_dir))
-        try:
+        with _staging(self.cache.images_dir, ".build-") as tmp:
             release = (kdir / "release").read_text().strip()
             os.link(rootfs, tmp / "rootfs.sqfs")
             os.link(kdir / "vmlinuz", tmp / "vmlinuz")
@@ -83,13 +83,10 @@ class ImageBuilder:
                 "requirements": recipe.guest_requirements().splitlines(),
             }
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-            if final.exists():
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            _replace_dir(tmp, final)
         image = self.cache.get(self.profile.name)
+        for stale in self.cache.prune_stale():
+            self.say(f"removed stale {stale.name}")
         self.say(f"image {final.name} ready ({image.size_bytes() / 1e6:.0f} MB) in {final}")
         return image
 
@@ -174,8 +171,7 @@ class ImageBuilder:
             self.say(f"kernel {pkg} {version} cached")
             return kdir
         self.say(f"fetching {pkg} {version}")
-        tmp = Path(tempfile.mkdtemp(prefix=".kernel-", dir=self.cache.parts_dir))
-        try:
+        with _staging(self.cache.parts_dir, ".kernel-") as tmp:
             deb = _apt_download(f"{pkg}={version}", tmp)
             tree = tmp / "tree"
             _run(["dpkg-deb", "-x", str(deb), str(tree)])
@@ -188,12 +184,7 @@ class ImageBuilder:
             (tmp / "release").write_text(release + "\n")
             shutil.rmtree(tree)
             deb.unlink()
-            if kdir.exists():
-                shutil.rmtree(kdir)
-            os.rename(tmp, kdir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            _replace_dir(tmp, kdir)
         return kdir
 
     def _busybox(self) -> Path:
@@ -210,6 +201,24 @@ class ImageBuilder:
 
 
 # ------------------------------------------------------------------ helpers
+
+@contextlib.contextmanager
+def _staging(parent: Path, prefix: str):
+    """A temp dir beside the final place; removed if the step fails half-way."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Move a finished build into place (same file system: a rename)."""
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+
 
 def _run(argv: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess:
     proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True)

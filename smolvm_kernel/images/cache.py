@@ -120,13 +120,25 @@ class ImageCache:
 
     def prune_stale(self) -> list[Path]:
         """Remove images and parts that no current recipe refers to."""
-        keep = {img.directory for img in self.list()}
+        current = self.list()
+        keep = {img.directory for img in current}
+        keep_parts = {f"rootfs-{p.name}-{recipe.rootfs_key(p)[:16]}.sqfs" for p in recipe.PROFILES.values()}
+        keep_parts.add("busybox")
+        for img in current:
+            pkg = (recipe.read_manifest(img.directory) or {}).get("kernel_package", "")
+            keep_parts.add("kernel-" + pkg.replace("=", "-"))
         removed = []
-        if self.images_dir.is_dir():
-            for d in self.images_dir.iterdir():
-                if d not in keep and not d.name.startswith("."):
-                    shutil.rmtree(d, ignore_errors=True)
-                    removed.append(d)
+        for folder, kept in ((self.images_dir, {d.name for d in keep}), (self.parts_dir, keep_parts)):
+            if not folder.is_dir():
+                continue
+            for entry in folder.iterdir():
+                if entry.name in kept or entry.name.startswith("."):
+                    continue
+                if entry.is_dir():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+                removed.append(entry)
         return removed
 
 

@@ -116,6 +116,30 @@ def test_host_magic_status_runs_on_the_host(kernel):
     assert reply["status"] == "error" and "unknown %smolvm command" in reply["evalue"]
 
 
+def test_interrupt_is_not_starved_by_an_output_flood(kernel):
+    km, kc = kernel
+
+    def interrupt():
+        time.sleep(3)
+        km.interrupt_kernel()
+
+    threading.Thread(target=interrupt).start()
+    t0 = time.monotonic()
+    reply, outs = run(kc, "while True:\n    print('x' * 2000)", timeout=60)
+    assert reply["status"] == "error" and reply["ename"] == "KeyboardInterrupt"
+    assert sum(len(m["content"].get("text", "")) for m in outs if m["msg_type"] == "stream") > 100_000
+    assert time.monotonic() - t0 < 3 + 10
+
+
+def test_guest_kernel_death_is_reported_and_next_cell_recovers(kernel):
+    km, kc = kernel
+    reply, outs = run(kc, "import os, signal; os.kill(os.getpid(), signal.SIGKILL)", timeout=60)
+    assert reply["status"] == "error"
+    assert "kernel died" in reply["evalue"]
+    reply, outs = run(kc, "print('back')", timeout=120)
+    assert reply["status"] == "ok" and stdout(outs).strip().endswith("back")
+
+
 def test_vmm_death_mid_cell_is_reported_and_next_cell_gets_a_fresh_vm(kernel):
     km, kc = kernel
     run(kc, "marker = 'old vm'")

@@ -1,0 +1,121 @@
+"""Side by side: a local python3 kernel vs SmolVM Python, in one run.
+
+    python benchmarks/kernel_bench.py [--rounds 200]
+
+Rows: kernelspec launch -> kernel_info reply; launch -> first execute_result;
+`pass` round trip p50/p99; 200k lines of stdout; a 1 MB PNG display. The last
+column compares the relay with talking to the guest kernel directly (the
+Sandbox API over the same channel, no relay process): the relay's cost per
+message. Numbers are wall-clock on this host; under TCG the guest is emulated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import os
+import statistics
+import sys
+import time
+
+from jupyter_client.manager import start_new_kernel
+
+STDOUT_CODE = "import sys\nfor i in range(200_000):\n    print(i)\n"
+PNG_CODE = ("import base64, os\nfrom IPython.display import display\n"
+            "display({'image/png': base64.b64encode(os.urandom(1_000_000)).decode()}, raw=True)\n")
+
+
+def _launch(kernel_name: str) -> dict:
+    out = {}
+    t0 = time.monotonic()
+    km, kc = start_new_kernel(kernel_name=kernel_name, startup_timeout=120)
+    out["launch_info"] = time.monotonic() - t0
+    results = []
+    kc.execute_interactive("6*7", timeout=300,
+                           output_hook=lambda m: results.append(m) if m["msg_type"] == "execute_result" else None)
+    out["launch_result"] = time.monotonic() - t0
+    return out | {"km": km, "kc": kc}
+
+
+def _round_trips(kc, rounds: int) -> list[float]:
+    times = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        kc.execute_interactive("pass", timeout=60)
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def _timed(kc, code: str) -> float:
+    t = time.perf_counter()
+    kc.execute_interactive(code, timeout=600, output_hook=lambda m: None)
+    return time.perf_counter() - t
+
+
+def _pct(values: list[float], p: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(p / 100 * len(values)))]
+
+
+def bench_kernel(name: str, rounds: int) -> dict:
+    r = _launch(name)
+    km, kc = r.pop("km"), r.pop("kc")
+    try:
+        rt = _round_trips(kc, rounds)
+        r["rt_p50"], r["rt_p99"] = statistics.median(rt), _pct(rt, 99)
+        r["stdout"] = _timed(kc, STDOUT_CODE)
+        r["png"] = _timed(kc, PNG_CODE)
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=False)
+    return r
+
+
+def bench_direct(rounds: int) -> dict:
+    """The same `pass` round trip through the Sandbox API (channel, no relay)."""
+    from smolvm_kernel.sandbox import Sandbox
+
+    with Sandbox(backend="qemu") as sb:
+        times = []
+        for _ in range(rounds):
+            t = time.perf_counter()
+            list(sb.execute("pass"))
+            times.append(time.perf_counter() - t)
+    return {"rt_p50": statistics.median(times), "rt_p99": _pct(times, 99)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=200)
+    ap.add_argument("--kernel", default="smolvm-python")
+    args = ap.parse_args()
+    local = bench_kernel("python3", args.rounds)
+    smol = bench_kernel(args.kernel, args.rounds)
+    direct = bench_direct(args.rounds)
+    rows = [
+        ("launch -> kernel_info reply", "launch_info", "s"),
+        ("launch -> first execute_result", "launch_result", "s"),
+        ("`pass` round trip p50", "rt_p50", "ms"),
+        ("`pass` round trip p99", "rt_p99", "ms"),
+        ("200k lines of stdout", "stdout", "s"),
+        ("1 MB PNG display", "png", "s"),
+    ]
+
+    def fmt(v, unit):
+        if v is None:
+            return "-"
+        return f"{v * 1000:.1f} ms" if unit == "ms" else f"{v:.2f} s"
+
+    print(f"\n| figure | local python3 | {args.kernel} | guest direct (no relay) |")
+    print("|---|---|---|---|")
+    for label, key, unit in rows:
+        print(f"| {label} | {fmt(local.get(key), unit)} | {fmt(smol.get(key), unit)} | "
+              f"{fmt(direct.get(key), unit)} |")
+    overhead = (smol["rt_p50"] - direct["rt_p50"]) * 1000
+    print(f"\nrelay overhead per request (p50, relay - direct): {overhead:.2f} ms "
+          f"(a `pass` request is 1 shell + 4 iopub/reply messages)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""%%smolvm from an ordinary IPython shell and from a real ipykernel."""
+
+from __future__ import annotations
+
+import pytest
+from jupyter_client.manager import start_new_kernel
+
+
+@pytest.fixture(scope="module")
+def shell(image):
+    from IPython.core.interactiveshell import InteractiveShell
+
+    ip = InteractiveShell.instance()
+    ip.run_line_magic("load_ext", "smolvm_kernel")
+    yield ip
+    ip.run_line_magic("unload_ext", "smolvm_kernel")
+    InteractiveShell.clear_instance()
+
+
+def test_cell_runs_in_the_vm_and_state_persists_per_name(shell, capsys):
+    shell.user_ns["host_secret"] = "must not leak"
+    shell.run_cell_magic("smolvm", "--name a", "import os\nprint(os.uname().release)\nv = 21")
+    out = capsys.readouterr().out
+    assert "cloud-amd64" in out
+    shell.run_cell_magic("smolvm", "--name a", "print(v * 2)\nprint('host_secret' in globals())")
+    out = capsys.readouterr().out
+    assert "42" in out and "False" in out
+    assert "v" not in shell.user_ns          # the host namespace is untouched
+
+
+def test_guest_errors_show_the_guest_traceback(shell, capsys):
+    result = shell.run_cell("%%smolvm --name a\nraise ValueError('from the guest')")
+    assert result.error_in_exec is not None
+    assert "from the guest" in str(result.error_in_exec)
+
+
+def test_status_and_list(shell, capsys):
+    shell.run_line_magic("smolvm", "status --name a")
+    assert "state      ready" in capsys.readouterr().out
+    shell.run_line_magic("smolvm", "list")
+    assert "a " in capsys.readouterr().out
+    shell.run_line_magic("smolvm", "stop --name a")
+    assert "stopped" in capsys.readouterr().out
+
+
+def test_magic_inside_a_real_ipykernel(image):
+    km, kc = start_new_kernel(kernel_name="python3", startup_timeout=60)
+    try:
+        outs = []
+        kc.execute_interactive("%load_ext smolvm_kernel", timeout=30)
+        reply = kc.execute_interactive(
+            "%%smolvm\nfrom IPython.display import HTML, display\nprint('in vm')\ndisplay(HTML('<b>x</b>'))",
+            output_hook=outs.append, timeout=180)
+        assert reply["content"]["status"] == "ok"
+        streams = "".join(m["content"].get("text", "") for m in outs if m["msg_type"] == "stream")
+        assert "in vm" in streams
+        assert any(m["msg_type"] == "display_data" and "text/html" in m["content"]["data"] for m in outs)
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=False)
