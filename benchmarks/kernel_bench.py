@@ -52,6 +52,22 @@ def _timed(kc, code: str) -> float:
     return time.perf_counter() - t
 
 
+def _interrupt_latency(km, kc, code: str) -> float:
+    """Seconds from interrupt_request to the cell's idle."""
+    import threading
+
+    mark = {}
+
+    def fire():
+        time.sleep(1.0)
+        mark["t"] = time.perf_counter()
+        km.interrupt_kernel()
+
+    threading.Thread(target=fire).start()
+    kc.execute_interactive(code, timeout=60, output_hook=lambda m: None)
+    return time.perf_counter() - mark["t"]
+
+
 def _pct(values: list[float], p: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, int(p / 100 * len(values)))]
@@ -65,6 +81,8 @@ def bench_kernel(name: str, rounds: int) -> dict:
         r["rt_p50"], r["rt_p99"] = statistics.median(rt), _pct(rt, 99)
         r["stdout"] = _timed(kc, STDOUT_CODE)
         r["png"] = _timed(kc, PNG_CODE)
+        r["int_sleep"] = _interrupt_latency(km, kc, "import time; time.sleep(1e6)")
+        r["int_loop"] = _interrupt_latency(km, kc, "while True: pass")
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=False)
@@ -99,6 +117,8 @@ def main() -> int:
         ("`pass` round trip p99", "rt_p99", "ms"),
         ("200k lines of stdout", "stdout", "s"),
         ("1 MB PNG display", "png", "s"),
+        ("interrupt -> idle, time.sleep(1e6)", "int_sleep", "ms"),
+        ("interrupt -> idle, while True: pass", "int_loop", "ms"),
     ]
 
     def fmt(v, unit):

@@ -41,7 +41,14 @@ def install(name: str = DEFAULT_NAME, display_name: str | None = None, user: boo
     # Validate baked options now, not when a notebook starts.
     checks = {"profile": "profile", "mem": "mem_mib", "cpus": "vcpus", "timeout": "exec_timeout",
               "backend": "backend", "disk": "disk_mib"}
-    SandboxConfig(**{checks[k]: v for k, v in options.items() if v is not None})
+    from traitlets import TraitError
+
+    from smolvm_kernel.errors import ConfigError
+
+    try:
+        SandboxConfig(**{checks[k]: v for k, v in options.items() if v is not None})
+    except TraitError as exc:
+        raise ConfigError.from_trait(exc) from None
     if display_name is None:
         display_name = DEFAULT_DISPLAY if name == DEFAULT_NAME else f"{DEFAULT_DISPLAY} ({name})"
     with tempfile.TemporaryDirectory() as tmp:

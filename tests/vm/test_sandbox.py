@@ -213,3 +213,25 @@ def test_killed_owner_leaves_no_vmm_and_cleanup_leaves_nothing(image, state_dir)
     assert second.strip() == "nothing to clean up"
     assert list(Path(state_dir, "vms").iterdir()) == [] or all(
         p.name != run_dir.name for p in Path(state_dir, "vms").iterdir())
+
+
+def test_boot_timeout_reports_the_console_and_leaves_nothing(image, state_dir):
+    from smolvm_kernel.errors import BootTimeout
+    from smolvm_kernel.sandbox import Sandbox
+
+    before = set(Path(state_dir, "vms").iterdir())
+    sb = Sandbox(backend="qemu", boot_timeout=5)
+    with pytest.raises(BootTimeout) as info:
+        sb.start()
+    msg = str(info.value)
+    assert "SMOLVM_BOOT_TIMEOUT" in msg and "guest console" in msg
+    assert sb.state == SandboxState.STOPPED
+    assert set(Path(state_dir, "vms").iterdir()) == before
+
+
+def test_missing_qemu_says_what_to_install(image):
+    from smolvm_kernel.errors import ToolNotFound
+    from smolvm_kernel.sandbox import Sandbox
+
+    with pytest.raises(ToolNotFound, match="qemu-system-x86 .Debian.*SMOLVM_QEMU"):
+        Sandbox(backend="qemu", qemu_path="/nonexistent/qemu-system-x86_64").start()
