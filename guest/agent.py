@@ -43,6 +43,19 @@ MAX_FILE = 256 * 1024 * 1024
 LOW_QUEUE_LIMIT = 256
 SYNC_MAGIC = b"\x00\xffSMOLVM-SYNC\xff\x00"
 _AGENT_MSG_PREFIX = "smolvm-agent:"
+#: Run silently once the kernel is ready: IPython imports its traceback
+#: machinery lazily, which costs ~1 s under TCG the first time an error is
+#: shown -- otherwise that second lands on the user's first interrupt.
+_WARMUP = """\
+def _smolvm_warmup():
+    import sys
+    try:
+        1 / 0
+    except ZeroDivisionError:
+        get_ipython().InteractiveTB.structured_traceback(*sys.exc_info())
+_smolvm_warmup()
+del _smolvm_warmup
+"""
 _RNDADDENTROPY = 0x40085203
 
 
@@ -442,6 +455,9 @@ class Agent:
             elif chan == Channel.IOPUB and kernel.kernel_info and not kernel.ready:
                 kernel.ready = True
                 self.outbox.put_json({"event": "kernel_ready", "kernel_info": kernel.kernel_info})
+                kernel.send_own(Channel.SHELL, "execute_request", {
+                    "code": _WARMUP, "silent": True, "store_history": False,
+                    "user_expressions": {}, "allow_stdin": False, "stop_on_error": False})
             return
         try:
             body = wire.pack_parts(parts)

@@ -544,6 +544,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-f", "--connection-file", required=True)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="[smolvm-kernel] %(message)s")
+    # Three threads hand messages to each other (I/O loop, relay, heartbeat);
+    # the default 5 ms GIL switch interval shows up in every round trip.
+    sys.setswitchinterval(0.0005)
     with open(args.connection_file) as fh:
         info = json.load(fh)
     kernel = SmolVMKernel(info, load_config())
