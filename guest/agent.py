@@ -57,6 +57,21 @@ _smolvm_warmup()
 del _smolvm_warmup
 """
 _RNDADDENTROPY = 0x40085203
+_RNDRESEEDCRNG = 0x5207
+#: Run silently in the kernel of a VM restored from a snapshot, before any
+#: user code: a fresh session key, and fresh state for the PRNGs Python code
+#: seeded before the snapshot was taken (the kernel's CRNG is reseeded first).
+_REKEY = """\
+def _smolvm_rekey(key):
+    import random, sys
+    get_ipython().kernel.session.key = key
+    random.seed()
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        numpy.random.seed()
+_smolvm_rekey({key!r})
+del _smolvm_rekey
+"""
 
 
 def log(msg: str) -> None:
@@ -215,6 +230,10 @@ class GuestKernel:
         self.session = uuid.uuid4().hex
         self.ready = False
         self.kernel_info: dict = {}
+        #: msg_id of the silent request that must finish before the host is
+        #: told the kernel is ready (the warm-up, or a re-key after a restore).
+        self.settling: str | None = None
+        self.new_key: bytes | None = None
         self._sent_info_at = 0.0
         os.makedirs(RUN_DIR, mode=0o711, exist_ok=True)
         kdir = os.path.join(RUN_DIR, "kernel")
@@ -264,11 +283,11 @@ class GuestKernel:
     def poll_ready(self) -> None:
         """Ask for kernel_info until an iopub message proves the SUB socket is live."""
         now = time.monotonic()
-        if not self.ready and now - self._sent_info_at > 0.5:
+        if not self.ready and self.settling is None and now - self._sent_info_at > 0.5:
             self._sent_info_at = now
             self.send_own(Channel.SHELL, "kernel_info_request", {})
 
-    def send_own(self, chan: Channel, msg_type: str, content: dict) -> None:
+    def send_own(self, chan: Channel, msg_type: str, content: dict) -> str:
         header = {
             "msg_id": _AGENT_MSG_PREFIX + uuid.uuid4().hex, "msg_type": msg_type,
             "session": self.session, "username": "smolvm-agent", "version": "5.3",
@@ -277,6 +296,13 @@ class GuestKernel:
         parts = [json.dumps(p).encode() for p in (header, {}, {}, content)]
         sig = hmac.new(self.key, b"".join(parts), hashlib.sha256).hexdigest().encode()
         self.sockets[chan].send_multipart([b"<IDS|MSG>", sig, *parts])
+        return header["msg_id"]
+
+    def execute_own(self, code: str) -> str:
+        """Run ``code`` silently (no history, no outputs to the host)."""
+        return self.send_own(Channel.SHELL, "execute_request", {
+            "code": code, "silent": True, "store_history": False,
+            "user_expressions": {}, "allow_stdin": False, "stop_on_error": False})
 
     def is_own(self, parts: list[bytes]) -> dict | None:
         """Return the content of a message answering the agent itself, else None."""
@@ -287,7 +313,9 @@ class GuestKernel:
         if len(parts) < i + 6 or _AGENT_MSG_PREFIX.encode() not in parts[i + 3]:
             return None
         header = json.loads(parts[i + 2])
-        return {"msg_type": header.get("msg_type"), "content": json.loads(parts[i + 5])}
+        parent = json.loads(parts[i + 3])
+        return {"msg_type": header.get("msg_type"), "parent_id": parent.get("msg_id"),
+                "content": json.loads(parts[i + 5])}
 
     def interrupt(self) -> None:
         if self.proc.poll() is None:
@@ -360,7 +388,14 @@ class Agent:
         if self.kernel is None:
             self.kernel = GuestKernel(self.ctx, key.encode())
         elif self.kernel.key != key.encode():
-            raise ValueError("the kernel already runs with another key")
+            # A VM restored from a snapshot: same kernel, new host. Re-key it
+            # (the reply still goes out signed with the old key) and announce
+            # readiness again once that has run.
+            if not self.kernel.ready:
+                raise ValueError("the kernel is still starting under another key")
+            self.kernel.ready = False
+            self.kernel.new_key = key.encode()
+            self.kernel.settling = self.kernel.execute_own(_REKEY.format(key=key.encode()))
         return {"proto": wire.PROTOCOL_VERSION, "agent": AGENT_VERSION,
                 "kernel_ready": self.kernel.ready, "python": sys.version.split()[0]}
 
@@ -452,12 +487,16 @@ class Agent:
         if own is not None:
             if own["msg_type"] == "kernel_info_reply":
                 kernel.kernel_info = own["content"]
-            elif chan == Channel.IOPUB and kernel.kernel_info and not kernel.ready:
+            elif (chan == Channel.IOPUB and kernel.kernel_info and not kernel.ready
+                  and kernel.settling is None and kernel.new_key is None):
+                # The iopub socket is live: warm up, then say ready.
+                kernel.settling = kernel.execute_own(_WARMUP)
+            elif own["msg_type"] == "execute_reply" and own["parent_id"] == kernel.settling:
+                kernel.settling = None
+                if kernel.new_key is not None:
+                    kernel.key, kernel.new_key = kernel.new_key, None
                 kernel.ready = True
                 self.outbox.put_json({"event": "kernel_ready", "kernel_info": kernel.kernel_info})
-                kernel.send_own(Channel.SHELL, "execute_request", {
-                    "code": _WARMUP, "silent": True, "store_history": False,
-                    "user_expressions": {}, "allow_stdin": False, "stop_on_error": False})
             return
         try:
             body = wire.pack_parts(parts)
@@ -551,6 +590,9 @@ def _add_entropy(data: bytes) -> None:
         fd = os.open("/dev/urandom", os.O_WRONLY)
         try:
             fcntl.ioctl(fd, _RNDADDENTROPY, struct.pack("ii", len(data) * 8, len(data)) + data)
+            # Credited entropy alone waits for the next scheduled reseed; a
+            # restored snapshot must not hand out the template's stream meanwhile.
+            fcntl.ioctl(fd, _RNDRESEEDCRNG)
         finally:
             os.close(fd)
     except OSError as exc:

@@ -75,6 +75,10 @@ class SandboxConfig(Configurable):
                            "(env SMOLVM_AUTO_BUILD=1).").tag(config=True)
     debug_console = Bool(help="Verbose guest kernel console (loglevel=7) for boot "
                               "debugging (env SMOLVM_DEBUG_CONSOLE=1).").tag(config=True)
+    snapshot = Enum(["auto", "off"],
+                    help="Start and reset from a ready snapshot of this VM shape (built on "
+                         "first use, then restored in about a second); off = always cold boot "
+                         "(env SMOLVM_SNAPSHOT).").tag(config=True)
     max_message_bytes = Int(32 * 1024 * 1024,
                             help="Largest message accepted from the guest; larger ones are "
                                  "dropped with a warning in the cell.").tag(config=True)
@@ -112,6 +116,10 @@ class SandboxConfig(Configurable):
     @default("exec_timeout")
     def _exec_timeout_default(self) -> float:
         return _env_float("SMOLVM_TIMEOUT", 0.0)
+
+    @default("snapshot")
+    def _snapshot_default(self) -> str:
+        return _env("SMOLVM_SNAPSHOT") or "auto"
 
     @default("qemu_path")
     def _qemu_default(self) -> str:

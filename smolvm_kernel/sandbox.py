@@ -45,6 +45,7 @@ from smolvm_kernel.config import SandboxConfig
 from smolvm_kernel.errors import (BootTimeout, ConfigError, ExecutionTimeout, GuestDied,
                                   GuestFileError, ProtocolError, SandboxStopped, SmolVMError)
 from smolvm_kernel.images import Image, ImageCache
+from smolvm_kernel.snapshot import SnapshotCache
 from smolvm_kernel.state import Registry, VMRecord, this_process
 
 log = logging.getLogger("smolvm_kernel")
@@ -132,6 +133,8 @@ class Sandbox:
         self._ready: asyncio.Future | None = None
         self._death: SmolVMError | None = None
         self._registry = Registry()
+        self._snapshots = SnapshotCache()
+        self.started_from: str | None = None
         #: Messages no pending request claims.
         self.on_unclaimed: Callable[[Channel, dict], None] | None = None
         #: When set, every Jupyter frame from the guest goes here raw (as its
@@ -201,29 +204,82 @@ class Sandbox:
                 binary = find_qemu(cfg.qemu_path)
                 choice = await asyncio.to_thread(choose_accel, cfg.accel, binary, self.image)
                 backend_cls, accel, self.accel_reason = QemuBackend, choice.name, choice.reason
-            self.vm_id = uuid.uuid4().hex[:12]
-            owner_pid, owner_start = this_process()
-            run_dir = self._registry.new_run_dir(self.vm_id)
-            self._registry.add(VMRecord(
-                vm_id=self.vm_id, backend=backend_cls.name, accel=accel, profile=cfg.profile,
-                run_dir=str(run_dir), owner_pid=owner_pid, owner_start=owner_start,
-                vcpus=cfg.vcpus, mem_mib=cfg.mem_mib))
-            spec = VMSpec(vm_id=self.vm_id, run_dir=run_dir, image=self.image, vcpus=cfg.vcpus,
-                          mem_mib=cfg.mem_mib, disk_mib=cfg.disk_mib, accel=accel,
-                          debug_console=cfg.debug_console,
-                          tsc_khz=host_tsc_khz() if accel == "tcg" else None)
-            self.backend = backend_cls(spec, binary)
-            self._say(f"starting microVM ({backend_cls.name}/{accel})")
-            await self.backend.launch()
-            self._registry.set_vmm(self.vm_id, self.backend.pid)
-            self.started_at = time.time()
-            await self._connect(t0)
+            shape = {"vcpus": cfg.vcpus, "mem_mib": cfg.mem_mib, "disk_mib": cfg.disk_mib,
+                     "accel": accel, "debug_console": cfg.debug_console,
+                     "tsc_khz": host_tsc_khz() if accel == "tcg" else None}
+            snap = None
+            if backend_cls is QemuBackend and cfg.snapshot != "off":
+                snap = await self._ready_snapshot(binary, shape)
+            if snap is not None:
+                try:
+                    await self._launch(backend_cls, binary, shape, t0, restore=snap)
+                    self.started_from = "snapshot"
+                except SmolVMError as exc:
+                    # A snapshot that does not restore is rebuilt next time;
+                    # this start falls back to a cold boot.
+                    self._say(f"snapshot restore failed ({exc.__class__.__name__}); cold boot instead")
+                    log.warning("snapshot restore failed, cold boot instead: %s", exc)
+                    await self._stop()
+                    self.state = SandboxState.BOOTING
+                    self._death = None
+                    self._snapshots.drop(snap, str(exc).splitlines()[0])
+                    snap = None
+            if snap is None:
+                await self._launch(backend_cls, binary, shape, t0, restore=None)
+                self.started_from = "cold boot"
             self.boot_seconds = time.monotonic() - t0
             self.state = SandboxState.READY
-            self._say(f"microVM ready in {self.boot_seconds:.1f} s")
+            self._say(f"microVM ready in {self.boot_seconds:.1f} s ({self.started_from})")
         except BaseException:
             await self._stop()
             raise
+
+    async def _launch(self, backend_cls, binary: str, shape: dict, t0: float, restore) -> None:
+        cfg = self.config
+        self.vm_id = uuid.uuid4().hex[:12]
+        owner_pid, owner_start = this_process()
+        run_dir = self._registry.new_run_dir(self.vm_id)
+        self._registry.add(VMRecord(
+            vm_id=self.vm_id, backend=backend_cls.name, accel=shape["accel"], profile=cfg.profile,
+            run_dir=str(run_dir), owner_pid=owner_pid, owner_start=owner_start,
+            vcpus=cfg.vcpus, mem_mib=cfg.mem_mib))
+        spec = VMSpec(vm_id=self.vm_id, run_dir=run_dir, image=self.image, **shape)
+        self.backend = backend_cls(spec, binary, restore=restore) if restore else backend_cls(spec, binary)
+        verb = "restoring microVM from its ready snapshot" if restore else "starting microVM"
+        self._say(f"{verb} ({backend_cls.name}/{shape['accel']})")
+        await self.backend.launch()
+        self._registry.set_vmm(self.vm_id, self.backend.pid)
+        self.started_at = time.time()
+        # A restore answers in about a second; do not wait a whole cold-boot
+        # timeout before falling back.
+        await self._connect(time.monotonic(), min(cfg.boot_timeout, 30.0) if restore else None, t0)
+
+    async def _ready_snapshot(self, binary: str, shape: dict):
+        """The snapshot for this shape, built first (once, under a lock) if missing."""
+        from smolvm_kernel.snapshot import qemu_identity, snapshot_key
+
+        key = snapshot_key(self.image, "qemu", shape["accel"], shape["vcpus"], shape["mem_mib"],
+                           shape["disk_mib"], qemu_identity(binary), shape["tsc_khz"])
+        snaps = self._snapshots
+        snap = snaps.get(self.image, key)
+        if snap is not None or self.config.snapshot != "auto" or shape["debug_console"]:
+            return snap
+        lock = await asyncio.to_thread(_acquire, snaps, self.image, key)
+        try:
+            snap = snaps.get(self.image, key)
+            if snap is None:
+                self._say(f"building a ready snapshot for {shape['vcpus']} vCPU / "
+                          f"{shape['mem_mib']} MiB (once; later starts restore it)")
+                t = time.monotonic()
+                try:
+                    snap = await snaps.build(self.image, key, shape, binary, self.config.boot_timeout)
+                except SmolVMError as exc:
+                    self._say(f"could not build a snapshot ({exc}); cold boot")
+                    return None
+                self._say(f"snapshot ready in {time.monotonic() - t:.1f} s")
+        finally:
+            lock.close()
+        return snap
 
     def _pick_backend(self) -> str:
         wanted = self.config.backend
@@ -235,9 +291,9 @@ class Sandbox:
             raise ConfigError("backend", "firecracker", why + "; use backend=auto or qemu")
         return "firecracker" if ok else "qemu"
 
-    async def _connect(self, t0: float) -> None:
+    async def _connect(self, t0: float, timeout: float | None = None, boot_t0: float | None = None) -> None:
         backend = self.backend
-        timeout = self.config.boot_timeout
+        timeout = timeout or self.config.boot_timeout
         loop = asyncio.get_running_loop()
 
         def remaining() -> float:
@@ -531,7 +587,7 @@ class Sandbox:
             "configured_vcpus": self.config.vcpus, "configured_mem_mib": self.config.mem_mib,
             "vmm_pid": self.backend.pid if self.backend else None,
             "vmm_rss_kib": _rss_kib(self.backend.pid) if self.backend else None,
-            "boot_seconds": self.boot_seconds,
+            "boot_seconds": self.boot_seconds, "started_from": self.started_from,
         }
         if self.state not in (SandboxState.READY, SandboxState.BUSY):
             return host
@@ -569,6 +625,16 @@ class Sandbox:
     def __repr__(self) -> str:
         accel = self.backend.spec.accel if self.backend else "-"
         return f"<Sandbox {self.vm_id or '-'} {self.state.value} {accel} {self.config.vcpus}cpu/{self.config.mem_mib}MiB>"
+
+
+def _acquire(snaps: SnapshotCache, image: Image, key: str):
+    """Take the snapshot build lock (blocking); returns the open lock file."""
+    import fcntl
+
+    snaps.root.mkdir(parents=True, exist_ok=True)
+    fh = open(snaps.root / f".{image.profile}-{key[:16]}.lock", "w")
+    fcntl.flock(fh, fcntl.LOCK_EX)
+    return fh
 
 
 def _merged_config(config: SandboxConfig | None, overrides: dict) -> SandboxConfig:

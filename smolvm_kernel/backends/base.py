@@ -124,7 +124,8 @@ class Backend(abc.ABC):
     async def open_channel(self, timeout: float) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """Connect to the guest agent's byte stream. Called by the Sandbox after launch."""
 
-    async def _spawn(self, argv: list[str], drops_privileges: bool = False) -> None:
+    async def _spawn(self, argv: list[str], drops_privileges: bool = False,
+                     pass_fds: tuple[int, ...] = ()) -> None:
         """Start ``argv`` tied to this process's life; stdout/stderr go to vmm.log.
 
         Linux clears the parent-death signal when a process changes its
@@ -135,7 +136,7 @@ class Backend(abc.ABC):
         try:
             self.proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                preexec_fn=die_with_parent, close_fds=True)
+                preexec_fn=die_with_parent, close_fds=True, pass_fds=pass_fds)
         finally:
             log.close()
         self.state = VMState.RUNNING

@@ -20,8 +20,14 @@ SERIAL_PORT_NAME = "org.smolvm.agent.0"
 
 
 def qemu_argv(spec: VMSpec, binary: str, *, extra_cmdline: tuple[str, ...] = (),
-              sandboxed: bool | None = None, runas: str | None = None) -> list[str]:
-    """Build the QEMU command line for ``spec`` (pure: no files are touched)."""
+              sandboxed: bool | None = None, runas: str | None = None,
+              drive_fds: dict[str, int] | None = None) -> list[str]:
+    """Build the QEMU command line for ``spec`` (pure: no files are touched).
+
+    With ``drive_fds`` ({"base", "scratch", "scratch_ro"}: fds) the disks are handed over
+    as already-open descriptors (``-add-fd``): a QEMU that dropped to another
+    user can then still reopen them, as loading a snapshot requires.
+    """
     if sandboxed is None:
         sandboxed = sys.platform.startswith("linux")
     run = spec.run_dir
@@ -35,8 +41,20 @@ def qemu_argv(spec: VMSpec, binary: str, *, extra_cmdline: tuple[str, ...] = (),
     else:
         raise ValueError(f"unknown accelerator {spec.accel!r}")
     kernel = spec.image.vmlinuz
+    base_file, scratch_file, add_fds, scratch_opts = spec.image.rootfs, spec.scratch_disk, [], ""
+    if drive_fds:
+        # Both descriptors of the private scratch disk live in this one QEMU;
+        # its image locks would only trip over each other.
+        scratch_opts = ",file.locking=off"
+        base_file, scratch_file = "/dev/fdset/1", "/dev/fdset/2"
+        # An fdset is searched by access mode: the scratch disk is opened
+        # read-only while an incoming VM's disks are still inactive.
+        add_fds = ["-add-fd", f"fd={drive_fds['base']},set=1",
+                   "-add-fd", f"fd={drive_fds['scratch']},set=2",
+                   "-add-fd", f"fd={drive_fds['scratch_ro']},set=2"]
     argv = [
         binary,
+        *add_fds,
         # ACPI stays on: this kernel finds virtio-mmio devices only through ACPI.
         "-M", "microvm,acpi=on,pit=off,pic=off,rtc=on,x-option-roms=off",
         *accel,
@@ -45,9 +63,9 @@ def qemu_argv(spec: VMSpec, binary: str, *, extra_cmdline: tuple[str, ...] = (),
         "-kernel", str(kernel), "-initrd", str(spec.image.initramfs),
         "-append", spec.kernel_cmdline(extra_cmdline),
         "-chardev", f"file,id=console,path={spec.console_log}", "-serial", "chardev:console",
-        "-drive", f"id=base,file={spec.image.rootfs},format=raw,if=none,readonly=on",
+        "-drive", f"id=base,file={base_file},format=raw,if=none,readonly=on",
         "-device", "virtio-blk-device,drive=base,serial=smolvm-base",
-        "-drive", f"id=scratch,file={spec.scratch_disk},format=raw,if=none,cache=unsafe",
+        "-drive", f"id=scratch,file={scratch_file},format=raw,if=none,cache=unsafe{scratch_opts}",
         "-device", "virtio-blk-device,drive=scratch,serial=smolvm-scratch",
         "-object", "rng-random,id=rng,filename=/dev/urandom",
         "-device", "virtio-rng-device,rng=rng",
@@ -88,20 +106,82 @@ def unprivileged_user() -> str | None:
 
 
 class QemuBackend(Backend):
-    """A QEMU microvm process with a virtio-serial agent channel."""
+    """A QEMU microvm process with a virtio-serial agent channel.
+
+    With ``restore`` (a :class:`~smolvm_kernel.snapshot.Snapshot`) the VM is
+    not booted but loaded from the saved state (``-incoming``), with its own
+    copy of the snapshot's scratch disk; the device command line is the same.
+    """
 
     name = "qemu"
     channel_kind = "serial"
+
+    def __init__(self, spec: VMSpec, binary: str, restore=None, drop_privileges: bool = True) -> None:
+        super().__init__(spec, binary)
+        self.restore = restore
+        #: Saving state makes QEMU reopen its disks by path, which an
+        #: unprivileged QEMU cannot do in root's private folders; the template
+        #: VM of a snapshot runs no user code, so it keeps its privileges.
+        self.drop_privileges = drop_privileges
 
     async def launch(self) -> None:
         binary = find_qemu(self.binary)
         if platform.machine() not in ("x86_64", "AMD64"):
             from smolvm_kernel.errors import SmolVMError
             raise SmolVMError(f"the QEMU backend boots x86_64 guests; this host is {platform.machine()}")
-        await asyncio.to_thread(create_scratch_disk, self.spec.scratch_disk, self.spec.disk_mib)
-        runas = unprivileged_user()
-        self.argv = qemu_argv(self.spec, binary, runas=runas)
-        await self._spawn(self.argv, drops_privileges=runas is not None)
+        runas = unprivileged_user() if self.drop_privileges else None
+        if self.restore is None:
+            await asyncio.to_thread(create_scratch_disk, self.spec.scratch_disk, self.spec.disk_mib)
+        else:
+            from smolvm_kernel.snapshot import copy_sparse
+
+            await asyncio.to_thread(copy_sparse, self.restore.scratch, self.spec.scratch_disk)
+        fds = {"base": os.open(self.spec.image.rootfs, os.O_RDONLY),
+               "scratch": os.open(self.spec.scratch_disk, os.O_RDWR),
+               "scratch_ro": os.open(self.spec.scratch_disk, os.O_RDONLY)}
+        if self.restore is not None:
+            fds["state"] = os.open(self.restore.state, os.O_RDONLY)
+        try:
+            self.argv = qemu_argv(self.spec, binary, runas=runas, drive_fds=fds)
+            if self.restore is not None:
+                self.argv += ["-incoming", f"fd:{fds['state']}"]
+            await self._spawn(self.argv, drops_privileges=runas is not None,
+                              pass_fds=tuple(fds.values()))
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+        if self.restore is not None:
+            await asyncio.to_thread(self._resume_after_load)
+
+    def _resume_after_load(self, timeout: float = 30.0) -> None:
+        """The template was paused when saved; run the loaded VM once it is in."""
+        import time
+
+        from smolvm_kernel.backends.qmp import QMP
+        from smolvm_kernel.errors import SmolVMError
+
+        deadline = time.monotonic() + timeout
+        qmp = None
+        while qmp is None:
+            try:
+                qmp = QMP(self.spec.run_dir / "qmp.sock")
+            except (FileNotFoundError, ConnectionRefusedError):
+                if time.monotonic() > deadline or (self.proc and self.proc.returncode is not None):
+                    raise SmolVMError("QEMU exited while loading the snapshot: "
+                                      + self.vmm_log_tail()) from None
+                time.sleep(0.01)
+        with qmp:
+            while True:
+                status = qmp.execute("query-status")["status"]
+                if status != "inmigrate":
+                    break
+                if time.monotonic() > deadline:
+                    raise SmolVMError(f"loading the snapshot took over {timeout:.0f} s")
+                time.sleep(0.01)
+            if status in ("paused", "postmigrate", "prelaunch"):
+                qmp.execute("cont")
+            elif status != "running":
+                raise SmolVMError(f"the loaded VM is in state {status!r}: {self.vmm_log_tail()}")
 
     async def open_channel(self, timeout: float):
         return await connect_unix(self.spec.run_dir / "agent.sock", timeout,

@@ -1,0 +1,105 @@
+"""A small synchronous QMP client (QEMU's JSON control socket).
+
+Synchronous on purpose: it runs in a worker thread, and passing a file
+descriptor with SCM_RIGHTS (for ``getfd``/``migrate fd:``) needs the raw
+socket, which asyncio's transports do not expose for sendmsg.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+from smolvm_kernel.errors import SmolVMError
+
+#: Replies and events are small; a line longer than this is not QEMU talking.
+MAX_LINE = 1 << 20
+
+
+class QMPError(SmolVMError, RuntimeError):
+    """QEMU refused a QMP command."""
+
+    def __init__(self, command: str, error: dict) -> None:
+        self.command, self.error = command, error
+        super().__init__(f"QEMU refused {command}: {error.get('desc', error)}")
+
+
+class QMP:
+    """One QMP session. Example::
+
+        with QMP(run_dir / "qmp.sock") as qmp:
+            qmp.execute("stop")
+    """
+
+    def __init__(self, path: Path, timeout: float = 10.0) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self._buf = b""
+        try:
+            self.sock.connect(str(path))
+            greeting = self._read()
+            if "QMP" not in greeting:
+                raise SmolVMError(f"not a QMP greeting: {str(greeting)[:200]}")
+            self.execute("qmp_capabilities")
+        except BaseException:
+            self.sock.close()
+            raise
+
+    def __enter__(self) -> QMP:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def _read(self) -> dict:
+        while b"\n" not in self._buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("QEMU closed the QMP socket")
+            self._buf += chunk
+            if len(self._buf) > MAX_LINE:
+                raise SmolVMError("QMP line over 1 MiB")
+        line, _, self._buf = self._buf.partition(b"\n")
+        return json.loads(line)
+
+    def execute(self, command: str, arguments: dict | None = None, fds: list[int] | None = None):
+        msg = {"execute": command}
+        if arguments:
+            msg["arguments"] = arguments
+        data = json.dumps(msg).encode() + b"\n"
+        if fds:
+            socket.send_fds(self.sock, [data], fds)
+        else:
+            self.sock.sendall(data)
+        while True:
+            reply = self._read()
+            if "return" in reply:
+                return reply["return"]
+            if "error" in reply:
+                raise QMPError(command, reply["error"])
+            # an asynchronous event: not ours, keep reading
+
+    def migrate_to_file(self, path: Path, timeout: float = 120.0) -> int:
+        """Pause the VM and write its full state to ``path``; returns the size."""
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            self.execute("stop")
+            self.execute("getfd", {"fdname": "snapshot"}, fds=[fd])
+        finally:
+            os.close(fd)
+        self.execute("migrate", {"uri": "fd:snapshot"})
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status = self.execute("query-migrate").get("status")
+            if status == "completed":
+                return path.stat().st_size
+            if status in ("failed", "cancelled"):
+                raise SmolVMError(f"saving the VM state failed: {self.execute('query-migrate')}")
+            time.sleep(0.05)
+        raise SmolVMError(f"saving the VM state took over {timeout:.0f} s")

@@ -1,0 +1,177 @@
+"""Ready snapshots: a VM booted until its ipykernel waits, saved once, forked many times.
+
+A snapshot is keyed by everything the saved state depends on: the image,
+backend, accelerator, machine shape (vCPUs, memory, disk), the QEMU binary
+and the host TSC rate the guest was told. It is built from a template VM
+that gets a throw-away key; every fork is re-keyed and its RNGs reseeded by
+the agent before the host lets any user code run (see guest/agent.py).
+
+Layout: ``<cache>/snapshots/<profile>-<key16>/{state.bin, scratch.img, manifest.json}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from smolvm_kernel import paths
+from smolvm_kernel.backends.base import VMSpec
+from smolvm_kernel.errors import SmolVMError
+from smolvm_kernel.images import Image
+
+log = logging.getLogger("smolvm_kernel.snapshot")
+#: Bump when what a snapshot holds changes in a way the key does not capture.
+SNAPSHOT_FORMAT = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Snapshot:
+    key: str
+    directory: Path
+
+    @property
+    def state(self) -> Path:
+        return self.directory / "state.bin"
+
+    @property
+    def scratch(self) -> Path:
+        return self.directory / "scratch.img"
+
+    def manifest(self) -> dict:
+        try:
+            return json.loads((self.directory / "manifest.json").read_text())
+        except (OSError, ValueError):
+            return {}
+
+
+def qemu_identity(binary: str) -> str:
+    st = os.stat(binary)
+    return f"{os.path.realpath(binary)}|{st.st_size}|{st.st_mtime_ns}"
+
+
+def snapshot_key(image: Image, backend: str, accel: str, vcpus: int, mem_mib: int,
+                 disk_mib: int, vmm: str, tsc_khz: int | None) -> str:
+    """The cache key: it changes with every input the saved state depends on."""
+    blob = json.dumps({"format": SNAPSHOT_FORMAT, "image": image.key, "backend": backend,
+                       "accel": accel, "vcpus": vcpus, "mem": mem_mib, "disk": disk_mib,
+                       "vmm": vmm, "tsc": tsc_khz}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+class SnapshotCache:
+    """Find, build and drop ready snapshots."""
+
+    def __init__(self, root: Path | None = None) -> None:
+        self.root = root or (paths.cache_dir() / "snapshots")
+
+    def path(self, image: Image, key: str) -> Path:
+        return self.root / f"{image.profile}-{key[:16]}"
+
+    def get(self, image: Image, key: str) -> Snapshot | None:
+        d = self.path(image, key)
+        snap = Snapshot(key, d)
+        if snap.manifest().get("key") == key and snap.state.exists() and snap.scratch.exists():
+            return snap
+        return None
+
+    def drop(self, snap: Snapshot, why: str) -> None:
+        log.warning("dropping snapshot %s: %s", snap.directory.name, why)
+        shutil.rmtree(snap.directory, ignore_errors=True)
+
+    def prune(self, keep: set[str]) -> list[Path]:
+        """Remove every snapshot whose key is not in ``keep``."""
+        removed = []
+        if self.root.is_dir():
+            for d in self.root.iterdir():
+                if d.name.startswith("."):
+                    continue
+                if Snapshot("", d).manifest().get("key") not in keep:
+                    shutil.rmtree(d, ignore_errors=True)
+                    removed.append(d)
+        return removed
+
+    async def build(self, image: Image, key: str, spec_args: dict, binary: str,
+                    boot_timeout: float) -> Snapshot:
+        """Boot a template VM, wait for its kernel, save it; atomic in the cache."""
+        from smolvm_kernel.backends.qemu import QemuBackend
+        from smolvm_kernel.channel.stream import GuestChannel
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=self.root))
+        t0 = time.monotonic()
+        spec = VMSpec(vm_id="template", run_dir=tmp, image=image, **spec_args)
+        backend = QemuBackend(spec, binary, drop_privileges=False)
+        ready: asyncio.Future = asyncio.get_running_loop().create_future()
+
+        def on_frame(chan, body):
+            from smolvm_guest import wire
+            if chan == wire.Channel.AGENT and not ready.done():
+                event = wire.decode_json(body)
+                if event.get("event") == "kernel_ready":
+                    ready.set_result(event)
+                elif event.get("event") == "kernel_died":
+                    ready.set_exception(SmolVMError(f"template kernel died: {event.get('log')}"))
+
+        chan = None
+        try:
+            await backend.launch()
+            reader, writer = await backend.open_channel(boot_timeout)
+            chan = GuestChannel(reader, writer, on_frame, lambda e: None)
+            # A throw-away key: every fork is re-keyed before it is used.
+            await chan.handshake({"key": secrets.token_hex(32)}, boot_timeout)
+            chan.start()
+            await asyncio.wait_for(ready, boot_timeout)
+            boot_s = time.monotonic() - t0
+            size = await asyncio.to_thread(_save, tmp / "qmp.sock", tmp / "state.bin")
+            await chan.close()
+            chan = None
+            await backend.kill()
+            final_tmp = tmp / "snapshot"
+            final_tmp.mkdir()
+            os.rename(tmp / "state.bin", final_tmp / "state.bin")
+            os.rename(spec.scratch_disk, final_tmp / "scratch.img")
+            manifest = {"key": key, "format": SNAPSHOT_FORMAT, "image": image.key,
+                        "profile": image.profile, "boot_s": round(boot_s, 2),
+                        "save_s": round(time.monotonic() - t0 - boot_s, 2), "state_bytes": size,
+                        "shape": {k: v for k, v in spec_args.items() if k != "debug_console"},
+                        "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            (final_tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+            final = self.path(image, key)
+            if final.exists():
+                shutil.rmtree(final)
+            os.rename(final_tmp, final)
+            return Snapshot(key, final)
+        except BaseException as exc:
+            if not isinstance(exc, asyncio.CancelledError):
+                log.warning("building the snapshot failed: %s\n%s", exc, backend.console_tail(1500))
+            raise
+        finally:
+            if chan is not None:
+                await chan.close()
+            await backend.kill()
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _save(qmp_path: Path, state: Path) -> int:
+    from smolvm_kernel.backends.qmp import QMP
+
+    with QMP(qmp_path) as qmp:
+        return qmp.migrate_to_file(state)
+
+
+def copy_sparse(src: Path, dst: Path) -> None:
+    """Copy a disk image keeping holes (and sharing extents where the FS can)."""
+    proc = subprocess.run(["cp", "--sparse=always", "--reflink=auto", str(src), str(dst)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SmolVMError(f"copying the snapshot disk failed: {proc.stderr.strip()}")

@@ -1,0 +1,41 @@
+"""The ready-snapshot cache key and cache bookkeeping."""
+
+from __future__ import annotations
+
+import json
+
+from smolvm_kernel.images import Image
+from smolvm_kernel.snapshot import SnapshotCache, snapshot_key
+
+BASE = dict(backend="qemu", accel="tcg", vcpus=2, mem_mib=512, disk_mib=2048, vmm="qemu|1|2",
+            tsc_khz=2600000)
+
+
+def _image(key: str = "a" * 64) -> Image:
+    return Image("base", key, None, "6.1")
+
+
+def test_key_changes_with_every_input():
+    k0 = snapshot_key(_image(), **BASE)
+    assert snapshot_key(_image(), **BASE) == k0
+    variants = [dict(backend="firecracker"), dict(accel="kvm"), dict(vcpus=1), dict(mem_mib=1024),
+                dict(disk_mib=4096), dict(vmm="qemu|1|3"), dict(tsc_khz=2500000)]
+    keys = {snapshot_key(_image(), **{**BASE, **v}) for v in variants}
+    keys.add(snapshot_key(_image("b" * 64), **BASE))       # the image changed
+    assert k0 not in keys and len(keys) == len(variants) + 1
+
+
+def test_incomplete_or_foreign_snapshots_are_not_used(tmp_path):
+    cache = SnapshotCache(tmp_path)
+    image = _image()
+    key = snapshot_key(image, **BASE)
+    d = cache.path(image, key)
+    d.mkdir(parents=True)
+    (d / "manifest.json").write_text(json.dumps({"key": key}))
+    assert cache.get(image, key) is None            # no state file yet
+    (d / "state.bin").write_bytes(b"x")
+    (d / "scratch.img").write_bytes(b"x")
+    assert cache.get(image, key).directory == d
+    (d / "manifest.json").write_text(json.dumps({"key": "other"}))
+    assert cache.get(image, key) is None
+    assert cache.prune(keep={key}) == [d] and not d.exists()
