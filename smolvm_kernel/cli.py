@@ -142,7 +142,22 @@ def cmd_setup(args) -> int:
         path = kernelspec.install(name, prefix=sys.prefix if in_venv else None,
                                   user=not in_venv, profile=None if profile == "base" else profile)
         print(f"kernelspec {name}: {path}")
+        _prepare_snapshot(profile)
     return cmd_doctor(args)
+
+
+def _prepare_snapshot(profile: str) -> None:
+    """Boot the default VM shape once so its ready snapshot exists (or is reused)."""
+    from smolvm_kernel.config import SandboxConfig
+    from smolvm_kernel.sandbox import Sandbox
+
+    if SandboxConfig().snapshot == "off":
+        return
+    sb = Sandbox(profile=profile, progress=lambda m: print(f"[{profile}] {m}", flush=True))
+    try:
+        sb.start()
+    finally:
+        sb.stop()
 
 
 def cmd_install(args) -> int:

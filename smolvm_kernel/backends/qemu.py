@@ -155,6 +155,16 @@ class QemuBackend(Backend):
 
     def _resume_after_load(self, timeout: float = 30.0) -> None:
         """The template was paused when saved; run the loaded VM once it is in."""
+        from smolvm_kernel.errors import SmolVMError
+
+        try:
+            self._wait_loaded_and_cont(timeout)
+        except (OSError, ValueError) as exc:   # QEMU died mid-load: a bad snapshot
+            import time
+            time.sleep(0.1)
+            raise SmolVMError(f"loading the snapshot failed ({exc}): {self.vmm_log_tail().strip()}") from None
+
+    def _wait_loaded_and_cont(self, timeout: float) -> None:
         import time
 
         from smolvm_kernel.backends.qmp import QMP

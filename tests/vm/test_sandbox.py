@@ -220,7 +220,7 @@ def test_boot_timeout_reports_the_console_and_leaves_nothing(image, state_dir):
     from smolvm_kernel.sandbox import Sandbox
 
     before = set(Path(state_dir, "vms").iterdir())
-    sb = Sandbox(backend="qemu", boot_timeout=5)
+    sb = Sandbox(backend="qemu", boot_timeout=5, snapshot="off")
     with pytest.raises(BootTimeout) as info:
         sb.start()
     msg = str(info.value)

@@ -1,0 +1,125 @@
+"""Ready snapshots vs a local ipykernel, side by side in one run.
+
+    python benchmarks/snapshot_bench.py [--kernels 10] [--ksm SECONDS]
+
+Rows: launch -> first execute_result (local, SmolVM from snapshot, SmolVM
+cold) and their ratio; restart -> ready; N kernels started at once -> all
+ready; host memory (PSS) per idle kernel with N running; snapshot build time
+and size. With --ksm S (root), kernel samepage merging is switched on for S
+seconds and the PSS measured again, then restored to its previous setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from jupyter_client.manager import start_new_kernel
+
+from smolvm_kernel.snapshot import SnapshotCache
+from smolvm_kernel.state import Registry
+
+
+def first_result(kernel_name: str, env: dict | None = None):
+    t0 = time.monotonic()
+    km, kc = start_new_kernel(kernel_name=kernel_name, startup_timeout=300, env=env)
+    kc.execute_interactive("6*7", timeout=300)
+    return time.monotonic() - t0, km, kc
+
+
+def close(km, kc) -> None:
+    kc.stop_channels()
+    km.shutdown_kernel(now=False)
+
+
+def pss_kib(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def kernel_tree_pss(km) -> int:
+    """PSS of the kernel process, its VMM and the VMM's watchdog."""
+    pid = km.provisioner.process.pid
+    total = pss_kib(pid)
+    for rec in Registry().list():
+        if rec.owner_pid == pid and rec.vmm_pid:
+            total += pss_kib(rec.vmm_pid)
+    return total
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--kernels", type=int, default=10)
+    ap.add_argument("--kernel", default="smolvm-python")
+    ap.add_argument("--ksm", type=float, default=0, help="seconds of KSM merging (root)")
+    args = ap.parse_args()
+    rows = []
+
+    local, km, kc = first_result("python3")
+    local_pss = pss_kib(km.provisioner.process.pid)
+    close(km, kc)
+    # Warm: make sure the snapshot exists (built once per shape).
+    warm, km, kc = first_result(args.kernel)
+    close(km, kc)
+    snap_t, km, kc = first_result(args.kernel)
+    t = time.monotonic()
+    km.restart_kernel(now=False)
+    kc.wait_for_ready(timeout=120)
+    kc.execute_interactive("6*7", timeout=120)
+    restart = time.monotonic() - t
+    close(km, kc)
+    cold, km, kc = first_result(args.kernel, env={**os.environ, "SMOLVM_SNAPSHOT": "off"})
+    close(km, kc)
+    rows += [("launch -> first execute_result", f"{local:.2f} s", f"{snap_t:.2f} s (cold: {cold:.1f} s)",
+              f"{snap_t / local:.2f}x")]
+    rows += [("restart -> first execute_result", "-", f"{restart:.2f} s", "")]
+
+    t = time.monotonic()
+    with ThreadPoolExecutor(args.kernels) as pool:
+        started = list(pool.map(lambda _: first_result(args.kernel), range(args.kernels)))
+    all_ready = time.monotonic() - t
+    rows += [(f"{args.kernels} kernels started at once -> all ready", "-", f"{all_ready:.2f} s",
+              f"slowest {max(s[0] for s in started):.2f} s")]
+    time.sleep(5)
+    pss = [kernel_tree_pss(km) for _, km, _ in started]
+    rows += [(f"PSS per idle kernel, {args.kernels} running", f"{local_pss / 1024:.0f} MiB",
+              f"{statistics.mean(pss) / 1024:.0f} MiB", "kernel + VMM")]
+    if args.ksm:
+        run = Path("/sys/kernel/mm/ksm/run")
+        before = run.read_text().strip()
+        try:
+            run.write_text("1")
+            Path("/sys/kernel/mm/ksm/pages_to_scan").write_text("10000")
+            time.sleep(args.ksm)
+            pss = [kernel_tree_pss(km) for _, km, _ in started]
+            rows += [(f"... after {args.ksm:.0f} s of KSM", "-", f"{statistics.mean(pss) / 1024:.0f} MiB", "")]
+        finally:
+            run.write_text(before)
+    for _, km, kc in started:
+        close(km, kc)
+
+    snaps = [json.loads((d / "manifest.json").read_text()) for d in SnapshotCache().root.iterdir()
+             if (d / "manifest.json").exists()]
+    for m in snaps:
+        if m["shape"]["disk_mib"] == 2048 and m["profile"] == "base":
+            rows += [("snapshot build (template boot + save)", "-",
+                      f"{m['boot_s'] + m['save_s']:.1f} s", f"state {m['state_bytes'] / 2**20:.0f} MiB")]
+    print(f"\n| figure | local python3 | {args.kernel} | note |\n|---|---|---|---|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

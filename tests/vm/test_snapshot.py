@@ -1,0 +1,108 @@
+"""Starting and resetting from a ready snapshot: fast, and no shared secrets."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from smolvm_kernel.sandbox import Sandbox
+from smolvm_kernel.snapshot import SnapshotCache
+
+FINGERPRINT = ("import os, random, uuid\n"
+               "print(os.urandom(16).hex(), random.random(), uuid.uuid4(),"
+               " get_ipython().kernel.session.key.decode())")
+
+
+def _out(sb, code):
+    return "".join(o.text for o in sb.execute(code)).strip()
+
+
+def _snapshot_dirs():
+    root = SnapshotCache().root
+    return {d for d in root.iterdir() if not d.name.startswith(".")} if root.is_dir() else set()
+
+
+@pytest.fixture(scope="module")
+def forks(image, sandbox_factory):
+    # The first start builds this shape's snapshot if there is none (or drops
+    # a damaged one and cold-boots); the two forks are then both restores.
+    sandbox_factory().stop()
+    a = sandbox_factory()
+    b = sandbox_factory()
+    return a, b
+
+
+def test_both_forks_come_from_the_snapshot(forks):
+    assert [sb.started_from for sb in forks] == ["snapshot", "snapshot"]
+
+
+def test_forks_share_no_randomness_or_keys(forks):
+    a, b = forks
+    fa, fb = _out(a, FINGERPRINT).split(), _out(b, FINGERPRINT).split()
+    assert len(fa) == len(fb) == 4
+    for x, y in zip(fa, fb):
+        assert x != y                      # urandom, random.random(), uuid4, session key
+    assert fa[3] == a.guest_key.decode() and fb[3] == b.guest_key.decode()
+
+
+def test_forks_are_independent(forks):
+    a, b = forks
+    _out(a, "open('/home/user/only-a', 'w').write('a'); shared = 'a'")
+    assert _out(b, "import os; print(os.path.exists('/home/user/only-a'), 'shared' in globals())") \
+        == "False False"
+    assert _out(a, "print(shared)") == "a"
+
+
+def test_clock_is_current_after_restore(forks):
+    import time
+
+    guest = float(_out(forks[0], "import time; print(time.time())"))
+    assert abs(guest - time.time()) < 10
+
+
+def test_reset_restores_a_clean_vm(forks):
+    a, _ = forks
+    _out(a, "open('/home/user/before-reset', 'w').write('x'); z = 1")
+    a.reset()
+    assert a.started_from == "snapshot"
+    assert _out(a, "import os; print(os.path.exists('/home/user/before-reset'), 'z' in globals())") \
+        == "False False"
+
+
+def test_new_shape_builds_its_own_snapshot(image, sandbox_factory):
+    import shutil
+
+    for d in _snapshot_dirs():      # a previous run may have left this shape's
+        if json.loads((d / "manifest.json").read_text())["shape"]["disk_mib"] == 1024:
+            shutil.rmtree(d)
+    before = _snapshot_dirs()
+    sb = sandbox_factory(disk_mib=1024)
+    assert sb.started_from == "snapshot"
+    assert len(_snapshot_dirs() - before) == 1       # a new key: rebuilt, not reused
+    assert _out(sb, "print(1 + 1)") == "2"
+
+
+def _default_shape_snapshot() -> Path:
+    for d in _snapshot_dirs():
+        manifest = json.loads((d / "manifest.json").read_text())
+        shape = manifest["shape"]
+        if manifest["profile"] == "base" and (shape["vcpus"], shape["mem_mib"], shape["disk_mib"]) == (2, 512, 2048):
+            return d
+    raise AssertionError("no snapshot for the default shape")
+
+
+def test_corrupt_snapshot_falls_back_to_a_cold_boot(image, sandbox_factory, forks):
+    snap_dir = _default_shape_snapshot()
+    state = snap_dir / "state.bin"
+    with open(state, "r+b") as fh:
+        fh.truncate(state.stat().st_size // 3)
+    lines = []
+    sb = Sandbox(backend="qemu", vcpus=2, mem_mib=512, progress=lines.append)
+    sandbox_factory.sandboxes.append(sb)
+    sb.start()
+    assert sb.started_from == "cold boot"
+    assert any("snapshot restore failed" in line for line in lines)
+    assert not snap_dir.exists()                 # dropped: the next start rebuilds it
+    assert _out(sb, "print('ok')") == "ok"
