@@ -28,7 +28,8 @@ from smolvm_kernel.state import Registry
 
 def first_result(kernel_name: str, env: dict | None = None):
     t0 = time.monotonic()
-    km, kc = start_new_kernel(kernel_name=kernel_name, startup_timeout=300, env=env)
+    km, kc = start_new_kernel(kernel_name=kernel_name, startup_timeout=300,
+                              **({"env": env} if env else {}))
     kc.execute_interactive("6*7", timeout=300)
     return time.monotonic() - t0, km, kc
 

@@ -121,6 +121,19 @@ def cmd_doctor(args) -> int:
             line("accelerator", f"{choice.name}: {choice.reason}")
         except SmolVMError as exc:
             line("accelerator", str(exc), False)
+    from smolvm_kernel.snapshot import SnapshotCache
+
+    snaps = [d for d in SnapshotCache().root.glob("*") if not d.name.startswith(".")] \
+        if SnapshotCache().root.is_dir() else []
+    line("snapshots", f"{len(snaps)} ready" + (f": {', '.join(d.name for d in snaps)}" if snaps else
+                                               " (the first start of each VM shape builds one)"))
+    try:
+        ksm = open("/sys/kernel/mm/ksm/run").read().strip() == "1"
+        line("ksm", "on: identical guest pages are shared between VMs" if ksm else
+             "off: each VM keeps its own copy of the snapshot's pages; "
+             "`echo 1 > /sys/kernel/mm/ksm/run` (root) shares them")
+    except OSError:
+        pass
     tsc = host_tsc_khz()
     line("host tsc", f"{tsc} kHz (passed to TCG guests)" if tsc else "unknown (no constant_tsc)")
     for tool in ("mmdebstrap", "tar2sqfs", "mkfs.ext4", "lz4"):

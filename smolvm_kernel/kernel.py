@@ -380,7 +380,8 @@ class SmolVMKernel:
             return
         display_id, parent = self._boot_display
         elapsed = time.monotonic() - self._boot_started
-        text = done or f"starting microVM ({self._accel_label()})… {elapsed:.1f} s"
+        step = self._progress_line or f"starting microVM ({self._accel_label()})"
+        text = done or f"{step}… {elapsed:.1f} s"
         self.relay.publish("update_display_data", {"data": {"text/plain": text}, "metadata": {},
                                                    "transient": {"display_id": display_id}}, parent)
 

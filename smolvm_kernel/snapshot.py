@@ -31,7 +31,7 @@ from smolvm_kernel.images import Image
 
 log = logging.getLogger("smolvm_kernel.snapshot")
 #: Bump when what a snapshot holds changes in a way the key does not capture.
-SNAPSHOT_FORMAT = 1
+SNAPSHOT_FORMAT = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +88,21 @@ class SnapshotCache:
         log.warning("dropping snapshot %s: %s", snap.directory.name, why)
         shutil.rmtree(snap.directory, ignore_errors=True)
 
+    def prune_stale(self) -> list[Path]:
+        """Remove snapshots of images that are no longer current, and dead builds."""
+        from smolvm_kernel.images import ImageCache
+
+        current = {img.key for img in ImageCache().list()}
+        removed = []
+        if self.root.is_dir():
+            for d in self.root.iterdir():
+                stale = (d.name.startswith(".build-") and time.time() - d.stat().st_mtime > 3600) or \
+                    (not d.name.startswith(".") and Snapshot("", d).manifest().get("image") not in current)
+                if stale:
+                    shutil.rmtree(d, ignore_errors=True)
+                    removed.append(d)
+        return removed
+
     def prune(self, keep: set[str]) -> list[Path]:
         """Remove every snapshot whose key is not in ``keep``."""
         removed = []
@@ -131,6 +146,7 @@ class SnapshotCache:
             await chan.handshake({"key": secrets.token_hex(32)}, boot_timeout)
             chan.start()
             await asyncio.wait_for(ready, boot_timeout)
+            await chan.request("quiesce", timeout=30)
             boot_s = time.monotonic() - t0
             size = await asyncio.to_thread(_save, tmp / "qmp.sock", tmp / "state.bin")
             await chan.close()
@@ -150,6 +166,7 @@ class SnapshotCache:
             if final.exists():
                 shutil.rmtree(final)
             os.rename(final_tmp, final)
+            self.prune_stale()
             return Snapshot(key, final)
         except BaseException as exc:
             if not isinstance(exc, asyncio.CancelledError):
