@@ -210,6 +210,12 @@ class Sandbox:
             snap = None
             if backend_cls is QemuBackend and cfg.snapshot != "off":
                 snap = await self._ready_snapshot(binary, shape)
+            elif cfg.snapshot != "off":
+                # The backend can save and load (backends/firecracker.py), but a
+                # Firecracker snapshot reopens the template's disk paths, so
+                # concurrent forks need the jailer's per-VM chroot first.
+                self._say("ready snapshots are not used with Firecracker yet (forks need the "
+                          "jailer for per-VM disk paths); cold boot")
             if snap is not None:
                 try:
                     await self._launch(backend_cls, binary, shape, t0, restore=snap)

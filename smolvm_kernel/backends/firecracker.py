@@ -26,6 +26,16 @@ attached in the order they are PUT and no drive is the root device, so
 second (``scratch``). ``/sys/block/vdX/ro`` (1 for ``base``, which carries
 VIRTIO_BLK_F_RO) confirms the choice without relying on order.
 
+Ready snapshots. :func:`save_snapshot` pauses a running template VM
+(PATCH /vm) and writes a Full snapshot (PUT /snapshot/create): the device
+and vCPU state to one file, guest memory to another. A backend built with
+``restore=snapshot`` sends only :func:`restore_requests` (a single PUT
+/snapshot/load) to a fresh Firecracker instead of the boot sequence. The
+memory file is mapped MAP_PRIVATE, so the load is near-instant and every
+fork of one snapshot shares the pages it has not written. Limitation: the
+drive paths are recorded in the snapshot and /snapshot/load cannot override
+them (see :class:`FirecrackerBackend`).
+
 Example::
 
     backend = FirecrackerBackend(spec, "firecracker")
@@ -68,6 +78,11 @@ MAX_VSOCK_PORT = 2**32 - 1
 #: Firecracker answers every configuration call in milliseconds; ten seconds
 #: only matters on a host so loaded that the boot would time out anyway.
 API_TIMEOUT_S = 10.0
+#: Creating a Full snapshot writes all guest memory to a file (hundreds of MB);
+#: loading one maps files but may read the state file from a cold cache.
+SNAPSHOT_TIMEOUT_S = 120.0
+#: Name of the guest-memory file in a snapshot folder (beside Snapshot.state).
+SNAPSHOT_MEMORY_NAME = "memory.bin"
 #: The API socket appears within ~10 ms of exec on a normal host.
 API_READY_TIMEOUT_S = 5.0
 #: One CONNECT round trip: Firecracker answers at once (OK, or closes the
@@ -155,6 +170,54 @@ def boot_requests(spec: VMSpec, run_dir: Path) -> list[tuple[str, str, dict[str,
         ("PUT", "/entropy", entropy_body()),
         ("PUT", "/actions", instance_start_body()),
     ]
+
+
+def pause_vm_body() -> dict[str, Any]:
+    """Return the PATCH /vm body that pauses the vCPUs (required before /snapshot/create)."""
+    return {"state": "Paused"}
+
+
+def snapshot_create_body(state_path: Path | str, mem_path: Path | str) -> dict[str, Any]:
+    """Return the PUT /snapshot/create body: a Full snapshot to ``state_path`` + ``mem_path``."""
+    # Full, not Diff: a Diff snapshot holds only pages dirtied since the last
+    # one and needs track_dirty_pages; a ready snapshot is written once.
+    return {"snapshot_type": "Full", "snapshot_path": str(state_path),
+            "mem_file_path": str(mem_path)}
+
+
+def snapshot_load_body(state_path: Path | str, mem_path: Path | str, *,
+                       vsock_uds: Path | str | None = None) -> dict[str, Any]:
+    """Return the PUT /snapshot/load body: load ``state_path`` + ``mem_path`` and resume.
+
+    The memory comes in through the ``mem_backend`` File form (the older
+    top-level ``mem_file_path`` is deprecated; the schema forbids both at
+    once). Firecracker maps that file MAP_PRIVATE: loading copies nothing, and
+    forks of one snapshot share every page they have not written.
+
+    ``vsock_uds`` rebinds the hybrid-vsock socket (``vsock_override``):
+    without it the restored VM would bind the template's ``uds_path``, in the
+    template's run folder. The schema offers no such override for drives.
+    """
+    body: dict[str, Any] = {
+        "snapshot_path": str(state_path),
+        "mem_backend": {"backend_type": "File", "backend_path": str(mem_path)},
+        "resume_vm": True,
+    }
+    if vsock_uds is not None:
+        body["vsock_override"] = {"uds_path": str(vsock_uds)}
+    return body
+
+
+def restore_requests(restore: Any, run_dir: Path) -> list[tuple[str, str, dict[str, Any]]]:
+    """Return every (method, path, body) that loads and resumes ``restore`` (a Snapshot).
+
+    Only one request: /snapshot/load is accepted only by a fresh Firecracker
+    (nothing but the logger and metrics configured), and the machine config,
+    boot source, drives, vsock and entropy device all come from the snapshot.
+    """
+    return [("PUT", "/snapshot/load",
+             snapshot_load_body(restore.state, Path(restore.directory) / SNAPSHOT_MEMORY_NAME,
+                                vsock_uds=run_dir / VSOCK_UDS_NAME))]
 
 
 # ------------------------------------------------------------- API client
@@ -254,6 +317,19 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
                             f"of {length} bytes") from None
 
 
+async def save_snapshot(api_sock: Path | str, state_path: Path | str, mem_path: Path | str,
+                        *, timeout: float = SNAPSHOT_TIMEOUT_S) -> None:
+    """Pause a running VM and write a Full snapshot of it to ``state_path`` and ``mem_path``.
+
+    The VM stays paused afterwards (the caller kills it: a template is not
+    reused). Raises :class:`FirecrackerAPIError` when Firecracker refuses
+    either step; the files may then be partial and must be discarded.
+    """
+    await api_request(api_sock, "PATCH", "/vm", pause_vm_body())
+    await api_request(api_sock, "PUT", "/snapshot/create",
+                      snapshot_create_body(state_path, mem_path), timeout=timeout)
+
+
 # ----------------------------------------------------------- hybrid vsock
 
 def parse_vsock_ok(line: bytes) -> int:
@@ -334,10 +410,40 @@ def firecracker_available(binary: str) -> tuple[bool, str]:
 
 
 class FirecrackerBackend(Backend):
-    """A Firecracker process configured over its API socket, with a hybrid-vsock channel."""
+    """A Firecracker process configured over its API socket, with a hybrid-vsock channel.
+
+    With ``restore`` (a :class:`~smolvm_kernel.snapshot.Snapshot` whose folder
+    holds ``state.bin``, ``scratch.img`` and ``memory.bin``, the last two
+    written by :func:`save_snapshot`) the VM is not booted: the scratch disk
+    is copied from the snapshot and a fresh Firecracker gets only PUT
+    /snapshot/load (:func:`restore_requests`).
+
+    Restore limitation, drive paths: a Firecracker snapshot records each
+    drive's ``path_on_host`` and reopens exactly that path on load. The
+    /snapshot/load schema (API 1.17.0-dev) can override the vsock socket
+    (``vsock_override``) and TAP names (``network_overrides``) but has no
+    drive override. So ``spec.image.rootfs`` must be the template's (it is:
+    the image cache path) and ``spec.scratch_disk`` must be the very path the
+    template's scratch disk had when it was saved. Two forks of one snapshot
+    therefore cannot run side by side on one mount namespace, each with its
+    own scratch copy; upstream's answer is the ``jailer``, whose per-VM chroot
+    makes one path name a different file for each VM. (PATCH
+    /drives/{drive_id} with a new ``path_on_host`` is post-boot only and swaps
+    the backing file under a running guest; it is not used here.)
+
+    ``drop_privileges`` is accepted for the same signature as QemuBackend and
+    is currently unused: Firecracker has no ``-runas``; dropping privileges
+    and seccomp confinement beyond its built-in filters are the jailer's job.
+    """
 
     name = "firecracker"
     channel_kind = "vsock"
+
+    def __init__(self, spec: VMSpec, binary: str, restore: Any = None,
+                 drop_privileges: bool = True) -> None:
+        super().__init__(spec, binary)
+        self.restore = restore
+        self.drop_privileges = drop_privileges
 
     @property
     def api_sock(self) -> Path:
@@ -351,8 +457,10 @@ class FirecrackerBackend(Backend):
         """Start Firecracker, configure the VM and boot it. Called once by the Sandbox.
 
         Returns once ``InstanceStart`` is accepted; the guest agent listens a
-        few seconds later (see :meth:`open_channel`). On failure the VMM is
-        killed; the Sandbox still calls :meth:`cleanup`.
+        few seconds later (see :meth:`open_channel`). With ``restore`` it
+        returns once /snapshot/load (with ``resume_vm``) is accepted and the
+        guest runs again. On failure the VMM is killed; the Sandbox still
+        calls :meth:`cleanup`.
         """
         binary = shutil.which(self.binary)
         if binary is None:
@@ -367,7 +475,16 @@ class FirecrackerBackend(Backend):
             # Firecracker refuses to bind a path that already exists.
             with contextlib.suppress(FileNotFoundError):
                 sock.unlink()
-        await asyncio.to_thread(create_scratch_disk, self.spec.scratch_disk, self.spec.disk_mib)
+        if self.restore is None:
+            await asyncio.to_thread(create_scratch_disk, self.spec.scratch_disk, self.spec.disk_mib)
+            requests = boot_requests(self.spec, run)
+        else:
+            from smolvm_kernel.snapshot import copy_sparse
+
+            # The snapshot reopens the drive paths the template had: this copy
+            # must land where the template's scratch disk was (class docstring).
+            await asyncio.to_thread(copy_sparse, self.restore.scratch, self.spec.scratch_disk)
+            requests = restore_requests(self.restore, run)
         # Firecracker writes the guest's serial console to its stdout, which
         # _spawn sends to vmm.log; console.log names the same file so that
         # console_tail() and anything reading spec.console_log find it.
@@ -377,8 +494,9 @@ class FirecrackerBackend(Backend):
         await self._spawn(self.argv)
         try:
             await self._wait_api_ready()
-            for method, path, body in boot_requests(self.spec, run):
-                await api_request(self.api_sock, method, path, body)
+            for method, path, body in requests:
+                timeout = SNAPSHOT_TIMEOUT_S if path.startswith("/snapshot/") else API_TIMEOUT_S
+                await api_request(self.api_sock, method, path, body, timeout=timeout)
         except BaseException:
             await self.kill()
             raise
@@ -401,7 +519,10 @@ class FirecrackerBackend(Backend):
     async def open_channel(self, timeout: float) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """Connect to the guest agent on vsock port 1024, retrying until ``timeout``.
 
-        Called by the Sandbox after :meth:`launch`. Raises ``ConnectionError``
+        Called by the Sandbox after :meth:`launch`. After a restore this is
+        the same path: the load resets every vsock connection
+        (VIRTIO_VSOCK_EVENT_TRANSPORT_RESET), the template's channel is gone,
+        and the agent's listener answers a fresh CONNECT. Raises ``ConnectionError``
         when the VMM exits or the agent does not answer in time, and
         :class:`ProtocolError` when Firecracker's reply is not ``OK <port>``.
         """
