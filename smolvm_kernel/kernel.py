@@ -58,6 +58,8 @@ class _Request:
     idents: list[bytes]
     header: dict
     host_busy: bool = False
+    sent_at: float | None = None         # when the guest got it (the timeout clock)
+    interrupted_at: float | None = None  # when the timeout interrupted it
 
 
 class Relay:
@@ -77,7 +79,7 @@ class Relay:
         self.max_message_bytes = max_message_bytes
         self._host_digest = _DIGESTS.get(session.signature_scheme, hashlib.sha256)
         self.inflight: dict[str, _Request] = {}
-        self.backlog: list[tuple[Channel, list[bytes]]] = []
+        self.backlog: list[tuple[Channel, list[bytes], str]] = []
         self.host_comm_ids: set[str] = set()
         self.host_comm_targets: set[str] = set()
         self.dropped = 0
@@ -90,19 +92,31 @@ class Relay:
         if chan in (Channel.SHELL, Channel.CONTROL):
             self.inflight[header["msg_id"]] = _Request(socket, idents, header, host_busy)
         if not self.is_ready():
-            self.backlog.append((chan, msg_list))
+            self.backlog.append((chan, msg_list, header["msg_id"]))
             return
-        self._send_guest(chan, msg_list)
+        self._send_guest(chan, msg_list, header["msg_id"])
 
-    def _send_guest(self, chan: Channel, msg_list: list[bytes]) -> None:
+    def _send_guest(self, chan: Channel, msg_list: list[bytes], msg_id: str = "") -> None:
+        req = self.inflight.get(msg_id)
+        if req is not None:
+            req.sent_at = time.monotonic()
         body = list(msg_list[1:])   # header, parent, metadata, content, buffers...
         sig = _sign(self.sandbox.guest_key, hashlib.sha256, body[:4])
-        self.sandbox.send_raw(chan, [DELIM, sig, *body])
+        try:
+            self.sandbox.send_raw(chan, [DELIM, sig, *body])
+        except SmolVMError as exc:   # the VM went away between the check and the send
+            self.fail_inflight(exc)
 
     def flush_backlog(self) -> None:
         backlog, self.backlog = self.backlog, []
-        for chan, msg_list in backlog:
-            self._send_guest(chan, msg_list)
+        for chan, msg_list, msg_id in backlog:
+            self._send_guest(chan, msg_list, msg_id)
+
+    def overdue(self, limit: float, now: float) -> list[_Request]:
+        """Execute requests the guest has been running for longer than ``limit``."""
+        return [r for r in self.inflight.values()
+                if r.header.get("msg_type") == "execute_request" and r.sent_at is not None
+                and now - r.sent_at > limit]
 
     # -- guest -> frontend
 
@@ -337,6 +351,8 @@ class SmolVMKernel:
             if self._booting and now - last_tick >= 1.0:
                 last_tick = now
                 self._show_boot_progress()
+            if self.config.exec_timeout and not self._booting:
+                self._enforce_timeout(now)
         self._shutdown_vm()
 
     def _drain_events(self) -> None:
@@ -384,6 +400,27 @@ class SmolVMKernel:
         text = done or f"{step}… {elapsed:.1f} s"
         self.relay.publish("update_display_data", {"data": {"text/plain": text}, "metadata": {},
                                                    "transient": {"display_id": display_id}}, parent)
+
+    def _enforce_timeout(self, now: float) -> None:
+        """Interrupt a cell past exec_timeout; reset the VM if it ignores that."""
+        from smolvm_kernel.errors import ExecutionTimeout
+        from smolvm_kernel.sandbox import INTERRUPT_GRACE_S
+
+        limit = self.config.exec_timeout
+        for req in self.relay.overdue(limit, now):
+            if req.interrupted_at is None:
+                req.interrupted_at = now
+                self.relay.publish("stream", {"name": "stderr", "text":
+                                   f"[smolvm] this cell exceeded its {limit:g} s timeout; interrupting it\n"},
+                                   req.header)
+                self.interrupt_guest()
+            elif now - req.interrupted_at > INTERRUPT_GRACE_S:
+                # The guest did not come back: replace the VM.
+                self.relay.fail_inflight(ExecutionTimeout(limit, reset=True))
+                # Synchronous (about a second): the next cell must find the
+                # VM stopped, so that it boots a fresh one.
+                self._shutdown_vm()
+                return
 
     # -- frontend messages
 

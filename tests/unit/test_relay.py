@@ -191,3 +191,34 @@ def test_death_ends_open_requests_with_error_then_idle(setup):
     assert got[1][2]["content"]["status"] == "error"
     assert got[2][2]["content"]["execution_state"] == "idle"
     assert relay.inflight == {}
+
+
+def test_overdue_counts_from_when_the_guest_got_the_request(setup):
+    import time
+
+    relay, guest, frontend, sent = setup
+    guest.send_raw = lambda chan, parts: None          # keep it running
+    ready = False
+    relay.is_ready = lambda: ready
+    msg, _ = frontend_request(frontend, relay)
+    now = time.monotonic()
+    assert relay.overdue(1.0, now + 100) == []          # still in the backlog: no clock yet
+    ready = True
+    relay.flush_backlog()
+    (req,) = relay.inflight.values()
+    assert relay.overdue(1.0, req.sent_at + 0.5) == []
+    assert relay.overdue(1.0, req.sent_at + 2) == [req]
+
+
+def test_send_failure_ends_the_request_instead_of_crashing(setup):
+    from smolvm_kernel.errors import SandboxStopped
+
+    relay, guest, frontend, sent = setup
+
+    def gone(chan, parts):
+        raise SandboxStopped()
+
+    guest.send_raw = gone
+    frontend_request(frontend, relay)
+    got = decode(frontend, sent)
+    assert [m["msg_type"] for _, _, m in got] == ["error", "execute_reply", "status"]

@@ -183,3 +183,28 @@ def test_restart_gives_a_brand_new_vm_and_shutdown_leaves_nothing(kernelspec):
     assert not Path(second.run_dir).exists()
     assert not Path(f"/proc/{second.vmm_pid}").exists() or \
         Path(f"/proc/{second.vmm_pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+
+
+def test_per_cell_timeout_interrupts_then_resets(kernelspec):
+    """A kernelspec with --timeout: a slow cell is interrupted; one that ignores SIGINT gets a fresh VM."""
+    from smolvm_kernel import kernelspec as ks
+
+    ks.install("smolvm-timeout", prefix=os.environ["SMOLVM_TEST_PREFIX"], backend="qemu", timeout=3)
+    km, kc = start_new_kernel(kernel_name="smolvm-timeout", startup_timeout=60)
+    try:
+        run(kc, "marker = 1", timeout=120)
+        t0 = time.monotonic()
+        reply, outs = run(kc, "import time; time.sleep(100)", timeout=60)
+        assert reply["status"] == "error" and reply["ename"] == "KeyboardInterrupt"
+        assert any("exceeded its 3 s timeout" in m["content"].get("text", "") for m in outs)
+        assert time.monotonic() - t0 < 3 + 10
+        assert stdout(run(kc, "print(marker)")[1]).strip() == "1"      # state kept
+        reply, outs = run(kc, "import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+                              "time.sleep(100)", timeout=60)
+        assert reply["status"] == "error" and reply["ename"] == "ExecutionTimeout"
+        assert "VM was reset" in reply["evalue"]
+        reply, outs = run(kc, "print('marker' in globals())", timeout=120)
+        assert stdout(outs).strip().endswith("False")                    # a fresh VM
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=False)
