@@ -11,7 +11,6 @@ Prints each boot's time, then a summary; exit status 1 if any boot failed.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import secrets
 import statistics
 import sys

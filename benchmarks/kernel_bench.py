@@ -12,8 +12,6 @@ message. Numbers are wall-clock on this host; under TCG the guest is emulated.
 from __future__ import annotations
 
 import argparse
-import base64
-import os
 import statistics
 import sys
 import time

@@ -376,7 +376,7 @@ class SmolVMKernel:
         self._booting = False
         if error is not None:
             self._boot_error = error
-            self._show_boot_progress(done=f"the microVM failed to start")
+            self._show_boot_progress(done="the microVM failed to start")
             self.relay.fail_inflight(error)
             return
         self._boot_error = None

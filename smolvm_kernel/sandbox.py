@@ -218,7 +218,7 @@ class Sandbox:
                           "jailer for per-VM disk paths); cold boot")
             if snap is not None:
                 try:
-                    await self._launch(backend_cls, binary, shape, t0, restore=snap)
+                    await self._launch(backend_cls, binary, shape, restore=snap)
                     self.started_from = "snapshot"
                 except SmolVMError as exc:
                     # A snapshot that does not restore is rebuilt next time;
@@ -231,7 +231,7 @@ class Sandbox:
                     self._snapshots.drop(snap, str(exc).splitlines()[0])
                     snap = None
             if snap is None:
-                await self._launch(backend_cls, binary, shape, t0, restore=None)
+                await self._launch(backend_cls, binary, shape, restore=None)
                 self.started_from = "cold boot"
             self.boot_seconds = time.monotonic() - t0
             self.state = SandboxState.READY
@@ -240,7 +240,7 @@ class Sandbox:
             await self._stop()
             raise
 
-    async def _launch(self, backend_cls, binary: str, shape: dict, t0: float, restore) -> None:
+    async def _launch(self, backend_cls, binary: str, shape: dict, restore) -> None:
         cfg = self.config
         self.vm_id = uuid.uuid4().hex[:12]
         owner_pid, owner_start = this_process()
@@ -258,7 +258,7 @@ class Sandbox:
         self.started_at = time.time()
         # A restore answers in about a second; do not wait a whole cold-boot
         # timeout before falling back.
-        await self._connect(time.monotonic(), min(cfg.boot_timeout, 30.0) if restore else None, t0)
+        await self._connect(time.monotonic(), min(cfg.boot_timeout, 30.0) if restore else None)
 
     async def _ready_snapshot(self, binary: str, shape: dict):
         """The snapshot for this shape, built first (once, under a lock) if missing."""
@@ -297,7 +297,7 @@ class Sandbox:
             raise ConfigError("backend", "firecracker", why + "; use backend=auto or qemu")
         return "firecracker" if ok else "qemu"
 
-    async def _connect(self, t0: float, timeout: float | None = None, boot_t0: float | None = None) -> None:
+    async def _connect(self, t0: float, timeout: float | None = None) -> None:
         backend = self.backend
         timeout = timeout or self.config.boot_timeout
         loop = asyncio.get_running_loop()
