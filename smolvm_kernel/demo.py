@@ -38,8 +38,9 @@ def summarize(output: dict) -> str:
         return "[widget] " + data.get("text/plain", "")
     if "image/png" in data:
         return f"[image/png, {len(data['image/png']) * 3 // 4 // 1024} KiB]"
-    if "text/html" in data and "text/plain" not in data:
-        return "[html] " + data["text/html"][:80]
+    for mime, label in (("text/latex", "latex"), ("text/html", "html")):
+        if mime in data and (data.get("text/plain", "").startswith("<IPython") or "text/plain" not in data):
+            return f"[{label}] " + data[mime].strip().replace("\n", " ")[:80]
     return data.get("text/plain", str(sorted(data)))
 
 

@@ -42,7 +42,8 @@ def format_status(stats: dict) -> str:
             f"memory     {mib(used)} used of {mib(stats['mem_total_kib'])}",
             f"disk       {stats.get('disk_used_bytes', 0) / 2**20:.0f} MiB used of "
             f"{stats.get('disk_total_bytes', 0) / 2**20:.0f} MiB",
-            f"uptime     {stats.get('uptime_s', 0):.0f} s   boot {stats.get('boot_seconds') or 0:.1f} s",
+            f"uptime     {stats.get('vm_uptime_s') or stats.get('uptime_s', 0):.0f} s   "
+            f"started in {stats.get('boot_seconds') or 0:.1f} s ({stats.get('started_from') or '-'})",
         ]
     else:
         lines.append(f"vCPUs      {stats.get('configured_vcpus')}   memory "

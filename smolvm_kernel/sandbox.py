@@ -594,6 +594,8 @@ class Sandbox:
             "vmm_pid": self.backend.pid if self.backend else None,
             "vmm_rss_kib": _rss_kib(self.backend.pid) if self.backend else None,
             "boot_seconds": self.boot_seconds, "started_from": self.started_from,
+            # The guest's own uptime includes the snapshot template's; this is ours.
+            "vm_uptime_s": time.time() - self.started_at if self.started_at and self.backend else None,
         }
         if self.state not in (SandboxState.READY, SandboxState.BUSY):
             return host
