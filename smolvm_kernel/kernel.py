@@ -251,7 +251,6 @@ class SmolVMKernel:
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="smolvm-vm")
         self._booting = False
         self._boot_started = 0.0
-        self._boot_error: SmolVMError | None = None
         self._progress_line = ""
         self._boot_display: tuple[str, dict] | None = None   # display_id, parent
         self.execution_count = 0
@@ -375,11 +374,9 @@ class SmolVMKernel:
     def _on_booted(self, error: SmolVMError | None) -> None:
         self._booting = False
         if error is not None:
-            self._boot_error = error
             self._show_boot_progress(done="the microVM failed to start")
             self.relay.fail_inflight(error)
             return
-        self._boot_error = None
         self._show_boot_progress(done=f"microVM ready ({self._accel_label()}) in "
                                       f"{self.sandbox.boot_seconds:.1f} s")
         self._boot_display = None

@@ -135,8 +135,6 @@ class Sandbox:
         self._registry = Registry()
         self._snapshots = SnapshotCache()
         self.started_from: str | None = None
-        #: Messages no pending request claims.
-        self.on_unclaimed: Callable[[Channel, dict], None] | None = None
         #: When set, every Jupyter frame from the guest goes here raw (as its
         #: multipart list, not yet verified): the relaying kernel re-signs the
         #: original bytes instead of re-serialising them. Called on the I/O thread.
@@ -270,7 +268,7 @@ class Sandbox:
         snap = snaps.get(self.image, key)
         if snap is not None or self.config.snapshot != "auto" or shape["debug_console"]:
             return snap
-        lock = await asyncio.to_thread(_acquire, snaps, self.image, key)
+        lock = await asyncio.to_thread(snaps.lock, self.image, key)
         try:
             snap = snaps.get(self.image, key)
             if snap is None:
@@ -421,8 +419,6 @@ class Sandbox:
         q = self._pending.get(parent_id)
         if q is not None:
             q.put(msg)
-        elif self.on_unclaimed is not None:
-            self.on_unclaimed(chan, msg)
 
     def _on_agent_event(self, event: dict) -> None:
         kind = event.get("event")
@@ -633,16 +629,6 @@ class Sandbox:
     def __repr__(self) -> str:
         accel = self.backend.spec.accel if self.backend else "-"
         return f"<Sandbox {self.vm_id or '-'} {self.state.value} {accel} {self.config.vcpus}cpu/{self.config.mem_mib}MiB>"
-
-
-def _acquire(snaps: SnapshotCache, image: Image, key: str):
-    """Take the snapshot build lock (blocking); returns the open lock file."""
-    import fcntl
-
-    snaps.root.mkdir(parents=True, exist_ok=True)
-    fh = open(snaps.root / f".{image.profile}-{key[:16]}.lock", "w")
-    fcntl.flock(fh, fcntl.LOCK_EX)
-    return fh
 
 
 def _merged_config(config: SandboxConfig | None, overrides: dict) -> SandboxConfig:

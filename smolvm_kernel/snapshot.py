@@ -93,15 +93,30 @@ class SnapshotCache:
         from smolvm_kernel.images import ImageCache
 
         current = {img.key for img in ImageCache().list()}
+        keep = set()
         removed = []
         if self.root.is_dir():
             for d in self.root.iterdir():
-                stale = (d.name.startswith(".build-") and time.time() - d.stat().st_mtime > 3600) or \
-                    (not d.name.startswith(".") and Snapshot("", d).manifest().get("image") not in current)
-                if stale:
+                if d.name.startswith(".build-") and time.time() - d.stat().st_mtime > 3600:
                     shutil.rmtree(d, ignore_errors=True)
                     removed.append(d)
-        return removed
+                    continue
+                manifest = Snapshot("", d).manifest()
+                if manifest.get("image") in current:
+                    keep.add(manifest.get("key"))
+        return removed + self.prune(keep)
+
+    def lock(self, image: Image, key: str):
+        """Take the build lock of one snapshot (blocking); close the returned file to release it.
+
+        One process builds a snapshot; the others wait, then find it built.
+        """
+        import fcntl
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        fh = open(self.root / f".{image.profile}-{key[:16]}.lock", "w")
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        return fh
 
     def prune(self, keep: set[str]) -> list[Path]:
         """Remove every snapshot whose key is not in ``keep``."""
