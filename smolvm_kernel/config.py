@@ -67,8 +67,7 @@ class SandboxConfig(Configurable):
                               "(env SMOLVM_BOOT_TIMEOUT).").tag(config=True)
     exec_timeout = Float(help="Default per-execution wall-clock limit in seconds; 0 means "
                               "none (env SMOLVM_TIMEOUT).").tag(config=True)
-    network = Enum(["none"], default_value="none",
-                   help="Guest networking. Off: the VM has no NIC.").tag(config=True)
+    network = Unicode("none", help="Guest networking: none (the VM has no NIC).").tag(config=True)
     qemu_path = Unicode(help="The qemu-system binary (env SMOLVM_QEMU).").tag(config=True)
     firecracker_path = Unicode(help="The firecracker binary (env SMOLVM_FIRECRACKER).").tag(config=True)
     auto_build = Bool(help="Build the guest image on first use if it is missing "
@@ -79,6 +78,20 @@ class SandboxConfig(Configurable):
                     help="Start and reset from a ready snapshot of this VM shape (built on "
                          "first use, then restored in about a second); off = always cold boot "
                          "(env SMOLVM_SNAPSHOT).").tag(config=True)
+    on_stopped = Enum(["start", "error"],
+                      help="After the VM is torn down (panel Teardown, %smolvm stop): start a "
+                           "fresh one for the next cell, or answer it with an error that says "
+                           "how to start one (env SMOLVM_ON_STOPPED).").tag(config=True)
+    # The host's limits: what a user may ask for from the panel, %smolvm
+    # config or a kernelspec. Set by whoever runs the host.
+    max_vcpus = Int(help="Most vCPUs one VM may have (env SMOLVM_MAX_VCPUS; default: the "
+                         "host's cores).").tag(config=True)
+    max_mem_mib = Int(help="Most guest memory one VM may have, in MiB (env SMOLVM_MAX_MEM_MIB; "
+                           "default: half the host's memory).").tag(config=True)
+    max_disk_mib = Int(help="Largest scratch disk one VM may have, in MiB "
+                            "(env SMOLVM_MAX_DISK_MIB).").tag(config=True)
+    max_transfer_mib = Int(64, help="Largest file %smolvm push/pull moves, in MiB "
+                                    "(at most 256).").tag(config=True)
     max_message_bytes = Int(32 * 1024 * 1024,
                             help="Largest message accepted from the guest; larger ones are "
                                  "dropped with a warning in the cell.").tag(config=True)
@@ -137,6 +150,76 @@ class SandboxConfig(Configurable):
     def _debug_console_default(self) -> bool:
         return _env("SMOLVM_DEBUG_CONSOLE") in ("1", "true", "yes")
 
+    @default("on_stopped")
+    def _on_stopped_default(self) -> str:
+        return _env("SMOLVM_ON_STOPPED") or "start"
+
+    @default("max_vcpus")
+    def _max_vcpus_default(self) -> int:
+        return _env_int("SMOLVM_MAX_VCPUS", min(MAX_VCPUS, max(2, os.cpu_count() or 1)))
+
+    @default("max_mem_mib")
+    def _max_mem_default(self) -> int:
+        return _env_int("SMOLVM_MAX_MEM_MIB", max(MIN_MEM_MIB, min(MAX_MEM_MIB, _host_mem_mib() // 2)))
+
+    @default("max_disk_mib")
+    def _max_disk_default(self) -> int:
+        return _env_int("SMOLVM_MAX_DISK_MIB", 16384)
+
+    @validate("network")
+    def _check_network(self, proposal):
+        value = proposal["value"]
+        if value != "none":
+            raise TraitError(f"network={value!r} is not available in this version: VMs run without "
+                             f"a NIC; use network='none'")
+        return value
+
+    @validate("max_transfer_mib")
+    def _check_transfer(self, proposal):
+        n = proposal["value"]
+        if not 1 <= n <= 256:
+            raise TraitError(f"max_transfer_mib={n} is out of range; use 1 to 256 "
+                             f"(the guest agent's file limit)")
+        return n
+
+    def limit_problems(self, values: dict | None = None) -> list[str]:
+        """Why ``values`` (default: this config's own) exceed the host's limits.
+
+        Each entry names the value, the limit and the setting that raises it.
+        """
+        v = {"vcpus": self.vcpus, "mem_mib": self.mem_mib, "disk_mib": self.disk_mib}
+        v.update(values or {})
+        problems = []
+        for name, limit, setting, unit in (("vcpus", self.max_vcpus, "max_vcpus", ""),
+                                           ("mem_mib", self.max_mem_mib, "max_mem_mib", " MiB"),
+                                           ("disk_mib", self.max_disk_mib, "max_disk_mib", " MiB")):
+            if v[name] > limit:
+                problems.append(f"{name}={v[name]} is above this host's limit of {limit}{unit}; "
+                                f"ask for at most {limit} (the host sets SandboxConfig.{setting} "
+                                f"or SMOLVM_{setting.upper()})")
+        return problems
+
+    def changed(self, **changes) -> SandboxConfig:
+        """A copy with ``changes`` applied, validated against ranges and host limits.
+
+        Raises ConfigError naming the value and the fix; this config is untouched.
+        """
+        from smolvm_kernel.errors import ConfigError
+
+        values = {name: getattr(self, name) for name in self.trait_names()
+                  if self.trait_metadata(name, "config")}
+        values.update(changes)
+        try:
+            new = SandboxConfig(**values)
+            for name in new.trait_names():
+                getattr(new, name)
+        except TraitError as exc:
+            raise ConfigError.from_trait(exc) from None
+        problems = new.limit_problems()
+        if problems:
+            raise ConfigError("", None, "; ".join(problems))
+        return new
+
     @validate("vcpus")
     def _check_vcpus(self, proposal):
         n = proposal["value"]
@@ -184,6 +267,23 @@ class SandboxConfig(Configurable):
             raise TraitError(f"max_message_bytes={value} is out of range; use 65536 to 33554432 "
                              f"(the wire protocol's frame limit)")
         return value
+
+
+def _host_mem_mib() -> int:
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) // 1024
+    except OSError:
+        pass
+    return 4096
+
+
+#: Settings a user may change on a running kernel (panel, %smolvm config).
+#: All but exec_timeout and on_stopped need a fresh VM.
+USER_SETTINGS = ("vcpus", "mem_mib", "disk_mib", "exec_timeout", "network")
+LIVE_SETTINGS = ("exec_timeout",)
 
 
 def load_config():

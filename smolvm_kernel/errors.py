@@ -111,8 +111,8 @@ class ExecutionTimeout(SmolVMError, TimeoutError):
 class SandboxStopped(SmolVMError, RuntimeError):
     """An operation needs a running VM but the sandbox is stopped."""
 
-    def __init__(self) -> None:
-        super().__init__("the sandbox is stopped; call start() or reset() first")
+    def __init__(self, why: str = "the sandbox is stopped; call start() or reset() first") -> None:
+        super().__init__(why)
 
 
 class GuestFileError(SmolVMError, OSError):

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import queue
+import shlex
 import signal
 import sys
 import threading
@@ -32,7 +33,7 @@ from jupyter_client.session import Session
 
 from smolvm_guest.wire import Channel
 from smolvm_kernel import __version__
-from smolvm_kernel.config import SandboxConfig
+from smolvm_kernel.config import USER_SETTINGS, SandboxConfig
 from smolvm_kernel.errors import SmolVMError
 
 log = logging.getLogger("smolvm_kernel.kernel")
@@ -80,8 +81,9 @@ class Relay:
         self._host_digest = _DIGESTS.get(session.signature_scheme, hashlib.sha256)
         self.inflight: dict[str, _Request] = {}
         self.backlog: list[tuple[Channel, list[bytes], str]] = []
-        self.host_comm_ids: set[str] = set()
-        self.host_comm_targets: set[str] = set()
+        #: The kernel's own comms (control panel), a HostComms; None until one exists.
+        self.host_comms = None
+        self.last_cell_s: float | None = None
         self.dropped = 0
 
     # -- frontend -> guest
@@ -146,7 +148,8 @@ class Relay:
             self._drop(chan, f"{size} bytes")
             return self._warn(parent, f"[smolvm] a {msg_type} message of {size} bytes from the VM "
                                       f"was dropped: the limit is {self.max_message_bytes} bytes\n")
-        if msg_type.startswith("comm_") and self._names_host_comm(body[3]):
+        if self.host_comms is not None and msg_type != "stream" and self.host_comms.mentioned_in(body[3]):
+            # The guest may not drive, redisplay or restate the host's panel.
             return self._drop(chan, "names a host-owned comm")
         if chan == Channel.IOPUB:
             if msg_type == "status":
@@ -159,6 +162,8 @@ class Relay:
             req = self.inflight.pop(parent_id, None)
             if req is None:
                 return self._drop(chan, "reply to an unknown request")
+            if req.sent_at is not None and req.header.get("msg_type") == "execute_request":
+                self.last_cell_s = time.monotonic() - req.sent_at
             self._to_frontend(req.socket, req.idents, body)
         elif chan == Channel.STDIN:
             req = self.inflight.get(parent_id)
@@ -166,15 +171,10 @@ class Relay:
                 return self._drop(chan, "input request for an unknown request")
             self._to_frontend("stdin", req.idents, body)
 
-    def _names_host_comm(self, content_bytes: bytes) -> bool:
-        try:
-            content = json.loads(content_bytes)
-        except ValueError:
-            return True
-        if not isinstance(content, dict):
-            return True
-        return content.get("comm_id") in self.host_comm_ids or \
-            content.get("target_name") in self.host_comm_targets
+    def running_cells(self) -> int:
+        """Execute requests forwarded to the guest and not yet answered."""
+        # list(): the ops thread reads this while the loop changes it.
+        return sum(1 for r in list(self.inflight.values()) if r.header.get("msg_type") == "execute_request")
 
     def _to_frontend(self, socket: str, prefix: list[bytes], body: list[bytes]) -> None:
         sig = _sign(self.session.key, self._host_digest, body[:4])
@@ -189,9 +189,11 @@ class Relay:
 
     # -- host-originated messages
 
-    def publish(self, msg_type: str, content: dict, parent: dict | None) -> None:
-        msg = self.session.msg(msg_type, content=content, parent=parent or {})
-        self.send_frontend("iopub", self.session.serialize(msg, ident=f"kernel.smolvm.{msg_type}".encode()))
+    def publish(self, msg_type: str, content: dict, parent: dict | None,
+                metadata: dict | None = None, buffers: list | None = None) -> None:
+        msg = self.session.msg(msg_type, content=content, parent=parent or {}, metadata=metadata)
+        frames = self.session.serialize(msg, ident=f"kernel.smolvm.{msg_type}".encode())
+        self.send_frontend("iopub", frames + [bytes(b) for b in buffers or ()])
 
     def reply(self, socket: str, idents: list[bytes], msg_type: str, content: dict, parent: dict) -> None:
         msg = self.session.msg(msg_type, content=content, parent=parent)
@@ -223,14 +225,21 @@ def _json_field(data: bytes, field: str):
 
 
 class SmolVMKernel:
-    """The kernel process: frontend sockets, one Sandbox, the relay between them."""
+    """The kernel process: frontend sockets, one Sandbox, the relay between them.
+
+    One thread owns the sockets and all kernel state (``run``). VM starts and
+    stops run in order in one worker thread; host work that may wait on the
+    VM (``%smolvm status``, ``push``, ``pull``, the panel's figures) runs in
+    another, so the loop never blocks on the guest.
+    """
 
     def __init__(self, connection_info: dict, config: SandboxConfig | None = None,
-                 sandbox_factory=None) -> None:
+                 sandbox_factory=None, workdir: str | None = None) -> None:
         from smolvm_kernel.sandbox import Sandbox
 
         self.info = connection_info
         self.config = config or SandboxConfig()
+        self.workdir = workdir or os.getcwd()   # the notebook's folder: push/pull stay in it
         key = connection_info.get("key", "")
         self.session = Session(key=key.encode() if isinstance(key, str) else key,
                                signature_scheme=connection_info.get("signature_scheme", "hmac-sha256"),
@@ -249,10 +258,23 @@ class SmolVMKernel:
         self.relay = Relay(self.session, self.sandbox, self._send_frontend,
                            self.config.max_message_bytes, is_ready=self._guest_ready)
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="smolvm-vm")
+        self._ops = _SerialThread("smolvm-ops")
         self._booting = False
+        self._stopping = False
+        self._torn_down = False          # stopped on purpose; the next cell follows config.on_stopped
+        self._ready_event = threading.Event()
         self._boot_started = 0.0
         self._progress_line = ""
         self._boot_display: tuple[str, dict] | None = None   # display_id, parent
+        # Shell requests wait here while a host line runs, and a host line
+        # waits until the cells sent before it have finished: cells and
+        # %smolvm lines run in the order they were sent.
+        self._held: list[list[bytes]] = []
+        self._host_op: dict | None = None      # header of the host line in progress
+        self.panel = None
+        self._comm_parent: dict = {}
+        self._stats_running = False
+        self._last_stats = 0.0
         self.execution_count = 0
         self.exiting = False
 
@@ -275,32 +297,49 @@ class SmolVMKernel:
     def _heartbeat(self) -> None:
         try:
             zmq.proxy(self.sockets["hb"], self.sockets["hb"])
-        except zmq.ContextTerminated:
+        except zmq.ZMQError:   # context terminated or sockets closed: exiting
             pass
 
     def _send_frontend(self, name: str, frames: list[bytes]) -> None:
         self.sockets[name].send_multipart(frames, copy=False)
 
-    # -- the VM
+    # -- the VM's life: every start and stop runs in the worker, in order
 
     def _guest_ready(self) -> bool:
         from smolvm_kernel.sandbox import SandboxState
 
-        return self.sandbox.state in (SandboxState.READY, SandboxState.BUSY) and not self._booting
+        return (self.sandbox.state in (SandboxState.READY, SandboxState.BUSY)
+                and not self._booting and not self._stopping)
+
+    def vm_state(self) -> str:
+        """booting / ready / busy / stopping / stopped / dead, as the panel shows it."""
+        if self._stopping:
+            return "stopping"
+        if self._booting:
+            return "booting"
+        state = self.sandbox.state.value
+        if state == "ready" and self.relay.running_cells():
+            return "busy"
+        return state
 
     def _ensure_vm(self) -> None:
         """Boot (or re-boot after a death) in the worker; never blocks the loop."""
-        from smolvm_kernel.sandbox import SandboxState
-
         if self._booting or self._guest_ready():
             return
+        self._start_vm(restart=False)
+
+    def _start_vm(self, restart: bool) -> None:
+        from smolvm_kernel.sandbox import SandboxState
+
         self._booting = True
+        self._torn_down = False
+        self._ready_event.clear()
         self._boot_started = time.monotonic()
-        dead = self.sandbox.state == SandboxState.DEAD
+        replace = restart or self.sandbox.state == SandboxState.DEAD
 
         def boot() -> None:
             try:
-                if dead:
+                if replace:
                     self.sandbox.reset()
                 else:
                     self.sandbox.start()
@@ -311,6 +350,30 @@ class SmolVMKernel:
                 self._post(("booted", SmolVMError(f"{type(exc).__name__}: {exc}"), None))
 
         self._worker.submit(boot)
+        self._refresh_panel()
+
+    def restart_vm(self, why: str) -> None:
+        """A fresh VM with the current settings; open requests end with ``why``."""
+        from smolvm_kernel.errors import SandboxStopped
+
+        self.relay.fail_inflight(SandboxStopped(why))
+        self._start_vm(restart=True)
+
+    def stop_vm(self, why: str) -> None:
+        """Destroy the VM (Teardown, %smolvm stop); the loop does not wait for it."""
+        from smolvm_kernel.errors import SandboxStopped
+
+        self.relay.fail_inflight(SandboxStopped(why))
+        self._stopping = True
+        self._torn_down = True
+        self._ready_event.clear()
+
+        def stop() -> None:
+            self._shutdown_vm()
+            self._post(("stopped", None, None))
+
+        self._worker.submit(stop)
+        self._refresh_panel()
 
     def _post(self, event) -> None:
         self._events.put(event)
@@ -352,6 +415,8 @@ class SmolVMKernel:
                 self._show_boot_progress()
             if self.config.exec_timeout and not self._booting:
                 self._enforce_timeout(now)
+            if self.panel is not None and now - self._last_stats >= PANEL_REFRESH_S:
+                self._fetch_stats()
         self._shutdown_vm()
 
     def _drain_events(self) -> None:
@@ -359,24 +424,36 @@ class SmolVMKernel:
             try:
                 kind, a, b = self._events.get_nowait()
             except queue.Empty:
-                return
+                break
             if kind == "guest":
                 self.relay.on_guest(a, b)
             elif kind == "death":
-                if not self._booting:
+                if not self._booting and not self._stopping:
                     self.relay.fail_inflight(a)
+                    self._refresh_panel()
             elif kind == "booted":
                 self._on_booted(a)
+            elif kind == "stopped":
+                self._stopping = False
+                self._refresh_panel()
             elif kind == "progress":
                 self._progress_line = a
                 self._show_boot_progress()
+            elif kind == "host_done":
+                self._finish_host_line(a, b)
+            elif kind == "stats":
+                self._stats_running = False
+                self._refresh_panel(a)
+        self._release_held()
 
     def _on_booted(self, error: SmolVMError | None) -> None:
         self._booting = False
+        self._refresh_panel()
         if error is not None:
             self._show_boot_progress(done="the microVM failed to start")
             self.relay.fail_inflight(error)
             return
+        self._ready_event.set()
         self._show_boot_progress(done=f"microVM ready ({self._accel_label()}) in "
                                       f"{self.sandbox.boot_seconds:.1f} s")
         self._boot_display = None
@@ -421,7 +498,16 @@ class SmolVMKernel:
 
     # -- frontend messages
 
-    def _on_frontend(self, name: str, frames: list[bytes]) -> None:
+    def _on_frontend(self, name: str, frames: list[bytes], held: bool = False) -> None:
+        if name == "shell" and not held:
+            if self._held or self._host_op is not None:
+                # Panel clicks are not cells: they must work while a host line runs.
+                if not self._is_host_comm_frame(frames):
+                    self._held.append(frames)
+                    return
+            elif (self.relay.running_cells() or self.relay.backlog) and self._is_host_line_frame(frames):
+                self._held.append(frames)   # after the cells sent before it
+                return
         try:
             idents, msg_list = self.session.feed_identities(frames, copy=True)
             msg = self.session.deserialize(msg_list, content=True, copy=True)
@@ -437,13 +523,15 @@ class SmolVMKernel:
                 return self._shutdown(idents, msg)
             if mtype == "interrupt_request":
                 return self._interrupt(idents, msg)
+        if name == "shell" and mtype in ("comm_msg", "comm_close") and \
+                self.relay.host_comms is not None and self.relay.host_comms.owns(msg["content"].get("comm_id")):
+            return self._host_comm(msg)
         if name == "shell" and mtype == "execute_request":
             code = msg["content"].get("code", "")
             if _is_host_line(code):
-                return self._host_magic(idents, msg, code)
-        if name == "shell" and mtype in ("comm_msg", "comm_close") and \
-                msg["content"].get("comm_id") in self.relay.host_comm_ids:
-            return  # host-owned comms are served by the host (control panel)
+                return self._host_line(idents, msg, code)
+        if name == "shell" and self._torn_down and not self._booting and self.config.on_stopped == "error":
+            return self._refuse_stopped(idents, msg)
         chan = {"shell": Channel.SHELL, "control": Channel.CONTROL, "stdin": Channel.STDIN}[name]
         host_busy = False
         if not self._guest_ready():
@@ -453,6 +541,30 @@ class SmolVMKernel:
                 host_busy = True
         self.relay.forward(chan, name, idents, msg_list, header, host_busy)
 
+    def _is_host_comm_frame(self, frames: list[bytes]) -> bool:
+        comms = self.relay.host_comms
+        return comms is not None and any(comms.mentioned_in(f) for f in frames)
+
+    @staticmethod
+    def _is_host_line_frame(frames: list[bytes]) -> bool:
+        """Whether held frames carry a %smolvm line. Unverified: this only
+        orders requests; each is verified once, when it is handled."""
+        try:
+            i = frames.index(DELIM)
+            header, content = json.loads(frames[i + 2]), json.loads(frames[i + 5])
+            return header.get("msg_type") == "execute_request" and _is_host_line(content.get("code", ""))
+        except (ValueError, IndexError, AttributeError, TypeError):
+            return False
+
+    def _release_held(self) -> None:
+        """Hand held shell requests on, in order, as far as the order allows."""
+        while self._held and self._host_op is None:
+            frames = self._held[0]
+            if (self.relay.running_cells() or self.relay.backlog) and self._is_host_line_frame(frames):
+                return   # a host line waits for the cells sent before it
+            self._held.pop(0)
+            self._on_frontend("shell", frames, held=True)
+
     def _start_boot_display(self, header: dict) -> None:
         # Say busy for the request now; the guest's own "busy" for it is dropped.
         self.relay.publish("status", {"execution_state": "busy"}, header)
@@ -461,6 +573,21 @@ class SmolVMKernel:
         text = f"starting microVM ({self._accel_label()})…"
         self.relay.publish("display_data", {"data": {"text/plain": text}, "metadata": {},
                                             "transient": {"display_id": display_id}}, header)
+
+    def _refuse_stopped(self, idents: list[bytes], msg: dict) -> None:
+        from smolvm_kernel.errors import SandboxStopped
+
+        header = msg["header"]
+        error = SandboxStopped("the microVM was torn down; run %smolvm start (or restart the kernel) "
+                               "to start a fresh one")
+        err = {"ename": "SandboxStopped", "evalue": str(error), "traceback": [str(error)]}
+        reply_type = header["msg_type"].replace("_request", "_reply")
+        self.relay.publish("status", {"execution_state": "busy"}, header)
+        if header["msg_type"] == "execute_request":
+            self.relay.publish("error", err, header)
+        self.relay.reply("shell", idents, reply_type, {"status": "error", "execution_count": None, **err},
+                         header)
+        self.relay.publish("status", {"execution_state": "idle"}, header)
 
     def _kernel_info(self, name: str, idents: list[bytes], msg: dict) -> None:
         self.relay.publish("status", {"execution_state": "busy"}, msg["header"])
@@ -511,54 +638,275 @@ class SmolVMKernel:
 
     # -- %smolvm lines, run on the host
 
-    def _host_magic(self, idents: list[bytes], msg: dict, code: str) -> None:
+    def _host_line(self, idents: list[bytes], msg: dict, code: str) -> None:
         header = msg["header"]
+        self._host_op = {"idents": idents, "header": header}
+        self._comm_parent = header
         self.relay.publish("status", {"execution_state": "busy"}, header)
         try:
-            text = self.run_line(code.strip()[len("%smolvm"):].strip())
+            result = self.run_line(code.strip()[len("%smolvm"):].strip())
+        except SmolVMError as exc:
+            return self._finish_host_line(None, exc)
+        if callable(result):   # waits on the VM: off the loop
+            def work():
+                try:
+                    self._post(("host_done", result(), None))
+                except SmolVMError as exc:
+                    self._post(("host_done", None, exc))
+                except Exception as exc:
+                    self._post(("host_done", None, SmolVMError(f"{type(exc).__name__}: {exc}")))
+            self._ops.submit(work)
+        else:
+            self._finish_host_line(result, None)
+
+    def _finish_host_line(self, text: str | None, error: SmolVMError | None) -> None:
+        op, self._host_op = self._host_op, None
+        if op is None:
+            return
+        header, idents = op["header"], op["idents"]
+        if error is None:
             status = {"status": "ok", "execution_count": self.execution_count,
                       "user_expressions": {}, "payload": []}
             if text:
                 self.relay.publish("stream", {"name": "stdout", "text": text + "\n"}, header)
-        except SmolVMError as exc:
-            err = {"ename": type(exc).__name__, "evalue": str(exc), "traceback": [str(exc)]}
+        else:
+            err = {"ename": type(error).__name__, "evalue": str(error), "traceback": [str(error)]}
             self.relay.publish("error", err, header)
             status = {"status": "error", "execution_count": self.execution_count, **err}
         self.relay.reply("shell", idents, "execute_reply", status, header)
         self.relay.publish("status", {"execution_state": "idle"}, header)
 
-    def run_line(self, line: str) -> str:
+    def run_line(self, line: str):
+        """Run one ``%smolvm`` line: a text to print, or a callable for the ops thread."""
+        from smolvm_kernel import transfer
         from smolvm_kernel.magics import format_status
 
-        words = line.split()
-        cmd = words[0] if words else "help"
-        if cmd == "status":
-            return format_status(self.sandbox.stats())
-        if cmd == "reset":
-            # Not awaited here: the loop stays responsive, the next cells wait
-            # in the backlog until the fresh VM answers.
-            self.sandbox.stop()
-            self._ensure_vm()
-            return "resetting: a fresh microVM is starting; the next cell runs in it"
-        if cmd == "stop":
-            self.sandbox.stop()
-            return "microVM stopped; the next cell starts a fresh one"
+        try:
+            words = shlex.split(line)
+        except ValueError as exc:
+            raise SmolVMError(f"cannot parse {line!r}: {exc}") from None
+        cmd, args = (words[0], words[1:]) if words else ("help", [])
         if cmd == "help":
             return HOST_HELP
+        if cmd == "status":
+            def status():
+                return format_status(self.status())
+            return status
+        if cmd == "reset":
+            self.restart_vm("the VM was reset by %smolvm reset")
+            return "resetting: a fresh microVM is starting; the next cell runs in it"
+        if cmd == "start":
+            if self._guest_ready() or self._booting:
+                return "the microVM is already running"
+            self._ensure_vm()
+            return "starting a fresh microVM; the next cell runs in it"
+        if cmd == "stop":
+            self.stop_vm("the VM was stopped by %smolvm stop")
+            return "microVM stopped; " + self._after_stop_hint()
+        if cmd == "config":
+            return self._config_line(args)
+        if cmd == "panel":
+            self.show_panel()
+            return ""
+        if cmd in ("push", "pull"):
+            force = "--force" in args
+            paths = [a for a in args if a != "--force"]
+            if not 1 <= len(paths) <= 2 or any(p.startswith("--") for p in paths):
+                raise SmolVMError(f"usage: %smolvm push LOCAL [REMOTE] | %smolvm pull REMOTE [LOCAL] "
+                                  f"[--force]; got {line!r}")
+            limit = self.config.max_transfer_mib * 2**20
+            first, second = paths[0], (paths[1] if len(paths) > 1 else None)
+            if cmd == "push":
+                transfer.confine(self.workdir, first)   # refuse before waiting on the VM
+            else:
+                transfer.confine(self.workdir, second or os.path.basename(first.rstrip("/")) or ".")
+            self._ensure_vm()
+
+            def move():
+                self._wait_ready()
+                if cmd == "push":
+                    return transfer.push(self.sandbox, self.workdir, first, second, limit)
+                return transfer.pull(self.sandbox, self.workdir, first, second, limit, overwrite=force)
+            return move
         raise SmolVMError(f"unknown %smolvm command {cmd!r}; try %smolvm help")
+
+    def _wait_ready(self) -> None:
+        from smolvm_kernel.errors import SandboxStopped
+
+        if not self._ready_event.wait(self.config.boot_timeout):
+            raise SandboxStopped("the microVM did not become ready; see the first cell's output")
+
+    def _after_stop_hint(self) -> str:
+        if self.config.on_stopped == "error":
+            return "run %smolvm start to start a fresh one"
+        return "the next cell starts a fresh one"
+
+    def _config_line(self, args: list[str]) -> str:
+        import argparse
+
+        p = argparse.ArgumentParser(prog="%smolvm config", add_help=False, exit_on_error=False)
+        p.add_argument("--cpus", type=int, dest="vcpus")
+        p.add_argument("--mem", type=int, dest="mem_mib")
+        p.add_argument("--disk", type=int, dest="disk_mib")
+        p.add_argument("--timeout", type=float, dest="exec_timeout")
+        p.add_argument("--network", dest="network")
+        try:
+            ns, extra = p.parse_known_args(args)
+        except (argparse.ArgumentError, SystemExit) as exc:
+            raise SmolVMError(f"{exc}; usage: %smolvm config [--cpus N] [--mem MiB] [--disk MiB] "
+                              f"[--timeout S] [--network none]") from None
+        if extra:
+            raise SmolVMError(f"unknown %smolvm config arguments {' '.join(extra)!r}; "
+                              f"use --cpus --mem --disk --timeout --network")
+        wanted = {k: v for k, v in vars(ns).items() if v is not None}
+        changes = {k: v for k, v in wanted.items() if getattr(self.config, k) != v}
+        if not wanted:
+            c = self.config
+            return (f"vCPUs {c.vcpus} (limit {c.max_vcpus})   memory {c.mem_mib} MiB (limit {c.max_mem_mib})"
+                    f"   disk {c.disk_mib} MiB (limit {c.max_disk_mib})\n"
+                    f"cell timeout {c.exec_timeout:g} s (0 = none)   network {c.network}   "
+                    f"profile {c.profile}   after a stop: {c.on_stopped}")
+        if not changes:
+            return "nothing to change"
+        return self.apply_settings(changes)
+
+    # -- settings and the control panel (PanelActions)
+
+    @property
+    def name(self) -> str:
+        return f"this kernel's microVM ({self.config.profile})"
+
+    def settings(self) -> dict:
+        return {k: getattr(self.config, k) for k in USER_SETTINGS}
+
+    def limits(self) -> dict:
+        return {"max_vcpus": self.config.max_vcpus, "max_mem_mib": self.config.max_mem_mib,
+                "max_disk_mib": self.config.max_disk_mib}
+
+    def check(self, changes: dict) -> None:
+        self.config.changed(**changes)
+
+    def apply_settings(self, changes: dict) -> str:
+        """Validate and apply; restart the VM unless only live settings changed."""
+        from smolvm_kernel.panel import _describe, needs_restart
+
+        new = self.config.changed(**changes)
+        restart = needs_restart(changes)
+        self.config = self.sandbox.config = new
+        if self.panel is not None:
+            self.panel.load_settings()
+        if not restart:
+            return f"{_describe(changes)}: applied without a restart"
+        if self._torn_down and not self._booting:
+            return f"saved {_describe(changes)}; the VM is stopped and starts with them next time"
+        self.restart_vm(f"the VM was restarted with new settings ({_describe(changes)})")
+        return f"restarting the VM with {_describe(changes)}; its previous state is gone"
+
+    def apply(self, changes: dict) -> str:
+        return self.apply_settings(changes)
+
+    def reset(self) -> str:
+        self.restart_vm("the VM was reset from the control panel")
+        return "resetting: a fresh microVM is starting"
+
+    def teardown(self) -> str:
+        self.stop_vm("the VM was torn down from the control panel")
+        return "the VM was destroyed; " + self._after_stop_hint()
+
+    def show_panel(self) -> None:
+        """Display the control panel (made on first use) in the current cell."""
+        if self.panel is None:
+            from smolvm_kernel.hostcomm import HostComms
+            from smolvm_kernel.panel import ControlPanel
+
+            if self.relay.host_comms is None:
+                self.relay.host_comms = HostComms(self._publish_comm)
+            self.panel = ControlPanel(self)
+            self._refresh_panel()
+            self._fetch_stats()
+        bundle = self.panel.widget._repr_mimebundle_()
+        self.relay.publish("display_data", {"data": bundle, "metadata": {}, "transient": {}},
+                           self._comm_parent)
+
+    def _publish_comm(self, msg_type: str, content: dict, metadata: dict, buffers: list) -> None:
+        self.relay.publish(msg_type, content, self._comm_parent, metadata=metadata, buffers=buffers)
+
+    def _host_comm(self, msg: dict) -> None:
+        header = msg["header"]
+        self._comm_parent = header
+        self.relay.publish("status", {"execution_state": "busy"}, header)
+        self.relay.host_comms.handle(msg)
+        self.relay.publish("status", {"execution_state": "idle"}, header)
+
+    def status(self) -> dict:
+        """Sandbox.stats() with what only the kernel knows (safe from any thread)."""
+        try:
+            stats = self.sandbox.stats()
+        except SmolVMError as exc:
+            stats = {"error": str(exc)}
+        stats["state"] = self.vm_state()
+        stats["last_cell_s"] = self.relay.last_cell_s
+        stats["network"] = self.config.network
+        return stats
+
+    def _fetch_stats(self) -> None:
+        self._last_stats = time.monotonic()
+        if self._stats_running:
+            return
+        self._stats_running = True
+        self._ops.submit(lambda: self._post(("stats", self.status(), None)))
+
+    def _refresh_panel(self, stats: dict | None = None) -> None:
+        if self.panel is None:
+            return
+        merged = {**self.panel.last_status, **(stats or {})}
+        merged["state"] = self.vm_state()    # what the loop knows now wins
+        merged["last_cell_s"] = self.relay.last_cell_s
+        if merged["state"] in ("stopped", "stopping", "dead", "booting"):
+            for key in ("mem_total_kib", "mem_available_kib", "cpu_percent", "disk_total_bytes",
+                        "disk_used_bytes", "vcpus", "vm_uptime_s"):
+                merged.pop(key, None)
+        self.panel.refresh(merged)
+
+
+PANEL_REFRESH_S = 2.0
 
 
 HOST_HELP = """\
-%smolvm status   show the VM: state, backend/accelerator, vCPUs, memory, disk, uptime
-%smolvm reset    replace the VM with a fresh one (all state is lost)
-%smolvm stop     destroy the VM; the next cell starts a new one
-%smolvm help     this text
-Everything else in a cell runs inside the microVM."""
+%smolvm status                 the VM: state, backend/accelerator, vCPUs, memory, CPU, disk, uptime
+%smolvm panel                  a control panel: live status, resources, Reset, Teardown
+%smolvm config                 show the settings and this host's limits
+%smolvm config --cpus N --mem MiB --disk MiB --timeout S
+                               change them (a new VM; a timeout alone applies at once)
+%smolvm reset                  replace the VM with a fresh one (all its state is lost)
+%smolvm stop                   destroy the VM
+%smolvm start                  start a VM after a stop
+%smolvm push LOCAL [REMOTE]    copy a file from the notebook's folder into the VM (home or /tmp)
+%smolvm pull REMOTE [LOCAL]    copy a file out of the VM into the notebook's folder (--force replaces)
+%smolvm help                   this text
+Only these lines run on the host; everything else in a cell runs inside the microVM."""
+
 
 
 def _is_host_line(code: str) -> bool:
     stripped = code.strip()
     return (stripped == "%smolvm" or stripped.startswith("%smolvm ")) and "\n" not in stripped
+
+
+class _SerialThread:
+    """Runs submitted callables one after another on a daemon thread, so a
+    slow guest never holds up the kernel process's exit."""
+
+    def __init__(self, name: str) -> None:
+        self._jobs: queue.Queue = queue.Queue()
+        threading.Thread(target=self._run, name=name, daemon=True).start()
+
+    def submit(self, fn: Callable[[], None]) -> None:
+        self._jobs.put(fn)
+
+    def _run(self) -> None:
+        while True:
+            _quietly(self._jobs.get())()
 
 
 def _quietly(fn):

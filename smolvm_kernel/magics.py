@@ -7,6 +7,12 @@ Example::
     %%smolvm --name scratch --mem 1024
     import os; print(os.uname().release)
 
+    %smolvm status --name scratch        the VM's state, resources and uptime
+    %smolvm panel --name scratch         a control panel: live status, resources, Reset, Teardown
+    %smolvm push data.csv --name scratch copy a file from this folder into the VM
+    %smolvm pull out.png --name scratch  copy a file out of the VM into this folder
+    %smolvm reset|stop|list|help
+
 Each ``--name`` gets its own microVM that lives as long as the host kernel.
 Guest code never touches the host kernel's namespace: only its outputs come
 back, as rich display, streams and errors.
@@ -16,13 +22,18 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import os
 import shlex
 import sys
+import threading
 import time
+import weakref
 
+from smolvm_kernel.config import USER_SETTINGS
 from smolvm_kernel.errors import SmolVMError
 
 _sandboxes: dict = {}
+_panels: dict = {}
 
 
 def format_status(stats: dict) -> str:
@@ -71,7 +82,9 @@ def _parser(cell: bool) -> argparse.ArgumentParser:
     p.add_argument("--profile")
     if not cell:
         p.add_argument("command", nargs="?", default="help",
-                       choices=["status", "reset", "stop", "list", "help"])
+                       choices=["status", "reset", "stop", "list", "panel", "push", "pull", "help"])
+        p.add_argument("paths", nargs="*")
+        p.add_argument("--force", action="store_true")
     return p
 
 
@@ -138,12 +151,16 @@ def smolvm_cell(line: str, cell: str):
         _show(out)
 
 
+LINE_USAGE = ("usage: %smolvm status|reset|stop|list|panel|help [--name N] | "
+              "%smolvm push LOCAL [REMOTE] [--name N] | %smolvm pull REMOTE [LOCAL] [--force] [--name N]")
+
+
 def smolvm_line(line: str):
-    """``%smolvm status|reset|stop|list|help [--name N]``."""
+    """``%smolvm status|reset|stop|list|panel|push|pull|help [--name N]``."""
     try:
         args = _parser(cell=False).parse_args(shlex.split(line))
     except SystemExit:
-        raise SmolVMError("usage: %smolvm status|reset|stop|list|help [--name N]") from None
+        raise SmolVMError(f"{LINE_USAGE}; got {line!r}") from None
     if args.command == "help":
         print(__doc__)
         return
@@ -153,6 +170,8 @@ def smolvm_line(line: str):
         for name, sb in _sandboxes.items():
             print(f"{name:<12} {sb!r}")
         return
+    if args.command == "panel":
+        return show_panel(args.name, _get_sandbox(args))
     sb = _get_sandbox(args, create=False)
     if sb is None:
         print(f"no sandbox named {args.name!r}; run a %%smolvm --name {args.name} cell first")
@@ -165,6 +184,107 @@ def smolvm_line(line: str):
     elif args.command == "stop":
         sb.stop()
         print(f"sandbox {args.name!r} stopped")
+    elif args.command in ("push", "pull"):
+        print(_transfer(sb, args))
+
+
+def _transfer(sb, args) -> str:
+    from smolvm_kernel import transfer
+
+    if not 1 <= len(args.paths) <= 2:
+        raise SmolVMError(LINE_USAGE)
+    if sb.state.value not in ("ready", "busy"):
+        raise SmolVMError(f"sandbox {args.name!r} is {sb.state.value}; run a %%smolvm cell to start it")
+    limit = sb.config.max_transfer_mib * 2**20
+    first, second = args.paths[0], (args.paths[1] if len(args.paths) > 1 else None)
+    if args.command == "push":
+        return transfer.push(sb, os.getcwd(), first, second, limit)
+    return transfer.pull(sb, os.getcwd(), first, second, limit, overwrite=args.force)
+
+
+class SandboxActions:
+    """The panel's actions over one named Sandbox of this IPython kernel.
+
+    Starts and stops run on a background thread, so a click never blocks
+    the kernel; a thread refreshes the panel every couple of seconds for as
+    long as the panel exists.
+    """
+
+    def __init__(self, name: str, sandbox) -> None:
+        self.name = f"%%smolvm --name {name}"
+        self.sandbox = sandbox
+        self._busy = threading.Lock()
+
+    def settings(self) -> dict:
+        return {k: getattr(self.sandbox.config, k) for k in USER_SETTINGS}
+
+    def limits(self) -> dict:
+        c = self.sandbox.config
+        return {"max_vcpus": c.max_vcpus, "max_mem_mib": c.max_mem_mib, "max_disk_mib": c.max_disk_mib}
+
+    def check(self, changes: dict) -> None:
+        self.sandbox.config.changed(**changes)
+
+    def apply(self, changes: dict) -> str:
+        from smolvm_kernel.panel import _describe, needs_restart
+
+        new = self.sandbox.config.changed(**changes)
+        running = self.sandbox.state.value in ("ready", "busy", "booting")
+        self.sandbox.config = new
+        if not needs_restart(changes):
+            return f"{_describe(changes)}: applied without a restart"
+        if not running:
+            return f"saved {_describe(changes)}; the next %%smolvm cell starts a VM with them"
+        self._background(self.sandbox.reset)
+        return f"restarting the VM with {_describe(changes)}; its previous state is gone"
+
+    def reset(self) -> str:
+        self._background(self.sandbox.reset)
+        return "resetting: a fresh microVM is starting"
+
+    def teardown(self) -> str:
+        self._background(self.sandbox.stop)
+        return "the VM is being destroyed; the next %%smolvm cell starts a fresh one"
+
+    def _background(self, fn) -> None:
+        def run():
+            with self._busy:
+                try:
+                    fn()
+                except SmolVMError as exc:
+                    print(f"[smolvm] {exc}", file=sys.stderr)
+        threading.Thread(target=run, name="smolvm-panel-op", daemon=True).start()
+
+    def status(self) -> dict:
+        try:
+            return self.sandbox.stats()
+        except SmolVMError as exc:
+            return {"state": self.sandbox.state.value, "error": str(exc)}
+
+
+def show_panel(name: str, sandbox) -> None:
+    """Display the control panel of sandbox ``name`` (one panel per sandbox, shown again on request)."""
+    from IPython.display import display
+
+    from smolvm_kernel.panel import REFRESH_SECONDS, ControlPanel
+
+    panel = _panels.get(name)
+    if panel is None or panel.actions.sandbox is not sandbox:
+        actions = SandboxActions(name, sandbox)
+        panel = ControlPanel(actions)
+        panel.refresh(actions.status())
+        _panels[name] = panel
+        ref = weakref.ref(panel)
+
+        def refresh_loop():
+            while True:
+                time.sleep(REFRESH_SECONDS)
+                p = ref()
+                if p is None or _panels.get(name) is not p:
+                    return
+                p.refresh(p.actions.status())
+        threading.Thread(target=refresh_loop, name=f"smolvm-panel-{name}", daemon=True).start()
+    display(panel.widget)
 
 
 def load_ipython_extension(ipython) -> None:
@@ -173,6 +293,7 @@ def load_ipython_extension(ipython) -> None:
 
 
 def unload_ipython_extension(ipython) -> None:
+    _panels.clear()
     for sb in list(_sandboxes.values()):
         sb.stop()
     _sandboxes.clear()

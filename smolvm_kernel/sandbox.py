@@ -117,6 +117,9 @@ class Sandbox:
                 getattr(self.config, name)  # defaults are lazy: read env fallbacks now
         except TraitError as exc:
             raise ConfigError.from_trait(exc) from None
+        problems = self.config.limit_problems()
+        if problems:
+            raise ConfigError("", None, "; ".join(problems))
         self._progress = progress
         self.state = SandboxState.STOPPED
         self.backend: Backend | None = None
@@ -135,6 +138,7 @@ class Sandbox:
         self._registry = Registry()
         self._snapshots = SnapshotCache()
         self.started_from: str | None = None
+        self.last_cell_s: float | None = None
         #: When set, every Jupyter frame from the guest goes here raw (as its
         #: multipart list, not yet verified): the relaying kernel re-signs the
         #: original bytes instead of re-serialising them. Called on the I/O thread.
@@ -491,6 +495,7 @@ class Sandbox:
         q: queue.Queue = queue.Queue()
         self._pending[msg_id] = q
         self.state = SandboxState.BUSY
+        started = time.monotonic()
         got_reply = got_idle = False
         deadline = time.monotonic() + limit if limit else None
         try:
@@ -517,6 +522,7 @@ class Sandbox:
                     yield Output(mtype, item["content"])
         finally:
             self._pending.pop(msg_id, None)
+            self.last_cell_s = time.monotonic() - started
             if self.state == SandboxState.BUSY:
                 self.state = SandboxState.READY
 
@@ -592,6 +598,7 @@ class Sandbox:
             "boot_seconds": self.boot_seconds, "started_from": self.started_from,
             # The guest's own uptime includes the snapshot template's; this is ours.
             "vm_uptime_s": time.time() - self.started_at if self.started_at and self.backend else None,
+            "last_cell_s": self.last_cell_s,
         }
         if self.state not in (SandboxState.READY, SandboxState.BUSY):
             return host

@@ -107,18 +107,34 @@ def test_message_signed_with_another_key_is_dropped(setup):
 
 
 def test_forged_host_comm_messages_are_dropped(setup):
+    from smolvm_kernel.hostcomm import HostComms
+
     relay, guest, frontend, sent = setup
-    relay.host_comm_ids.add("panel-comm")
-    relay.host_comm_targets.add("smolvm.panel")
+    published = []
+    relay.host_comms = HostComms(lambda *a: published.append(a))
+    panel = relay.host_comms.create(target_name="jupyter.widget", data={})
+    assert published and published[0][1]["comm_id"] == panel.comm_id
     msg, _ = frontend_request(frontend, relay)
     sent.clear()
-    guest.emit(Channel.IOPUB, "comm_msg", {"comm_id": "panel-comm", "data": {"reset": 1}}, msg["header"])
-    guest.emit(Channel.IOPUB, "comm_open", {"comm_id": "x", "target_name": "smolvm.panel", "data": {}},
-               msg["header"])
+    pid = panel.comm_id
+    # naming the panel's comm, redisplaying it, restating it through a control comm
+    guest.emit(Channel.IOPUB, "comm_msg", {"comm_id": pid, "data": {"method": "update"}}, msg["header"])
+    guest.emit(Channel.IOPUB, "comm_close", {"comm_id": pid, "data": {}}, msg["header"])
+    guest.emit(Channel.IOPUB, "display_data", {"data": {"application/vnd.jupyter.widget-view+json":
+                                                        {"model_id": pid}}, "metadata": {}}, msg["header"])
+    guest.emit(Channel.IOPUB, "comm_msg", {"comm_id": "ctl", "data": {"method": "update_states",
+                                                                     "states": {pid: {}}}}, msg["header"])
+    # a guest widget, and a guest print of the id (harmless text), pass
     guest.emit(Channel.IOPUB, "comm_open", {"comm_id": "w1", "target_name": "jupyter.widget", "data": {}},
                msg["header"])
+    guest.emit(Channel.IOPUB, "stream", {"name": "stdout", "text": pid}, msg["header"])
+    # an id that merely looks like a host id but is not ours passes too
+    other = "smolvmhost" + "0" * 32
+    guest.emit(Channel.IOPUB, "comm_open", {"comm_id": other, "target_name": "jupyter.widget", "data": {}},
+               msg["header"])
     got = decode(frontend, sent)
-    assert [m["content"]["comm_id"] for _, _, m in got] == ["w1"]
+    assert [m["header"]["msg_type"] for _, _, m in got] == ["comm_open", "stream", "comm_open"]
+    assert relay.dropped == 4
 
 
 def test_oversized_guest_message_is_dropped_with_a_warning(setup):

@@ -1,0 +1,75 @@
+"""Comms that live in the kernel process itself (the control panel's widgets).
+
+The SmolVM kernel is not an ipykernel, so ipywidgets has no comm
+implementation here until :class:`HostComms` installs one through the
+``comm`` package's documented hooks (``comm.create_comm`` and
+``comm.get_comm_manager``). Every host comm id starts with
+:data:`HOST_COMM_PREFIX`, so the relay can tell with one substring search
+whether a message from the guest mentions one.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from collections.abc import Callable
+
+import comm
+from comm.base_comm import BaseComm, CommManager
+
+log = logging.getLogger("smolvm_kernel.hostcomm")
+HOST_COMM_PREFIX = "smolvmhost"
+_HOST_ID = re.compile(rb"smolvmhost[0-9a-f]{32}")
+
+
+class HostComm(BaseComm):
+    def __init__(self, owner: HostComms, **kwargs) -> None:
+        self._owner = owner
+        super().__init__(**kwargs)
+
+    def publish_msg(self, msg_type: str, data=None, metadata=None, buffers=None, **keys) -> None:
+        content = {"data": data or {}, "comm_id": self.comm_id, **keys}
+        try:
+            self._owner.publish(msg_type, content, metadata or {}, list(buffers or []))
+        except Exception as exc:   # e.g. a widget's __del__ after the sockets closed
+            log.debug("comm %s: %s not sent: %s", self.comm_id, msg_type, exc)
+
+
+class HostComms:
+    """The kernel's comm manager; ``publish(msg_type, content, metadata, buffers)`` sends on IOPub."""
+
+    def __init__(self, publish: Callable[[str, dict, dict, list], None]) -> None:
+        self.publish = publish
+        self.manager = CommManager()
+        comm.create_comm = self.create
+        comm.get_comm_manager = lambda: self.manager
+
+    def create(self, *args, **kwargs) -> HostComm:
+        if not kwargs.get("comm_id"):
+            kwargs["comm_id"] = HOST_COMM_PREFIX + uuid.uuid4().hex
+        return HostComm(self, *args, **kwargs)
+
+    def owns(self, comm_id) -> bool:
+        return isinstance(comm_id, str) and comm_id in self.manager.comms
+
+    def mentioned_in(self, data: bytes) -> bool:
+        """Whether ``data`` (guest bytes) names any comm of ours."""
+        if HOST_COMM_PREFIX.encode() not in data:
+            return False
+        return any(m.decode() in self.manager.comms for m in _HOST_ID.findall(data))
+
+    def handle(self, msg: dict) -> None:
+        """A comm_msg / comm_close from the frontend for one of our comms."""
+        content = msg.get("content") or {}
+        target = self.manager.comms.get(content.get("comm_id"))
+        if target is None:
+            return
+        try:
+            if msg["header"]["msg_type"] == "comm_close":
+                target.handle_close(msg)
+                self.manager.comms.pop(target.comm_id, None)
+            else:
+                target.handle_msg(msg)
+        except Exception:  # a widget callback's bug must not kill the kernel
+            log.exception("host comm %s failed on %s", target.comm_id, msg["header"]["msg_type"])

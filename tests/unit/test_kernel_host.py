@@ -1,0 +1,244 @@
+"""The kernel's host side over real ZMQ sockets, with a fake VM behind it.
+
+What is checked here is the host's own logic (host comms for the panel,
+ordering of %smolvm lines and cells, the stopped policy, push/pull
+confinement); tests/vm/test_panel_vm.py does the same against real VMs.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from jupyter_client import BlockingKernelClient
+from jupyter_client.connect import write_connection_file
+from jupyter_client.session import Session
+
+from smolvm_guest.wire import Channel
+from smolvm_kernel.config import SandboxConfig
+from smolvm_kernel.kernel import SmolVMKernel
+
+GUEST_KEY = b"k" * 64
+
+
+class FakeSandbox:
+    """Sandbox-shaped: answers execute_request at once, or when released."""
+
+    def __init__(self, config, progress=None) -> None:
+        from smolvm_kernel.sandbox import SandboxState
+
+        self.config = config
+        self.States = SandboxState
+        self.state = SandboxState.STOPPED
+        self.guest_key = GUEST_KEY
+        self.session = Session(key=GUEST_KEY, check_pid=False)
+        self.on_guest_frame = self.on_death = None
+        self.backend = None
+        self.boot_seconds = 0.01
+        self.kernel_info = {}
+        self.calls: list[str] = []
+        self.files: dict[str, bytes] = {}
+        self.hold = threading.Event()
+        self.hold.set()
+        self.count = 0
+
+    def start(self):
+        self.calls.append("start")
+        self.state = self.States.READY
+
+    def reset(self):
+        self.calls.append("reset")
+        self.state = self.States.READY
+
+    def stop(self):
+        self.calls.append("stop")
+        self.state = self.States.STOPPED
+
+    def stats(self):
+        return {"state": self.state.value, "vcpus": self.config.vcpus, "mem_total_kib": 1000,
+                "mem_available_kib": 500, "configured_mem_mib": self.config.mem_mib}
+
+    def interrupt(self):
+        self.calls.append("interrupt")
+
+    def put_file(self, data, remote):
+        self.files[remote] = data
+        return len(data)
+
+    def get_file(self, remote, max_bytes):
+        return self.files[remote]
+
+    def send_raw(self, chan, parts):
+        _, msg_list = self.session.feed_identities(parts)
+        msg = self.session.deserialize(msg_list)
+        if msg["msg_type"] != "execute_request":
+            return
+        parent = msg["header"]
+        code = msg["content"]["code"]
+
+        def answer():
+            if code == "hold":
+                self.hold.wait(10)
+            self.count += 1
+            self.emit(Channel.IOPUB, "status", {"execution_state": "busy"}, parent)
+            self.emit(Channel.IOPUB, "stream", {"name": "stdout", "text": f"ran {code}\n"}, parent)
+            self.emit(Channel.SHELL, "execute_reply", {"status": "ok", "execution_count": self.count}, parent)
+            self.emit(Channel.IOPUB, "status", {"execution_state": "idle"}, parent)
+        threading.Thread(target=answer, daemon=True).start()
+
+    def emit(self, chan, mtype, content, parent):
+        msg = self.session.msg(mtype, content=content, parent=parent)
+        ident = [b"kernel.x." + mtype.encode()] if chan == Channel.IOPUB else []
+        self.on_guest_frame(chan, self.session.serialize(msg, ident=ident))
+
+
+@pytest.fixture
+def running(tmp_path):
+    conn_file = str(tmp_path / "kernel.json")
+    write_connection_file(conn_file, key=b"host-key")
+    import json
+    info = json.loads(Path(conn_file).read_text())
+    workdir = tmp_path / "notebooks"
+    workdir.mkdir()
+
+    def make(**cfg):
+        config = SandboxConfig(**{"max_mem_mib": 2048, **cfg})
+        kernel = SmolVMKernel(info, config, sandbox_factory=FakeSandbox, workdir=str(workdir))
+        thread = threading.Thread(target=kernel.run, daemon=True)
+        thread.start()
+        kc = BlockingKernelClient(connection_file=conn_file)
+        kc.load_connection_file()
+        kc.start_channels()
+        made.append((kernel, kc, thread))
+        return kernel, kc, workdir
+
+    made = []
+    yield make
+    for kernel, kc, thread in made:
+        kc.stop_channels()
+        kernel.exiting = True
+        thread.join(5)
+        for sock in kernel.sockets.values():
+            sock.close(linger=0)
+
+
+def run(kc, code, timeout=10):
+    """Execute; return (reply content, stdout text, every iopub message)."""
+    msgs = []
+    reply = kc.execute_interactive(code, timeout=timeout, output_hook=msgs.append)
+    text = "".join(m["content"].get("text", "") for m in msgs if m["msg_type"] == "stream")
+    return reply["content"], text, msgs
+
+
+def wait_for(pred, timeout=5.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def click(kc, comm_id):
+    kc.shell_channel.send(kc.session.msg("comm_msg", {"comm_id": comm_id, "data": {
+        "method": "custom", "content": {"event": "click"}}}))
+
+
+def buttons(msgs) -> dict[str, str]:
+    return {m["content"]["data"]["state"]["description"]: m["content"]["comm_id"] for m in msgs
+            if m["msg_type"] == "comm_open"
+            and m["content"]["data"]["state"].get("_model_name") == "ButtonModel"}
+
+
+def test_panel_is_served_by_the_host_and_reset_goes_through_confirmation(running):
+    kernel, kc, _ = running()
+    content, _, msgs = run(kc, "%smolvm panel")
+    assert content["status"] == "ok"
+    opens = [m for m in msgs if m["msg_type"] == "comm_open"]
+    assert opens and all(m["content"]["comm_id"].startswith("smolvmhost") for m in opens)
+    views = [m for m in msgs if m["msg_type"] == "display_data"
+             and "application/vnd.jupyter.widget-view+json" in m["content"]["data"]]
+    assert len(views) == 1
+    ids = buttons(msgs)
+    assert wait_for(lambda: kernel.vm_state() == "ready")
+    click(kc, ids["Reset"])
+    time.sleep(0.3)
+    assert "reset" not in kernel.sandbox.calls      # not before the confirmation
+    click(kc, ids["Confirm"])
+    assert wait_for(lambda: "reset" in kernel.sandbox.calls)
+    assert wait_for(lambda: kernel.vm_state() == "ready")
+    click(kc, ids["Teardown"])
+    click(kc, ids["Confirm"])
+    assert wait_for(lambda: kernel.vm_state() == "stopped")
+    assert wait_for(lambda: "smolvm-state-stopped" in kernel.panel.state.value, 3)
+
+
+def test_host_line_waits_for_the_cells_sent_before_it(running):
+    kernel, kc, _ = running()
+    run(kc, "pass")
+    kernel.sandbox.hold.clear()
+    order = []
+    first = kc.execute("hold")
+    second = kc.execute("%smolvm config")
+    third = kc.execute("after")
+    time.sleep(0.5)
+    kernel.sandbox.hold.set()
+    for _ in range(3):
+        reply = kc.get_shell_msg(timeout=10)
+        order.append(reply["parent_header"]["msg_id"])
+    assert order == [first, second, third]
+
+
+def test_on_stopped_error_refuses_cells_until_start(running):
+    kernel, kc, _ = running(on_stopped="error")
+    assert run(kc, "x = 1")[0]["status"] == "ok"
+    _, text, _ = run(kc, "%smolvm stop")
+    assert "%smolvm start" in text
+    content, _, _ = run(kc, "x")
+    assert content["status"] == "error" and "torn down" in content["evalue"]
+    run(kc, "%smolvm start")
+    assert run(kc, "x")[0]["status"] == "ok"
+
+
+def test_config_line_validates_against_the_host_limits(running):
+    kernel, kc, _ = running()
+    run(kc, "pass")
+    content, _, _ = run(kc, "%smolvm config --mem 4096")
+    assert content["status"] == "error" and "limit of 2048 MiB" in content["evalue"]
+    content, text, _ = run(kc, "%smolvm config --timeout 30")
+    assert content["status"] == "ok" and "without a restart" in text and kernel.config.exec_timeout == 30
+    calls = len(kernel.sandbox.calls)
+    content, text, _ = run(kc, "%smolvm config --mem 1024 --cpus 1")
+    assert "restarting" in text and kernel.sandbox.config.mem_mib == 1024
+    assert wait_for(lambda: "reset" in kernel.sandbox.calls[calls:])
+    content, _, _ = run(kc, "%smolvm config --bogus 1")
+    assert content["status"] == "error" and "--bogus" in content["evalue"]
+
+
+def test_push_and_pull_stay_in_the_notebook_folder(running, tmp_path):
+    kernel, kc, workdir = running()
+    run(kc, "pass")
+    (workdir / "data.csv").write_text("a,b\n1,2\n")
+    (tmp_path / "secret").write_text("host secret")
+    (workdir / "link").symlink_to(tmp_path / "secret")
+    content, text, _ = run(kc, "%smolvm push data.csv")
+    assert content["status"] == "ok" and "pushed data.csv" in text
+    assert kernel.sandbox.files["data.csv"] == b"a,b\n1,2\n"
+    for line in ("%smolvm push ../secret", f"%smolvm push {tmp_path}/secret", "%smolvm push link",
+                 "%smolvm pull data.csv ../out.csv"):
+        content, _, _ = run(kc, line)
+        assert content["status"] == "error" and "outside the notebook's folder" in content["evalue"], line
+    kernel.sandbox.files["result.txt"] = b"42\n"
+    content, text, _ = run(kc, "%smolvm pull result.txt")
+    assert content["status"] == "ok" and (workdir / "result.txt").read_bytes() == b"42\n"
+    content, _, _ = run(kc, "%smolvm pull result.txt")
+    assert content["status"] == "error" and "--force" in content["evalue"]
+    kernel.sandbox.files["result.txt"] = b"43\n"
+    assert run(kc, "%smolvm pull result.txt --force")[0]["status"] == "ok"
+    assert (workdir / "result.txt").read_bytes() == b"43\n"
+    kernel.config.max_transfer_mib = 1
+    (workdir / "big.bin").write_bytes(b"x" * (2 * 2**20))
+    content, _, _ = run(kc, "%smolvm push big.bin")
+    assert content["status"] == "error" and "push limit" in content["evalue"]
