@@ -28,6 +28,14 @@ class HostComm(BaseComm):
         self._owner = owner
         super().__init__(**kwargs)
 
+    def close(self, data=None, metadata=None, buffers=None, deleting: bool = False) -> None:
+        # BaseComm.close unregisters from the global manager; ours is per owner.
+        if self._closed:
+            return
+        self._closed = True
+        self.publish_msg("comm_close", data=data or self._close_data, metadata=metadata, buffers=buffers)
+        self._owner.manager.comms.pop(self.comm_id, None)
+
     def publish_msg(self, msg_type: str, data=None, metadata=None, buffers=None, **keys) -> None:
         content = {"data": data or {}, "comm_id": self.comm_id, **keys}
         try:
