@@ -89,6 +89,7 @@ class ControlPanel:
             button.on_click(lambda _b, a=action: self.request(a))
 
         self.confirm_text = w.HTML()
+        self.confirm_text.add_class("smolvm-confirm-text")
         self.confirm_button = w.Button(description="Confirm", button_style="warning")
         self.confirm_button.add_class("smolvm-confirm")
         self.cancel_button = w.Button(description="Cancel")
