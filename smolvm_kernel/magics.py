@@ -214,6 +214,8 @@ class SandboxActions:
         self.name = f"%%smolvm --name {name}"
         self.sandbox = sandbox
         self._busy = threading.Lock()
+        self._op: str | None = None          # "booting" / "stopping" while a click's work runs
+        self.on_change = lambda: None        # the panel refreshes itself through this
 
     def settings(self) -> dict:
         return {k: getattr(self.sandbox.config, k) for k in USER_SETTINGS}
@@ -235,31 +237,39 @@ class SandboxActions:
             return f"{_describe(changes)}: applied without a restart"
         if not running:
             return f"saved {_describe(changes)}; the next %%smolvm cell starts a VM with them"
-        self._background(self.sandbox.reset)
+        self._background(self.sandbox.reset, "booting")
         return f"restarting the VM with {_describe(changes)}; its previous state is gone"
 
     def reset(self) -> str:
-        self._background(self.sandbox.reset)
+        self._background(self.sandbox.reset, "booting")
         return "resetting: a fresh microVM is starting"
 
     def teardown(self) -> str:
-        self._background(self.sandbox.stop)
+        self._background(self.sandbox.stop, "stopping")
         return "the VM is being destroyed; the next %%smolvm cell starts a fresh one"
 
-    def _background(self, fn) -> None:
+    def _background(self, fn, state: str) -> None:
         def run():
             with self._busy:
+                self._op = state
+                self.on_change()
                 try:
                     fn()
                 except SmolVMError as exc:
                     print(f"[smolvm] {exc}", file=sys.stderr)
+                finally:
+                    self._op = None
+                    self.on_change()
         threading.Thread(target=run, name="smolvm-panel-op", daemon=True).start()
 
     def status(self) -> dict:
+        op = self._op
         try:
-            return self.sandbox.stats()
+            stats = self.sandbox.stats() if op is None else {}
         except SmolVMError as exc:
-            return {"state": self.sandbox.state.value, "error": str(exc)}
+            stats = {"error": str(exc)}
+        stats["state"] = op or self.sandbox.state.value
+        return stats
 
 
 def show_panel(name: str, sandbox) -> None:
@@ -272,7 +282,8 @@ def show_panel(name: str, sandbox) -> None:
     if panel is None or panel.actions.sandbox is not sandbox:
         actions = SandboxActions(name, sandbox)
         panel = ControlPanel(actions)
-        panel.refresh(actions.status())
+        actions.on_change = lambda: panel.refresh(actions.status())
+        actions.on_change()
         _panels[name] = panel
         ref = weakref.ref(panel)
 

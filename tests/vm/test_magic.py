@@ -58,3 +58,38 @@ def test_magic_inside_a_real_ipykernel(image):
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=False)
+
+
+def test_panel_and_push_pull_from_an_ordinary_ipykernel(image, tmp_path):
+    from panel_client import PanelClient
+
+    km, kc = start_new_kernel(kernel_name="python3", startup_timeout=60, cwd=str(tmp_path))
+    client = PanelClient(kc)
+    try:
+        client.run("%load_ext smolvm_kernel")
+        assert client.run("%%smolvm --name p\nopen('marker', 'w').write('x')")[0]["status"] == "ok"
+        (tmp_path / "in.txt").write_text("from the host folder")
+        assert client.run("%smolvm push in.txt --name p")[0]["status"] == "ok"
+        content, outs = client.run("%%smolvm --name p\nprint(open('in.txt').read().upper())")
+        assert "FROM THE HOST FOLDER" in "".join(m["content"].get("text", "") for m in outs)
+        client.run("%%smolvm --name p\nopen('/tmp/o.txt', 'w').write('out')")
+        assert client.run("%smolvm pull /tmp/o.txt --name p")[0]["status"] == "ok"
+        assert (tmp_path / "o.txt").read_text() == "out"
+        content, _ = client.run("%smolvm push ../x --name p")
+        assert content["status"] == "error" and "outside the notebook's folder" in content["evalue"]
+
+        content, outs = client.run("%smolvm panel --name p")
+        assert content["status"] == "ok"
+        assert any("application/vnd.jupyter.widget-view+json" in m["content"].get("data", {})
+                   for m in outs if m["msg_type"] == "display_data")
+        client.pump(lambda: client.state() == "ready", timeout=30)
+        client.confirm("Reset")
+        client.pump(lambda: client.state() == "booting", timeout=30)
+        client.pump(lambda: client.state() == "ready", timeout=180)
+        content, outs = client.run("%%smolvm --name p\nimport os; print(os.path.exists('marker'))")
+        assert "False" in "".join(m["content"].get("text", "") for m in outs)
+        client.confirm("Teardown")
+        client.pump(lambda: client.state() == "stopped", timeout=60)
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=False)
