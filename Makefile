@@ -10,13 +10,14 @@ PY := $(VENV)/bin/python
 demo: setup
 	$(VENV)/bin/smolvm-kernel demo notebooks/demo.ipynb
 
+test: SYSTEM_DEPS_ARGS := --test
 test: setup
 	$(PY) -m pytest tests -rs
 
 setup: system-deps venv image
 
 system-deps:
-	./scripts/install-system-deps
+	./scripts/install-system-deps $(SYSTEM_DEPS_ARGS)
 
 venv: $(VENV)/.installed
 

@@ -60,6 +60,7 @@ class _Request:
     header: dict
     host_busy: bool = False
     sent_at: float | None = None         # when the guest got it (the timeout clock)
+    started_at: float | None = None      # when the guest said busy for it (it may queue before)
     interrupted_at: float | None = None  # when the timeout interrupted it
 
 
@@ -84,6 +85,10 @@ class Relay:
         #: The kernel's own comms (control panel), a HostComms; None until one exists.
         self.host_comms = None
         self.last_cell_s: float | None = None
+        #: The guest kernel's latest execution count: frontends need a real
+        #: count in every execute_reply (JupyterLab keeps a cell "[*]" otherwise).
+        self.last_count = 0
+        self._internal: dict[str, Callable[[int | None], None]] = {}
         self.dropped = 0
 
     # -- frontend -> guest
@@ -151,10 +156,19 @@ class Relay:
         if self.host_comms is not None and msg_type != "stream" and self.host_comms.mentioned_in(body[3]):
             # The guest may not drive, redisplay or restate the host's panel.
             return self._drop(chan, "names a host-owned comm")
+        if parent_id in self._internal:
+            # The host's own request (see run_internal): never shown.
+            if chan == Channel.SHELL:
+                count = _json_field(body[3], "execution_count")
+                self._count(count)
+                self._internal.pop(parent_id)(count if isinstance(count, int) else None)
+            return
         if chan == Channel.IOPUB:
             if msg_type == "status":
                 req = self.inflight.get(parent_id)
                 state = _json_field(body[3], "execution_state")
+                if req is not None and state == "busy" and req.started_at is None:
+                    req.started_at = time.monotonic()
                 if req is not None and req.host_busy and state == "busy":
                     return  # the host already said busy while the VM was booting
             self._to_frontend("iopub", list(parts[:i]), body)
@@ -162,14 +176,39 @@ class Relay:
             req = self.inflight.pop(parent_id, None)
             if req is None:
                 return self._drop(chan, "reply to an unknown request")
-            if req.sent_at is not None and req.header.get("msg_type") == "execute_request":
-                self.last_cell_s = time.monotonic() - req.sent_at
+            if req.header.get("msg_type") == "execute_request":
+                start = req.started_at or req.sent_at
+                if start is not None:
+                    self.last_cell_s = time.monotonic() - start
+                self._count(_json_field(body[3], "execution_count"))
             self._to_frontend(req.socket, req.idents, body)
         elif chan == Channel.STDIN:
             req = self.inflight.get(parent_id)
             if req is None:
                 return self._drop(chan, "input request for an unknown request")
             self._to_frontend("stdin", req.idents, body)
+
+    def _count(self, count) -> None:
+        if isinstance(count, int) and not isinstance(count, bool) and count > 0:
+            self.last_count = count
+
+    def next_count(self) -> int:
+        """A count for a reply the guest cannot number (its VM is gone)."""
+        self.last_count += 1
+        return self.last_count
+
+    def run_internal(self, code: str, done: Callable[[int | None], None]) -> None:
+        """Run ``code`` in the guest for the host, outputs unseen; ``done(count)`` gets
+        the execution count. Used to number %smolvm lines in the guest's history."""
+        session = Session(key=self.sandbox.guest_key, username="smolvm-host", check_pid=False)
+        msg = session.msg("execute_request", content={
+            "code": code, "silent": False, "store_history": True, "user_expressions": {},
+            "allow_stdin": False, "stop_on_error": False})
+        self._internal[msg["header"]["msg_id"]] = done
+        try:
+            self.sandbox.send_raw(Channel.SHELL, session.serialize(msg))
+        except SmolVMError:
+            self._internal.pop(msg["header"]["msg_id"])(None)
 
     def running_cells(self) -> int:
         """Execute requests forwarded to the guest and not yet answered."""
@@ -202,7 +241,10 @@ class Relay:
     def fail_inflight(self, error: SmolVMError) -> None:
         """The VM died: end every open request with a clear error, then idle."""
         inflight, self.inflight = self.inflight, {}
+        internal, self._internal = self._internal, {}
         self.backlog.clear()
+        for done in internal.values():
+            done(None)
         text = str(error)
         for req in inflight.values():
             mtype = req.header.get("msg_type", "")
@@ -211,8 +253,9 @@ class Relay:
                    "traceback": [f"\x1b[0;31m{type(error).__name__}\x1b[0m: {text}"]}
             if mtype == "execute_request":
                 self.publish("error", err, req.header)
+            count = self.next_count() if mtype == "execute_request" else None
             self.reply(req.socket, req.idents, reply_type,
-                       {"status": "error", "execution_count": None, **err}, req.header)
+                       {"status": "error", "execution_count": count, **err}, req.header)
             self.publish("status", {"execution_state": "idle"}, req.header)
 
 
@@ -275,7 +318,6 @@ class SmolVMKernel:
         self._comm_parent: dict = {}
         self._stats_running = False
         self._last_stats = 0.0
-        self.execution_count = 0
         self.exiting = False
 
     # -- sockets
@@ -454,6 +496,8 @@ class SmolVMKernel:
             self.relay.fail_inflight(error)
             return
         self._ready_event.set()
+        if self.panel is not None:
+            self._fetch_stats()     # the fresh VM's figures now, not in 2 s
         self._show_boot_progress(done=f"microVM ready ({self._accel_label()}) in "
                                       f"{self.sandbox.boot_seconds:.1f} s")
         self._boot_display = None
@@ -585,7 +629,8 @@ class SmolVMKernel:
         self.relay.publish("status", {"execution_state": "busy"}, header)
         if header["msg_type"] == "execute_request":
             self.relay.publish("error", err, header)
-        self.relay.reply("shell", idents, reply_type, {"status": "error", "execution_count": None, **err},
+        count = self.relay.next_count() if header["msg_type"] == "execute_request" else None
+        self.relay.reply("shell", idents, reply_type, {"status": "error", "execution_count": count, **err},
                          header)
         self.relay.publish("status", {"execution_state": "idle"}, header)
 
@@ -640,7 +685,7 @@ class SmolVMKernel:
 
     def _host_line(self, idents: list[bytes], msg: dict, code: str) -> None:
         header = msg["header"]
-        self._host_op = {"idents": idents, "header": header}
+        self._host_op = {"idents": idents, "header": header, "code": code}
         self._comm_parent = header
         self.relay.publish("status", {"execution_state": "busy"}, header)
         try:
@@ -660,21 +705,31 @@ class SmolVMKernel:
             self._finish_host_line(result, None)
 
     def _finish_host_line(self, text: str | None, error: SmolVMError | None) -> None:
-        op, self._host_op = self._host_op, None
+        op = self._host_op
         if op is None:
             return
         header, idents = op["header"], op["idents"]
         if error is None:
-            status = {"status": "ok", "execution_count": self.execution_count,
-                      "user_expressions": {}, "payload": []}
+            status = {"status": "ok", "user_expressions": {}, "payload": []}
             if text:
                 self.relay.publish("stream", {"name": "stdout", "text": text + "\n"}, header)
         else:
-            err = {"ename": type(error).__name__, "evalue": str(error), "traceback": [str(error)]}
-            self.relay.publish("error", err, header)
-            status = {"status": "error", "execution_count": self.execution_count, **err}
-        self.relay.reply("shell", idents, "execute_reply", status, header)
-        self.relay.publish("status", {"execution_state": "idle"}, header)
+            status = {"status": "error", "ename": type(error).__name__, "evalue": str(error),
+                      "traceback": [str(error)]}
+            self.relay.publish("error", {k: status[k] for k in ("ename", "evalue", "traceback")}, header)
+
+        def reply(count: int | None) -> None:
+            self._host_op = None
+            status["execution_count"] = count or self.relay.next_count()
+            self.relay.reply("shell", idents, "execute_reply", status, header)
+            self.relay.publish("status", {"execution_state": "idle"}, header)
+
+        if self._guest_ready():
+            # Number the line in the guest's own history, as a comment, so
+            # that the notebook's counts stay those of the guest's In[]/Out[].
+            self.relay.run_internal("# " + op["code"].strip() + "   (ran on the host)", reply)
+        else:
+            reply(None)
 
     def run_line(self, line: str):
         """Run one ``%smolvm`` line: a text to print, or a callable for the ops thread."""

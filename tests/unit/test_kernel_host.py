@@ -185,10 +185,24 @@ def test_host_line_waits_for_the_cells_sent_before_it(running):
     third = kc.execute("after")
     time.sleep(0.5)
     kernel.sandbox.hold.set()
+    counts = []
     for _ in range(3):
         reply = kc.get_shell_msg(timeout=10)
         order.append(reply["parent_header"]["msg_id"])
+        counts.append(reply["content"]["execution_count"])
     assert order == [first, second, third]
+    # The host line is numbered by the guest (as a comment in its history),
+    # so the notebook's counts run on without gaps or repeats.
+    assert counts == [2, 3, 4]
+
+
+def test_every_execute_reply_has_a_real_count(running):
+    # JupyterLab keeps a cell at [*] when its reply's execution_count is 0 or null.
+    kernel, kc, _ = running(on_stopped="error")
+    counts = [run(kc, "a")[0]["execution_count"], run(kc, "%smolvm help")[0]["execution_count"]]
+    run(kc, "%smolvm stop")
+    counts.append(run(kc, "b")[0]["execution_count"])     # refused: no VM to number it
+    assert all(isinstance(c, int) and c > 0 for c in counts) and counts == sorted(set(counts))
 
 
 def test_on_stopped_error_refuses_cells_until_start(running):

@@ -73,3 +73,8 @@ def test_isolation_tour(executed):
 
 def test_host_status_line(executed):
     assert "state      ready" in _text(executed[7])
+
+
+def test_control_panel_cell_shows_a_host_widget(executed):
+    assert "application/vnd.jupyter.widget-view+json" in _mimes(executed[8])
+    assert not any(o.output_type == "error" for o in executed[8].outputs)

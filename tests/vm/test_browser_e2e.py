@@ -1,0 +1,177 @@
+"""End to end in a real browser: JupyterLab on 127.0.0.1, Debian's Chromium
+driven by Playwright, the demo notebook under SmolVM Python.
+
+Runs every cell, checks what the page shows (text, a plot, the guest's
+slider, which is then moved in the browser and read back in the VM), opens
+the control panel and resets the VM from it. Screenshots go to the test's
+tmp dir (printed on failure).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = "/usr/bin/chromium"
+NOTEBOOK = Path(__file__).resolve().parents[2] / "notebooks" / "demo.ipynb"
+# Chromium's own background traffic is refused on this network; keep it quiet.
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--disable-quic"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def lab(image, tmp_path_factory):
+    if not os.path.exists(CHROMIUM):
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium chromium-driver)")
+    pytest.importorskip("playwright.sync_api", reason="pip install playwright (no browser download needed)")
+    from smolvm_kernel import kernelspec
+    from smolvm_kernel.images import ImageCache
+
+    ImageCache().ensure("scipy")
+    kernelspec.install("smolvm-scipy", prefix=os.environ["SMOLVM_TEST_PREFIX"], profile="scipy", backend="qemu")
+    root = tmp_path_factory.mktemp("lab")
+    shutil.copy(NOTEBOOK, root / "demo.ipynb")
+    # No "get notified about Jupyter news?" toast over the screenshots.
+    notification = root / ".settings" / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings"
+    notification.parent.mkdir(parents=True)
+    notification.write_text('{"fetchNews": "false", "checkForUpdates": false}')
+    port, token = _free_port(), secrets.token_hex(16)
+    env = {**os.environ, "JUPYTERLAB_SETTINGS_DIR": str(root / ".settings"),
+           "JUPYTERLAB_WORKSPACES_DIR": str(root / ".workspaces"), "JUPYTER_RUNTIME_DIR": str(root / ".runtime")}
+    log = open(root / "jupyterlab.log", "wb")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "jupyterlab", "--no-browser", "--ServerApp.ip=127.0.0.1",
+         f"--ServerApp.port={port}", f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
+         "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+         "--LabApp.extension_manager=readonly", *(["--allow-root"] if os.geteuid() == 0 else [])],
+        env=env, stdout=log, stderr=subprocess.STDOUT, cwd=root)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            urllib.request.urlopen(f"{base}/api/status?token={token}", timeout=2).read()
+            break
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                pytest.fail("JupyterLab did not start:\n" + (root / "jupyterlab.log").read_text()[-3000:])
+            time.sleep(0.5)
+    yield base, token, root
+    server.terminate()
+    try:
+        server.wait(30)
+    except subprocess.TimeoutExpired:
+        server.kill()
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def page(lab):
+    from playwright.sync_api import sync_playwright
+
+    base, token, root = lab
+    with sync_playwright() as pw:
+        context = pw.chromium.launch_persistent_context(
+            str(root / "chromium-profile"), executable_path=CHROMIUM, headless=True,
+            args=CHROMIUM_FLAGS, viewport={"width": 1400, "height": 1000})
+        pg = context.pages[0] if context.pages else context.new_page()
+        pg.set_default_timeout(60_000)
+        pg.goto(f"{base}/lab/tree/demo.ipynb?token={token}")
+        yield pg
+        context.close()
+
+
+def shot(page, root: Path, name: str) -> None:
+    page.screenshot(path=str(root / f"{name}.png"), full_page=True)
+
+
+@pytest.mark.timeout(900)
+def test_demo_notebook_and_panel_in_a_real_browser(lab, page):
+    _, _, root = lab
+    from playwright.sync_api import expect
+
+    try:
+        # The kernel (SmolVM Python (scipy), from the notebook's metadata) is idle.
+        page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=120_000)
+        expect(page.locator(".jp-Notebook-ExecutionIndicator, .jp-Toolbar-kernelStatus").first) \
+            .to_be_attached(timeout=60_000)
+        page.wait_for_function(
+            "() => [...document.querySelectorAll('.jp-Toolbar-kernelName')]"
+            ".some(e => e.textContent.includes('SmolVM'))", timeout=120_000)
+
+        page.get_by_role("menuitem", name="Run", exact=True).click()
+        page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
+
+        # Every code cell finishes: the last one is the control panel.
+        page.wait_for_selector(".smolvm-panel", timeout=300_000)
+        page.wait_for_function(
+            "() => ![...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')]"
+            ".some(e => e.textContent.includes('*'))", timeout=300_000)
+        shot(page, root, "1-all-cells-run")
+
+        outputs = page.locator(".jp-OutputArea-output")
+        expect(outputs.filter(has_text="guest kernel:")).to_contain_text("cloud-amd64")
+        expect(outputs.filter(has_text="as uid 1000")).to_have_count(1)
+        expect(page.locator(".jp-RenderedImage img").first).to_be_visible()
+        expect(outputs.filter(has_text="network interfaces: ['lo']")).to_have_count(1)
+        assert page.locator(".jp-OutputArea-output .jp-RenderedText[data-mime-type='application/vnd.jupyter.stderr']"
+                            ).filter(has_text="Traceback").count() == 0
+
+        # The guest's slider: move it in the browser, read it back in the VM.
+        slider = page.locator(".widget-slider").first
+        expect(slider).to_be_visible()
+        expect(outputs.filter(has_text="doubled: 6")).to_have_count(1)
+        handle = slider.locator(".noUi-handle")
+        handle.focus()
+        page.keyboard.press("ArrowRight")
+        expect(slider.locator(".widget-readout")).to_have_text("4")
+        value_cell = page.locator(".jp-CodeCell").filter(has_text="slider value inside the VM").first
+        value_cell.locator(".jp-InputArea-editor").click()
+        page.keyboard.press("Shift+Enter")
+        expect(outputs.filter(has_text="doubled: 8")).to_have_count(1, timeout=60_000)
+
+        # The host's control panel: live state, then Reset with confirmation.
+        panel = page.locator(".smolvm-panel")
+        panel.scroll_into_view_if_needed()
+        expect(panel.locator(".smolvm-state-ready")).to_be_visible(timeout=60_000)
+        expect(panel.locator(".smolvm-details")).to_contain_text("MiB used of", timeout=30_000)
+        page.evaluate("""() => {
+            window.__smolvmStates = [];
+            const el = document.querySelector('.smolvm-panel .smolvm-state');
+            new MutationObserver(() => {
+                const s = el.querySelector('[class^=smolvm-state-]');
+                if (s) window.__smolvmStates.push(s.className.replace('smolvm-state-', ''));
+            }).observe(el, {subtree: true, childList: true, characterData: true});
+        }""")
+        panel.locator(".smolvm-reset").click()
+        expect(panel.locator(".smolvm-confirm-text")).to_contain_text("Everything in it is lost")
+        shot(page, root, "2-reset-confirmation")
+        panel.locator(".smolvm-confirm").click()
+        page.wait_for_function("() => window.__smolvmStates.includes('booting')", timeout=30_000)
+        expect(panel.locator(".smolvm-state-ready")).to_be_visible(timeout=180_000)
+        expect(panel.locator(".smolvm-message")).to_contain_text("resetting")
+        shot(page, root, "3-after-reset")
+        # The fresh VM no longer has the notebook's variables.
+        value_cell.locator(".jp-InputArea-editor").click()
+        page.keyboard.press("Shift+Enter")
+        expect(value_cell.locator(".jp-OutputArea-output")).to_contain_text("NameError", timeout=60_000)
+        shot(page, root, "4-fresh-vm")
+    except BaseException:   # pytest-timeout's too
+        shot(page, root, "failure")
+        print(f"screenshots and jupyterlab.log in {root}")
+        raise
