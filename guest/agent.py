@@ -33,6 +33,9 @@ AGENT_VERSION = "0.1.0"
 SERIAL_PORT_NAME = "org.smolvm.agent.0"
 VSOCK_PORT = 1024
 RUN_DIR = "/run/smolvm"
+#: With the SSH transport the agent listens here; only root (the SSH forced
+#: command) can connect.
+AGENT_SOCKET = "/run/smolvm-agent/agent.sock"
 USER_UID = USER_GID = 1000
 USER_HOME = "/home/user"
 #: Files may be put/got only below these directories (after resolving links).
@@ -122,17 +125,39 @@ class SerialLink:
         """Nothing to close: the port stays open across host reconnects."""
 
 
-class VsockLink:
-    """An AF_VSOCK listener on port 1024 (Firecracker's hybrid vsock, QEMU vhost-vsock)."""
+class ListenerLink:
+    """One host connection at a time on a listening socket: AF_VSOCK port 1024
+    (Firecracker's hybrid vsock, QEMU vhost-vsock) or, with the SSH transport,
+    a root-only Unix socket that the SSH forced command bridges to."""
 
     reconnects_by_eof = False
 
-    def __init__(self) -> None:
-        self.listener = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
-        self.listener.bind((socket.VMADDR_CID_ANY, VSOCK_PORT))
+    def __init__(self, listener: socket.socket) -> None:
+        self.listener = listener
         self.listener.listen(1)
         self.conn: socket.socket | None = None
         self._lock = threading.Lock()
+
+    @classmethod
+    def vsock(cls) -> ListenerLink:
+        sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+        sock.bind((socket.VMADDR_CID_ANY, VSOCK_PORT))
+        return cls(sock)
+
+    @classmethod
+    def unix(cls, path: str = AGENT_SOCKET) -> ListenerLink:
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o077)
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old)
+        return cls(sock)
 
     def fileno(self) -> int:
         return self.conn.fileno() if self.conn else self.listener.fileno()
@@ -163,11 +188,13 @@ class _Accepted(Exception):
     """A new host connection was accepted; the poll set must change."""
 
 
-def open_link() -> SerialLink | VsockLink:
+def open_link() -> SerialLink | ListenerLink:
     with open("/proc/cmdline") as fh:
         cmdline = fh.read().split()
     if "smolvm.channel=vsock" in cmdline:
-        return VsockLink()
+        return ListenerLink.vsock()
+    if "smolvm.channel=ssh" in cmdline:
+        return ListenerLink.unix()
     return SerialLink()
 
 
@@ -622,7 +649,7 @@ def _confined(path: str) -> str:
 def main() -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     link = open_link()
-    log(f"listening on {getattr(link, 'path', 'vsock port %d' % VSOCK_PORT)}")
+    log(f"listening on {getattr(link, 'path', None) or link.listener.getsockname()}")
     Agent(link).run()
     return 0
 

@@ -43,6 +43,23 @@ def _restart_vm() -> None:
     ctypes.CDLL(None).reboot(_RB_AUTOBOOT)
 
 
+def _apply_seed() -> list[str] | None:
+    """Network and SSH keys from the seed disk; the SSH server's argv, if any."""
+    from smolvm_guest import seed
+
+    try:
+        data = seed.read_seed()
+        if not data:
+            return None
+        if data.get("net"):
+            seed.configure_network(data["net"])
+        if data.get("ssh"):
+            return seed.install_ssh(data["ssh"])
+    except Exception as exc:  # the host sees the VM never answer, and the console says why
+        print(f"smolvm-init: applying the seed failed: {exc}", file=sys.stderr)
+    return None
+
+
 def main() -> None:
     _mount("tmpfs", "/run", "tmpfs", "mode=0755")
     _mount("tmpfs", "/dev/shm", "tmpfs", "mode=1777")
@@ -53,16 +70,22 @@ def main() -> None:
         _loopback_up()
     except OSError as exc:
         print(f"smolvm-init: lo: {exc}", file=sys.stderr)
-    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "PYTHONPATH": "/opt/smolvm",
-           "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1"}
+    env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+           "PYTHONPATH": "/opt/smolvm", "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1"}
+    os.environ.update(env)
+    essential = {}
+    sshd = _apply_seed()
     agent = subprocess.Popen([sys.executable, "-u", "-m", "smolvm_guest.agent"], env=env)
+    essential[agent.pid] = "agent"
+    if sshd:
+        essential[subprocess.Popen(sshd, env=env).pid] = "dropbear"
     while True:
         try:
             pid, status = os.wait()
         except ChildProcessError:
             break
-        if pid == agent.pid:
-            print(f"smolvm-init: agent exited ({status}); restarting the VM", file=sys.stderr)
+        if pid in essential:
+            print(f"smolvm-init: {essential[pid]} exited ({status}); restarting the VM", file=sys.stderr)
             break
     _restart_vm()
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 
-from traitlets import Bool, Enum, Float, Int, Unicode, default, validate
+from traitlets import Bool, Enum, Float, Int, List, Unicode, default, validate
 from traitlets.config import Configurable
 from traitlets.traitlets import TraitError
 
@@ -67,7 +67,24 @@ class SandboxConfig(Configurable):
                               "(env SMOLVM_BOOT_TIMEOUT).").tag(config=True)
     exec_timeout = Float(help="Default per-execution wall-clock limit in seconds; 0 means "
                               "none (env SMOLVM_TIMEOUT).").tag(config=True)
-    network = Unicode("none", help="Guest networking: none (the VM has no NIC).").tag(config=True)
+    network = Enum(["none", "nat"],
+                   help="Guest networking: none (the default: no NIC at all) or nat (one TAP, NAT "
+                        "egress through nftables, no VM-to-VM, no host, no 169.254/16; needs "
+                        "CAP_NET_ADMIN) (env SMOLVM_NETWORK).").tag(config=True)
+    transport = Enum(["auto", "serial", "vsock", "ssh"],
+                     help="How the host reaches the guest agent: auto = vsock where the backend "
+                          "has it, else virtio-serial (QEMU); ssh = paramiko over the VM's NIC with "
+                          "pinned keys (needs network='nat') (env SMOLVM_TRANSPORT).").tag(config=True)
+    netns = Unicode(help="Put the VM's TAP, rules and NAT in this named network namespace "
+                         "(/run/netns/NAME) instead of the host's (env SMOLVM_NETNS).").tag(config=True)
+    net_pool = Unicode("10.213.0.0/16",
+                       help="Private IPv4 pool the VMs' /30 links are leased from; leases never "
+                            "overlap a route of the namespace.").tag(config=True)
+    egress_allow = List(Unicode(), help="With network='nat': if set, the VM may reach only these "
+                                        "('CIDR' or 'CIDR:port,port'); otherwise any address but the "
+                                        "always-blocked ones.").tag(config=True)
+    dns = List(Unicode(), help="Nameservers for a networked guest; default: the host's "
+                               "non-loopback ones.").tag(config=True)
     qemu_path = Unicode(help="The qemu-system binary (env SMOLVM_QEMU).").tag(config=True)
     firecracker_path = Unicode(help="The firecracker binary (env SMOLVM_FIRECRACKER).").tag(config=True)
     auto_build = Bool(help="Build the guest image on first use if it is missing "
@@ -166,13 +183,50 @@ class SandboxConfig(Configurable):
     def _max_disk_default(self) -> int:
         return _env_int("SMOLVM_MAX_DISK_MIB", 16384)
 
-    @validate("network")
-    def _check_network(self, proposal):
+    @default("network")
+    def _network_default(self) -> str:
+        return _env("SMOLVM_NETWORK") or "none"
+
+    @default("transport")
+    def _transport_default(self) -> str:
+        return _env("SMOLVM_TRANSPORT") or "auto"
+
+    @default("netns")
+    def _netns_default(self) -> str:
+        return _env("SMOLVM_NETNS") or ""
+
+    @validate("net_pool")
+    def _check_pool(self, proposal):
+        import ipaddress
+
         value = proposal["value"]
-        if value != "none":
-            raise TraitError(f"network={value!r} is not available in this version: VMs run without "
-                             f"a NIC; use network='none'")
+        try:
+            net = ipaddress.IPv4Network(value)
+        except ValueError:
+            raise TraitError(f"net_pool={value!r} is not an IPv4 network; give e.g. '10.213.0.0/16'") from None
+        if not net.is_private or net.prefixlen > 30:
+            raise TraitError(f"net_pool={value!r} must be a private range of at least a /30, "
+                             f"e.g. '10.213.0.0/16'")
         return value
+
+    @validate("egress_allow")
+    def _check_allow(self, proposal):
+        from smolvm_kernel.errors import ConfigError
+        from smolvm_kernel.net import Allow
+
+        for entry in proposal["value"]:
+            try:
+                Allow.parse(entry)
+            except ConfigError as exc:
+                raise TraitError(str(exc)) from None
+        return proposal["value"]
+
+    def combination_problems(self) -> list[str]:
+        """Settings that are valid alone but not together."""
+        if self.transport == "ssh" and self.network == "none":
+            return ["transport='ssh' needs network='nat': SSH reaches the guest over its NIC, and "
+                    "network='none' gives it none"]
+        return []
 
     @validate("max_transfer_mib")
     def _check_transfer(self, proposal):
@@ -215,7 +269,7 @@ class SandboxConfig(Configurable):
                 getattr(new, name)
         except TraitError as exc:
             raise ConfigError.from_trait(exc) from None
-        problems = new.limit_problems()
+        problems = new.limit_problems() + new.combination_problems()
         if problems:
             raise ConfigError("", None, "; ".join(problems))
         return new

@@ -839,13 +839,14 @@ class SmolVMKernel:
                 "max_disk_mib": self.config.max_disk_mib}
 
     def check(self, changes: dict) -> None:
-        self.config.changed(**changes)
+        from smolvm_kernel.panel import check_changes
+        check_changes(self.config, changes)
 
     def apply_settings(self, changes: dict) -> str:
         """Validate and apply; restart the VM unless only live settings changed."""
-        from smolvm_kernel.panel import _describe, needs_restart
+        from smolvm_kernel.panel import _describe, check_changes, needs_restart
 
-        new = self.config.changed(**changes)
+        new = check_changes(self.config, changes)
         restart = needs_restart(changes)
         self.config = self.sandbox.config = new
         if self.panel is not None:

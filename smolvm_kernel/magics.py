@@ -225,12 +225,13 @@ class SandboxActions:
         return {"max_vcpus": c.max_vcpus, "max_mem_mib": c.max_mem_mib, "max_disk_mib": c.max_disk_mib}
 
     def check(self, changes: dict) -> None:
-        self.sandbox.config.changed(**changes)
+        from smolvm_kernel.panel import check_changes
+        check_changes(self.sandbox.config, changes)
 
     def apply(self, changes: dict) -> str:
-        from smolvm_kernel.panel import _describe, needs_restart
+        from smolvm_kernel.panel import _describe, check_changes, needs_restart
 
-        new = self.sandbox.config.changed(**changes)
+        new = check_changes(self.sandbox.config, changes)
         running = self.sandbox.state.value in ("ready", "busy", "booting")
         self.sandbox.config = new
         if not needs_restart(changes):

@@ -46,6 +46,19 @@ class PanelActions(Protocol):
         """Destroy the VM."""
 
 
+def check_changes(config, changes: dict):
+    """``config`` with ``changes`` applied, or ConfigError/NetworkError naming the fix.
+
+    Beyond ranges and the host's limits, turning networking on checks that
+    this host can give it (privilege, nft, /dev/net/tun) before any restart.
+    """
+    new = config.changed(**changes)
+    if "network" in changes and new.network != "none":
+        from smolvm_kernel.net import check_host
+        check_host(new.netns)
+    return new
+
+
 def needs_restart(changes: dict) -> bool:
     return any(name not in LIVE_SETTINGS for name in changes)
 

@@ -117,7 +117,7 @@ class Sandbox:
                 getattr(self.config, name)  # defaults are lazy: read env fallbacks now
         except TraitError as exc:
             raise ConfigError.from_trait(exc) from None
-        problems = self.config.limit_problems()
+        problems = self.config.limit_problems() + self.config.combination_problems()
         if problems:
             raise ConfigError("", None, "; ".join(problems))
         self._progress = progress

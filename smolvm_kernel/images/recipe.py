@@ -42,7 +42,9 @@ class Profile:
     description: str
 
 
-_BASE_APT = ("python3", "libpython3.11-stdlib", "procps")
+#: iproute2 configures the NIC when the VM has one; dropbear-bin is the SSH
+#: server of the SSH transport (started only then).
+_BASE_APT = ("python3", "libpython3.11-stdlib", "procps", "iproute2", "dropbear-bin")
 PROFILES: dict[str, Profile] = {
     "base": Profile("base", _BASE_APT, "python3 + ipykernel, pyzmq, ipywidgets"),
     "scipy": Profile("scipy", _BASE_APT + ("python3-numpy", "python3-pandas", "python3-matplotlib"),

@@ -88,11 +88,26 @@ def test_values_outside_the_limits_are_refused_in_the_panel(panel, field, value,
     assert words in p.message.value and "#c62828" in p.message.value
 
 
-def test_network_toggle_is_refused_with_the_reason(panel):
+def test_network_toggle_asks_to_restart_with_nat(panel):
     p, actions = panel
     p.network.value = True
     p.apply_button.click()
-    assert actions.calls == [] and "network='nat' is not available" in p.message.value
+    assert "network nat" in p.confirm_text.value
+    p.confirm_button.click()
+    assert actions.calls == [("apply", {"network": "nat"})]
+
+
+def test_network_refusal_from_the_host_shows_in_the_panel(panel):
+    from smolvm_kernel.net import NetworkError
+
+    p, actions = panel
+
+    def refuse(changes):
+        raise NetworkError("network='nat' needs CAP_NET_ADMIN")
+    actions.check = refuse
+    p.network.value = True
+    p.apply_button.click()
+    assert actions.calls == [] and "needs CAP_NET_ADMIN" in p.message.value
 
 
 def test_apply_with_nothing_changed_says_so(panel):

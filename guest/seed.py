@@ -1,0 +1,78 @@
+"""The VM's seed: per-VM settings the host hands over on a small read-only disk.
+
+The disk (virtio serial ``smolvm-seed``) holds a 4-byte big-endian length and
+a JSON object, written by the host into the VM's private run folder. Only
+root can read the device. It carries what must exist before any channel to
+the host does: the network address, and for the SSH transport the guest's
+host key and the key the host logs in with.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+
+SEED_SERIAL = "smolvm-seed"
+MAX_SEED = 64 * 1024
+DROPBEAR_KEY = "/etc/dropbear/smolvm_host_key"
+FORCED_COMMAND = ('command="PYTHONPATH=/opt/smolvm exec /usr/bin/python3 -u -m smolvm_guest.bridge",'
+                  'no-port-forwarding,no-agent-forwarding,no-X11-forwarding,no-pty')
+
+
+def log(msg: str) -> None:
+    print(f"smolvm-seed: {msg}", file=sys.stderr, flush=True)
+
+
+def read_seed() -> dict | None:
+    for serial_file in glob.glob("/sys/block/vd*/serial"):
+        with open(serial_file) as fh:
+            if fh.read().strip() != SEED_SERIAL:
+                continue
+        dev = "/dev/" + serial_file.split("/")[3]
+        with open(dev, "rb") as fh:
+            head = fh.read(4)
+            (length,) = struct.unpack("!I", head)
+            if length > MAX_SEED:
+                raise ValueError(f"seed of {length} bytes")
+            return json.loads(fh.read(length))
+    return None
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
+
+
+def configure_network(net: dict) -> None:
+    dev = net.get("device", "eth0")
+    _ip("link", "set", dev, "up")
+    _ip("addr", "add", f"{net['address']}/{int(net['prefix'])}", "dev", dev)
+    _ip("route", "add", "default", "via", net["gateway"], "dev", dev)
+    servers = [s for s in net.get("dns", []) if isinstance(s, str)]
+    with open("/etc/resolv.conf", "w") as fh:
+        fh.write("".join(f"nameserver {s}\n" for s in servers) or "# no DNS server given\n")
+    log(f"{dev} {net['address']}/{net['prefix']} via {net['gateway']}")
+
+
+def install_ssh(ssh: dict) -> list[str]:
+    """Write the keys; return the dropbear command line to run."""
+    os.makedirs("/etc/dropbear", mode=0o700, exist_ok=True)
+    openssh_key = "/etc/dropbear/host_key.openssh"
+    fd = os.open(openssh_key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(ssh["host_key"])
+    convert = shutil.which("dropbearconvert") or "/usr/lib/dropbear/dropbearconvert"
+    subprocess.run([convert, "openssh", "dropbear", openssh_key, DROPBEAR_KEY], check=True, capture_output=True)
+    os.unlink(openssh_key)
+    os.makedirs("/root/.ssh", mode=0o700, exist_ok=True)
+    with open("/root/.ssh/authorized_keys", "w") as fh:
+        fh.write(f"{FORCED_COMMAND} {ssh['authorized_key'].strip()}\n")
+    os.chmod("/root/.ssh/authorized_keys", 0o600)
+    # -s/-g: no password logins at all; -j/-k: no port forwarding; -F -E:
+    # foreground, log to stderr (the console).
+    return ["dropbear", "-F", "-E", "-s", "-g", "-j", "-k", "-p", str(int(ssh.get("port", 22))),
+            "-r", DROPBEAR_KEY]

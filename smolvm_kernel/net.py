@@ -1,0 +1,403 @@
+"""Opt-in networking: one TAP per VM (pyroute2), NAT and policy in nftables.
+
+Off by default: a VM has no NIC. With ``network="nat"`` the host
+
+- leases a /30 from a private pool (``net_pool``) that overlaps none of the
+  namespace's routes and no other live lease (in the state DB, under its
+  write lock, so concurrent starts never share one);
+- creates a persistent TAP with pyroute2, gives it the /30's first address,
+  and hands QEMU an open descriptor for it;
+- loads one nftables table per VM, ``inet smolvm_<vm id>``, which the project
+  owns alone: masquerade for the VM's address, and these rules always: no
+  traffic to other VMs, none to 169.254.0.0/16 (cloud metadata), none to the
+  host's own addresses (only replies to connections the host opened, such as
+  its SSH session); optionally an egress allowlist of CIDRs and ports;
+- records TAP, table and lease in the state DB; teardown and
+  ``smolvm-kernel cleanup`` delete exactly those.
+
+``netns`` puts all of it in a named network namespace (``ip netns`` style,
+``/run/netns/<name>``) instead of the host's own; the tests use that.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import fcntl
+import ipaddress
+import os
+import shutil
+import sqlite3
+import struct
+import subprocess
+import threading
+from collections.abc import Callable, Iterable
+
+from smolvm_kernel.errors import ConfigError, SmolVMError, ToolNotFound
+
+TAP_PREFIX = "smv"
+TABLE_PREFIX = "smolvm_"
+METADATA_NET = "169.254.0.0/16"
+_CAP_NET_ADMIN = 12
+_CLONE_NEWNET = 0x40000000
+_TUNSETIFF = 0x400454CA
+_IFF_TAP, _IFF_NO_PI, _IFF_VNET_HDR = 0x0002, 0x1000, 0x4000
+
+_LEASES = """
+CREATE TABLE IF NOT EXISTS leases (
+    vm_id TEXT PRIMARY KEY,
+    netns TEXT NOT NULL,
+    subnet TEXT NOT NULL,
+    tap TEXT NOT NULL,
+    nft_table TEXT NOT NULL,
+    created REAL NOT NULL DEFAULT (strftime('%s','now'))
+)
+"""
+
+
+class NetworkError(SmolVMError):
+    """Networking was asked for and cannot be set up here."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Lease:
+    vm_id: str
+    netns: str
+    subnet: str
+    tap: str
+    nft_table: str
+
+    @property
+    def network(self) -> ipaddress.IPv4Network:
+        return ipaddress.IPv4Network(self.subnet)
+
+    @property
+    def host_ip(self) -> str:
+        return str(self.network.network_address + 1)
+
+    @property
+    def guest_ip(self) -> str:
+        return str(self.network.network_address + 2)
+
+    @property
+    def mac(self) -> str:
+        """A stable, locally administered unicast MAC for the guest's NIC."""
+        b = bytes.fromhex(self.vm_id[:8].ljust(8, "0"))
+        return "52:54:" + ":".join(f"{x:02x}" for x in b)
+
+
+@dataclasses.dataclass(frozen=True)
+class Allow:
+    """One egress allowlist entry: ``CIDR`` or ``CIDR:port[,port...]``."""
+
+    net: ipaddress.IPv4Network
+    ports: tuple[int, ...] = ()
+
+    @classmethod
+    def parse(cls, text: str) -> Allow:
+        cidr, _, ports = text.strip().partition(":")
+        try:
+            net = ipaddress.IPv4Network(cidr, strict=False)
+            nums = tuple(int(p) for p in ports.split(",")) if ports else ()
+        except ValueError:
+            raise ConfigError("egress_allow", text, "give entries like '203.0.113.0/24' or "
+                                                    "'203.0.113.7/32:80,443' (IPv4 CIDR, optional TCP/UDP ports)") from None
+        if any(not 1 <= p <= 65535 for p in nums):
+            raise ConfigError("egress_allow", text, "ports are 1 to 65535")
+        return cls(net, nums)
+
+
+# ---------------------------------------------------------------- privileges and tools
+
+def has_net_admin() -> bool:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> _CAP_NET_ADMIN & 1)
+    except OSError:
+        pass
+    return False
+
+
+def check_host(netns: str = "") -> str:
+    """The nft binary, or a NetworkError saying exactly what is missing."""
+    if not has_net_admin():
+        raise NetworkError(
+            "network='nat' needs CAP_NET_ADMIN to create the VM's TAP device and its nftables "
+            "rules: run the kernel as root, or give its Python CAP_NET_ADMIN (e.g. "
+            "`setcap cap_net_admin+ep $(readlink -f .venv/bin/python)`), or use network='none' "
+            "(the default, which needs no privilege)")
+    nft = shutil.which("nft") or ("/usr/sbin/nft" if os.path.exists("/usr/sbin/nft") else None)
+    if nft is None:
+        raise ToolNotFound("nft", "nftables (apt-get install nftables)")
+    if not os.path.exists("/dev/net/tun"):
+        raise NetworkError("/dev/net/tun is missing: load the tun module (modprobe tun)")
+    if netns and not os.path.exists(f"/run/netns/{netns}"):
+        raise NetworkError(f"network namespace {netns!r} does not exist (/run/netns/{netns}); "
+                           f"create it (ip netns add {netns}) or set netns=''")
+    return nft
+
+
+# ---------------------------------------------------------------- namespaces
+
+def in_netns(netns: str, fn: Callable[[], object]) -> object:
+    """Run ``fn`` with the calling thread in ``netns`` ('' = as is), on a thread of its own.
+
+    setns(2) moves only the calling thread; a short-lived thread keeps the
+    caller (often the asyncio loop's thread) where it was.
+    """
+    if not netns:
+        return fn()
+    result: dict = {}
+
+    def run() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = os.open(f"/run/netns/{netns}", os.O_RDONLY)
+        try:
+            if libc.setns(fd, _CLONE_NEWNET) != 0:
+                err = ctypes.get_errno()
+                raise NetworkError(f"cannot enter network namespace {netns!r}: {os.strerror(err)}")
+        finally:
+            os.close(fd)
+        result["value"] = fn()
+
+    def guarded() -> None:
+        try:
+            run()
+        except BaseException as exc:  # handed to the caller
+            result["error"] = exc
+
+    t = threading.Thread(target=guarded, name=f"netns-{netns}")
+    t.start()
+    t.join()
+    if "error" in result:
+        raise result["error"]
+    return result.get("value")
+
+
+# ---------------------------------------------------------------- leases
+
+class LeaseBook:
+    """IP leases in the state DB (``<state>/vms.db``), safe across processes."""
+
+    def __init__(self, db_path) -> None:
+        self.db_path = db_path
+
+    def _connect(self) -> sqlite3.Connection:
+        con = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
+        con.execute("PRAGMA journal_mode=WAL")
+        con.execute(_LEASES)
+        return con
+
+    def allocate(self, vm_id: str, pool: str, netns: str, routes: Callable[[], Iterable[str]]) -> Lease:
+        """The first free /30 of ``pool``: not leased, not overlapping any route."""
+        pool_net = ipaddress.IPv4Network(pool)
+        con = self._connect()
+        try:
+            con.execute("BEGIN IMMEDIATE")    # one allocator at a time, across processes
+            taken = [ipaddress.IPv4Network(r[0]) for r in con.execute("SELECT subnet FROM leases")]
+            taken += [ipaddress.IPv4Network(r) for r in routes()]
+            for candidate in pool_net.subnets(new_prefix=30):
+                if any(candidate.overlaps(t) for t in taken):
+                    continue
+                lease = Lease(vm_id, netns, str(candidate), TAP_PREFIX + vm_id[:12],
+                              TABLE_PREFIX + vm_id)
+                con.execute("INSERT INTO leases (vm_id, netns, subnet, tap, nft_table) VALUES (?,?,?,?,?)",
+                            (lease.vm_id, lease.netns, lease.subnet, lease.tap, lease.nft_table))
+                con.execute("COMMIT")
+                return lease
+            con.execute("ROLLBACK")
+        except BaseException:
+            if con.in_transaction:
+                con.execute("ROLLBACK")
+            raise
+        finally:
+            con.close()
+        raise NetworkError(f"no free /30 left in net_pool {pool} (leases and this host's routes use "
+                           f"them all); give a larger or another private pool")
+
+    def release(self, vm_id: str) -> None:
+        con = self._connect()
+        try:
+            con.execute("DELETE FROM leases WHERE vm_id=?", (vm_id,))
+        finally:
+            con.close()
+
+    def all(self) -> list[Lease]:
+        con = self._connect()
+        try:
+            rows = con.execute("SELECT vm_id, netns, subnet, tap, nft_table FROM leases").fetchall()
+        finally:
+            con.close()
+        return [Lease(*r) for r in rows]
+
+
+def host_routes() -> list[str]:
+    """IPv4 destinations routed in the current namespace (default route excluded)."""
+    from pyroute2 import IPRoute
+
+    out = []
+    with IPRoute() as ipr:
+        for r in ipr.get_routes(family=2):
+            dst, plen = r.get_attr("RTA_DST"), r["dst_len"]
+            if dst and plen:
+                out.append(str(ipaddress.IPv4Network(f"{dst}/{plen}", strict=False)))
+        for a in ipr.get_addr(family=2):
+            out.append(str(ipaddress.IPv4Network(f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}",
+                                                 strict=False)))
+    return out
+
+
+# ---------------------------------------------------------------- nftables
+
+def render_rules(lease: Lease, allow: Iterable[Allow] = ()) -> str:
+    """The VM's nftables table, as ``nft -f`` input (pure; unit-tested)."""
+    tap, guest = lease.tap, lease.guest_ip
+    allow = list(allow)
+    lines = [
+        f"table inet {lease.nft_table} {{",
+        "  chain forward {",
+        "    type filter hook forward priority filter - 10; policy accept;",
+        f'    iifname "{tap}" ip saddr != {guest} drop',
+        f'    iifname "{tap}" ip daddr {METADATA_NET} drop',
+        f'    iifname "{tap}" oifname "{TAP_PREFIX}*" drop',
+        f'    iifname "{tap}" meta nfproto ipv6 drop',
+    ]
+    if allow:
+        for entry in allow:
+            if entry.ports:
+                ports = ", ".join(str(p) for p in entry.ports)
+                lines.append(f'    iifname "{tap}" ip daddr {entry.net} meta l4proto {{ tcp, udp }} '
+                             f'th dport {{ {ports} }} accept')
+            else:
+                lines.append(f'    iifname "{tap}" ip daddr {entry.net} accept')
+        lines.append(f'    iifname "{tap}" drop')
+    else:
+        lines.append(f'    iifname "{tap}" accept')
+    lines += [
+        f'    oifname "{tap}" ct state established,related accept',
+        f'    oifname "{tap}" drop',
+        "  }",
+        "  chain input {",
+        "    type filter hook input priority filter - 10; policy accept;",
+        f'    iifname "{tap}" ct state established,related accept',
+        f'    iifname "{tap}" drop',
+        "  }",
+        "  chain postrouting {",
+        "    type nat hook postrouting priority srcnat; policy accept;",
+        f'    ip saddr {guest} oifname != "{tap}" masquerade',
+        "  }",
+        "}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _nft(nft: str, netns: str, script: str) -> None:
+    argv = [nft, "-f", "-"]
+    if netns:
+        argv = ["nsenter", f"--net=/run/netns/{netns}", *argv]
+    proc = subprocess.run(argv, input=script, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise NetworkError(f"nft refused the rules: {proc.stderr.strip()}")
+
+
+# ---------------------------------------------------------------- one VM's network
+
+class VMNetwork:
+    """Set up and tear down one VM's TAP, address, rules and lease."""
+
+    def __init__(self, book: LeaseBook, vm_id: str, *, pool: str, netns: str = "",
+                 allow: Iterable[str] = (), dns: Iterable[str] = ()) -> None:
+        self.book, self.vm_id, self.pool, self.netns = book, vm_id, pool, netns
+        self.allow = [Allow.parse(a) for a in allow]
+        self.dns = list(dns)
+        self.lease: Lease | None = None
+
+    def setup(self) -> int:
+        """Lease, TAP, rules; returns an open TAP descriptor for the VMM (caller closes)."""
+        nft = check_host(self.netns)
+        self.lease = self.book.allocate(self.vm_id, self.pool, self.netns,
+                                        lambda: in_netns(self.netns, host_routes))
+        try:
+            return in_netns(self.netns, lambda: self._setup_in_ns(nft))
+        except BaseException:
+            self.teardown()
+            raise
+
+    def _setup_in_ns(self, nft: str) -> int:
+        from pyroute2 import IPRoute
+
+        lease = self.lease
+        with IPRoute() as ipr:
+            ipr.link("add", ifname=lease.tap, kind="tuntap", mode="tap")
+            idx = ipr.link_lookup(ifname=lease.tap)[0]
+            ipr.addr("add", index=idx, address=lease.host_ip, prefixlen=30)
+            ipr.link("set", index=idx, state="up")
+        with open("/proc/sys/net/ipv4/ip_forward", "w") as fh:   # this namespace's
+            fh.write("1")
+        _nft(nft, "", render_rules(lease, self.allow))
+        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+        try:
+            fcntl.ioctl(fd, _TUNSETIFF, struct.pack("16sH", lease.tap.encode(), _IFF_TAP | _IFF_NO_PI | _IFF_VNET_HDR))
+        except OSError:
+            os.close(fd)
+            raise
+        return fd
+
+    def guest_config(self) -> dict:
+        lease = self.lease
+        return {"device": "eth0", "address": lease.guest_ip, "prefix": 30, "gateway": lease.host_ip,
+                "dns": self.dns}
+
+    def teardown(self) -> list[str]:
+        lease = self.lease or next((x for x in self.book.all() if x.vm_id == self.vm_id), None)
+        if lease is None:
+            return []
+        done = remove_lease_objects(lease)
+        self.book.release(lease.vm_id)
+        self.lease = None
+        return done
+
+
+def remove_lease_objects(lease: Lease) -> list[str]:
+    """Delete a lease's nft table and TAP (whichever still exist)."""
+    done: list[str] = []
+    if lease.netns and not os.path.exists(f"/run/netns/{lease.netns}"):
+        return [f"namespace {lease.netns} is gone (and with it TAP {lease.tap} and table {lease.nft_table})"]
+    nft = shutil.which("nft") or "/usr/sbin/nft"
+
+    def work() -> None:
+        from pyroute2 import IPRoute
+
+        proc = subprocess.run([nft, "delete", "table", "inet", lease.nft_table], capture_output=True, text=True)
+        if proc.returncode == 0:
+            done.append(f"deleted nftables table inet {lease.nft_table}")
+        with IPRoute() as ipr:
+            idx = ipr.link_lookup(ifname=lease.tap)
+            if idx:
+                ipr.link("del", index=idx[0])
+                done.append(f"deleted TAP {lease.tap}")
+
+    # nft runs in the namespace of the thread that starts it.
+    in_netns(lease.netns, work)
+    return done
+
+
+def default_dns() -> list[str]:
+    """The host's resolvers that a guest can reach (not loopback ones)."""
+    servers = []
+    try:
+        with open("/etc/resolv.conf") as fh:
+            for line in fh:
+                parts = line.split()
+                if len(parts) >= 2 and parts[0] == "nameserver":
+                    try:
+                        ip = ipaddress.ip_address(parts[1])
+                    except ValueError:
+                        continue
+                    if ip.version == 4 and not ip.is_loopback:
+                        servers.append(str(ip))
+    except OSError:
+        pass
+    return servers
