@@ -45,9 +45,12 @@ def _restart_vm() -> None:
 
 def _apply_seed() -> list[str] | None:
     """Network and SSH keys from the seed disk; the SSH server's argv, if any."""
-    from smolvm_guest import seed
-
     try:
+        # PID 1 runs isolated (-I): the guest package is not on its path.
+        if "/opt/smolvm" not in sys.path:
+            sys.path.insert(0, "/opt/smolvm")
+        from smolvm_guest import seed
+
         data = seed.read_seed()
         if not data:
             return None
@@ -93,5 +96,9 @@ def main() -> None:
 if __name__ == "__main__":
     try:
         main()
+    except BaseException:
+        import traceback
+        traceback.print_exc()   # to the console, before the VM goes away
+        sys.stderr.flush()
     finally:
         _restart_vm()

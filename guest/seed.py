@@ -28,18 +28,31 @@ def log(msg: str) -> None:
     print(f"smolvm-seed: {msg}", file=sys.stderr, flush=True)
 
 
+def _read(dev: str) -> dict | None:
+    with open(dev, "rb") as fh:
+        (length,) = struct.unpack("!I", fh.read(4))
+        if length > MAX_SEED:
+            return None
+        try:
+            data = json.loads(fh.read(length))
+        except ValueError:
+            return None
+    return data if isinstance(data, dict) and data.get("smolvm_seed") == 1 else None
+
+
 def read_seed() -> dict | None:
+    """The seed, found by disk serial (QEMU) or, where disks have no
+    serial we set (Firecracker), by its content on a read-only disk."""
     for serial_file in glob.glob("/sys/block/vd*/serial"):
         with open(serial_file) as fh:
-            if fh.read().strip() != SEED_SERIAL:
-                continue
-        dev = "/dev/" + serial_file.split("/")[3]
-        with open(dev, "rb") as fh:
-            head = fh.read(4)
-            (length,) = struct.unpack("!I", head)
-            if length > MAX_SEED:
-                raise ValueError(f"seed of {length} bytes")
-            return json.loads(fh.read(length))
+            if fh.read().strip() == SEED_SERIAL:
+                return _read("/dev/" + serial_file.split("/")[3])
+    for ro_file in sorted(glob.glob("/sys/block/vd*/ro")):
+        with open(ro_file) as fh:
+            if fh.read().strip() == "1":
+                seed = _read("/dev/" + ro_file.split("/")[3])
+                if seed is not None:
+                    return seed
     return None
 
 

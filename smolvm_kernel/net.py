@@ -293,11 +293,9 @@ def render_rules(lease: Lease, allow: Iterable[Allow] = ()) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _nft(nft: str, netns: str, script: str) -> None:
-    argv = [nft, "-f", "-"]
-    if netns:
-        argv = ["nsenter", f"--net=/run/netns/{netns}", *argv]
-    proc = subprocess.run(argv, input=script, capture_output=True, text=True)
+def _nft(nft: str, script: str) -> None:
+    """Load ``script``; nft works in the network namespace of the calling thread."""
+    proc = subprocess.run([nft, "-f", "-"], input=script, capture_output=True, text=True)
     if proc.returncode != 0:
         raise NetworkError(f"nft refused the rules: {proc.stderr.strip()}")
 
@@ -314,18 +312,19 @@ class VMNetwork:
         self.dns = list(dns)
         self.lease: Lease | None = None
 
-    def setup(self) -> int:
-        """Lease, TAP, rules; returns an open TAP descriptor for the VMM (caller closes)."""
+    def setup(self, open_fd: bool = True) -> int | None:
+        """Lease, TAP, rules; with ``open_fd``, an open TAP descriptor for the VMM
+        (the caller closes it; Firecracker opens the TAP by name instead)."""
         nft = check_host(self.netns)
         self.lease = self.book.allocate(self.vm_id, self.pool, self.netns,
                                         lambda: in_netns(self.netns, host_routes))
         try:
-            return in_netns(self.netns, lambda: self._setup_in_ns(nft))
+            return in_netns(self.netns, lambda: self._setup_in_ns(nft, open_fd))
         except BaseException:
             self.teardown()
             raise
 
-    def _setup_in_ns(self, nft: str) -> int:
+    def _setup_in_ns(self, nft: str, open_fd: bool) -> int | None:
         from pyroute2 import IPRoute
 
         lease = self.lease
@@ -336,7 +335,9 @@ class VMNetwork:
             ipr.link("set", index=idx, state="up")
         with open("/proc/sys/net/ipv4/ip_forward", "w") as fh:   # this namespace's
             fh.write("1")
-        _nft(nft, "", render_rules(lease, self.allow))
+        _nft(nft, render_rules(lease, self.allow))
+        if not open_fd:
+            return None
         fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
         try:
             fcntl.ioctl(fd, _TUNSETIFF, struct.pack("16sH", lease.tap.encode(), _IFF_TAP | _IFF_NO_PI | _IFF_VNET_HDR))
@@ -401,3 +402,16 @@ def default_dns() -> list[str]:
     except OSError:
         pass
     return servers
+
+
+def cleanup_leases(db_path, live_vm_ids: set[str]) -> list[str]:
+    """Remove the TAP, rules and lease of every VM that is no longer live."""
+    book = LeaseBook(db_path)
+    done: list[str] = []
+    for lease in book.all():
+        if lease.vm_id in live_vm_ids:
+            continue
+        done += remove_lease_objects(lease)
+        book.release(lease.vm_id)
+        done.append(f"released {lease.subnet} of VM {lease.vm_id}")
+    return done

@@ -139,6 +139,11 @@ class Sandbox:
         self._snapshots = SnapshotCache()
         self.started_from: str | None = None
         self.last_cell_s: float | None = None
+        self.transport: str | None = None
+        self.backend_name: str | None = None
+        self._net = None           # net.VMNetwork while the VM has a NIC
+        self._ssh_keys = None      # channel.ssh.SSHKeys while the transport is SSH
+        self._ssh_client = None
         #: When set, every Jupyter frame from the guest goes here raw (as its
         #: multipart list, not yet verified): the relaying kernel re-signs the
         #: original bytes instead of re-serialising them. Called on the I/O thread.
@@ -197,7 +202,7 @@ class Sandbox:
                 self.image = await asyncio.to_thread(cache.ensure, cfg.profile, self._progress)
             else:
                 self.image = cache.get(cfg.profile)
-            backend_name = self._pick_backend()
+            backend_name = self.backend_name = self._pick_backend()
             if backend_name == "firecracker":
                 from smolvm_kernel.backends.firecracker import FirecrackerBackend
                 backend_cls, binary, accel, self.accel_reason = (
@@ -209,8 +214,15 @@ class Sandbox:
             shape = {"vcpus": cfg.vcpus, "mem_mib": cfg.mem_mib, "disk_mib": cfg.disk_mib,
                      "accel": accel, "debug_console": cfg.debug_console,
                      "tsc_khz": host_tsc_khz() if accel == "tcg" else None}
+            self.transport = pick_transport(cfg, backend_name)
             snap = None
-            if backend_cls is QemuBackend and cfg.snapshot != "off":
+            if self.transport != "serial" or cfg.network != "none":
+                # A NIC, SSH keys or a vsock CID belong to one VM: such VMs
+                # boot cold (their seed is made per VM).
+                if cfg.snapshot != "off":
+                    self._say(f"no ready snapshot with network={cfg.network}, transport={self.transport}; "
+                              f"cold boot")
+            elif backend_cls is QemuBackend and cfg.snapshot != "off":
                 snap = await self._ready_snapshot(binary, shape)
             elif cfg.snapshot != "off":
                 # The backend can save and load (backends/firecracker.py), but a
@@ -251,16 +263,55 @@ class Sandbox:
             vm_id=self.vm_id, backend=backend_cls.name, accel=shape["accel"], profile=cfg.profile,
             run_dir=str(run_dir), owner_pid=owner_pid, owner_start=owner_start,
             vcpus=cfg.vcpus, mem_mib=cfg.mem_mib))
-        spec = VMSpec(vm_id=self.vm_id, run_dir=run_dir, image=self.image, **shape)
+        spec = VMSpec(vm_id=self.vm_id, run_dir=run_dir, image=self.image, transport=self.transport,
+                      **shape)
+        tap_fd = await self._setup_network(spec) if restore is None else None
         self.backend = backend_cls(spec, binary, restore=restore) if restore else backend_cls(spec, binary)
         verb = "restoring microVM from its ready snapshot" if restore else "starting microVM"
         self._say(f"{verb} ({backend_cls.name}/{shape['accel']})")
-        await self.backend.launch()
+        try:
+            await self.backend.launch()
+        finally:
+            if tap_fd is not None:
+                os.close(tap_fd)     # QEMU has its own copy now
         self._registry.set_vmm(self.vm_id, self.backend.pid)
         self.started_at = time.time()
         # A restore answers in about a second; do not wait a whole cold-boot
         # timeout before falling back.
         await self._connect(time.monotonic(), min(cfg.boot_timeout, 30.0) if restore else None)
+
+    async def _setup_network(self, spec: VMSpec) -> int | None:
+        """TAP, rules, lease and the seed disk (address, SSH keys) for this VM."""
+        cfg = self.config
+        seed: dict = {}
+        tap_fd = None
+        if cfg.network != "none":
+            from smolvm_kernel.net import LeaseBook, VMNetwork, default_dns
+
+            if self.backend_name == "firecracker" and cfg.netns:
+                raise ConfigError("netns", cfg.netns, "Firecracker opens its TAP by name in its own "
+                                  "namespace; use netns='' with Firecracker")
+            self._net = VMNetwork(LeaseBook(self._registry.db_path), spec.vm_id, pool=cfg.net_pool,
+                                  netns=cfg.netns, allow=cfg.egress_allow, dns=cfg.dns or default_dns())
+            self._say(f"network: TAP and nftables rules for {spec.vm_id}")
+            tap_fd = await asyncio.to_thread(self._net.setup, self.backend_name != "firecracker")
+            spec.tap_fd = tap_fd
+            spec.tap_name = self._net.lease.tap
+            spec.mac = self._net.lease.mac
+            seed["net"] = self._net.guest_config()
+        if self.transport == "ssh":
+            from smolvm_kernel.channel.ssh import SSHKeys
+
+            self._ssh_keys = await asyncio.to_thread(SSHKeys.generate)
+            seed["ssh"] = self._ssh_keys.seed()
+        if seed:
+            from smolvm_kernel.backends.base import write_seed
+
+            spec.seed = spec.run_dir / "seed.img"
+            write_seed(spec.seed, {"smolvm_seed": 1, **seed})
+        if self.transport == "vsock" and spec.vsock_cid is None:
+            spec.vsock_cid = 3 + secrets.randbelow(2**31)
+        return tap_fd
 
     async def _ready_snapshot(self, binary: str, shape: dict):
         """The snapshot for this shape, built first (once, under a lock) if missing."""
@@ -308,8 +359,17 @@ class Sandbox:
             return max(0.1, timeout - (time.monotonic() - t0))
 
         try:
-            reader, writer = await backend.open_channel(remaining())
-        except ConnectionError:
+            if self.transport == "ssh":
+                from smolvm_kernel.channel import ssh
+
+                reader, writer, self._ssh_client = await ssh.open_channel(
+                    self._net.lease.guest_ip, self._ssh_keys, netns=self.config.netns,
+                    timeout=remaining(), alive=lambda: backend.poll() is None)
+            else:
+                reader, writer = await backend.open_channel(remaining())
+        except ConnectionError as exc:
+            if isinstance(exc, SmolVMError):    # a pinned host key that does not match
+                raise
             raise self._boot_failure("the guest channel", timeout) from None
         self._ready = loop.create_future()
         self._channel = GuestChannel(reader, writer, self._on_frame, self._on_channel_close,
@@ -325,7 +385,13 @@ class Sandbox:
             if handshake not in done:
                 handshake.cancel()
                 raise self._boot_failure("the guest agent", timeout)
-            handshake.result()
+            try:
+                handshake.result()
+            except (ConnectionError, OSError, asyncio.IncompleteReadError):
+                # The guest went away mid-handshake: usually the VM is ending;
+                # let its exit be seen so the error carries the console.
+                await asyncio.wait({watcher}, timeout=1.0)
+                raise self._boot_failure("the guest agent", timeout) from None
             self._channel.start()
             done, _ = await asyncio.wait({self._ready, watcher}, timeout=remaining(),
                                          return_when=asyncio.FIRST_COMPLETED)
@@ -359,6 +425,13 @@ class Sandbox:
             await backend.terminate(grace=1.0)
             await backend.kill()
             await backend.cleanup()
+        client, self._ssh_client = self._ssh_client, None
+        if client is not None:
+            client.close()
+        net, self._net = self._net, None
+        if net is not None:
+            await asyncio.to_thread(net.teardown)
+        self._ssh_keys = None
         if vm_id is not None:
             await asyncio.to_thread(self._registry.remove, vm_id)
         self.backend = None
@@ -590,8 +663,9 @@ class Sandbox:
             "state": self.state.value, "vm_id": self.vm_id,
             "backend": self.backend.name if self.backend else None,
             "accel": self.backend.spec.accel if self.backend else None,
-            "accel_reason": self.accel_reason, "transport": self.backend.channel_kind if self.backend else None,
+            "accel_reason": self.accel_reason, "transport": self.transport if self.backend else None,
             "network": self.config.network, "profile": self.config.profile,
+            "guest_ip": self._net.lease.guest_ip if self._net and self._net.lease else None,
             "configured_vcpus": self.config.vcpus, "configured_mem_mib": self.config.mem_mib,
             "vmm_pid": self.backend.pid if self.backend else None,
             "vmm_rss_kib": _rss_kib(self.backend.pid) if self.backend else None,
@@ -658,3 +732,22 @@ def _rss_kib(pid: int | None) -> int | None:
     except OSError:
         pass
     return None
+
+
+def qemu_vsock_available() -> bool:
+    return os.access("/dev/vhost-vsock", os.R_OK | os.W_OK)
+
+
+def pick_transport(cfg: SandboxConfig, backend: str) -> str:
+    """auto: vsock where the backend has it, else virtio-serial (QEMU), else SSH."""
+    wanted = cfg.transport
+    if wanted == "auto":
+        if backend == "firecracker" or qemu_vsock_available():
+            return "vsock"
+        return "serial"
+    if wanted == "serial" and backend != "qemu":
+        raise ConfigError("transport", wanted, f"{backend} has no virtio-serial; use transport='auto'")
+    if wanted == "vsock" and backend == "qemu" and not qemu_vsock_available():
+        raise ConfigError("transport", wanted, "QEMU needs /dev/vhost-vsock for it (modprobe vhost_vsock); "
+                                               "use transport='auto' (virtio-serial here)")
+    return wanted

@@ -159,6 +159,9 @@ class Registry:
                 done.append(f"removed {rec.run_dir}")
             self.remove(rec.vm_id)
             done.append(f"forgot VM {rec.vm_id} (owner pid {rec.owner_pid})")
+        # Network leases (TAP, nftables table, address) of VMs that are gone.
+        from smolvm_kernel.net import cleanup_leases
+        done += cleanup_leases(self.db_path, {rec.vm_id for rec in self.list()})
         # Folders with no record: a crash between mkdir and the insert.
         for d in self.vms_dir.iterdir():
             if d.name not in known and time.time() - d.stat().st_mtime > 60:

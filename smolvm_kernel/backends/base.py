@@ -23,6 +23,8 @@ from typing import ClassVar
 from smolvm_kernel.images import Image
 
 _PR_SET_PDEATHSIG = 1
+#: The guest agent's AF_VSOCK listener (guest/agent.py VSOCK_PORT).
+AGENT_VSOCK_PORT = 1024
 
 
 class VMState(enum.Enum):
@@ -45,6 +47,16 @@ class VMSpec:
     debug_console: bool = False
     #: Host TSC frequency; passed to a TCG guest (see kernel_cmdline).
     tsc_khz: int | None = None
+    #: How the host reaches the agent: "serial", "vsock" or "ssh".
+    transport: str = "serial"
+    #: An open TAP descriptor for the VM's one NIC (network="nat"), and its MAC.
+    tap_fd: int | None = None
+    tap_name: str | None = None
+    mac: str | None = None
+    #: The seed disk (network address, SSH keys), when there is one.
+    seed: Path | None = None
+    #: The guest's vsock context id (vsock transport).
+    vsock_cid: int | None = None
 
     @property
     def console_log(self) -> Path:
@@ -66,6 +78,8 @@ class VMSpec:
             # to calibrate against PIT": the emulated PIT races the host clock.
             # The guest TSC runs at the host's rate under TCG, so tell it.
             args += [f"tsc_early_khz={self.tsc_khz}", "tsc=reliable"]
+        if self.transport != "serial":
+            args.append(f"smolvm.channel={self.transport}")
         return " ".join(args + list(extra))
 
 
@@ -219,6 +233,39 @@ class Backend(abc.ABC):
             return (self.spec.run_dir / "vmm.log").read_bytes()[-limit:].decode(errors="replace")
         except OSError:
             return ""
+
+
+def write_seed(path: Path, seed: dict) -> None:
+    """The seed disk: a 4-byte length, the JSON, zero padding to a whole sector."""
+    import json
+    import struct
+
+    body = json.dumps(seed).encode()
+    data = struct.pack("!I", len(body)) + body
+    data += b"\0" * (-len(data) % 4096)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+
+
+async def connect_vsock(cid: int, port: int, timeout: float, proc_alive):
+    """Connect to the guest's AF_VSOCK listener (QEMU vhost-vsock), retrying until ``timeout``."""
+    import socket
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    last: Exception | None = None
+    while loop.time() < deadline and proc_alive():
+        sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            await asyncio.wait_for(loop.sock_connect(sock, (cid, port)), 2.0)
+            return await asyncio.open_connection(sock=sock, limit=1 << 22)
+        except (OSError, asyncio.TimeoutError) as exc:
+            sock.close()
+            last = exc
+            await asyncio.sleep(0.05)
+    raise ConnectionError(f"could not connect to vsock {cid}:{port}: {last}")
 
 
 async def connect_unix(path: Path, timeout: float, proc_alive) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:

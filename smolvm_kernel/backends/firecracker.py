@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -54,18 +55,16 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from smolvm_kernel.backends.base import Backend, VMSpec, connect_unix, create_scratch_disk
+from smolvm_kernel.backends.base import (AGENT_VSOCK_PORT, Backend, VMSpec, connect_unix,
+                                         create_scratch_disk)
 from smolvm_kernel.errors import (CommandFailed, ConfigError, ProtocolError, SmolVMError,
                                   ToolNotFound)
 
 API_SOCK_NAME = "fc.sock"
 VSOCK_UDS_NAME = "vsock.sock"
-#: The guest agent's AF_VSOCK listener (guest/agent.py VSOCK_PORT).
-AGENT_VSOCK_PORT = 1024
 #: CIDs 0-2 are reserved (hypervisor, local, host); 3 is the first guest CID.
 #: Each Firecracker has its own vsock device, so every VM can use 3.
 GUEST_CID = 3
-CHANNEL_CMDLINE = ("smolvm.channel=vsock",)
 
 #: The VMM is not trusted either: a compromised Firecracker must not make the
 #: host buffer without bound. Real API answers are a few hundred bytes.
@@ -126,7 +125,9 @@ def boot_source_body(spec: VMSpec) -> dict[str, Any]:
         # x86_64 Firecracker loads an uncompressed ELF, not the bzImage QEMU takes.
         "kernel_image_path": str(spec.image.vmlinux),
         "initrd_path": str(spec.image.initramfs),
-        "boot_args": spec.kernel_cmdline(CHANNEL_CMDLINE),
+        # The agent is reached over vsock (or over SSH, when the VM has a NIC for it).
+        "boot_args": dataclasses.replace(spec, transport="ssh" if spec.transport == "ssh" else "vsock"
+                                         ).kernel_cmdline(),
     }
 
 
@@ -141,6 +142,14 @@ def drive_body(drive_id: str, path: Path | str, read_only: bool) -> dict[str, An
 def vsock_body(uds_path: Path | str) -> dict[str, Any]:
     """Return the PUT /vsock body: Firecracker binds ``uds_path`` for host connections."""
     return {"guest_cid": GUEST_CID, "uds_path": str(uds_path)}
+
+
+def network_interface_body(tap_name: str, mac: str | None) -> dict[str, Any]:
+    """Return the PUT /network-interfaces/net0 body: the VM's one NIC on the host's TAP."""
+    body: dict[str, Any] = {"iface_id": "net0", "host_dev_name": tap_name}
+    if mac:
+        body["guest_mac"] = mac
+    return body
 
 
 def entropy_body() -> dict[str, Any]:
@@ -160,12 +169,18 @@ def ctrl_alt_del_body() -> dict[str, Any]:
 
 def boot_requests(spec: VMSpec, run_dir: Path) -> list[tuple[str, str, dict[str, Any]]]:
     """Return every (method, path, body) that configures and starts ``spec``, in order."""
-    return [
+    requests = [
         ("PUT", "/machine-config", machine_config_body(spec)),
         ("PUT", "/boot-source", boot_source_body(spec)),
         # Order matters: the guest identifies the disks by it (see the module docstring).
         ("PUT", "/drives/base", drive_body("base", spec.image.rootfs, read_only=True)),
         ("PUT", "/drives/scratch", drive_body("scratch", spec.scratch_disk, read_only=False)),
+    ]
+    if spec.seed is not None:   # third drive: the guest finds it by its content
+        requests.append(("PUT", "/drives/seed", drive_body("seed", spec.seed, read_only=True)))
+    if spec.tap_name is not None:
+        requests.append(("PUT", "/network-interfaces/net0", network_interface_body(spec.tap_name, spec.mac)))
+    return requests + [
         ("PUT", "/vsock", vsock_body(run_dir / VSOCK_UDS_NAME)),
         ("PUT", "/entropy", entropy_body()),
         ("PUT", "/actions", instance_start_body()),

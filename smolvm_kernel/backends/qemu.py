@@ -13,7 +13,8 @@ import pwd
 import shutil
 import sys
 
-from smolvm_kernel.backends.base import Backend, VMSpec, connect_unix, create_scratch_disk
+from smolvm_kernel.backends.base import (AGENT_VSOCK_PORT, Backend, VMSpec, connect_unix, connect_vsock,
+                                         create_scratch_disk)
 from smolvm_kernel.errors import ToolNotFound
 
 SERIAL_PORT_NAME = "org.smolvm.agent.0"
@@ -74,6 +75,17 @@ def qemu_argv(spec: VMSpec, binary: str, *, extra_cmdline: tuple[str, ...] = (),
         "-device", f"virtserialport,chardev=agent,name={SERIAL_PORT_NAME}",
         "-qmp", f"unix:{run / 'qmp.sock'},server=on,wait=off",
     ]
+    if spec.seed is not None:
+        seed_file = "/dev/fdset/3" if drive_fds and "seed" in drive_fds else str(spec.seed)
+        if drive_fds and "seed" in drive_fds:
+            argv[1:1] = ["-add-fd", f"fd={drive_fds['seed']},set=3"]
+        argv += ["-drive", f"id=seed,file={seed_file},format=raw,if=none,readonly=on",
+                 "-device", "virtio-blk-device,drive=seed,serial=smolvm-seed"]
+    if spec.tap_fd is not None:
+        argv += ["-netdev", f"tap,id=net0,fd={spec.tap_fd},vhost=off",
+                 "-device", f"virtio-net-device,netdev=net0,mac={spec.mac}"]
+    if spec.transport == "vsock":
+        argv += ["-device", f"vhost-vsock-device,guest-cid={spec.vsock_cid}"]
     if sandboxed:
         # -runas needs setuid/setgid after the filter is installed; once QEMU
         # runs as that user those calls cannot regain anything.
@@ -114,7 +126,7 @@ class QemuBackend(Backend):
     """
 
     name = "qemu"
-    channel_kind = "serial"
+    channel_kind = "serial"     # or vsock / ssh, per VMSpec.transport
 
     def __init__(self, spec: VMSpec, binary: str, restore=None, drop_privileges: bool = True) -> None:
         super().__init__(spec, binary)
@@ -139,14 +151,16 @@ class QemuBackend(Backend):
         fds = {"base": os.open(self.spec.image.rootfs, os.O_RDONLY),
                "scratch": os.open(self.spec.scratch_disk, os.O_RDWR),
                "scratch_ro": os.open(self.spec.scratch_disk, os.O_RDONLY)}
+        if self.spec.seed is not None:
+            fds["seed"] = os.open(self.spec.seed, os.O_RDONLY)
         if self.restore is not None:
             fds["state"] = os.open(self.restore.state, os.O_RDONLY)
         try:
             self.argv = qemu_argv(self.spec, binary, runas=runas, drive_fds=fds)
             if self.restore is not None:
                 self.argv += ["-incoming", f"fd:{fds['state']}"]
-            await self._spawn(self.argv, drops_privileges=runas is not None,
-                              pass_fds=tuple(fds.values()))
+            passed = tuple(fds.values()) + ((self.spec.tap_fd,) if self.spec.tap_fd is not None else ())
+            await self._spawn(self.argv, drops_privileges=runas is not None, pass_fds=passed)
         finally:
             for fd in fds.values():
                 os.close(fd)
@@ -194,5 +208,7 @@ class QemuBackend(Backend):
                 raise SmolVMError(f"the loaded VM is in state {status!r}: {self.vmm_log_tail()}")
 
     async def open_channel(self, timeout: float):
+        if self.spec.transport == "vsock":
+            return await connect_vsock(self.spec.vsock_cid, AGENT_VSOCK_PORT, timeout, lambda: self.poll() is None)
         return await connect_unix(self.spec.run_dir / "agent.sock", timeout,
                                   lambda: self.poll() is None)

@@ -519,3 +519,20 @@ def test_firecracker_available_names_a_missing_binary() -> None:
     ok, why = firecracker_available("smolvm-no-such-firecracker")
     assert not ok
     assert why == "smolvm-no-such-firecracker not found on PATH"
+
+
+def test_network_and_seed_requests_validate_and_keep_the_order(swagger: dict, spec: VMSpec) -> None:
+    import dataclasses
+
+    netspec = dataclasses.replace(spec, tap_name="smv0123456789a", mac="52:54:01:23:45:67",
+                                  seed=spec.run_dir / "seed.img", transport="ssh")
+    requests = boot_requests(netspec, netspec.run_dir)
+    for method, path, body in requests:
+        _assert_valid(swagger, method, path, body)
+    paths = [p for _, p, _ in requests]
+    assert paths[2:6] == ["/drives/base", "/drives/scratch", "/drives/seed", "/network-interfaces/net0"]
+    bodies = dict((p, b) for _, p, b in requests)
+    assert bodies["/network-interfaces/net0"] == {"iface_id": "net0", "host_dev_name": "smv0123456789a",
+                                                  "guest_mac": "52:54:01:23:45:67"}
+    assert bodies["/drives/seed"]["is_read_only"] is True
+    assert "smolvm.channel=ssh" in bodies["/boot-source"]["boot_args"].split()
