@@ -179,7 +179,8 @@ def cmd_install(args) -> int:
     prefix = sys.prefix if args.sys_prefix else args.prefix
     path = kernelspec.install(args.name, args.display_name, user=args.user, prefix=prefix,
                               profile=args.profile, mem=args.mem, cpus=args.cpus,
-                              timeout=args.timeout, backend=args.backend)
+                              timeout=args.timeout, backend=args.backend, network=args.network,
+                              transport=args.transport)
     print(f"installed kernelspec {args.name} in {path}")
     return 0
 
@@ -222,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     inst.add_argument("--cpus", type=int, help="vCPUs")
     inst.add_argument("--timeout", type=float, help="per-cell timeout in seconds")
     inst.add_argument("--backend", choices=["auto", "qemu", "firecracker"])
+    inst.add_argument("--network", choices=["none", "nat"], help="guest network (default none: no NIC)")
+    inst.add_argument("--transport", choices=["auto", "serial", "vsock", "ssh"],
+                      help="host-guest channel (ssh needs --network nat)")
     inst.set_defaults(func=cmd_install, profile_given=True)
 
     sub.add_parser("ls", help="list live VMs").set_defaults(func=cmd_ls)

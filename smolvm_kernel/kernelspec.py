@@ -13,7 +13,8 @@ DEFAULT_NAME = "smolvm-python"
 DEFAULT_DISPLAY = "SmolVM Python"
 #: Options that can be baked into a kernelspec, as SMOLVM_* environment.
 OPTION_ENV = {"profile": "SMOLVM_PROFILE", "mem": "SMOLVM_MEM_MIB", "cpus": "SMOLVM_VCPUS",
-              "timeout": "SMOLVM_TIMEOUT", "backend": "SMOLVM_BACKEND", "disk": "SMOLVM_DISK_MIB"}
+              "timeout": "SMOLVM_TIMEOUT", "backend": "SMOLVM_BACKEND", "disk": "SMOLVM_DISK_MIB",
+              "network": "SMOLVM_NETWORK", "transport": "SMOLVM_TRANSPORT", "netns": "SMOLVM_NETNS"}
 
 
 def kernel_json(display_name: str = DEFAULT_DISPLAY, **options) -> dict:
@@ -40,15 +41,18 @@ def install(name: str = DEFAULT_NAME, display_name: str | None = None, user: boo
 
     # Validate baked options now, not when a notebook starts.
     checks = {"profile": "profile", "mem": "mem_mib", "cpus": "vcpus", "timeout": "exec_timeout",
-              "backend": "backend", "disk": "disk_mib"}
+              "backend": "backend", "disk": "disk_mib", "network": "network", "transport": "transport",
+              "netns": "netns"}
     from traitlets import TraitError
 
     from smolvm_kernel.errors import ConfigError
 
     try:
-        SandboxConfig(**{checks[k]: v for k, v in options.items() if v is not None})
+        cfg = SandboxConfig(**{checks[k]: v for k, v in options.items() if v is not None})
     except TraitError as exc:
         raise ConfigError.from_trait(exc) from None
+    if cfg.combination_problems():
+        raise ConfigError("", None, "; ".join(cfg.combination_problems()))
     if display_name is None:
         display_name = DEFAULT_DISPLAY if name == DEFAULT_NAME else f"{DEFAULT_DISPLAY} ({name})"
     with tempfile.TemporaryDirectory() as tmp:

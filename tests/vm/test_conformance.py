@@ -54,3 +54,42 @@ class SmolVMKernelConformance(jupyter_kernel_test.KernelTests):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class SmolVMKernelOverSSH(SmolVMKernelConformance):
+    """The same suite with the agent stream carried by SSH (pinned keys) over
+    the VM's NIC, in a network namespace made for it."""
+
+    kernel_name = "smolvm-python-ssh"
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        import secrets
+
+        from pyroute2 import netns
+
+        from smolvm_kernel import kernelspec
+        from smolvm_kernel.net import has_net_admin
+
+        if not has_net_admin():
+            raise unittest.SkipTest("needs CAP_NET_ADMIN (root) for the namespace, TAP and nftables")
+        cls.netns = f"smvc{secrets.token_hex(3)}"
+        netns.create(cls.netns)
+        kernelspec.install(cls.kernel_name, prefix=os.environ["SMOLVM_TEST_PREFIX"], backend="qemu",
+                           network="nat", transport="ssh", netns=cls.netns)
+        jupyter_kernel_test.KernelTests.setUpClass.__func__(cls)
+        cls.kc.execute_interactive("pass", timeout=180)
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        from pyroute2 import netns
+
+        try:
+            super().tearDownClass()
+        finally:
+            netns.remove(cls.netns)
+
+    def test_transport_is_ssh(self) -> None:
+        reply, outputs = self.execute_helper("%smolvm status")
+        text = "".join(m["content"].get("text", "") for m in outputs)
+        assert "transport ssh" in text and "network nat" in text, text

@@ -1,0 +1,203 @@
+"""Networking without VMs: leases, nftables rendering, allowlist parsing, transport choice."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import multiprocessing
+import shutil
+import struct
+import subprocess
+
+import pytest
+
+from smolvm_kernel.config import SandboxConfig
+from smolvm_kernel.errors import ConfigError
+from smolvm_kernel.net import Allow, Lease, LeaseBook, NetworkError, render_rules
+
+
+@pytest.fixture
+def book(tmp_path):
+    return LeaseBook(tmp_path / "vms.db")
+
+
+def test_leases_are_distinct_and_skip_routes(book):
+    routes = ["10.213.0.0/29", "10.213.0.12/32"]   # covers .0/30, .4/30 and .12/30
+    got = [book.allocate(f"vm{i:010d}", "10.213.0.0/27", "", lambda: routes) for i in range(3)]
+    subnets = [g.subnet for g in got]
+    assert subnets == ["10.213.0.8/30", "10.213.0.16/30", "10.213.0.20/30"]
+    assert got[0].host_ip == "10.213.0.9" and got[0].guest_ip == "10.213.0.10"
+    assert len({g.tap for g in got}) == 3 and all(len(g.tap) <= 15 for g in got)
+
+
+def test_a_released_lease_is_reused_but_a_live_one_never(book):
+    a = book.allocate("a" * 12, "10.213.0.0/29", "", list)
+    b = book.allocate("b" * 12, "10.213.0.0/29", "", list)
+    with pytest.raises(NetworkError, match="no free /30 left"):
+        book.allocate("c" * 12, "10.213.0.0/29", "", list)
+    book.release(a.vm_id)
+    c = book.allocate("c" * 12, "10.213.0.0/29", "", list)
+    assert c.subnet == a.subnet and c.subnet != b.subnet
+
+
+def _allocate_many(db_path, prefix, n, out):
+    book = LeaseBook(db_path)
+    for i in range(n):
+        out.put(book.allocate(f"{prefix}{i:08d}", "10.213.0.0/24", "", list).subnet)
+
+
+def test_allocation_is_safe_across_processes(tmp_path):
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_allocate_many, args=(tmp_path / "vms.db", f"p{k}", 12, out)) for k in range(4)]
+    for p in procs:
+        p.start()
+    got = [out.get(timeout=60) for _ in range(48)]
+    for p in procs:
+        p.join(30)
+    assert len(got) == len(set(got)) == 48
+
+
+def test_lease_mac_is_locally_administered_unicast():
+    mac = Lease("0123456789ab", "", "10.213.0.0/30", "smv0123456789a", "smolvm_x").mac
+    first = int(mac.split(":")[0], 16)
+    assert first & 0b10 and not first & 0b1 and len(mac.split(":")) == 6
+
+
+def _lease():
+    return Lease("0123456789ab", "", "10.213.0.4/30", "smv0123456789a", "smolvm_0123456789ab")
+
+
+def test_rules_always_block_metadata_other_vms_and_the_host():
+    rules = render_rules(_lease())
+    assert "table inet smolvm_0123456789ab {" in rules
+    assert 'iifname "smv0123456789a" ip daddr 169.254.0.0/16 drop' in rules
+    assert 'iifname "smv0123456789a" oifname "smv*" drop' in rules
+    assert 'iifname "smv0123456789a" ip saddr != 10.213.0.6 drop' in rules     # no spoofing
+    # input: the host's own addresses only see replies to what the host opened
+    inp = rules[rules.index("chain input"):rules.index("chain postrouting")]
+    assert inp.index("ct state established,related accept") < inp.index('iifname "smv0123456789a" drop')
+    assert 'ip saddr 10.213.0.6 oifname != "smv0123456789a" masquerade' in rules
+    # without an allowlist everything else may leave
+    assert 'iifname "smv0123456789a" accept' in rules
+
+
+def test_allowlist_rules_end_in_a_drop():
+    rules = render_rules(_lease(), [Allow.parse("198.18.0.2/32:8080,8443"), Allow.parse("203.0.113.0/24")])
+    fwd = rules[rules.index("chain forward"):rules.index("chain input")]
+    assert "ip daddr 198.18.0.2/32 meta l4proto { tcp, udp } th dport { 8080, 8443 } accept" in fwd
+    assert "ip daddr 203.0.113.0/24 accept" in fwd
+    # the always-on drops come before any accept; a drop closes the list
+    assert fwd.index("169.254.0.0/16 drop") < fwd.index("198.18.0.2/32")
+    lines = [ln.strip() for ln in fwd.splitlines()]
+    last_iif = [ln for ln in lines if ln.startswith('iifname "smv0123456789a"')][-1]
+    assert last_iif == 'iifname "smv0123456789a" drop'
+    assert 'iifname "smv0123456789a" accept' not in fwd
+
+
+@pytest.mark.skipif(shutil.which("nft") is None, reason="nft not installed")
+def test_rendered_rules_parse_with_nft(tmp_path):
+    # --check parses and resolves the ruleset without loading it.
+    for allow in ([], [Allow.parse("198.18.0.2/32:8080")]):
+        proc = subprocess.run(["nft", "--check", "-f", "-"], input=render_rules(_lease(), allow),
+                              capture_output=True, text=True)
+        if proc.returncode != 0 and "Operation not permitted" in proc.stderr:
+            pytest.skip("nft --check needs CAP_NET_ADMIN")
+        assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("text", ["10.0.0.0/33", "host.example", "10.0.0.0/8:0", "10.0.0.0/8:70000",
+                                  "10.0.0.0/8:http"])
+def test_bad_allowlist_entries_name_the_fix(text):
+    with pytest.raises(ConfigError, match="egress_allow"):
+        Allow.parse(text)
+    with pytest.raises(Exception, match="egress_allow"):
+        SandboxConfig(egress_allow=[text])
+
+
+def test_ssh_without_a_nic_is_refused_with_the_reason():
+    cfg = SandboxConfig(transport="ssh")
+    assert "needs network='nat'" in cfg.combination_problems()[0]
+    with pytest.raises(ConfigError, match="needs network='nat'"):
+        cfg.changed(vcpus=1)
+    assert SandboxConfig(transport="ssh", network="nat").combination_problems() == []
+
+
+@pytest.mark.parametrize("pool", ["8.8.8.0/24", "10.0.0.0/31", "nonsense"])
+def test_pool_must_be_a_private_range(pool):
+    with pytest.raises(Exception, match="net_pool"):
+        SandboxConfig(net_pool=pool)
+
+
+def test_transport_choice(monkeypatch):
+    from smolvm_kernel import sandbox
+
+    monkeypatch.setattr(sandbox, "qemu_vsock_available", lambda: False)
+    assert sandbox.pick_transport(SandboxConfig(), "qemu") == "serial"
+    assert sandbox.pick_transport(SandboxConfig(), "firecracker") == "vsock"
+    with pytest.raises(ConfigError, match="vhost-vsock"):
+        sandbox.pick_transport(SandboxConfig(transport="vsock"), "qemu")
+    with pytest.raises(ConfigError, match="no virtio-serial"):
+        sandbox.pick_transport(SandboxConfig(transport="serial"), "firecracker")
+    monkeypatch.setattr(sandbox, "qemu_vsock_available", lambda: True)
+    assert sandbox.pick_transport(SandboxConfig(), "qemu") == "vsock"
+    assert sandbox.pick_transport(SandboxConfig(transport="ssh", network="nat"), "qemu") == "ssh"
+
+
+def test_vsock_argv_and_cmdline(tmp_path):
+    from smolvm_kernel.backends.base import VMSpec
+    from smolvm_kernel.backends.qemu import qemu_argv
+    from smolvm_kernel.images import Image
+
+    image = Image(profile="base", key="0" * 64, directory=tmp_path, kernel_release="x")
+    spec = VMSpec(vm_id="v", run_dir=tmp_path, image=image, transport="vsock", vsock_cid=1234)
+    argv = qemu_argv(spec, "qemu-system-x86_64", sandboxed=False)
+    assert argv[argv.index("vhost-vsock-device,guest-cid=1234") - 1] == "-device"
+    assert "smolvm.channel=vsock" in argv[argv.index("-append") + 1].split()
+    spec = VMSpec(vm_id="v", run_dir=tmp_path, image=image, tap_fd=7, mac="52:54:00:00:00:01",
+                  seed=tmp_path / "seed.img")
+    argv = qemu_argv(spec, "qemu-system-x86_64", sandboxed=False)
+    assert "tap,id=net0,fd=7,vhost=off" in argv
+    assert "virtio-blk-device,drive=seed,serial=smolvm-seed" in argv
+    assert "smolvm.channel" not in argv[argv.index("-append") + 1]
+
+
+def test_seed_disk_format(tmp_path):
+    from smolvm_guest import seed as guest_seed
+    from smolvm_kernel.backends.base import write_seed
+
+    path = tmp_path / "seed.img"
+    write_seed(path, {"smolvm_seed": 1, "net": {"address": "10.213.0.2"}})
+    data = path.read_bytes()
+    assert len(data) % 4096 == 0 and oct(path.stat().st_mode)[-3:] == "600"
+    (length,) = struct.unpack("!I", data[:4])
+    assert json.loads(data[4:4 + length])["net"]["address"] == "10.213.0.2"
+    assert guest_seed._read(str(path))["net"]["address"] == "10.213.0.2"
+    other = tmp_path / "squashfs.img"
+    other.write_bytes(b"hsqs" + b"\0" * 4092)           # the base image is never taken for a seed
+    assert guest_seed._read(str(other)) is None
+
+
+def test_ssh_keys_are_fresh_and_never_printed():
+    from smolvm_kernel.channel.ssh import SSHKeys, fingerprint
+
+    a, b = SSHKeys.generate(), SSHKeys.generate()
+    assert a.host_public != b.host_public and a.client_public != b.client_public
+    assert a.host_public.startswith("ssh-ed25519 ") and "PRIVATE KEY" in a.host_private
+    assert "PRIVATE" not in repr(a) and fingerprint(a.host_public) in repr(a)
+    seed = a.seed()
+    assert seed["authorized_key"] == a.client_public and a.client_private not in json.dumps(seed)
+
+
+def test_no_net_admin_message_says_what_is_needed(monkeypatch):
+    from smolvm_kernel import net
+
+    monkeypatch.setattr(net, "has_net_admin", lambda: False)
+    with pytest.raises(NetworkError) as err:
+        net.check_host()
+    assert "CAP_NET_ADMIN" in str(err.value) and "network='none'" in str(err.value)
+
+
+def test_pool_subnets_are_in_the_pool(book):
+    lease = book.allocate("d" * 12, "192.168.77.0/28", "", list)
+    assert ipaddress.IPv4Network(lease.subnet).subnet_of(ipaddress.IPv4Network("192.168.77.0/28"))

@@ -1,0 +1,293 @@
+"""network='nat' and transport='ssh' on real VMs, inside namespaces this module makes.
+
+No packet leaves the namespaces created here. Layout::
+
+    namespace N (the VMs' side, plays the host)      namespace S (the outside)
+      TAP smv<vm> 10.213.x.1/30 <-> guest x.2          vB 198.18.0.2/24  server :8080
+      vA 198.18.0.1/24 (host's own; server :9000)  <->    198.18.0.3/24  server :8080
+      server 0.0.0.0:9001, default via 198.18.0.2        169.254.169.254  server :80
+
+Each refusal is checked against a control that shows the path exists: the
+address answers from N itself or from a VM without an allowlist.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+
+import pytest
+
+from smolvm_kernel.net import has_net_admin, in_netns
+
+pytestmark = pytest.mark.skipif(not has_net_admin(), reason="needs CAP_NET_ADMIN (root) for netns/TAP/nft")
+
+ALLOWED = ("198.18.0.2", 8080)
+OTHER = ("198.18.0.3", 8080)
+METADATA = ("169.254.169.254", 80)
+HOST_OWN = ("198.18.0.1", 9000)
+
+
+def _serve(netns: str, addr: str, port: int, stop: threading.Event) -> None:
+    sock = in_netns(netns, lambda: socket.create_server((addr, port), reuse_port=False))
+    sock.settimeout(0.5)
+
+    def loop():
+        while not stop.is_set():
+            try:
+                conn, _ = sock.accept()
+            except OSError:
+                continue
+            with conn:
+                conn.sendall(f"hello from {addr}:{port}\n".encode())
+        sock.close()
+    threading.Thread(target=loop, daemon=True).start()
+
+
+@pytest.fixture(scope="module")
+def lab(image):
+    from pyroute2 import IPRoute, netns
+
+    tag = secrets.token_hex(3)
+    n, s = f"smvt{tag}", f"smvs{tag}"
+    netns.create(n)
+    netns.create(s)
+    stop = threading.Event()
+    try:
+        def outer_side():
+            with IPRoute() as ipr:
+                ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+                ipr.link("add", ifname="vA", kind="veth", peer="vB")
+                ipr.link("set", index=ipr.link_lookup(ifname="vB")[0], net_ns_fd=s)
+                va = ipr.link_lookup(ifname="vA")[0]
+                ipr.addr("add", index=va, address="198.18.0.1", prefixlen=24)
+                ipr.link("set", index=va, state="up")
+                ipr.route("add", dst="0.0.0.0/0", gateway="198.18.0.2")
+
+        def server_side():
+            with IPRoute() as ipr:
+                ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+                vb = ipr.link_lookup(ifname="vB")[0]
+                for addr, plen in (("198.18.0.2", 24), ("198.18.0.3", 24), ("169.254.169.254", 16)):
+                    ipr.addr("add", index=vb, address=addr, prefixlen=plen)
+                ipr.link("set", index=vb, state="up")
+
+        in_netns(n, outer_side)
+        in_netns(s, server_side)
+        for addr, port in (ALLOWED, OTHER, METADATA):
+            _serve(s, addr, port, stop)
+        _serve(n, *HOST_OWN, stop)
+        _serve(n, "0.0.0.0", 9001, stop)
+        yield n, s
+    finally:
+        stop.set()
+        for name in (n, s):
+            try:
+                netns.remove(name)
+            except OSError:
+                pass
+
+
+def _vm(lab, **kw):
+    from smolvm_kernel.sandbox import Sandbox
+
+    sb = Sandbox(network="nat", netns=lab[0], backend="qemu", dns=["198.18.0.2"], **kw)
+    return sb
+
+
+@pytest.fixture(scope="module")
+def vms(lab):
+    """Three VMs booted at once: one serial with an allowlist, two over SSH without."""
+    boxes = {"allow": _vm(lab, egress_allow=[f"{ALLOWED[0]}/32:{ALLOWED[1]}"]),
+             "ssh_a": _vm(lab, transport="ssh"), "ssh_b": _vm(lab, transport="ssh")}
+    errors = []
+    threads = [threading.Thread(target=lambda b=b: _start(b, errors)) for b in boxes.values()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        if errors:
+            raise errors[0]
+        yield boxes
+    finally:
+        for b in boxes.values():
+            b.stop()
+
+
+def _start(sb, errors):
+    try:
+        sb.start()
+    except Exception as exc:
+        errors.append(exc)
+
+
+def probe(sb, *targets, timeout=2.0) -> list[str]:
+    """From the guest: 'OK <greeting>' or 'BLOCKED <error>' per (addr, port)."""
+    code = textwrap.dedent(f"""
+        import socket
+        for addr, port in {list(targets)!r}:
+            try:
+                with socket.create_connection((addr, port), timeout={timeout}) as s:
+                    print("OK", s.recv(100).decode().strip())
+            except OSError as e:
+                print("BLOCKED", type(e).__name__)
+    """)
+    out = "".join(o.text for o in sb.execute(code) if o.type == "stream")
+    return out.strip().splitlines()
+
+
+def from_namespace(netns, addr, port) -> bool:
+    def go():
+        with socket.create_connection((addr, port), timeout=2) as s:
+            return s.recv(100)
+    try:
+        return bool(in_netns(netns, go))
+    except OSError:
+        return False
+
+
+def test_guest_has_its_address_and_transport(vms):
+    for name, sb in vms.items():
+        st = sb.stats()
+        assert st["network"] == "nat" and st["guest_ip"].startswith("10.213.")
+        assert st["transport"] == ("serial" if name == "allow" else "ssh")
+    ips = {sb.stats()["guest_ip"] for sb in vms.values()}
+    assert len(ips) == 3
+
+
+def test_allowlist_lets_through_only_what_it_names(vms, lab):
+    lease_host = vms["allow"]._net.lease.host_ip
+    got = probe(vms["allow"], ALLOWED, OTHER, METADATA, HOST_OWN, (lease_host, 9001))
+    assert got[0] == f"OK hello from {ALLOWED[0]}:{ALLOWED[1]}"
+    assert all(line.startswith("BLOCKED") for line in got[1:]), got
+
+
+def test_without_allowlist_metadata_and_host_stay_blocked(vms, lab):
+    n, _ = lab
+    lease_host = vms["ssh_a"]._net.lease.host_ip
+    got = probe(vms["ssh_a"], OTHER, METADATA, HOST_OWN, (lease_host, 9001))
+    assert got[0].startswith("OK hello from 198.18.0.3"), got      # the route exists ...
+    assert all(line.startswith("BLOCKED") for line in got[1:]), got
+    # ... and so do the blocked ones: they answer from the namespace itself.
+    assert from_namespace(n, *METADATA) and from_namespace(n, *HOST_OWN)
+
+
+def test_vm_to_vm_is_refused(vms, lab):
+    n, _ = lab
+    listen = ("import socket, threading\n"
+              "srv = socket.create_server(('0.0.0.0', 7000))\n"
+              "def serve():\n"
+              "    while True:\n"
+              "        c, _ = srv.accept(); c.sendall(b'vm b\\n'); c.close()\n"
+              "threading.Thread(target=serve, daemon=True).start()\n")
+    list(vms["ssh_b"].execute(listen))
+    b_ip = vms["ssh_b"].stats()["guest_ip"]
+    assert from_namespace(n, b_ip, 7000)                   # it listens ...
+    assert probe(vms["ssh_a"], (b_ip, 7000))[0].startswith("BLOCKED")
+    assert probe(vms["allow"], (b_ip, 7000))[0].startswith("BLOCKED")
+
+
+def test_ssh_host_key_is_pinned_and_per_vm(vms, lab):
+    import dataclasses
+
+    from smolvm_kernel.channel import ssh
+
+    a, b = vms["ssh_a"], vms["ssh_b"]
+    assert a._ssh_keys.host_public != b._ssh_keys.host_public
+    assert a._ssh_keys.client_public != b._ssh_keys.client_public
+    # A's server with B's pinned key: refused before any login.
+    tampered = dataclasses.replace(a._ssh_keys, host_public=b._ssh_keys.host_public)
+    with pytest.raises(ssh.HostKeyMismatch, match="refusing to connect"):
+        ssh.connect(a.stats()["guest_ip"], tampered, netns=lab[0], timeout=20)
+    # B's client key is not accepted by A either.
+    wrong_client = dataclasses.replace(a._ssh_keys, client_private=b._ssh_keys.client_private)
+    with pytest.raises(ConnectionError):
+        ssh.connect(a.stats()["guest_ip"], wrong_client, netns=lab[0], timeout=5)
+
+
+def test_password_login_is_off(vms, lab):
+    import paramiko
+
+    ip = vms["ssh_a"].stats()["guest_ip"]
+    sock = in_netns(lab[0], lambda: socket.create_connection((ip, 22), timeout=5))
+    t = paramiko.Transport(sock)
+    try:
+        t.start_client(timeout=10)
+        with pytest.raises(paramiko.BadAuthenticationType) as err:
+            t.auth_password("root", "root")
+        assert "password" not in err.value.allowed_types
+    finally:
+        t.close()
+
+
+def test_kernel_work_over_ssh(vms):
+    sb = vms["ssh_a"]
+    outs = list(sb.execute("import sys; print('x' * 100000); 6 * 7"))
+    assert sum(len(o.text) for o in outs if o.type == "stream") >= 100000
+    assert any(o.type == "execute_result" and "42" in o.text for o in outs)
+    sb.put_file(b"over ssh", "f.txt")
+    assert sb.get_file("f.txt") == b"over ssh"
+
+
+def _ns_has(netns, tap, table) -> tuple[bool, bool]:
+    def look():
+        from pyroute2 import IPRoute
+        with IPRoute() as ipr:
+            has_tap = bool(ipr.link_lookup(ifname=tap))
+        tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
+        return has_tap, table in tables
+    return in_netns(netns, look)
+
+
+def test_stop_removes_tap_rules_and_lease(lab):
+    from smolvm_kernel.net import LeaseBook
+
+    sb = _vm(lab)
+    sb.start()
+    lease = sb._net.lease
+    assert _ns_has(lab[0], lease.tap, lease.nft_table) == (True, True)
+    sb.stop()
+    assert _ns_has(lab[0], lease.tap, lease.nft_table) == (False, False)
+    assert lease.vm_id not in {x.vm_id for x in LeaseBook(sb._registry.db_path).all()}
+
+
+OWNER = """
+import sys, time
+from smolvm_kernel.sandbox import Sandbox
+sb = Sandbox(network="nat", netns=sys.argv[1], backend="qemu", dns=[])
+sb.start()
+lease = sb._net.lease
+print("READY", lease.vm_id, lease.tap, lease.nft_table, flush=True)
+time.sleep(600)
+"""
+
+
+def test_cleanup_after_the_owner_is_killed(lab):
+    from smolvm_kernel.net import LeaseBook
+    from smolvm_kernel.state import Registry
+
+    proc = subprocess.Popen([sys.executable, "-c", OWNER, lab[0]], stdout=subprocess.PIPE, text=True,
+                            env=os.environ.copy())
+    try:
+        line = proc.stdout.readline().split()
+        assert line and line[0] == "READY", line
+        vm_id, tap, table = line[1:]
+        assert _ns_has(lab[0], tap, table) == (True, True)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    registry = Registry()
+    done = "\n".join(registry.cleanup())
+    assert f"deleted TAP {tap}" in done and f"deleted nftables table inet {table}" in done
+    assert f"of VM {vm_id}" in done
+    assert _ns_has(lab[0], tap, table) == (False, False)
+    assert vm_id not in {x.vm_id for x in LeaseBook(registry.db_path).all()}
+    again = registry.cleanup()
+    assert not any(vm_id in x or tap in x for x in again), again
