@@ -134,6 +134,18 @@ def cmd_doctor(args) -> int:
              "`echo 1 > /sys/kernel/mm/ksm/run` (root) shares them")
     except OSError:
         pass
+    from smolvm_kernel.net import NetworkError, check_host
+    from smolvm_kernel.sandbox import qemu_vsock_available
+
+    line("transport", "vsock (/dev/vhost-vsock)" if qemu_vsock_available() and backend == "qemu" else
+         ("vsock" if backend == "firecracker" else "virtio-serial (no /dev/vhost-vsock)")
+         + f"; configured: {cfg.transport}")
+    try:
+        check_host()
+        line("network", f"nat available (TAP + nftables); default network={cfg.network}")
+    except (NetworkError, SmolVMError) as exc:
+        # Not a fault: the default needs no network.
+        line("network", f"network='nat' unavailable: {str(exc).split(':')[0]}; default network={cfg.network}")
     tsc = host_tsc_khz()
     line("host tsc", f"{tsc} kHz (passed to TCG guests)" if tsc else "unknown (no constant_tsc)")
     for tool in ("mmdebstrap", "tar2sqfs", "mkfs.ext4", "lz4"):
