@@ -844,15 +844,19 @@ class SmolVMKernel:
 
     def apply_settings(self, changes: dict) -> str:
         """Validate and apply; restart the VM unless only live settings changed."""
-        from smolvm_kernel.panel import _describe, check_changes, needs_restart
+        from smolvm_kernel.panel import _describe, apply_live, check_changes
 
         new = check_changes(self.config, changes)
-        restart = needs_restart(changes)
+        restart = self.needs_restart(changes)
         self.config = self.sandbox.config = new
+        if not restart:
+            text = apply_live(self.sandbox, changes)
+            self.config = self.sandbox.config
+            if self.panel is not None:
+                self.panel.load_settings()
+            return text
         if self.panel is not None:
             self.panel.load_settings()
-        if not restart:
-            return f"{_describe(changes)}: applied without a restart"
         if self._torn_down and not self._booting:
             return f"saved {_describe(changes)}; the VM is stopped and starts with them next time"
         self.restart_vm(f"the VM was restarted with new settings ({_describe(changes)})")
@@ -860,6 +864,11 @@ class SmolVMKernel:
 
     def apply(self, changes: dict) -> str:
         return self.apply_settings(changes)
+
+    def needs_restart(self, changes: dict) -> bool:
+        from smolvm_kernel.panel import needs_restart
+
+        return needs_restart(changes, self.sandbox if self._guest_ready() else None)
 
     def reset(self) -> str:
         self.restart_vm("the VM was reset from the control panel")

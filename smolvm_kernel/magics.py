@@ -229,17 +229,23 @@ class SandboxActions:
         check_changes(self.sandbox.config, changes)
 
     def apply(self, changes: dict) -> str:
-        from smolvm_kernel.panel import _describe, check_changes, needs_restart
+        from smolvm_kernel.panel import _describe, apply_live, check_changes
 
         new = check_changes(self.sandbox.config, changes)
         running = self.sandbox.state.value in ("ready", "busy", "booting")
+        restart = self.needs_restart(changes)
         self.sandbox.config = new
-        if not needs_restart(changes):
-            return f"{_describe(changes)}: applied without a restart"
+        if not restart:
+            return apply_live(self.sandbox, changes)
         if not running:
             return f"saved {_describe(changes)}; the next %%smolvm cell starts a VM with them"
         self._background(self.sandbox.reset, "booting")
         return f"restarting the VM with {_describe(changes)}; its previous state is gone"
+
+    def needs_restart(self, changes: dict) -> bool:
+        from smolvm_kernel.panel import needs_restart
+
+        return needs_restart(changes, self.sandbox)
 
     def reset(self) -> str:
         self._background(self.sandbox.reset, "booting")

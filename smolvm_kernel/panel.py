@@ -59,8 +59,26 @@ def check_changes(config, changes: dict):
     return new
 
 
-def needs_restart(changes: dict) -> bool:
-    return any(name not in LIVE_SETTINGS for name in changes)
+def needs_restart(changes: dict, sandbox=None) -> bool:
+    """Whether ``changes`` need a fresh VM: not a timeout, nor a memory size the
+    running VM's balloon can reach (down from, or back up to, its boot size)."""
+    for name, value in changes.items():
+        if name in LIVE_SETTINGS:
+            continue
+        if name == "mem_mib" and sandbox is not None and sandbox.can_resize_live(value):
+            continue
+        return True
+    return False
+
+
+def apply_live(sandbox, changes: dict) -> str:
+    """Apply changes that need no restart to the running ``sandbox`` (its config
+    already holds them); the message for the user."""
+    if "mem_mib" in changes:
+        got = sandbox.set_memory(changes["mem_mib"])
+        return (f"{_describe(changes)}: applied live, the VM keeps its state (the balloon "
+                f"now leaves the guest {got} MiB)")
+    return f"{_describe(changes)}: applied without a restart"
 
 
 class ControlPanel:
@@ -155,7 +173,8 @@ class ControlPanel:
                 self.actions.check(changes)
             except SmolVMError as exc:
                 return self.say(str(exc), error=True)
-            if not needs_restart(changes):
+            restart = getattr(self.actions, "needs_restart", needs_restart)
+            if not restart(changes):
                 return self._run("apply", changes)
             text = (f"Apply restarts the VM with {_describe(changes)}. Everything in it "
                     f"(variables, files, a running cell) is lost.")

@@ -681,6 +681,23 @@ class Sandbox:
         guest.pop("id", None)
         return {**host, **guest}
 
+    def can_resize_live(self, mem_mib: int) -> bool:
+        """Whether ``mem_mib`` can be set on the running VM (balloon, up to its boot size)."""
+        return (self.state in (SandboxState.READY, SandboxState.BUSY) and self.backend is not None
+                and hasattr(self.backend, "set_memory") and mem_mib <= self.backend.spec.mem_mib)
+
+    def set_memory(self, mem_mib: int) -> int:
+        """Change the running VM's memory through its balloon, keeping its state.
+
+        Only down from, or back up to, the size it booted with; returns the
+        guest's memory afterwards in MiB. The setting is kept for the next start.
+        """
+        if not self.can_resize_live(mem_mib):
+            raise ConfigError("mem_mib", mem_mib, "a running VM's memory can change live only up to the "
+                                                  "size it booted with; larger needs a restart")
+        self.config = self.config.changed(mem_mib=mem_mib)
+        return self.backend.set_memory(mem_mib)
+
     def put_file(self, data: bytes | str | os.PathLike, remote: str) -> int:
         """Write ``data`` (bytes, or a local path) to ``remote`` under the guest's home."""
         if not isinstance(data, bytes):

@@ -31,7 +31,7 @@ from smolvm_kernel.images import Image
 
 log = logging.getLogger("smolvm_kernel.snapshot")
 #: Bump when what a snapshot holds changes in a way the key does not capture.
-SNAPSHOT_FORMAT = 2
+SNAPSHOT_FORMAT = 3     # 3: the VM has a balloon device
 
 
 @dataclasses.dataclass(frozen=True)

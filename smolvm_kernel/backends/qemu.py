@@ -70,6 +70,8 @@ def qemu_argv(spec: VMSpec, binary: str, *, extra_cmdline: tuple[str, ...] = (),
         "-device", "virtio-blk-device,drive=scratch,serial=smolvm-scratch",
         "-object", "rng-random,id=rng,filename=/dev/urandom",
         "-device", "virtio-rng-device,rng=rng",
+        # Memory can shrink (and grow back to the boot size) while the VM runs.
+        "-device", "virtio-balloon-device",
         "-device", "virtio-serial-device",
         "-chardev", f"socket,id=agent,path={run / 'agent.sock'},server=on,wait=off",
         "-device", f"virtserialport,chardev=agent,name={SERIAL_PORT_NAME}",
@@ -206,6 +208,23 @@ class QemuBackend(Backend):
                 qmp.execute("cont")
             elif status != "running":
                 raise SmolVMError(f"the loaded VM is in state {status!r}: {self.vmm_log_tail()}")
+
+    def set_memory(self, mib: int) -> int:
+        """Inflate or deflate the balloon so the guest has ``mib`` MiB (at most its
+        boot size); returns what QEMU reports as the guest's memory now, in MiB."""
+        import time
+
+        from smolvm_kernel.backends.qmp import QMP
+
+        target = min(mib, self.spec.mem_mib) * 2**20
+        with QMP(self.spec.run_dir / "qmp.sock") as qmp:
+            qmp.execute("balloon", {"value": target})
+            deadline = time.monotonic() + 10
+            actual = qmp.execute("query-balloon")["actual"]
+            while actual != target and time.monotonic() < deadline:
+                time.sleep(0.1)
+                actual = qmp.execute("query-balloon")["actual"]
+        return actual // 2**20
 
     async def open_channel(self, timeout: float):
         if self.spec.transport == "vsock":

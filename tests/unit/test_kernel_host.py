@@ -63,6 +63,9 @@ class FakeSandbox:
     def interrupt(self):
         self.calls.append("interrupt")
 
+    def can_resize_live(self, mem_mib):
+        return False
+
     def put_file(self, data, remote):
         self.files[remote] = data
         return len(data)

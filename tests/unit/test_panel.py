@@ -156,3 +156,26 @@ def test_unknown_state_shows_as_dead(panel):
     p, _ = panel
     p.refresh({"state": "<evil>"})
     assert "smolvm-state-dead" in p.state.value and "evil" not in p.state.value
+
+
+def test_actions_decide_what_needs_a_restart(panel):
+    # A backend with a balloon shrinks memory live: no confirmation, no restart.
+    p, actions = panel
+    actions.needs_restart = lambda changes: False
+    p.mem_mib.value = 384
+    p.apply_button.click()
+    assert actions.calls == [("apply", {"mem_mib": 384})] and not confirm_shown(p)
+
+
+def test_needs_restart_asks_the_sandbox_about_memory():
+    from smolvm_kernel.panel import needs_restart
+
+    class Box:
+        def can_resize_live(self, mib):
+            return mib <= 512
+
+    assert not needs_restart({"mem_mib": 384}, Box())
+    assert needs_restart({"mem_mib": 768}, Box())
+    assert needs_restart({"mem_mib": 384})                  # no running VM to ask
+    assert not needs_restart({"exec_timeout": 5.0})
+    assert needs_restart({"mem_mib": 384, "vcpus": 1}, Box())

@@ -91,6 +91,19 @@ def test_push_pull_round_trip_and_confinement(panel_kernel):
     assert not (workdir / "host.txt").exists() and not (workdir / "y.txt").exists()
 
 
+def test_apply_smaller_memory_is_live_through_the_balloon(panel_kernel):
+    _, client, _ = panel_kernel
+    read = "print(int(open('/proc/meminfo').readline().split()[1]) // 1024, 'w' in dir())"
+    client.run("w = 1")
+    before = int(stdout(client.run(read)[1]).split()[0])
+    client.set_value("memory (MiB)", 384)
+    client.click("Apply")               # no confirmation: nothing is lost
+    client.pump(lambda: "applied live" in client.message(), timeout=30)
+    mem, kept = stdout(client.run(read)[1]).split()
+    assert before - int(mem) == 128 and kept == "True"
+    assert client.state() == "ready"
+
+
 def test_apply_new_memory_restarts_with_it(panel_kernel):
     _, client, _ = panel_kernel
     client.run("y = 2")
