@@ -942,7 +942,7 @@ HOST_HELP = """\
 %smolvm panel                  a control panel: live status, resources, Reset, Teardown
 %smolvm config                 show the settings and this host's limits
 %smolvm config --cpus N --mem MiB --disk MiB --timeout S
-                               change them (a new VM; a timeout alone applies at once)
+                               change them (a new VM; a timeout, or less memory, applies live)
 %smolvm reset                  replace the VM with a fresh one (all its state is lost)
 %smolvm stop                   destroy the VM
 %smolvm start                  start a VM after a stop
