@@ -305,7 +305,8 @@ class SmolVMKernel:
         self._booting = False
         self._stopping = False
         self._torn_down = False          # stopped on purpose; the next cell follows config.on_stopped
-        self._ready_event = threading.Event()
+        self._ready_event = threading.Event()   # set when a boot ends, well or not
+        self._boot_error: SmolVMError | None = None
         self._boot_started = 0.0
         self._progress_line = ""
         self._boot_display: tuple[str, dict] | None = None   # display_id, parent
@@ -491,11 +492,12 @@ class SmolVMKernel:
     def _on_booted(self, error: SmolVMError | None) -> None:
         self._booting = False
         self._refresh_panel()
+        self._boot_error = error
+        self._ready_event.set()         # wakes a %smolvm push/pull waiting for the VM
         if error is not None:
             self._show_boot_progress(done="the microVM failed to start")
             self.relay.fail_inflight(error)
             return
-        self._ready_event.set()
         if self.panel is not None:
             self._fetch_stats()     # the fresh VM's figures now, not in 2 s
         self._show_boot_progress(done=f"microVM ready ({self._accel_label()}) in "
@@ -790,6 +792,8 @@ class SmolVMKernel:
 
         if not self._ready_event.wait(self.config.boot_timeout):
             raise SandboxStopped("the microVM did not become ready; see the first cell's output")
+        if self._boot_error is not None:
+            raise self._boot_error
 
     def _after_stop_hint(self) -> str:
         if self.config.on_stopped == "error":
