@@ -264,7 +264,7 @@ class Sandbox:
             run_dir=str(run_dir), owner_pid=owner_pid, owner_start=owner_start,
             vcpus=cfg.vcpus, mem_mib=cfg.mem_mib))
         spec = VMSpec(vm_id=self.vm_id, run_dir=run_dir, image=self.image, transport=self.transport,
-                      **shape)
+                      ram_file=restore.ram if restore else None, **shape)
         tap_fd = await self._setup_network(spec) if restore is None else None
         self.backend = backend_cls(spec, binary, restore=restore) if restore else backend_cls(spec, binary)
         verb = "restoring microVM from its ready snapshot" if restore else "starting microVM"

@@ -31,7 +31,7 @@ from smolvm_kernel.images import Image
 
 log = logging.getLogger("smolvm_kernel.snapshot")
 #: Bump when what a snapshot holds changes in a way the key does not capture.
-SNAPSHOT_FORMAT = 3     # 3: the VM has a balloon device
+SNAPSHOT_FORMAT = 4     # 4: guest RAM in its own file, mapped copy-on-write by forks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +46,10 @@ class Snapshot:
     @property
     def scratch(self) -> Path:
         return self.directory / "scratch.img"
+
+    @property
+    def ram(self) -> Path:
+        return self.directory / "ram.bin"
 
     def manifest(self) -> dict:
         try:
@@ -80,7 +84,7 @@ class SnapshotCache:
     def get(self, image: Image, key: str) -> Snapshot | None:
         d = self.path(image, key)
         snap = Snapshot(key, d)
-        if snap.manifest().get("key") == key and snap.state.exists() and snap.scratch.exists():
+        if snap.manifest().get("key") == key and all(p.exists() for p in (snap.state, snap.scratch, snap.ram)):
             return snap
         return None
 
@@ -139,7 +143,8 @@ class SnapshotCache:
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=self.root))
         t0 = time.monotonic()
-        spec = VMSpec(vm_id="template", run_dir=tmp, image=image, **spec_args)
+        spec = VMSpec(vm_id="template", run_dir=tmp, image=image, ram_file=tmp / "ram.bin", ram_shared=True,
+                      **spec_args)
         backend = QemuBackend(spec, binary, drop_privileges=False)
         ready: asyncio.Future = asyncio.get_running_loop().create_future()
 
@@ -171,6 +176,7 @@ class SnapshotCache:
             final_tmp.mkdir()
             os.rename(tmp / "state.bin", final_tmp / "state.bin")
             os.rename(spec.scratch_disk, final_tmp / "scratch.img")
+            os.rename(tmp / "ram.bin", final_tmp / "ram.bin")
             manifest = {"key": key, "format": SNAPSHOT_FORMAT, "image": image.key,
                         "profile": image.profile, "boot_s": round(boot_s, 2),
                         "save_s": round(time.monotonic() - t0 - boot_s, 2), "state_bytes": size,
@@ -198,7 +204,7 @@ def _save(qmp_path: Path, state: Path) -> int:
     from smolvm_kernel.backends.qmp import QMP
 
     with QMP(qmp_path) as qmp:
-        return qmp.migrate_to_file(state)
+        return qmp.migrate_to_file(state, ignore_shared=True)
 
 
 def copy_sparse(src: Path, dst: Path) -> None:

@@ -57,6 +57,10 @@ class VMSpec:
     seed: Path | None = None
     #: The guest's vsock context id (vsock transport).
     vsock_cid: int | None = None
+    #: Guest RAM backed by this file (ready snapshots): shared and written
+    #: through by a snapshot's template VM, mapped copy-on-write by its forks.
+    ram_file: Path | None = None
+    ram_shared: bool = False
 
     @property
     def console_log(self) -> Path:

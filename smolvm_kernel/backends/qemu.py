@@ -53,11 +53,20 @@ def qemu_argv(spec: VMSpec, binary: str, *, extra_cmdline: tuple[str, ...] = (),
         add_fds = ["-add-fd", f"fd={drive_fds['base']},set=1",
                    "-add-fd", f"fd={drive_fds['scratch']},set=2",
                    "-add-fd", f"fd={drive_fds['scratch_ro']},set=2"]
+    machine = "microvm,acpi=on,pit=off,pic=off,rtc=on,x-option-roms=off"
+    ram: list[str] = []
+    if spec.ram_file is not None:
+        # RAM lives in a file: a snapshot's state then leaves it out
+        # (x-ignore-shared), and its forks map it copy-on-write, sharing every
+        # page they have not written through the host's page cache.
+        machine += ",memory-backend=ram0"
+        ram = ["-object", f"memory-backend-file,id=ram0,size={spec.mem_mib}M,mem-path={spec.ram_file},"
+                          f"share={'on' if spec.ram_shared else 'off'}"]
     argv = [
         binary,
         *add_fds,
         # ACPI stays on: this kernel finds virtio-mmio devices only through ACPI.
-        "-M", "microvm,acpi=on,pit=off,pic=off,rtc=on,x-option-roms=off",
+        "-M", machine, *ram,
         *accel,
         "-smp", str(spec.vcpus), "-m", f"{spec.mem_mib}M",
         "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
@@ -155,11 +164,16 @@ class QemuBackend(Backend):
                "scratch_ro": os.open(self.spec.scratch_disk, os.O_RDONLY)}
         if self.spec.seed is not None:
             fds["seed"] = os.open(self.spec.seed, os.O_RDONLY)
-        if self.restore is not None:
+        file_ram = self.restore is not None and self.spec.ram_file is not None
+        if self.restore is not None and not file_ram:
             fds["state"] = os.open(self.restore.state, os.O_RDONLY)
         try:
             self.argv = qemu_argv(self.spec, binary, runas=runas, drive_fds=fds)
-            if self.restore is not None:
+            if file_ram:
+                # The stream was saved with x-ignore-shared, which QEMU 7.2 can
+                # only switch on over QMP: wait for it, then load (see below).
+                self.argv += ["-incoming", "defer"]
+            elif self.restore is not None:
                 self.argv += ["-incoming", f"fd:{fds['state']}"]
             passed = tuple(fds.values()) + ((self.spec.tap_fd,) if self.spec.tap_fd is not None else ())
             await self._spawn(self.argv, drops_privileges=runas is not None, pass_fds=passed)
@@ -197,6 +211,15 @@ class QemuBackend(Backend):
                                       + self.vmm_log_tail()) from None
                 time.sleep(0.01)
         with qmp:
+            if self.spec.ram_file is not None:
+                qmp.execute("migrate-set-capabilities",
+                            {"capabilities": [{"capability": "x-ignore-shared", "state": True}]})
+                fd = os.open(self.restore.state, os.O_RDONLY)
+                try:
+                    qmp.execute("getfd", {"fdname": "snapshot"}, fds=[fd])
+                finally:
+                    os.close(fd)
+                qmp.execute("migrate-incoming", {"uri": "fd:snapshot"})
             while True:
                 status = qmp.execute("query-status")["status"]
                 if status != "inmigrate":

@@ -85,8 +85,15 @@ class QMP:
                 raise QMPError(command, reply["error"])
             # an asynchronous event: not ours, keep reading
 
-    def migrate_to_file(self, path: Path, timeout: float = 120.0) -> int:
-        """Pause the VM and write its full state to ``path``; returns the size."""
+    def migrate_to_file(self, path: Path, timeout: float = 120.0, ignore_shared: bool = False) -> int:
+        """Pause the VM and write its state to ``path``; returns the size.
+
+        With ``ignore_shared``, RAM that lives in a shared file is left out
+        (the file itself holds it).
+        """
+        if ignore_shared:
+            self.execute("migrate-set-capabilities",
+                         {"capabilities": [{"capability": "x-ignore-shared", "state": True}]})
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             self.execute("stop")

@@ -35,6 +35,8 @@ def test_incomplete_or_foreign_snapshots_are_not_used(tmp_path):
     assert cache.get(image, key) is None            # no state file yet
     (d / "state.bin").write_bytes(b"x")
     (d / "scratch.img").write_bytes(b"x")
+    assert cache.get(image, key) is None            # no RAM file yet
+    (d / "ram.bin").write_bytes(b"x")
     assert cache.get(image, key).directory == d
     (d / "manifest.json").write_text(json.dumps({"key": "other"}))
     assert cache.get(image, key) is None
