@@ -110,12 +110,18 @@ def main() -> int:
     for _, km, kc in started:
         close(km, kc)
 
+    from smolvm_kernel.snapshot import SNAPSHOT_FORMAT
+
     snaps = [json.loads((d / "manifest.json").read_text()) for d in SnapshotCache().root.iterdir()
              if (d / "manifest.json").exists()]
     for m in snaps:
-        if m["shape"]["disk_mib"] == 2048 and m["profile"] == "base":
-            rows += [("snapshot build (template boot + save)", "-",
-                      f"{m['boot_s'] + m['save_s']:.1f} s", f"state {m['state_bytes'] / 2**20:.0f} MiB")]
+        shape = m.get("shape", {})
+        if (m.get("format") == SNAPSHOT_FORMAT and m["profile"] == "base" and shape.get("disk_mib") == 2048
+                and shape.get("mem_mib") == 512 and shape.get("vcpus") == 2):
+            ram = m.get("ram_file_bytes")
+            rows += [("snapshot build (template boot + save)", "-", f"{m['boot_s'] + m['save_s']:.1f} s",
+                      f"device state {m['state_bytes'] / 2**10:.0f} KiB" +
+                      (f" + RAM file {ram / 2**20:.0f} MiB on disk, shared by all forks" if ram else ""))]
     print(f"\n| figure | local python3 | {args.kernel} | note |\n|---|---|---|---|")
     for row in rows:
         print("| " + " | ".join(row) + " |")

@@ -93,7 +93,8 @@ class SnapshotCache:
         shutil.rmtree(snap.directory, ignore_errors=True)
 
     def prune_stale(self) -> list[Path]:
-        """Remove snapshots of images that are no longer current, and dead builds."""
+        """Remove snapshots of images that are no longer current or of an older
+        format, and dead builds."""
         from smolvm_kernel.images import ImageCache
 
         current = {img.key for img in ImageCache().list()}
@@ -106,7 +107,7 @@ class SnapshotCache:
                     removed.append(d)
                     continue
                 manifest = Snapshot("", d).manifest()
-                if manifest.get("image") in current:
+                if manifest.get("image") in current and manifest.get("format") == SNAPSHOT_FORMAT:
                     keep.add(manifest.get("key"))
         return removed + self.prune(keep)
 
@@ -177,9 +178,11 @@ class SnapshotCache:
             os.rename(tmp / "state.bin", final_tmp / "state.bin")
             os.rename(spec.scratch_disk, final_tmp / "scratch.img")
             os.rename(tmp / "ram.bin", final_tmp / "ram.bin")
+            ram = final_tmp / "ram.bin"
             manifest = {"key": key, "format": SNAPSHOT_FORMAT, "image": image.key,
                         "profile": image.profile, "boot_s": round(boot_s, 2),
                         "save_s": round(time.monotonic() - t0 - boot_s, 2), "state_bytes": size,
+                        "ram_file_bytes": ram.stat().st_blocks * 512,
                         "shape": {k: v for k, v in spec_args.items() if k != "debug_console"},
                         "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
             (final_tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
