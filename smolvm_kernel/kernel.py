@@ -325,12 +325,17 @@ class SmolVMKernel:
 
     def _bind(self) -> None:
         transport, ip = self.info.get("transport", "tcp"), self.info.get("ip", "127.0.0.1")
+        # IOPub is an XPUB: a new subscriber gets an iopub_welcome at once, so
+        # a client knows IOPub is live without waiting for other traffic
+        # (jupyter_client retries kernel_info until some IOPub message arrives).
         for name, kind in (("shell", zmq.ROUTER), ("control", zmq.ROUTER), ("stdin", zmq.ROUTER),
-                           ("iopub", zmq.PUB), ("hb", zmq.ROUTER)):
+                           ("iopub", zmq.XPUB), ("hb", zmq.ROUTER)):
             sock = self.ctx.socket(kind)
             sock.linger = 1000
             if kind == zmq.ROUTER:
                 sock.router_handover = 1
+            if kind == zmq.XPUB:
+                sock.setsockopt(zmq.XPUB_VERBOSE, 1)
             port = self.info[f"{name}_port"]
             addr = f"{transport}://{ip}" + (f":{port}" if transport == "tcp" else f"-{port}")
             sock.bind(addr)
@@ -433,7 +438,7 @@ class SmolVMKernel:
     def run(self) -> None:
         self._ensure_vm()
         poller = zmq.Poller()
-        for name in ("control", "shell", "stdin"):
+        for name in ("control", "shell", "stdin", "iopub"):
             poller.register(self.sockets[name], zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
         last_tick = time.monotonic()
@@ -442,6 +447,8 @@ class SmolVMKernel:
             if self._wake_r in events:
                 os.read(self._wake_r, 65536)
             self._drain_events()
+            if self.sockets["iopub"] in events:
+                self._welcome_subscribers()
             for name in ("control", "shell", "stdin"):
                 sock = self.sockets[name]
                 if sock in events:
@@ -461,6 +468,18 @@ class SmolVMKernel:
             if self.panel is not None and now - self._last_stats >= PANEL_REFRESH_S:
                 self._fetch_stats()
         self._shutdown_vm()
+
+    def _welcome_subscribers(self) -> None:
+        sock = self.sockets["iopub"]
+        while True:
+            try:
+                frame = sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if frame[:1] == b"\x01":
+                topic = frame[1:]
+                msg = self.session.msg("iopub_welcome", content={"subscription": topic.decode(errors="replace")})
+                sock.send_multipart(self.session.serialize(msg, ident=topic or None))
 
     def _drain_events(self) -> None:
         while True:

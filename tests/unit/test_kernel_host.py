@@ -259,3 +259,19 @@ def test_push_and_pull_stay_in_the_notebook_folder(running, tmp_path):
     (workdir / "big.bin").write_bytes(b"x" * (2 * 2**20))
     content, _, _ = run(kc, "%smolvm push big.bin")
     assert content["status"] == "error" and "push limit" in content["evalue"]
+
+
+def test_a_new_iopub_subscriber_is_welcomed(running):
+    import zmq
+
+    kernel, kc, _ = running()
+    sub = zmq.Context.instance().socket(zmq.SUB)
+    sub.connect(f"tcp://127.0.0.1:{kernel.info['iopub_port']}")
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    try:
+        assert sub.poll(5000), "no iopub_welcome"
+        frames = sub.recv_multipart()
+        msg = kc.session.deserialize(kc.session.feed_identities(frames)[1])
+        assert msg["header"]["msg_type"] == "iopub_welcome"
+    finally:
+        sub.close(linger=0)
