@@ -19,6 +19,7 @@ import tempfile
 import time
 
 from jupyter_client.manager import start_new_kernel
+from kernel_bench import _round_trips
 
 
 def _stdout_code(mib: int) -> str:
@@ -32,13 +33,7 @@ def measure(kernel_name: str, rounds: int, mib: int) -> dict:
     try:
         kc.execute_interactive("pass", timeout=300)
         ready = time.monotonic() - t0
-        for _ in range(20):
-            kc.execute_interactive("pass", timeout=60)
-        times = []
-        for _ in range(rounds):
-            t = time.perf_counter()
-            kc.execute_interactive("pass", timeout=60)
-            times.append(time.perf_counter() - t)
+        times = _round_trips(kc, rounds)
         received = [0]
 
         def count(msg):

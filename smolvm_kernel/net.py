@@ -27,7 +27,6 @@ import fcntl
 import ipaddress
 import os
 import shutil
-import sqlite3
 import struct
 import subprocess
 import threading
@@ -184,52 +183,34 @@ class LeaseBook:
     def __init__(self, db_path) -> None:
         self.db_path = db_path
 
-    def _connect(self) -> sqlite3.Connection:
-        con = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
-        con.execute("PRAGMA journal_mode=WAL")
-        con.execute(_LEASES)
-        return con
+    def _db(self):
+        from smolvm_kernel.state import transaction
+
+        return transaction(self.db_path, _LEASES)
 
     def allocate(self, vm_id: str, pool: str, netns: str, routes: Callable[[], Iterable[str]]) -> Lease:
         """The first free /30 of ``pool``: not leased, not overlapping any route."""
         pool_net = ipaddress.IPv4Network(pool)
-        con = self._connect()
-        try:
-            con.execute("BEGIN IMMEDIATE")    # one allocator at a time, across processes
+        with self._db() as con:      # one allocator at a time, across processes
             taken = [ipaddress.IPv4Network(r[0]) for r in con.execute("SELECT subnet FROM leases")]
             taken += [ipaddress.IPv4Network(r) for r in routes()]
             for candidate in pool_net.subnets(new_prefix=30):
                 if any(candidate.overlaps(t) for t in taken):
                     continue
-                lease = Lease(vm_id, netns, str(candidate), TAP_PREFIX + vm_id[:12],
-                              TABLE_PREFIX + vm_id)
+                lease = Lease(vm_id, netns, str(candidate), TAP_PREFIX + vm_id[:12], TABLE_PREFIX + vm_id)
                 con.execute("INSERT INTO leases (vm_id, netns, subnet, tap, nft_table) VALUES (?,?,?,?,?)",
                             (lease.vm_id, lease.netns, lease.subnet, lease.tap, lease.nft_table))
-                con.execute("COMMIT")
                 return lease
-            con.execute("ROLLBACK")
-        except BaseException:
-            if con.in_transaction:
-                con.execute("ROLLBACK")
-            raise
-        finally:
-            con.close()
         raise NetworkError(f"no free /30 left in net_pool {pool} (leases and this host's routes use "
                            f"them all); give a larger or another private pool")
 
     def release(self, vm_id: str) -> None:
-        con = self._connect()
-        try:
+        with self._db() as con:
             con.execute("DELETE FROM leases WHERE vm_id=?", (vm_id,))
-        finally:
-            con.close()
 
     def all(self) -> list[Lease]:
-        con = self._connect()
-        try:
+        with self._db() as con:
             rows = con.execute("SELECT vm_id, netns, subnet, tap, nft_table FROM leases").fetchall()
-        finally:
-            con.close()
         return [Lease(*r) for r in rows]
 
 

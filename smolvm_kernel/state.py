@@ -39,6 +39,25 @@ CREATE TABLE IF NOT EXISTS vms (
 """
 
 
+@contextmanager
+def transaction(db_path, *schemas: str) -> Iterator[sqlite3.Connection]:
+    """One write transaction on the state DB: one writer at a time, across processes."""
+    con = sqlite3.connect(db_path, timeout=30, isolation_level=None)
+    try:
+        con.execute("PRAGMA journal_mode=WAL")
+        for schema in schemas:
+            con.execute(schema)
+        con.execute("BEGIN IMMEDIATE")
+        yield con
+        con.execute("COMMIT")
+    except BaseException:
+        if con.in_transaction:
+            con.execute("ROLLBACK")
+        raise
+    finally:
+        con.close()
+
+
 def process_start_time(pid: int) -> int | None:
     """Clock ticks since boot at which ``pid`` started, or None if it is gone."""
     try:
@@ -87,21 +106,8 @@ class Registry:
         self.db_path = self.root / "vms.db"
         self.vms_dir = paths.private_dir(self.root / "vms")
 
-    @contextmanager
-    def _db(self) -> Iterator[sqlite3.Connection]:
-        con = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
-        try:
-            con.execute("PRAGMA journal_mode=WAL")
-            con.execute(_SCHEMA)
-            con.execute("BEGIN IMMEDIATE")
-            yield con
-            con.execute("COMMIT")
-        except BaseException:
-            if con.in_transaction:
-                con.execute("ROLLBACK")
-            raise
-        finally:
-            con.close()
+    def _db(self):
+        return transaction(self.db_path, _SCHEMA)
 
     def new_run_dir(self, vm_id: str) -> Path:
         path = self.vms_dir / vm_id
