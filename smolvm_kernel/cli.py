@@ -129,9 +129,9 @@ def cmd_doctor(args) -> int:
                                                " (the first start of each VM shape builds one)"))
     try:
         ksm = open("/sys/kernel/mm/ksm/run").read().strip() == "1"
-        line("ksm", "on: identical guest pages are shared between VMs" if ksm else
-             "off: each VM keeps its own copy of the snapshot's pages; "
-             "`echo 1 > /sys/kernel/mm/ksm/run` (root) shares them")
+        line("ksm", "on: pages the VMs write are merged too" if ksm else
+             "off: forks share their snapshot's RAM file; `echo 1 > /sys/kernel/mm/ksm/run` (root) "
+             "would also merge identical pages they write")
     except OSError:
         pass
     from smolvm_kernel.net import NetworkError, check_host

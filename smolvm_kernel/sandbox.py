@@ -332,8 +332,10 @@ class Sandbox:
                 t = time.monotonic()
                 try:
                     snap = await snaps.build(self.image, key, shape, binary, self.config.boot_timeout)
-                except SmolVMError as exc:
-                    self._say(f"could not build a snapshot ({exc}); cold boot")
+                except (SmolVMError, OSError, asyncio.TimeoutError) as exc:
+                    # No snapshot this time: boot cold; the next start tries again.
+                    self._say(f"could not build a snapshot ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''}); cold boot")
                     return None
                 self._say(f"snapshot ready in {time.monotonic() - t:.1f} s")
         finally:

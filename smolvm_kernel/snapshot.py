@@ -137,7 +137,22 @@ class SnapshotCache:
 
     async def build(self, image: Image, key: str, spec_args: dict, binary: str,
                     boot_timeout: float) -> Snapshot:
-        """Boot a template VM, wait for its kernel, save it; atomic in the cache."""
+        """Boot a template VM, wait for its kernel, save it; atomic in the cache.
+
+        A template that does not come up in time is tried once more: a rare
+        emulated boot can stall, and a second boot costs less than having no
+        snapshot.
+        """
+        from smolvm_kernel.errors import BootTimeout
+
+        try:
+            return await self._build_once(image, key, spec_args, binary, boot_timeout)
+        except BootTimeout as exc:
+            log.warning("the snapshot template did not come up (%s); trying once more", exc)
+            return await self._build_once(image, key, spec_args, binary, boot_timeout)
+
+    async def _build_once(self, image: Image, key: str, spec_args: dict, binary: str,
+                          boot_timeout: float) -> Snapshot:
         from smolvm_kernel.backends.qemu import QemuBackend
         from smolvm_kernel.channel.stream import GuestChannel
 
@@ -166,7 +181,11 @@ class SnapshotCache:
             # A throw-away key: every fork is re-keyed before it is used.
             await chan.handshake({"key": secrets.token_hex(32)}, boot_timeout)
             chan.start()
-            await asyncio.wait_for(ready, boot_timeout)
+            try:
+                await asyncio.wait_for(ready, boot_timeout)
+            except asyncio.TimeoutError:
+                from smolvm_kernel.errors import BootTimeout
+                raise BootTimeout(boot_timeout, "the template's kernel", backend.console_tail()) from None
             await chan.request("quiesce", timeout=30)
             boot_s = time.monotonic() - t0
             size = await asyncio.to_thread(_save, tmp / "qmp.sock", tmp / "state.bin")
