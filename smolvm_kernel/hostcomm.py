@@ -67,6 +67,18 @@ class HostComms:
             return False
         return any(m.decode() in self.manager.comms for m in _HOST_ID.findall(data))
 
+    def widget_states(self) -> dict:
+        """The host's widgets as ipywidgets' control comm reports them (no binary buffers)."""
+        from ipywidgets.widgets.widget import _instances
+
+        out = {}
+        for model_id, widget in list(_instances.items()):
+            if model_id in self.manager.comms:
+                out[model_id] = {"model_name": widget._model_name, "model_module": widget._model_module,
+                                 "model_module_version": widget._model_module_version,
+                                 "state": widget.get_state(drop_defaults=False)}
+        return out
+
     def handle(self, msg: dict) -> None:
         """A comm_msg / comm_close from the frontend for one of our comms."""
         content = msg.get("content") or {}

@@ -84,6 +84,10 @@ class Relay:
         self.backlog: list[tuple[Channel, list[bytes], str]] = []
         #: The kernel's own comms (control panel), a HostComms; None until one exists.
         self.host_comms = None
+        #: Frontend comms to the guest's "jupyter.widget.control" target: a page
+        #: reload restores widgets through them (see _add_host_widgets).
+        self.control_comms: set[str] = set()
+        self.comm_info_targets: dict[str, str | None] = {}   # comm_info_request id -> target
         self.last_cell_s: float | None = None
         #: The guest kernel's latest execution count: frontends need a real
         #: count in every execute_reply (JupyterLab keeps a cell "[*]" otherwise).
@@ -163,6 +167,8 @@ class Relay:
                 self._count(count)
                 self._internal.pop(parent_id)(count if isinstance(count, int) else None)
             return
+        if self.host_comms is not None and msg_type in ("comm_info_reply", "comm_msg"):
+            body = self._add_host_widgets(msg_type, body, parent_id)
         if chan == Channel.IOPUB:
             if msg_type == "status":
                 req = self.inflight.get(parent_id)
@@ -210,6 +216,31 @@ class Relay:
         except SmolVMError:
             self._internal.pop(msg["header"]["msg_id"])(None)
 
+    def _add_host_widgets(self, msg_type: str, body: list[bytes], parent_id) -> list[bytes]:
+        """Let a reloaded page find the host's widgets (the panel) next to the guest's:
+        list them in comm_info_reply, and add their states to the control comm's
+        update_states. The guest's own entries are kept as they are."""
+        try:
+            content = json.loads(body[3])
+        except ValueError:
+            return body
+        if not isinstance(content, dict):
+            return body
+        if msg_type == "comm_info_reply" and isinstance(content.get("comms"), dict):
+            if self.comm_info_targets.pop(parent_id, None) not in (None, "", "jupyter.widget"):
+                return body
+            for comm_id in self.host_comms.manager.comms:
+                content["comms"][comm_id] = {"target_name": "jupyter.widget"}
+        elif msg_type == "comm_msg" and content.get("comm_id") in self.control_comms:
+            data = content.get("data")
+            if not (isinstance(data, dict) and data.get("method") == "update_states"
+                    and isinstance(data.get("states"), dict)):
+                return body
+            data["states"].update(self.host_comms.widget_states())
+        else:
+            return body
+        return [*body[:3], json.dumps(content).encode(), *body[4:]]
+
     def running_cells(self) -> int:
         """Execute requests forwarded to the guest and not yet answered."""
         # list(): the ops thread reads this while the loop changes it.
@@ -242,6 +273,7 @@ class Relay:
         """The VM died: end every open request with a clear error, then idle."""
         inflight, self.inflight = self.inflight, {}
         internal, self._internal = self._internal, {}
+        self.comm_info_targets.clear()
         self.backlog.clear()
         for done in internal.values():
             done(None)
@@ -588,6 +620,11 @@ class SmolVMKernel:
                 return self._shutdown(idents, msg)
             if mtype == "interrupt_request":
                 return self._interrupt(idents, msg)
+        if name == "shell" and mtype == "comm_info_request":
+            self.relay.comm_info_targets[header["msg_id"]] = msg["content"].get("target_name")
+        if name == "shell" and mtype == "comm_open" and \
+                msg["content"].get("target_name") == "jupyter.widget.control":
+            self.relay.control_comms.add(str(msg["content"].get("comm_id")))
         if name == "shell" and mtype in ("comm_msg", "comm_close") and \
                 self.relay.host_comms is not None and self.relay.host_comms.owns(msg["content"].get("comm_id")):
             return self._host_comm(msg)

@@ -76,9 +76,17 @@ class FakeSandbox:
     def send_raw(self, chan, parts):
         _, msg_list = self.session.feed_identities(parts)
         msg = self.session.deserialize(msg_list)
+        parent = msg["header"]
+        if msg["msg_type"] == "comm_info_request":
+            self.emit(Channel.SHELL, "comm_info_reply", {"status": "ok", "comms": {
+                "g1": {"target_name": "jupyter.widget"}}}, parent)
+            return
+        if msg["msg_type"] == "comm_open" and msg["content"].get("target_name") == "jupyter.widget.control":
+            self.emit(Channel.IOPUB, "comm_msg", {"comm_id": msg["content"]["comm_id"], "data": {
+                "method": "update_states", "states": {"g1": {"state": {}}}, "buffer_paths": []}}, parent)
+            return
         if msg["msg_type"] != "execute_request":
             return
-        parent = msg["header"]
         code = msg["content"]["code"]
 
         def answer():
@@ -275,3 +283,28 @@ def test_a_new_iopub_subscriber_is_welcomed(running):
         assert msg["header"]["msg_type"] == "iopub_welcome"
     finally:
         sub.close(linger=0)
+
+
+def test_a_reloaded_page_finds_the_panel_next_to_guest_widgets(running):
+    kernel, kc, _ = running()
+    run(kc, "pass")
+    _, _, msgs = run(kc, "%smolvm panel")
+    host_ids = {m["content"]["comm_id"] for m in msgs if m["msg_type"] == "comm_open"}
+    # the fallback path: comm_info for jupyter.widget lists both sides
+    kc.shell_channel.send(kc.session.msg("comm_info_request", {"target_name": "jupyter.widget"}))
+    reply = kc.get_shell_msg(timeout=10)
+    assert reply["msg_type"] == "comm_info_reply"
+    assert "g1" in reply["content"]["comms"] and host_ids <= set(reply["content"]["comms"])
+    kc.shell_channel.send(kc.session.msg("comm_info_request", {"target_name": "other"}))
+    assert not host_ids & set(kc.get_shell_msg(timeout=10)["content"]["comms"])
+    # the control comm: the guest's update_states gains the host's widget states
+    kc.shell_channel.send(kc.session.msg("comm_open", {"comm_id": "ctl1", "target_name": "jupyter.widget.control",
+                                                       "data": {}}))
+    while True:
+        m = kc.get_iopub_msg(timeout=10)
+        if m["msg_type"] == "comm_msg" and m["content"]["comm_id"] == "ctl1":
+            break
+    states = m["content"]["data"]["states"]
+    assert "g1" in states and host_ids <= set(states)
+    some = states[next(iter(host_ids))]
+    assert some["model_module"] in ("@jupyter-widgets/controls", "@jupyter-widgets/base")

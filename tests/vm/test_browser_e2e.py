@@ -171,6 +171,18 @@ def test_demo_notebook_and_panel_in_a_real_browser(lab, page):
         page.keyboard.press("Shift+Enter")
         expect(value_cell.locator(".jp-OutputArea-output")).to_contain_text("NameError", timeout=60_000)
         shot(page, root, "4-fresh-vm")
+
+        # Save, reload the page: the host's panel is restored from the kernel
+        # next to the guest's widgets (not "model not found").
+        page.keyboard.press("Control+s")
+        page.wait_for_function("() => !document.querySelector('.jp-mod-dirty')", timeout=30_000)
+        page.reload()
+        page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=120_000)
+        panel = page.locator(".smolvm-panel")
+        panel.scroll_into_view_if_needed(timeout=60_000)
+        expect(panel.locator(".smolvm-state-ready")).to_be_visible(timeout=60_000)
+        expect(panel.locator(".smolvm-details")).to_contain_text("MiB used of", timeout=30_000)
+        shot(page, root, "5-after-reload")
     except BaseException:   # pytest-timeout's too
         shot(page, root, "failure")
         print(f"screenshots and jupyterlab.log in {root}")
