@@ -632,8 +632,11 @@ class SmolVMKernel:
             code = msg["content"].get("code", "")
             if _is_host_line(code):
                 return self._host_line(idents, msg, code)
-        if name == "shell" and self._torn_down and not self._booting and self.config.on_stopped == "error":
-            return self._refuse_stopped(idents, msg)
+        if name == "shell" and self._torn_down and not self._booting:
+            if not mtype.endswith("_request"):
+                return   # a widget event for a VM that is gone: nothing to answer, no VM to start
+            if self.config.on_stopped == "error":
+                return self._refuse_stopped(idents, msg)
         chan = {"shell": Channel.SHELL, "control": Channel.CONTROL, "stdin": Channel.STDIN}[name]
         host_busy = False
         if not self._guest_ready():

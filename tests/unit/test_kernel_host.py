@@ -223,6 +223,10 @@ def test_on_stopped_error_refuses_cells_until_start(running):
     assert "%smolvm start" in text
     content, _, _ = run(kc, "x")
     assert content["status"] == "error" and "torn down" in content["evalue"]
+    calls = list(kernel.sandbox.calls)
+    kc.shell_channel.send(kc.session.msg("comm_msg", {"comm_id": "guest-widget", "data": {}}))
+    time.sleep(0.3)
+    assert kernel.sandbox.calls == calls and kernel.vm_state() == "stopped"   # no VM for a stray event
     run(kc, "%smolvm start")
     assert run(kc, "x")[0]["status"] == "ok"
 
