@@ -44,7 +44,7 @@ def transaction(db_path, *schemas: str) -> Iterator[sqlite3.Connection]:
     """One write transaction on the state DB: one writer at a time, across processes."""
     con = sqlite3.connect(db_path, timeout=30, isolation_level=None)
     try:
-        con.execute("PRAGMA journal_mode=WAL")
+        _use_wal(con, time.monotonic() + 30)
         for schema in schemas:
             con.execute(schema)
         con.execute("BEGIN IMMEDIATE")
@@ -56,6 +56,21 @@ def transaction(db_path, *schemas: str) -> Iterator[sqlite3.Connection]:
         raise
     finally:
         con.close()
+
+
+def _use_wal(con: sqlite3.Connection, deadline: float) -> None:
+    """Switch a new database to WAL. Unlike other statements, the switch does not
+    wait for a lock held by a concurrent first user: retry it (seen with four
+    processes creating the database at once)."""
+    while True:
+        try:
+            if con.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                con.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
 
 
 def process_start_time(pid: int) -> int | None:
