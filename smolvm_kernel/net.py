@@ -385,12 +385,17 @@ def default_dns() -> list[str]:
     return servers
 
 
-def cleanup_leases(db_path, live_vm_ids: set[str]) -> list[str]:
-    """Remove the TAP, rules and lease of every VM that is no longer live."""
+def cleanup_leases(db_path, is_live: Callable[[str], bool]) -> list[str]:
+    """Remove the TAP, rules and lease of every VM that is no longer live.
+
+    Liveness is asked per lease, after the leases are read: a VM's record is
+    written before its lease, so a lease made while this runs is never
+    mistaken for a leftover (a precomputed set of live VMs would be).
+    """
     book = LeaseBook(db_path)
     done: list[str] = []
     for lease in book.all():
-        if lease.vm_id in live_vm_ids:
+        if is_live(lease.vm_id):
             continue
         done += remove_lease_objects(lease)
         book.release(lease.vm_id)

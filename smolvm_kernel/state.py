@@ -151,6 +151,10 @@ class Registry:
         with self._db() as con:
             con.execute("DELETE FROM vms WHERE vm_id=?", (vm_id,))
 
+    def has(self, vm_id: str) -> bool:
+        with self._db() as con:
+            return con.execute("SELECT 1 FROM vms WHERE vm_id=?", (vm_id,)).fetchone() is not None
+
     def list(self) -> list[VMRecord]:
         with self._db() as con:
             con.row_factory = sqlite3.Row
@@ -182,7 +186,7 @@ class Registry:
             done.append(f"forgot VM {rec.vm_id} (owner pid {rec.owner_pid})")
         # Network leases (TAP, nftables table, address) of VMs that are gone.
         from smolvm_kernel.net import cleanup_leases
-        done += cleanup_leases(self.db_path, {rec.vm_id for rec in self.list()})
+        done += cleanup_leases(self.db_path, self.has)
         # Folders with no record: a crash between mkdir and the insert.
         for d in self.vms_dir.iterdir():
             if d.name not in known and time.time() - d.stat().st_mtime > 60:

@@ -201,3 +201,28 @@ def test_no_net_admin_message_says_what_is_needed(monkeypatch):
 def test_pool_subnets_are_in_the_pool(book):
     lease = book.allocate("d" * 12, "192.168.77.0/28", "", list)
     assert ipaddress.IPv4Network(lease.subnet).subnet_of(ipaddress.IPv4Network("192.168.77.0/28"))
+
+
+def test_cleanup_keeps_a_lease_made_while_it_runs(tmp_path, monkeypatch):
+    # The race a precomputed live set had: a VM's record and lease both appear
+    # after cleanup looked at the records but before it read the leases.
+    from smolvm_kernel import net
+    from smolvm_kernel.state import Registry, VMRecord
+
+    registry = Registry(tmp_path)
+    removed = []
+    monkeypatch.setattr(net, "remove_lease_objects", lambda lease: removed.append(lease.vm_id) or [])
+    real_all = LeaseBook.all
+
+    def all_after_a_new_vm(self):
+        if not registry.has("new0000000ab"):
+            registry.add(VMRecord(vm_id="new0000000ab", backend="qemu", accel="tcg", profile="base",
+                                  run_dir=str(tmp_path), owner_pid=1, owner_start=1))
+            LeaseBook(registry.db_path).allocate("new0000000ab", "10.213.0.0/24", "", list)
+        return real_all(self)
+
+    LeaseBook(registry.db_path).allocate("gone000000ab", "10.213.0.0/24", "", list)
+    monkeypatch.setattr(LeaseBook, "all", all_after_a_new_vm)
+    done = net.cleanup_leases(registry.db_path, registry.has)
+    assert removed == ["gone000000ab"] and "of VM gone000000ab" in done[-1]
+    assert [x.vm_id for x in real_all(LeaseBook(registry.db_path))] == ["new0000000ab"]
