@@ -33,8 +33,9 @@ from jupyter_client.session import Session
 
 from smolvm_guest.wire import Channel
 from smolvm_kernel import __version__
-from smolvm_kernel.config import USER_SETTINGS, SandboxConfig
+from smolvm_kernel.config import SandboxConfig
 from smolvm_kernel.errors import SmolVMError
+from smolvm_kernel.panel import REFRESH_SECONDS, ConfigActions
 
 log = logging.getLogger("smolvm_kernel.kernel")
 DELIM = b"<IDS|MSG>"
@@ -299,7 +300,7 @@ def _json_field(data: bytes, field: str):
     return obj.get(field) if isinstance(obj, dict) else None
 
 
-class SmolVMKernel:
+class SmolVMKernel(ConfigActions):
     """The kernel process: frontend sockets, one Sandbox, the relay between them.
 
     One thread owns the sockets and all kernel state (``run``). VM starts and
@@ -346,7 +347,7 @@ class SmolVMKernel:
         # waits until the cells sent before it have finished: cells and
         # %smolvm lines run in the order they were sent.
         self._held: list[list[bytes]] = []
-        self._host_op: dict | None = None      # header of the host line in progress
+        self._host_op: dict | None = None      # the host line in progress: idents, header, code
         self.panel = None
         self._comm_parent: dict = {}
         self._stats_running = False
@@ -497,7 +498,7 @@ class SmolVMKernel:
                 self._show_boot_progress()
             if self.config.exec_timeout and not self._booting:
                 self._enforce_timeout(now)
-            if self.panel is not None and now - self._last_stats >= PANEL_REFRESH_S:
+            if self.panel is not None and now - self._last_stats >= REFRESH_SECONDS:
                 self._fetch_stats()
         self._shutdown_vm()
 
@@ -886,7 +887,7 @@ class SmolVMKernel:
                     f"profile {c.profile}   after a stop: {c.on_stopped}")
         if not changes:
             return "nothing to change"
-        return self.apply_settings(changes)
+        return self.apply(changes)
 
     # -- settings and the control panel (PanelActions)
 
@@ -894,39 +895,25 @@ class SmolVMKernel:
     def name(self) -> str:
         return f"this kernel's microVM ({self.config.profile})"
 
-    def settings(self) -> dict:
-        return {k: getattr(self.config, k) for k in USER_SETTINGS}
-
-    def limits(self) -> dict:
-        return {"max_vcpus": self.config.max_vcpus, "max_mem_mib": self.config.max_mem_mib,
-                "max_disk_mib": self.config.max_disk_mib}
-
-    def check(self, changes: dict) -> None:
-        from smolvm_kernel.panel import check_changes
-        check_changes(self.config, changes)
-
-    def apply_settings(self, changes: dict) -> str:
+    def apply(self, changes: dict) -> str:
         """Validate and apply; restart the VM unless only live settings changed."""
         from smolvm_kernel.panel import _describe, apply_live, check_changes
 
         new = check_changes(self.config, changes)
         restart = self.needs_restart(changes)
         self.config = self.sandbox.config = new
+        text = None
         if not restart:
             text = apply_live(self.sandbox, changes)
-            self.config = self.sandbox.config
-            if self.panel is not None:
-                self.panel.load_settings()
-            return text
+            self.config = self.sandbox.config   # the balloon keeps its size there
         if self.panel is not None:
             self.panel.load_settings()
+        if text is not None:
+            return text
         if self._torn_down and not self._booting:
             return f"saved {_describe(changes)}; the VM is stopped and starts with them next time"
         self.restart_vm(f"the VM was restarted with new settings ({_describe(changes)})")
         return f"restarting the VM with {_describe(changes)}; its previous state is gone"
-
-    def apply(self, changes: dict) -> str:
-        return self.apply_settings(changes)
 
     def needs_restart(self, changes: dict) -> bool:
         from smolvm_kernel.panel import needs_restart
@@ -974,7 +961,6 @@ class SmolVMKernel:
             stats = {"error": str(exc)}
         stats["state"] = self.vm_state()
         stats["last_cell_s"] = self.relay.last_cell_s
-        stats["network"] = self.config.network
         return stats
 
     def _fetch_stats(self) -> None:
@@ -995,9 +981,6 @@ class SmolVMKernel:
                         "disk_used_bytes", "vcpus", "vm_uptime_s"):
                 merged.pop(key, None)
         self.panel.refresh(merged)
-
-
-PANEL_REFRESH_S = 2.0
 
 
 HOST_HELP = """\

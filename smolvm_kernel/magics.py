@@ -29,8 +29,8 @@ import threading
 import time
 import weakref
 
-from smolvm_kernel.config import USER_SETTINGS
 from smolvm_kernel.errors import SmolVMError
+from smolvm_kernel.panel import ConfigActions
 
 _sandboxes: dict = {}
 _panels: dict = {}
@@ -202,7 +202,7 @@ def _transfer(sb, args) -> str:
     return transfer.pull(sb, os.getcwd(), first, second, limit, overwrite=args.force)
 
 
-class SandboxActions:
+class SandboxActions(ConfigActions):
     """The panel's actions over one named Sandbox of this IPython kernel.
 
     Starts and stops run on a background thread, so a click never blocks
@@ -217,16 +217,9 @@ class SandboxActions:
         self._op: str | None = None          # "booting" / "stopping" while a click's work runs
         self.on_change = lambda: None        # the panel refreshes itself through this
 
-    def settings(self) -> dict:
-        return {k: getattr(self.sandbox.config, k) for k in USER_SETTINGS}
-
-    def limits(self) -> dict:
-        c = self.sandbox.config
-        return {"max_vcpus": c.max_vcpus, "max_mem_mib": c.max_mem_mib, "max_disk_mib": c.max_disk_mib}
-
-    def check(self, changes: dict) -> None:
-        from smolvm_kernel.panel import check_changes
-        check_changes(self.sandbox.config, changes)
+    @property
+    def config(self):
+        return self.sandbox.config
 
     def apply(self, changes: dict) -> str:
         from smolvm_kernel.panel import _describe, apply_live, check_changes

@@ -119,6 +119,11 @@ def has_net_admin() -> bool:
     return False
 
 
+def find_nft() -> str | None:
+    """The nft binary (a non-root PATH often lacks /usr/sbin)."""
+    return shutil.which("nft") or ("/usr/sbin/nft" if os.path.exists("/usr/sbin/nft") else None)
+
+
 def check_host(netns: str = "") -> str:
     """The nft binary, or a NetworkError saying exactly what is missing."""
     if not has_net_admin():
@@ -127,7 +132,7 @@ def check_host(netns: str = "") -> str:
             "rules: run the kernel as root, or give its Python CAP_NET_ADMIN (e.g. "
             "`setcap cap_net_admin+ep $(readlink -f .venv/bin/python)`), or use network='none' "
             "(the default, which needs no privilege)")
-    nft = shutil.which("nft") or ("/usr/sbin/nft" if os.path.exists("/usr/sbin/nft") else None)
+    nft = find_nft()
     if nft is None:
         raise ToolNotFound("nft", "nftables (apt-get install nftables)")
     if not os.path.exists("/dev/net/tun"):
@@ -347,7 +352,7 @@ def remove_lease_objects(lease: Lease) -> list[str]:
     done: list[str] = []
     if lease.netns and not os.path.exists(f"/run/netns/{lease.netns}"):
         return [f"namespace {lease.netns} is gone (and with it TAP {lease.tap} and table {lease.nft_table})"]
-    nft = shutil.which("nft") or "/usr/sbin/nft"
+    nft = find_nft() or "nft"
 
     def work() -> None:
         from pyroute2 import IPRoute

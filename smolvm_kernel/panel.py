@@ -14,7 +14,7 @@ import html
 import math
 from typing import Protocol
 
-from smolvm_kernel.config import LIVE_SETTINGS
+from smolvm_kernel.config import LIVE_SETTINGS, USER_SETTINGS
 from smolvm_kernel.errors import SmolVMError
 
 REFRESH_SECONDS = 2.0
@@ -57,6 +57,21 @@ def check_changes(config, changes: dict):
         from smolvm_kernel.net import check_host
         check_host(new.netns)
     return new
+
+
+class ConfigActions:
+    """The PanelActions that only read the owner's SandboxConfig (``self.config``)."""
+
+    config = None   # a SandboxConfig, set by the owner
+
+    def settings(self) -> dict:
+        return {k: getattr(self.config, k) for k in USER_SETTINGS}
+
+    def limits(self) -> dict:
+        return {k: getattr(self.config, k) for k in ("max_vcpus", "max_mem_mib", "max_disk_mib")}
+
+    def check(self, changes: dict) -> None:
+        check_changes(self.config, changes)
 
 
 def needs_restart(changes: dict, sandbox=None) -> bool:

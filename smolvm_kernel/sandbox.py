@@ -265,26 +265,27 @@ class Sandbox:
             vcpus=cfg.vcpus, mem_mib=cfg.mem_mib))
         spec = VMSpec(vm_id=self.vm_id, run_dir=run_dir, image=self.image, transport=self.transport,
                       ram_file=restore.ram if restore else None, **shape)
-        tap_fd = await self._setup_network(spec) if restore is None else None
+        if restore is None:
+            await self._setup_network(spec)
         self.backend = backend_cls(spec, binary, restore=restore) if restore else backend_cls(spec, binary)
         verb = "restoring microVM from its ready snapshot" if restore else "starting microVM"
         self._say(f"{verb} ({backend_cls.name}/{shape['accel']})")
         try:
             await self.backend.launch()
         finally:
-            if tap_fd is not None:
-                os.close(tap_fd)     # QEMU has its own copy now
+            if spec.tap_fd is not None:
+                os.close(spec.tap_fd)     # QEMU has its own copy now
         self._registry.set_vmm(self.vm_id, self.backend.pid)
         self.started_at = time.time()
         # A restore answers in about a second; do not wait a whole cold-boot
         # timeout before falling back.
         await self._connect(time.monotonic(), min(cfg.boot_timeout, 30.0) if restore else None)
 
-    async def _setup_network(self, spec: VMSpec) -> int | None:
-        """TAP, rules, lease and the seed disk (address, SSH keys) for this VM."""
+    async def _setup_network(self, spec: VMSpec) -> None:
+        """TAP, rules, lease and the seed disk (address, SSH keys) for this VM,
+        recorded in ``spec`` (the caller closes ``spec.tap_fd`` once the VMM has it)."""
         cfg = self.config
         seed: dict = {}
-        tap_fd = None
         if cfg.network != "none":
             from smolvm_kernel.net import LeaseBook, VMNetwork, default_dns
 
@@ -294,8 +295,7 @@ class Sandbox:
             self._net = VMNetwork(LeaseBook(self._registry.db_path), spec.vm_id, pool=cfg.net_pool,
                                   netns=cfg.netns, allow=cfg.egress_allow, dns=cfg.dns or default_dns())
             self._say(f"network: TAP and nftables rules for {spec.vm_id}")
-            tap_fd = await asyncio.to_thread(self._net.setup, self.backend_name != "firecracker")
-            spec.tap_fd = tap_fd
+            spec.tap_fd = await asyncio.to_thread(self._net.setup, self.backend_name != "firecracker")
             spec.tap_name = self._net.lease.tap
             spec.mac = self._net.lease.mac
             seed["net"] = self._net.guest_config()
@@ -311,7 +311,6 @@ class Sandbox:
             write_seed(spec.seed, {"smolvm_seed": 1, **seed})
         if self.transport == "vsock" and spec.vsock_cid is None:
             spec.vsock_cid = 3 + secrets.randbelow(2**31)
-        return tap_fd
 
     async def _ready_snapshot(self, binary: str, shape: dict):
         """The snapshot for this shape, built first (once, under a lock) if missing."""

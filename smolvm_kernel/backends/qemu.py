@@ -212,8 +212,7 @@ class QemuBackend(Backend):
                 time.sleep(0.01)
         with qmp:
             if self.spec.ram_file is not None:
-                qmp.execute("migrate-set-capabilities",
-                            {"capabilities": [{"capability": "x-ignore-shared", "state": True}]})
+                qmp.ignore_shared_ram()
                 fd = os.open(self.restore.state, os.O_RDONLY)
                 try:
                     qmp.execute("getfd", {"fdname": "snapshot"}, fds=[fd])

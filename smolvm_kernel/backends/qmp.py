@@ -85,6 +85,12 @@ class QMP:
                 raise QMPError(command, reply["error"])
             # an asynchronous event: not ours, keep reading
 
+    def ignore_shared_ram(self) -> None:
+        """Leave RAM that lives in a shared file out of the migration stream
+        (both ends must agree; QEMU 7.2 takes it only over QMP)."""
+        self.execute("migrate-set-capabilities",
+                     {"capabilities": [{"capability": "x-ignore-shared", "state": True}]})
+
     def migrate_to_file(self, path: Path, timeout: float = 120.0, ignore_shared: bool = False) -> int:
         """Pause the VM and write its state to ``path``; returns the size.
 
@@ -92,8 +98,7 @@ class QMP:
         (the file itself holds it).
         """
         if ignore_shared:
-            self.execute("migrate-set-capabilities",
-                         {"capabilities": [{"capability": "x-ignore-shared", "state": True}]})
+            self.ignore_shared_ram()
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             self.execute("stop")
