@@ -46,35 +46,54 @@ MAX_FILE = 256 * 1024 * 1024
 LOW_QUEUE_LIMIT = 256
 SYNC_MAGIC = b"\x00\xffSMOLVM-SYNC\xff\x00"
 _AGENT_MSG_PREFIX = "smolvm-agent:"
-#: Run silently once the kernel is ready: IPython imports its traceback
-#: machinery lazily, which costs ~1 s under TCG the first time an error is
-#: shown -- otherwise that second lands on the user's first interrupt.
+#: Run silently once the kernel is ready (every cold boot, so also every
+#: snapshot's template). IPython imports its traceback machinery lazily, which
+#: costs ~1 s under TCG the first time an error is shown -- otherwise that
+#: second lands on the user's first interrupt. It also starts the thread that
+#: re-keys the kernel after a snapshot restore: the agent writes the new
+#: session key into a pipe, the thread sets it, reseeds the PRNGs Python code
+#: seeded before the snapshot (the kernel's CRNG is reseeded first) and
+#: answers on a second pipe. A thread, not a cell: a restored VM translates
+#: every instruction afresh under TCG, and a cell's path costs ~150 ms there.
 _WARMUP = """\
-def _smolvm_warmup():
-    import sys
+def _smolvm_warmup(key_fd, ack_fd):
+    import os, sys, threading
     try:
         1 / 0
     except ZeroDivisionError:
         get_ipython().InteractiveTB.structured_traceback(*sys.exc_info())
-_smolvm_warmup()
+    kernel = get_ipython().kernel
+
+    def rekey():
+        key = b""
+        with os.fdopen(key_fd, "rb", buffering=0) as pipe:
+            while not key.endswith(b"\\n"):
+                chunk = pipe.read(128)
+                if not chunk:
+                    return
+                key += chunk
+        import random
+        kernel.session.key = key.strip()
+        random.seed()
+        numpy = sys.modules.get("numpy")
+        if numpy is not None:
+            numpy.random.seed()
+        os.write(ack_fd, b"k")
+        os.close(ack_fd)
+
+    threading.Thread(target=rekey, name="smolvm-rekey", daemon=True).start()
+_smolvm_warmup({key_fd}, {ack_fd})
 del _smolvm_warmup
 """
+#: Run after a restore, once the host has been told the kernel is ready: the
+#: path of an ordinary cell (execute_input, a result's formatting) translated
+#: before the user's first cell needs it. No output reaches the host, no
+#: history entry and no change to ``_`` (the formatter is called directly and
+#: the cell's value is None; a trailing ";" would not do: IPython looks for it
+#: in the history, which this request does not enter).
+_AFTER_RESTORE = "get_ipython().display_formatter.format(0) and None\n"
 _RNDADDENTROPY = 0x40085203
 _RNDRESEEDCRNG = 0x5207
-#: Run silently in the kernel of a VM restored from a snapshot, before any
-#: user code: a fresh session key, and fresh state for the PRNGs Python code
-#: seeded before the snapshot was taken (the kernel's CRNG is reseeded first).
-_REKEY = """\
-def _smolvm_rekey(key):
-    import random, sys
-    get_ipython().kernel.session.key = key
-    random.seed()
-    numpy = sys.modules.get("numpy")
-    if numpy is not None:
-        numpy.random.seed()
-_smolvm_rekey({key!r})
-del _smolvm_rekey
-"""
 
 
 def log(msg: str) -> None:
@@ -257,9 +276,10 @@ class GuestKernel:
         self.session = uuid.uuid4().hex
         self.ready = False
         self.kernel_info: dict = {}
-        #: msg_id of the silent request that must finish before the host is
-        #: told the kernel is ready (the warm-up, or a re-key after a restore).
+        #: msg_id of the warm-up request that must finish before the host is
+        #: told the kernel is ready for the first time.
         self.settling: str | None = None
+        #: A key sent to the kernel's re-key thread and not yet confirmed.
         self.new_key: bytes | None = None
         self._sent_info_at = 0.0
         os.makedirs(RUN_DIR, mode=0o711, exist_ok=True)
@@ -285,13 +305,19 @@ class GuestKernel:
             "PYDEVD_DISABLE_FILE_VALIDATION": "1",
         }
         log_fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        # The re-key pipes (see _WARMUP): the kernel reads key_r, writes ack_w.
+        key_r, self.key_w = os.pipe()
+        self.ack_r, ack_w = os.pipe()
+        self.rekey_fds = (key_r, ack_w)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "ipykernel_launcher", "-f", conn_file,
              "--IPKernelApp.connection_dir=" + kdir],
             cwd=USER_HOME, env=env, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,
             user=USER_UID, group=USER_GID, extra_groups=[], start_new_session=True,
+            pass_fds=self.rekey_fds,
         )
-        os.close(log_fd)
+        for fd in (log_fd, *self.rekey_fds):
+            os.close(fd)
         ident = self.session.encode()
         self.sockets: dict[Channel, zmq.Socket] = {}
         for chan, port, kind in ((Channel.SHELL, 1, zmq.DEALER), (Channel.CONTROL, 4, zmq.DEALER),
@@ -310,7 +336,8 @@ class GuestKernel:
     def poll_ready(self) -> None:
         """Ask for kernel_info until an iopub message proves the SUB socket is live."""
         now = time.monotonic()
-        if not self.ready and self.settling is None and now - self._sent_info_at > 0.5:
+        if not self.ready and self.settling is None and self.new_key is None \
+                and now - self._sent_info_at > 0.5:
             self._sent_info_at = now
             self.send_own(Channel.SHELL, "kernel_info_request", {})
 
@@ -325,10 +352,11 @@ class GuestKernel:
         self.sockets[chan].send_multipart([b"<IDS|MSG>", sig, *parts])
         return header["msg_id"]
 
-    def execute_own(self, code: str) -> str:
-        """Run ``code`` silently (no history, no outputs to the host)."""
+    def execute_own(self, code: str, silent: bool = True) -> str:
+        """Run ``code`` without history; its outputs never reach the host
+        (``silent=False`` takes the path of an ordinary cell)."""
         return self.send_own(Channel.SHELL, "execute_request", {
-            "code": code, "silent": True, "store_history": False,
+            "code": code, "silent": silent, "store_history": False,
             "user_expressions": {}, "allow_stdin": False, "stop_on_error": False})
 
     def is_own(self, parts: list[bytes]) -> dict | None:
@@ -343,6 +371,29 @@ class GuestKernel:
         parent = json.loads(parts[i + 3])
         return {"msg_type": header.get("msg_type"), "parent_id": parent.get("msg_id"),
                 "content": json.loads(parts[i + 5])}
+
+    def rekey(self, key: bytes) -> None:
+        """A VM restored from a snapshot: same kernel, new host and key (see _WARMUP)."""
+        if self.key_w is None:
+            raise ValueError("this kernel has taken a new key already; a VM takes one")
+        if not self.ready:
+            raise ValueError("the kernel is still starting under another key")
+        self.ready = False
+        self.new_key = key
+        os.write(self.key_w, key + b"\n")
+        os.close(self.key_w)
+        self.key_w = None
+
+    def finish_rekey(self) -> bool:
+        """The re-key thread answered (True), or died first (False)."""
+        answer = os.read(self.ack_r, 16)
+        os.close(self.ack_r)
+        self.ack_r = None
+        if answer != b"k":
+            return False
+        self.key, self.new_key = self.new_key, None
+        self.ready = True
+        return True
 
     def interrupt(self) -> None:
         if self.proc.poll() is None:
@@ -420,9 +471,7 @@ class Agent:
             # readiness again once that has run.
             if not self.kernel.ready:
                 raise ValueError("the kernel is still starting under another key")
-            self.kernel.ready = False
-            self.kernel.new_key = key.encode()
-            self.kernel.settling = self.kernel.execute_own(_REKEY.format(key=key.encode()))
+            self.kernel.rekey(key.encode())
         return {"proto": wire.PROTOCOL_VERSION, "agent": AGENT_VERSION,
                 "kernel_ready": self.kernel.ready, "python": sys.version.split()[0]}
 
@@ -527,13 +576,12 @@ class Agent:
             elif (chan == Channel.IOPUB and kernel.kernel_info and not kernel.ready
                   and kernel.settling is None and kernel.new_key is None):
                 # The iopub socket is live: warm up, then say ready.
-                kernel.settling = kernel.execute_own(_WARMUP)
+                key_fd, ack_fd = kernel.rekey_fds
+                kernel.settling = kernel.execute_own(_WARMUP.format(key_fd=key_fd, ack_fd=ack_fd))
             elif own["msg_type"] == "execute_reply" and own["parent_id"] == kernel.settling:
                 kernel.settling = None
-                if kernel.new_key is not None:
-                    kernel.key, kernel.new_key = kernel.new_key, None
                 kernel.ready = True
-                self.outbox.put_json({"event": "kernel_ready", "kernel_info": kernel.kernel_info})
+                self.say_ready()
             return
         try:
             body = wire.pack_parts(parts)
@@ -541,6 +589,20 @@ class Agent:
             log(f"dropping a {chan.name} message: {exc}")
             return
         self.outbox.put(chan, body)
+
+    def say_ready(self) -> None:
+        self.outbox.put_json({"event": "kernel_ready", "kernel_info": self.kernel.kernel_info})
+
+    def on_rekeyed(self) -> None:
+        kernel = self.kernel
+        if not kernel.finish_rekey():
+            self.kernel_dead_reported = True
+            self.outbox.put_json({"event": "kernel_died", "code": None,
+                                  "log": "the kernel's re-key thread ended without taking the new key\n"
+                                         + kernel.log_tail()})
+            return
+        self.say_ready()
+        kernel.execute_own(_AFTER_RESTORE, silent=False)
 
     def check_kernel(self) -> None:
         kernel = self.kernel
@@ -557,6 +619,7 @@ class Agent:
         poller = zmq.Poller()
         link_registered = False
         registered: set[Channel] = set()
+        ack_fd = None     # the re-key thread's answer pipe, while one is awaited
         while not self.shutting_down:
             now = time.monotonic()
             want_link = now >= self._link_paused_until
@@ -571,7 +634,14 @@ class Agent:
                 elif not want_kernel and chan in registered:
                     poller.unregister(sock)
                     registered.discard(chan)
+            if ack_fd is None and self.kernel is not None and self.kernel.new_key is not None:
+                ack_fd = self.kernel.ack_r
+                poller.register(ack_fd, zmq.POLLIN)
             events = dict(poller.poll(50 if not want_kernel and self.kernel else 200))
+            if ack_fd is not None and ack_fd in events:
+                poller.unregister(ack_fd)
+                ack_fd = None
+                self.on_rekeyed()
             fd = self.link.fileno()
             if link_registered and fd in events:
                 try:

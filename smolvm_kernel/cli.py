@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from smolvm_kernel import __version__
 from smolvm_kernel.errors import SmolVMError
@@ -159,6 +160,7 @@ def cmd_setup(args) -> int:
     from smolvm_kernel import kernelspec
     from smolvm_kernel.images import ImageCache
 
+    _compile_own_modules()
     cache = ImageCache()
     in_venv = sys.prefix != getattr(sys, "base_prefix", sys.prefix)
     for profile in args.profile:
@@ -169,6 +171,21 @@ def cmd_setup(args) -> int:
         print(f"kernelspec {name}: {path}")
         _prepare_snapshot(profile)
     return cmd_doctor(args)
+
+
+def _compile_own_modules() -> None:
+    """Byte-compile this package (and the guest's, which the host imports).
+
+    An editable install leaves no .pyc until a first import writes one, and
+    not even then under PYTHONDONTWRITEBYTECODE: every kernel launch would
+    then compile ~5000 lines (~20 ms) before answering its frontend.
+    """
+    import compileall
+
+    import smolvm_guest
+
+    for package in (Path(__file__).parent, Path(smolvm_guest.__file__).parent):
+        compileall.compile_dir(str(package), quiet=1)
 
 
 def _prepare_snapshot(profile: str) -> None:

@@ -29,27 +29,15 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import zmq
-from jupyter_client.session import Session
 
 from smolvm_guest.wire import Channel
 from smolvm_kernel import __version__
 from smolvm_kernel.config import SandboxConfig
 from smolvm_kernel.errors import SmolVMError
 from smolvm_kernel.panel import REFRESH_SECONDS, ConfigActions
+from smolvm_kernel.session import DELIM, PROTOCOL_VERSION, Session, sign
 
 log = logging.getLogger("smolvm_kernel.kernel")
-DELIM = b"<IDS|MSG>"
-PROTOCOL_VERSION = "5.3"
-_DIGESTS = {"hmac-sha256": hashlib.sha256, "hmac-sha1": hashlib.sha1, "hmac-md5": hashlib.md5}
-
-
-def _sign(key: bytes, digestmod, parts: list[bytes]) -> bytes:
-    if not key:
-        return b""
-    h = hmac.new(key, digestmod=digestmod)
-    for p in parts:
-        h.update(p)
-    return h.hexdigest().encode()
 
 
 @dataclasses.dataclass
@@ -80,7 +68,6 @@ class Relay:
         self.is_ready = is_ready
         self.send_frontend = send_frontend
         self.max_message_bytes = max_message_bytes
-        self._host_digest = _DIGESTS.get(session.signature_scheme, hashlib.sha256)
         self.inflight: dict[str, _Request] = {}
         self.backlog: list[tuple[Channel, list[bytes], str]] = []
         #: The kernel's own comms (control panel), a HostComms; None until one exists.
@@ -113,7 +100,7 @@ class Relay:
         if req is not None:
             req.sent_at = time.monotonic()
         body = list(msg_list[1:])   # header, parent, metadata, content, buffers...
-        sig = _sign(self.sandbox.guest_key, hashlib.sha256, body[:4])
+        sig = sign(self.sandbox.guest_key, hashlib.sha256, body[:4])
         try:
             self.sandbox.send_raw(chan, [DELIM, sig, *body])
         except SmolVMError as exc:   # the VM went away between the check and the send
@@ -142,7 +129,7 @@ class Relay:
         if len(parts) < i + 6:
             return self._drop(chan, "too few frames")
         body = parts[i + 2:]
-        expected = _sign(self.sandbox.guest_key, hashlib.sha256, body[:4])
+        expected = sign(self.sandbox.guest_key, hashlib.sha256, body[:4])
         if not hmac.compare_digest(expected, parts[i + 1]):
             return self._drop(chan, "bad signature")
         try:
@@ -207,7 +194,7 @@ class Relay:
     def run_internal(self, code: str, done: Callable[[int | None], None]) -> None:
         """Run ``code`` in the guest for the host, outputs unseen; ``done(count)`` gets
         the execution count. Used to number %smolvm lines in the guest's history."""
-        session = Session(key=self.sandbox.guest_key, username="smolvm-host", check_pid=False)
+        session = Session(key=self.sandbox.guest_key, username="smolvm-host")
         msg = session.msg("execute_request", content={
             "code": code, "silent": False, "store_history": True, "user_expressions": {},
             "allow_stdin": False, "stop_on_error": False})
@@ -248,7 +235,7 @@ class Relay:
         return sum(1 for r in list(self.inflight.values()) if r.header.get("msg_type") == "execute_request")
 
     def _to_frontend(self, socket: str, prefix: list[bytes], body: list[bytes]) -> None:
-        sig = _sign(self.session.key, self._host_digest, body[:4])
+        sig = self.session.sign(body[:4])
         self.send_frontend(socket, [*prefix, DELIM, sig, *body])
 
     def _drop(self, chan: Channel, why: str) -> None:
@@ -319,10 +306,9 @@ class SmolVMKernel(ConfigActions):
         key = connection_info.get("key", "")
         self.session = Session(key=key.encode() if isinstance(key, str) else key,
                                signature_scheme=connection_info.get("signature_scheme", "hmac-sha256"),
-                               username="smolvm-kernel", check_pid=False)
+                               username="smolvm-kernel")
         self.ctx = zmq.Context.instance()
         self.sockets: dict[str, zmq.Socket] = {}
-        self._bind()
         # Guest frames and VM events arrive from other threads through this
         # queue; the pipe wakes the poller. Sockets are touched by one thread.
         self._events: queue.Queue = queue.Queue()
@@ -353,6 +339,10 @@ class SmolVMKernel(ConfigActions):
         self._stats_running = False
         self._last_stats = 0.0
         self.exiting = False
+        # The VM's restore (~0.3 s under TCG) overlaps binding the sockets and
+        # answering the frontend's first kernel_info.
+        self._ensure_vm()
+        self._bind()
 
     # -- sockets
 

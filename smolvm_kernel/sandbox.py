@@ -33,7 +33,6 @@ import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from jupyter_client.session import Session
 from traitlets import TraitError
 
 from smolvm_guest import wire
@@ -44,6 +43,7 @@ from smolvm_kernel.channel.stream import GuestChannel
 from smolvm_kernel.config import SandboxConfig
 from smolvm_kernel.errors import (BootTimeout, ConfigError, ExecutionTimeout, GuestDied,
                                   GuestFileError, ProtocolError, SandboxStopped, SmolVMError)
+from smolvm_kernel.session import Session
 from smolvm_kernel.images import Image, ImageCache
 from smolvm_kernel.snapshot import SnapshotCache
 from smolvm_kernel.state import Registry, VMRecord, this_process
@@ -377,7 +377,7 @@ class Sandbox:
                                      max_frame=self.config.max_message_bytes + 64 * 1024)
         key = secrets.token_hex(32)
         self.guest_key = key.encode()
-        self._session = Session(key=self.guest_key, username="smolvm", check_pid=False)
+        self._session = Session(key=self.guest_key, username="smolvm")
         watcher = asyncio.create_task(backend.wait())
         try:
             handshake = asyncio.create_task(self._channel.handshake({"key": key}, remaining()))
@@ -505,8 +505,9 @@ class Sandbox:
                 info = event.get("kernel_info")
                 self._ready.set_result(info if isinstance(info, dict) else {})
         elif kind == "kernel_died":
-            self._die(GuestDied(f"the guest's Python kernel died (exit status {event.get('code')})",
-                                str(event.get("log", ""))[-3000:]))
+            code = event.get("code")
+            status = f" (exit status {code})" if code is not None else ""
+            self._die(GuestDied(f"the guest's Python kernel died{status}", str(event.get("log", ""))[-3000:]))
         elif kind == "dropped":
             note = {"msg_type": "stream", "channel": "iopub", "content": {
                 "name": "stderr",

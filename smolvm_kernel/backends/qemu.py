@@ -213,12 +213,19 @@ class QemuBackend(Backend):
         with qmp:
             if self.spec.ram_file is not None:
                 qmp.ignore_shared_ram()
+                # Say when the load ends, instead of being polled for it.
+                qmp.execute("migrate-set-capabilities",
+                            {"capabilities": [{"capability": "events", "state": True}]})
                 fd = os.open(self.restore.state, os.O_RDONLY)
                 try:
                     qmp.execute("getfd", {"fdname": "snapshot"}, fds=[fd])
                 finally:
                     os.close(fd)
                 qmp.execute("migrate-incoming", {"uri": "fd:snapshot"})
+                event = qmp.wait_event("MIGRATION", lambda data: data.get("status") in ("completed", "failed"),
+                                       max(0.1, deadline - time.monotonic()))
+                if event["data"]["status"] == "failed":
+                    raise SmolVMError(f"loading the snapshot failed: {self.vmm_log_tail().strip()}")
             while True:
                 status = qmp.execute("query-status")["status"]
                 if status != "inmigrate":

@@ -7,10 +7,12 @@ socket, which asyncio's transports do not expose for sendmsg.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from smolvm_kernel.errors import SmolVMError
@@ -36,8 +38,10 @@ class QMP:
 
     def __init__(self, path: Path, timeout: float = 10.0) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.timeout = timeout
         self.sock.settimeout(timeout)
         self._buf = b""
+        self._events: collections.deque[dict] = collections.deque(maxlen=256)
         try:
             self.sock.connect(str(path))
             greeting = self._read()
@@ -83,7 +87,27 @@ class QMP:
                 return reply["return"]
             if "error" in reply:
                 raise QMPError(command, reply["error"])
-            # an asynchronous event: not ours, keep reading
+            if "event" in reply:      # asynchronous: kept for wait_event
+                self._events.append(reply)
+
+    def wait_event(self, name: str, match: Callable[[dict], bool], timeout: float) -> dict:
+        """The first event ``name`` whose data ``match`` accepts, seen since connecting."""
+        deadline = time.monotonic() + timeout
+        while True:
+            while self._events:
+                event = self._events.popleft()
+                if event.get("event") == name and match(event.get("data") or {}):
+                    return event
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no QMP event {name} in {timeout:.0f} s")
+            self.sock.settimeout(left)
+            try:
+                reply = self._read()
+            finally:
+                self.sock.settimeout(self.timeout)
+            if "event" in reply:
+                self._events.append(reply)
 
     def ignore_shared_ram(self) -> None:
         """Leave RAM that lives in a shared file out of the migration stream

@@ -52,6 +52,7 @@ class FakeKernel:
     def __init__(self, ctx, key: bytes) -> None:
         self.key = key
         self.ready = False
+        self.new_key = None
         self.sockets = {}
         self.proc = FakeProc()
         self.interrupted = 0

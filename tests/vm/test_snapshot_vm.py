@@ -47,6 +47,15 @@ def test_forks_share_no_randomness_or_keys(forks):
     assert fa[3] == a.guest_key.decode() and fb[3] == b.guest_key.decode()
 
 
+def test_restore_leaves_no_trace_in_the_user_namespace(image, sandbox_factory):
+    # After a restore the agent re-keys the kernel from a thread and then
+    # warms the path of a cell with a request of its own: none of it may show.
+    sb = sandbox_factory()
+    assert sb.started_from == "snapshot"
+    assert _out(sb, "print(repr(_), len(In), get_ipython().execution_count, '_smolvm_warmup' in dir())") \
+        == "'' 2 1 False"
+
+
 def test_forks_are_independent(forks):
     a, b = forks
     _out(a, "open('/home/user/only-a', 'w').write('a'); shared = 'a'")
