@@ -24,7 +24,6 @@ import uuid
 
 DELIM = b"<IDS|MSG>"
 PROTOCOL_VERSION = "5.3"
-DIGESTS = {"hmac-sha256": hashlib.sha256, "hmac-sha1": hashlib.sha1, "hmac-md5": hashlib.md5}
 #: Signatures remembered to refuse a replayed message (as jupyter_client does).
 _DIGEST_HISTORY = 1 << 16
 
@@ -75,12 +74,13 @@ class Session:
 
     def __init__(self, key: bytes | str = b"", signature_scheme: str = "hmac-sha256",
                  username: str = "smolvm") -> None:
-        if signature_scheme not in DIGESTS:
-            raise ValueError(f"unsupported signature_scheme {signature_scheme!r}; "
-                             f"use one of {', '.join(DIGESTS)}")
+        prefix, _, digest = signature_scheme.partition("-")
+        if prefix != "hmac" or digest not in hashlib.algorithms_available:
+            raise ValueError(f"unsupported signature_scheme {signature_scheme!r}; use hmac-<a hashlib "
+                             f"algorithm>, such as hmac-sha256")
         self.key = key.encode() if isinstance(key, str) else bytes(key)
         self.signature_scheme = signature_scheme
-        self.digestmod = DIGESTS[signature_scheme]
+        self.digestmod = digest
         self.username = username
         self.session = str(uuid.uuid4())
         self._seen: set[bytes] = set()
