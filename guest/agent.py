@@ -72,8 +72,9 @@ def _smolvm_warmup(key_fd, ack_fd):
                 if not chunk:
                     return
                 key += chunk
-        import random
+        import random, uuid
         kernel.session.key = key.strip()
+        kernel.session.session = str(uuid.uuid4())   # the msg_id prefix, too
         random.seed()
         numpy = sys.modules.get("numpy")
         if numpy is not None:
@@ -85,9 +86,12 @@ def _smolvm_warmup(key_fd, ack_fd):
 _smolvm_warmup({key_fd}, {ack_fd})
 del _smolvm_warmup
 """
-#: Run after a restore, once the host has been told the kernel is ready: the
-#: path of an ordinary cell (execute_input, a result's formatting) translated
-#: before the user's first cell needs it. No output reaches the host, no
+#: Sent first thing at a restored VM's hello, under the old key, while the
+#: agent does the rest of the hello: the path of an ordinary cell
+#: (execute_input, a result's formatting) is then translated before the user's
+#: first cell needs it. The new key goes to the re-key thread once the kernel
+#: has accepted this request (its "busy"), and the host hears "ready" after
+#: that; the user's first cell queues behind it. No output reaches the host, no
 #: history entry and no change to ``_`` (the formatter is called directly and
 #: the cell's value is None; a trailing ";" would not do: IPython looks for it
 #: in the history, which this request does not enter).
@@ -279,8 +283,10 @@ class GuestKernel:
         #: msg_id of the warm-up request that must finish before the host is
         #: told the kernel is ready for the first time.
         self.settling: str | None = None
-        #: A key sent to the kernel's re-key thread and not yet confirmed.
+        #: A key for the kernel's re-key thread, not yet confirmed by it.
         self.new_key: bytes | None = None
+        #: msg_id of the request run while a restored VM is re-keyed.
+        self.warming: str | None = None
         self._sent_info_at = 0.0
         os.makedirs(RUN_DIR, mode=0o711, exist_ok=True)
         kdir = os.path.join(RUN_DIR, "kernel")
@@ -372,15 +378,19 @@ class GuestKernel:
         return {"msg_type": header.get("msg_type"), "parent_id": parent.get("msg_id"),
                 "content": json.loads(parts[i + 5])}
 
-    def rekey(self, key: bytes) -> None:
-        """A VM restored from a snapshot: same kernel, new host and key (see _WARMUP)."""
+    def begin_rekey(self, key: bytes) -> None:
+        """A VM restored from a snapshot: same kernel, new host and key (see
+        _WARMUP and _AFTER_RESTORE); :meth:`send_key` follows."""
         if self.key_w is None:
             raise ValueError("this kernel has taken a new key already; a VM takes one")
         if not self.ready:
             raise ValueError("the kernel is still starting under another key")
         self.ready = False
         self.new_key = key
-        os.write(self.key_w, key + b"\n")
+        self.warming = self.execute_own(_AFTER_RESTORE, silent=False)
+
+    def send_key(self) -> None:
+        os.write(self.key_w, self.new_key + b"\n")
         os.close(self.key_w)
         self.key_w = None
 
@@ -452,6 +462,15 @@ class Agent:
     def op_hello(self, req: dict) -> dict:
         if req.get("proto") != wire.PROTOCOL_VERSION:
             return {"proto": wire.PROTOCOL_VERSION, "mismatch": True}
+        key = req.get("key", "")
+        if not isinstance(key, str) or len(key) < 32:
+            raise ValueError("hello needs a key of at least 32 hex characters")
+        if self.kernel is not None and self.kernel.key != key.encode():
+            # A VM restored from a snapshot: same kernel, new host. The kernel
+            # starts on a request of its own at once (on the other vCPU while
+            # this hello goes on); the new key follows once it has taken that
+            # (the host's entropy is in by then), and "ready" after the key.
+            self.kernel.begin_rekey(key.encode())
         entropy = base64.b64decode(req.get("entropy", ""))
         if entropy:
             _add_entropy(entropy)
@@ -460,18 +479,8 @@ class Agent:
                 time.clock_settime(time.CLOCK_REALTIME, float(req["time"]))
             except OSError as exc:
                 log(f"cannot set the clock: {exc}")
-        key = req.get("key", "")
-        if not isinstance(key, str) or len(key) < 32:
-            raise ValueError("hello needs a key of at least 32 hex characters")
         if self.kernel is None:
             self.kernel = GuestKernel(self.ctx, key.encode())
-        elif self.kernel.key != key.encode():
-            # A VM restored from a snapshot: same kernel, new host. Re-key it
-            # (the reply still goes out signed with the old key) and announce
-            # readiness again once that has run.
-            if not self.kernel.ready:
-                raise ValueError("the kernel is still starting under another key")
-            self.kernel.rekey(key.encode())
         return {"proto": wire.PROTOCOL_VERSION, "agent": AGENT_VERSION,
                 "kernel_ready": self.kernel.ready, "python": sys.version.split()[0]}
 
@@ -573,6 +582,10 @@ class Agent:
         if own is not None:
             if own["msg_type"] == "kernel_info_reply":
                 kernel.kernel_info = own["content"]
+            elif (own["msg_type"] == "status" and own["parent_id"] == kernel.warming
+                  and own["content"].get("execution_state") == "busy" and kernel.key_w is not None):
+                # The kernel has verified the request under the old key.
+                kernel.send_key()
             elif (chan == Channel.IOPUB and kernel.kernel_info and not kernel.ready
                   and kernel.settling is None and kernel.new_key is None):
                 # The iopub socket is live: warm up, then say ready.
@@ -602,7 +615,6 @@ class Agent:
                                          + kernel.log_tail()})
             return
         self.say_ready()
-        kernel.execute_own(_AFTER_RESTORE, silent=False)
 
     def check_kernel(self) -> None:
         kernel = self.kernel

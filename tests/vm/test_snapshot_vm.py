@@ -12,7 +12,7 @@ from smolvm_kernel.snapshot import SnapshotCache
 
 FINGERPRINT = ("import os, random, uuid\n"
                "print(os.urandom(16).hex(), random.random(), uuid.uuid4(),"
-               " get_ipython().kernel.session.key.decode())")
+               " get_ipython().kernel.session.key.decode(), get_ipython().kernel.session.session)")
 
 
 def _out(sb, code):
@@ -41,9 +41,9 @@ def test_both_forks_come_from_the_snapshot(forks):
 def test_forks_share_no_randomness_or_keys(forks):
     a, b = forks
     fa, fb = _out(a, FINGERPRINT).split(), _out(b, FINGERPRINT).split()
-    assert len(fa) == len(fb) == 4
+    assert len(fa) == len(fb) == 5
     for x, y in zip(fa, fb):
-        assert x != y                      # urandom, random.random(), uuid4, session key
+        assert x != y       # urandom, random.random(), uuid4, session key, session id (msg_id prefix)
     assert fa[3] == a.guest_key.decode() and fb[3] == b.guest_key.decode()
 
 
