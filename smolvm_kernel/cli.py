@@ -28,6 +28,8 @@ def cmd_image_build(args) -> int:
     for profile in args.profile:
         image = cache.build(profile, force=args.force)
         print(f"{image.profile}: {image.directory}")
+        if not args.no_snapshot:
+            _prepare_snapshot(profile)
     return 0
 
 
@@ -41,6 +43,21 @@ def cmd_image_ls(args) -> int:
     _print_table([[i.profile, i.key[:16], i.kernel_release, f"{i.size_bytes() / 1e6:.0f} MB",
                    str(i.directory)] for i in images],
                  ["PROFILE", "HASH", "KERNEL", "SIZE", "PATH"])
+    from smolvm_kernel.snapshot import SNAPSHOT_FORMAT, SnapshotCache
+
+    current = {i.key for i in images}
+    rows = []
+    for snap in SnapshotCache().list():
+        m = snap.manifest()
+        shape = m.get("shape", {})
+        stale = m.get("image") not in current or m.get("format") != SNAPSHOT_FORMAT
+        rows.append([m.get("profile", "?"), f"{shape.get('vcpus')} vCPU / {shape.get('mem_mib')} MiB / "
+                     f"{shape.get('disk_mib')} MiB disk / {shape.get('accel')}",
+                     f"{m.get('state_bytes', 0) / 2**10:.0f} KiB + {m.get('ram_file_bytes', 0) / 2**20:.0f} MiB RAM",
+                     "stale (pruned at the next start)" if stale else "ready", str(snap.directory)])
+    if rows:
+        print("\nready snapshots:")
+        _print_table(rows, ["PROFILE", "SHAPE", "SIZE", "STATE", "PATH"])
     return 0
 
 
@@ -189,7 +206,8 @@ def _compile_own_modules() -> None:
 
 
 def _prepare_snapshot(profile: str) -> None:
-    """Boot the default VM shape once so its ready snapshot exists (or is reused)."""
+    """Boot the default VM shape once so its ready snapshot exists (or is reused);
+    a backend that cannot restore says so and cold-boots."""
     from smolvm_kernel.config import SandboxConfig
     from smolvm_kernel.sandbox import Sandbox
 
@@ -234,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     b = isub.add_parser("build", help="build a guest image (cached by content hash)")
     b.add_argument("--profile", action="append", default=None, help="base (default) or scipy")
     b.add_argument("--force", action="store_true", help="rebuild even if cached")
+    b.add_argument("--no-snapshot", action="store_true",
+                   help="skip the ready snapshot of the default VM shape (made on first start then)")
     b.set_defaults(func=cmd_image_build)
     isub.add_parser("ls", help="list built images").set_defaults(func=cmd_image_ls)
     r = isub.add_parser("rm", help="remove images by profile, hash prefix, or 'all'")

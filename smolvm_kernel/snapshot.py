@@ -88,6 +88,14 @@ class SnapshotCache:
             return snap
         return None
 
+    def list(self) -> list[Snapshot]:
+        """Every complete snapshot in the cache (current or not), by name."""
+        if not self.root.is_dir():
+            return []
+        snaps = [Snapshot(Snapshot("", d).manifest().get("key", ""), d) for d in sorted(self.root.iterdir())
+                 if not d.name.startswith(".") and d.is_dir()]
+        return [s for s in snaps if s.key and s.state.exists()]
+
     def drop(self, snap: Snapshot, why: str) -> None:
         log.warning("dropping snapshot %s: %s", snap.directory.name, why)
         shutil.rmtree(snap.directory, ignore_errors=True)

@@ -41,3 +41,16 @@ def test_incomplete_or_foreign_snapshots_are_not_used(tmp_path):
     (d / "manifest.json").write_text(json.dumps({"key": "other"}))
     assert cache.get(image, key) is None
     assert cache.prune(keep={key}) == [d] and not d.exists()
+
+
+def test_list_shows_complete_snapshots_only(tmp_path):
+    cache = SnapshotCache(tmp_path)
+    for name, key, with_state in (("base-1", "k1", True), ("base-2", "k2", False), (".build-x", "k3", True)):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "manifest.json").write_text(json.dumps({"key": key}))
+        if with_state:
+            (d / "state.bin").write_bytes(b"s")
+    (tmp_path / ".base-1.lock").write_text("")
+    assert [s.key for s in cache.list()] == ["k1"]
+    assert SnapshotCache(tmp_path / "missing").list() == []
