@@ -373,10 +373,16 @@ class GuestKernel:
             return None
         if len(parts) < i + 6 or _AGENT_MSG_PREFIX.encode() not in parts[i + 3]:
             return None
-        header = json.loads(parts[i + 2])
-        parent = json.loads(parts[i + 3])
-        return {"msg_type": header.get("msg_type"), "parent_id": parent.get("msg_id"),
-                "content": json.loads(parts[i + 5])}
+        # Code in a cell can publish on the kernel's sockets too: a message
+        # that names the agent's prefix but is not well-formed is dropped
+        # (an empty answer), never allowed to stop the agent.
+        try:
+            header, parent, content = (json.loads(parts[i + k]) for k in (2, 3, 5))
+        except ValueError:
+            return {"msg_type": None, "parent_id": None, "content": {}}
+        if not all(isinstance(x, dict) for x in (header, parent, content)):
+            return {"msg_type": None, "parent_id": None, "content": {}}
+        return {"msg_type": header.get("msg_type"), "parent_id": parent.get("msg_id"), "content": content}
 
     def begin_rekey(self, key: bytes) -> None:
         """A VM restored from a snapshot: same kernel, new host and key (see

@@ -218,3 +218,20 @@ def test_control_frames_jump_the_queue():
     frames = wire.FrameDecoder().feed(guest_sock.recv(1 << 20))
     assert frames[0] == (Channel.CONTROL, b"interrupt")
     guest_sock.close()
+
+
+def test_messages_naming_the_agent_are_parsed_or_dropped_never_fatal():
+    is_own = agent_mod.GuestKernel.is_own
+    prefix = agent_mod._AGENT_MSG_PREFIX
+
+    def msg(header: bytes, parent: bytes, content: bytes) -> list[bytes]:
+        return [b"<IDS|MSG>", b"sig", header, parent, b"{}", content]
+
+    own = is_own(None, msg(b'{"msg_type": "status"}', f'{{"msg_id": "{prefix}1"}}'.encode(),
+                           b'{"execution_state": "busy"}'))
+    assert own == {"msg_type": "status", "parent_id": f"{prefix}1", "content": {"execution_state": "busy"}}
+    assert is_own(None, msg(b"{}", b'{"msg_id": "frontend-1"}', b"{}")) is None
+    # Forged by code in a cell: not JSON, or JSON that is not an object.
+    for bad in (msg(b"{", f'{{"msg_id": "{prefix}2"}}'.encode(), b"{}"),
+                msg(b"{}", f'{{"msg_id": "{prefix}3"}}'.encode(), b"[1, 2]")):
+        assert is_own(None, bad) == {"msg_type": None, "parent_id": None, "content": {}}
