@@ -309,6 +309,7 @@ class SmolVMKernel(ConfigActions):
                                username="smolvm-kernel")
         self.ctx = zmq.Context.instance()
         self.sockets: dict[str, zmq.Socket] = {}
+        self._bind()
         # Guest frames and VM events arrive from other threads through this
         # queue; the pipe wakes the poller. Sockets are touched by one thread.
         self._events: queue.Queue = queue.Queue()
@@ -339,10 +340,6 @@ class SmolVMKernel(ConfigActions):
         self._stats_running = False
         self._last_stats = 0.0
         self.exiting = False
-        # The VM's restore (~0.3 s under TCG) overlaps binding the sockets and
-        # answering the frontend's first kernel_info.
-        self._ensure_vm()
-        self._bind()
 
     # -- sockets
 

@@ -43,8 +43,8 @@ from smolvm_kernel.channel.stream import GuestChannel
 from smolvm_kernel.config import SandboxConfig
 from smolvm_kernel.errors import (BootTimeout, ConfigError, ExecutionTimeout, GuestDied,
                                   GuestFileError, ProtocolError, SandboxStopped, SmolVMError)
-from smolvm_kernel.session import Session
 from smolvm_kernel.images import Image, ImageCache
+from smolvm_kernel.session import Session
 from smolvm_kernel.snapshot import SnapshotCache
 from smolvm_kernel.state import Registry, VMRecord, this_process
 
