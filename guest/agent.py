@@ -58,31 +58,37 @@ _AGENT_MSG_PREFIX = "smolvm-agent:"
 _WARMUP = """\
 def _smolvm_warmup(key_fd, ack_fd):
     import os, sys, threading
-    try:
-        1 / 0
-    except ZeroDivisionError:
-        get_ipython().InteractiveTB.structured_traceback(*sys.exc_info())
     kernel = get_ipython().kernel
 
     def rekey():
-        key = b""
-        with os.fdopen(key_fd, "rb", buffering=0) as pipe:
-            while not key.endswith(b"\\n"):
-                chunk = pipe.read(128)
-                if not chunk:
-                    return
-                key += chunk
-        import random, uuid
-        kernel.session.key = key.strip()
-        kernel.session.session = str(uuid.uuid4())   # the msg_id prefix, too
-        random.seed()
-        numpy = sys.modules.get("numpy")
-        if numpy is not None:
-            numpy.random.seed()
-        os.write(ack_fd, b"k")
-        os.close(ack_fd)
+        # Whatever happens, the answer pipe is closed: the agent sees "k" or EOF.
+        try:
+            key = b""
+            with os.fdopen(key_fd, "rb", buffering=0) as pipe:
+                while not key.endswith(b"\\n"):
+                    chunk = pipe.read(128)
+                    if not chunk:
+                        return
+                    key += chunk
+            import random, uuid
+            kernel.session.key = key.strip()
+            kernel.session.session = str(uuid.uuid4())   # the msg_id prefix, too
+            random.seed()
+            numpy_random = sys.modules.get("numpy.random")
+            if numpy_random is not None:
+                numpy_random.seed()
+            os.write(ack_fd, b"k")
+        finally:
+            os.close(ack_fd)
 
     threading.Thread(target=rekey, name="smolvm-rekey", daemon=True).start()
+    try:
+        1 / 0
+    except ZeroDivisionError:
+        try:
+            get_ipython().InteractiveTB.structured_traceback(*sys.exc_info())
+        except Exception:
+            pass   # only a warm-up
 _smolvm_warmup({key_fd}, {ack_fd})
 del _smolvm_warmup
 """
@@ -388,7 +394,7 @@ class GuestKernel:
         """A VM restored from a snapshot: same kernel, new host and key (see
         _WARMUP and _AFTER_RESTORE); :meth:`send_key` follows."""
         if self.key_w is None:
-            raise ValueError("this kernel has taken a new key already; a VM takes one")
+            raise ValueError("this kernel cannot take a new key (it took one already, or its warm-up failed)")
         if not self.ready:
             raise ValueError("the kernel is still starting under another key")
         self.ready = False
@@ -396,9 +402,16 @@ class GuestKernel:
         self.warming = self.execute_own(_AFTER_RESTORE, silent=False)
 
     def send_key(self) -> None:
-        os.write(self.key_w, self.new_key + b"\n")
-        os.close(self.key_w)
-        self.key_w = None
+        try:
+            os.write(self.key_w, self.new_key + b"\n")
+        except OSError as exc:     # the kernel died: its exit is reported by check_kernel
+            log(f"cannot hand the kernel its new key: {exc}")
+        self.close_rekey()
+
+    def close_rekey(self) -> None:
+        if self.key_w is not None:
+            os.close(self.key_w)
+            self.key_w = None
 
     def finish_rekey(self) -> bool:
         """The re-key thread answered (True), or died first (False)."""
@@ -406,6 +419,7 @@ class GuestKernel:
         os.close(self.ack_r)
         self.ack_r = None
         if answer != b"k":
+            self.new_key = None
             return False
         self.key, self.new_key = self.new_key, None
         self.ready = True
@@ -588,8 +602,9 @@ class Agent:
         if own is not None:
             if own["msg_type"] == "kernel_info_reply":
                 kernel.kernel_info = own["content"]
-            elif (own["msg_type"] == "status" and own["parent_id"] == kernel.warming
-                  and own["content"].get("execution_state") == "busy" and kernel.key_w is not None):
+            elif (own["msg_type"] == "status" and kernel.warming is not None
+                  and own["parent_id"] == kernel.warming and kernel.new_key is not None
+                  and kernel.key_w is not None and own["content"].get("execution_state") == "busy"):
                 # The kernel has verified the request under the old key.
                 kernel.send_key()
             elif (chan == Channel.IOPUB and kernel.kernel_info and not kernel.ready
@@ -597,8 +612,13 @@ class Agent:
                 # The iopub socket is live: warm up, then say ready.
                 key_fd, ack_fd = kernel.rekey_fds
                 kernel.settling = kernel.execute_own(_WARMUP.format(key_fd=key_fd, ack_fd=ack_fd))
-            elif own["msg_type"] == "execute_reply" and own["parent_id"] == kernel.settling:
+            elif (own["msg_type"] == "execute_reply" and kernel.settling is not None
+                  and own["parent_id"] == kernel.settling):
                 kernel.settling = None
+                if own["content"].get("status") != "ok":
+                    # No re-key thread: a snapshot of this VM could not take a new key.
+                    log(f"the warm-up failed: {own['content'].get('evalue')}")
+                    kernel.close_rekey()
                 kernel.ready = True
                 self.say_ready()
             return
@@ -616,7 +636,7 @@ class Agent:
         kernel = self.kernel
         if not kernel.finish_rekey():
             self.kernel_dead_reported = True
-            self.outbox.put_json({"event": "kernel_died", "code": None,
+            self.outbox.put_json({"event": "kernel_died", "code": kernel.proc.poll(),
                                   "log": "the kernel's re-key thread ended without taking the new key\n"
                                          + kernel.log_tail()})
             return
@@ -694,7 +714,10 @@ class Agent:
                             parts = sock.recv_multipart(zmq.NOBLOCK)
                         except zmq.Again:
                             break
-                        self.on_kernel_message(chan, parts)
+                        try:
+                            self.on_kernel_message(chan, parts)
+                        except Exception as exc:   # the kernel's sockets carry what cells send too
+                            log(f"dropping a {chan.name} message: {type(exc).__name__}: {exc}")
             self.check_kernel()
         # Give the outbox a moment to deliver the shutdown reply.
         time.sleep(0.1)

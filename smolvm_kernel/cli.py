@@ -24,12 +24,21 @@ def _print_table(rows: list[list[str]], header: list[str]) -> None:
 def cmd_image_build(args) -> int:
     from smolvm_kernel.images import ImageCache
 
+    from smolvm_kernel.snapshot import SnapshotCache
+
     cache = ImageCache()
     for profile in args.profile:
         image = cache.build(profile, force=args.force)
         print(f"{image.profile}: {image.directory}")
+        if args.force:
+            # Same recipe, same key, new bytes: a snapshot's saved page cache
+            # would no longer match the root file system.
+            snaps = SnapshotCache()
+            for snap in snaps.list():
+                if snap.manifest().get("image") == image.key:
+                    snaps.drop(snap, "its image was rebuilt")
         if not args.no_snapshot:
-            _prepare_snapshot(profile)
+            _prepare_snapshot(profile, boot_anyway=False)
     return 0
 
 
@@ -37,12 +46,12 @@ def cmd_image_ls(args) -> int:
     from smolvm_kernel.images import ImageCache
 
     images = ImageCache().list()
-    if not images:
+    if images:
+        _print_table([[i.profile, i.key[:16], i.kernel_release, f"{i.size_bytes() / 1e6:.0f} MB",
+                       str(i.directory)] for i in images],
+                     ["PROFILE", "HASH", "KERNEL", "SIZE", "PATH"])
+    else:
         print("no images; build one with `smolvm-kernel image build`")
-        return 0
-    _print_table([[i.profile, i.key[:16], i.kernel_release, f"{i.size_bytes() / 1e6:.0f} MB",
-                   str(i.directory)] for i in images],
-                 ["PROFILE", "HASH", "KERNEL", "SIZE", "PATH"])
     from smolvm_kernel.snapshot import SNAPSHOT_FORMAT, SnapshotCache
 
     current = {i.key for i in images}
@@ -205,13 +214,22 @@ def _compile_own_modules() -> None:
         compileall.compile_dir(str(package), quiet=1)
 
 
-def _prepare_snapshot(profile: str) -> None:
-    """Boot the default VM shape once so its ready snapshot exists (or is reused);
-    a backend that cannot restore says so and cold-boots."""
+def _prepare_snapshot(profile: str, boot_anyway: bool = True) -> None:
+    """Boot the default VM shape once so its ready snapshot exists (or is reused).
+
+    A configuration that never restores (a NIC, SSH or vsock, Firecracker)
+    boots only with ``boot_anyway`` (setup's check that a VM starts).
+    """
     from smolvm_kernel.config import SandboxConfig
     from smolvm_kernel.sandbox import Sandbox
 
-    if SandboxConfig().snapshot == "off":
+    cfg = SandboxConfig()
+    if cfg.snapshot == "off":
+        return
+    if not boot_anyway and (cfg.network != "none" or cfg.transport in ("ssh", "vsock")
+                            or cfg.backend == "firecracker"):
+        print(f"[{profile}] no ready snapshot for network={cfg.network}, transport={cfg.transport}, "
+              f"backend={cfg.backend}: such VMs cold-boot")
         return
     sb = Sandbox(profile=profile, progress=lambda m: print(f"[{profile}] {m}", flush=True))
     try:

@@ -235,3 +235,50 @@ def test_messages_naming_the_agent_are_parsed_or_dropped_never_fatal():
     for bad in (msg(b"{", f'{{"msg_id": "{prefix}2"}}'.encode(), b"{}"),
                 msg(b"{}", f'{{"msg_id": "{prefix}3"}}'.encode(), b"[1, 2]")):
         assert is_own(None, bad) == {"msg_type": None, "parent_id": None, "content": {}}
+
+
+def test_forged_busy_in_a_cold_booted_vm_hands_out_no_key():
+    # A cold-booted kernel has no warm-up request of the agent's in flight
+    # (warming is None): a status naming the agent must not reach send_key.
+    agent = agent_mod.Agent.__new__(agent_mod.Agent)
+    sent = []
+    kernel = types.SimpleNamespace(
+        is_own=lambda parts: {"msg_type": "status", "parent_id": None, "content": {"execution_state": "busy"}},
+        warming=None, new_key=None, key_w=7, settling=None, ready=True, kernel_info={"x": 1},
+        send_key=lambda: sent.append("key"))
+    agent.kernel = kernel
+    agent.on_kernel_message(Channel.IOPUB, [b"<IDS|MSG>"])
+    kernel.is_own = lambda parts: {"msg_type": "execute_reply", "parent_id": None, "content": {}}
+    agent.on_kernel_message(Channel.SHELL, [b"<IDS|MSG>"])   # no settling request: not a warm-up reply
+    assert sent == [] and kernel.settling is None
+
+
+def _run_warmup(key_r: int, ack_w: int):
+    """Run the agent's warm-up code as the guest kernel would, with a stand-in kernel."""
+    session = types.SimpleNamespace(key=b"old", session="template-session")
+    shell = types.SimpleNamespace(kernel=types.SimpleNamespace(session=session),
+                                  InteractiveTB=types.SimpleNamespace(structured_traceback=lambda *a: []))
+    exec(agent_mod._WARMUP.format(key_fd=key_r, ack_fd=ack_w), {"get_ipython": lambda: shell})
+    return session
+
+
+def test_rekey_thread_takes_the_key_and_answers():
+    key_r, key_w = os.pipe()
+    ack_r, ack_w = os.pipe()
+    session = _run_warmup(key_r, ack_w)
+    os.write(key_w, b"ab" * 32 + b"\n")
+    os.close(key_w)
+    assert os.read(ack_r, 16) == b"k"
+    assert os.read(ack_r, 16) == b""           # the thread closed its end
+    assert session.key == b"ab" * 32 and session.session != "template-session"
+    os.close(ack_r)
+
+
+def test_rekey_thread_closes_its_answer_pipe_when_no_key_comes():
+    key_r, key_w = os.pipe()
+    ack_r, ack_w = os.pipe()
+    session = _run_warmup(key_r, ack_w)
+    os.close(key_w)                             # the agent went away: EOF, not a hang
+    assert os.read(ack_r, 16) == b""
+    assert session.key == b"old"
+    os.close(ack_r)
