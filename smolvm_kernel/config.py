@@ -265,14 +265,27 @@ class SandboxConfig(Configurable):
         values.update(changes)
         try:
             new = SandboxConfig(**values)
-            for name in new.trait_names():
-                getattr(new, name)
         except TraitError as exc:
             raise ConfigError.from_trait(exc) from None
-        problems = new.limit_problems() + new.combination_problems()
+        return new.validated()
+
+    def validated(self) -> SandboxConfig:
+        """This config, with every lazy default read (env fallbacks included).
+
+        Raises ConfigError naming the value and the fix when a value is out of
+        range, above a host limit, or at odds with another setting.
+        """
+        from smolvm_kernel.errors import ConfigError
+
+        try:
+            for name in self.trait_names():
+                getattr(self, name)
+        except TraitError as exc:
+            raise ConfigError.from_trait(exc) from None
+        problems = self.limit_problems() + self.combination_problems()
         if problems:
             raise ConfigError("", None, "; ".join(problems))
-        return new
+        return self
 
     @validate("vcpus")
     def _check_vcpus(self, proposal):

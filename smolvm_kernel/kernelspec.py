@@ -51,8 +51,7 @@ def install(name: str = DEFAULT_NAME, display_name: str | None = None, user: boo
         cfg = SandboxConfig(**{checks[k]: v for k, v in options.items() if v is not None})
     except TraitError as exc:
         raise ConfigError.from_trait(exc) from None
-    if cfg.combination_problems():
-        raise ConfigError("", None, "; ".join(cfg.combination_problems()))
+    cfg.validated()
     if display_name is None:
         display_name = DEFAULT_DISPLAY if name == DEFAULT_NAME else f"{DEFAULT_DISPLAY} ({name})"
     with tempfile.TemporaryDirectory() as tmp:

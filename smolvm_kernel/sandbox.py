@@ -112,14 +112,10 @@ class Sandbox:
     def __init__(self, config: SandboxConfig | None = None, *,
                  progress: Callable[[str], None] | None = None, **overrides) -> None:
         try:
-            self.config = _merged_config(config, overrides)
-            for name in self.config.trait_names():
-                getattr(self.config, name)  # defaults are lazy: read env fallbacks now
+            merged = _merged_config(config, overrides)
         except TraitError as exc:
             raise ConfigError.from_trait(exc) from None
-        problems = self.config.limit_problems() + self.config.combination_problems()
-        if problems:
-            raise ConfigError("", None, "; ".join(problems))
+        self.config = merged.validated()
         self._progress = progress
         self.state = SandboxState.STOPPED
         self.backend: Backend | None = None
