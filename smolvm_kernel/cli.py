@@ -23,7 +23,6 @@ def _print_table(rows: list[list[str]], header: list[str]) -> None:
 
 def cmd_image_build(args) -> int:
     from smolvm_kernel.images import ImageCache
-
     from smolvm_kernel.snapshot import SnapshotCache
 
     cache = ImageCache()

@@ -87,8 +87,9 @@ def qemu_argv(spec: VMSpec, binary: str, *, extra_cmdline: tuple[str, ...] = (),
         "-qmp", f"unix:{run / 'qmp.sock'},server=on,wait=off",
     ]
     if spec.seed is not None:
-        seed_file = "/dev/fdset/3" if drive_fds and "seed" in drive_fds else str(spec.seed)
+        seed_file = str(spec.seed)
         if drive_fds and "seed" in drive_fds:
+            seed_file = "/dev/fdset/3"
             argv[1:1] = ["-add-fd", f"fd={drive_fds['seed']},set=3"]
         argv += ["-drive", f"id=seed,file={seed_file},format=raw,if=none,readonly=on",
                  "-device", "virtio-blk-device,drive=seed,serial=smolvm-seed"]
@@ -214,10 +215,9 @@ class QemuBackend(Backend):
                 time.sleep(0.002)
         with qmp:
             if self.spec.ram_file is not None:
-                qmp.ignore_shared_ram()
-                # Say when the load ends, instead of being polled for it.
-                qmp.execute("migrate-set-capabilities",
-                            {"capabilities": [{"capability": "events", "state": True}]})
+                # The RAM file is not in the stream; and say when the load ends,
+                # instead of being polled for it.
+                qmp.enable_migration("x-ignore-shared", "events")
                 fd = os.open(self.restore.state, os.O_RDONLY)
                 try:
                     qmp.execute("getfd", {"fdname": "snapshot"}, fds=[fd])

@@ -109,11 +109,12 @@ class QMP:
             if "event" in reply:
                 self._events.append(reply)
 
-    def ignore_shared_ram(self) -> None:
-        """Leave RAM that lives in a shared file out of the migration stream
-        (both ends must agree; QEMU 7.2 takes it only over QMP)."""
+    def enable_migration(self, *capabilities: str) -> None:
+        """Switch on migration capabilities in one command, e.g. ``x-ignore-shared``
+        (RAM that lives in a shared file stays out of the stream; both ends must
+        agree, and QEMU 7.2 takes it only over QMP) and ``events``."""
         self.execute("migrate-set-capabilities",
-                     {"capabilities": [{"capability": "x-ignore-shared", "state": True}]})
+                     {"capabilities": [{"capability": c, "state": True} for c in capabilities]})
 
     def migrate_to_file(self, path: Path, timeout: float = 120.0, ignore_shared: bool = False) -> int:
         """Pause the VM and write its state to ``path``; returns the size.
@@ -122,7 +123,7 @@ class QMP:
         (the file itself holds it).
         """
         if ignore_shared:
-            self.ignore_shared_ram()
+            self.enable_migration("x-ignore-shared")
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             self.execute("stop")

@@ -126,35 +126,27 @@ def connect(ip: str, keys: SSHKeys, *, port: int = SSH_PORT, netns: str = "",
 
 def _pump(chan, sock: socket.socket) -> None:
     """Copy both ways between a paramiko channel and one end of a socketpair."""
-    def down() -> None:
+    def shut_sock() -> None:
         try:
-            while True:
-                data = chan.recv(1 << 16)
-                if not data:
-                    break
-                sock.sendall(data)
+            sock.shutdown(socket.SHUT_WR)
         except OSError:
             pass
-        finally:
-            try:
-                sock.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
 
-    def up() -> None:
-        try:
-            while True:
-                data = sock.recv(1 << 16)
-                if not data:
-                    break
-                chan.sendall(data)
-        except OSError:
-            pass
-        finally:
-            chan.close()
+    for name, recv, send, done in (("down", chan.recv, sock.sendall, shut_sock),
+                                   ("up", sock.recv, chan.sendall, chan.close)):
+        threading.Thread(target=_copy, args=(recv, send, done), name=f"smolvm-ssh-{name}",
+                         daemon=True).start()
 
-    threading.Thread(target=down, name="smolvm-ssh-down", daemon=True).start()
-    threading.Thread(target=up, name="smolvm-ssh-up", daemon=True).start()
+
+def _copy(recv, send, done) -> None:
+    """``send`` what ``recv`` returns until end of stream or an error; then ``done()``."""
+    try:
+        while data := recv(1 << 16):
+            send(data)
+    except OSError:
+        pass
+    finally:
+        done()
 
 
 async def open_channel(ip: str, keys: SSHKeys, *, netns: str = "", timeout: float = 30.0,
