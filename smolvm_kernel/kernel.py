@@ -208,6 +208,8 @@ class Relay:
         """Let a reloaded page find the host's widgets (the panel) next to the guest's:
         list them in comm_info_reply, and add their states to the control comm's
         update_states. The guest's own entries are kept as they are."""
+        if msg_type == "comm_msg" and (not self.control_comms or b'"update_states"' not in body[3]):
+            return body     # any other widget traffic passes unparsed
         try:
             content = json.loads(body[3])
         except ValueError:
