@@ -13,6 +13,7 @@ shutdown, ``%smolvm`` lines, and host-owned comms (the control panel).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import hmac
@@ -299,7 +300,8 @@ class SmolVMKernel(ConfigActions):
     """
 
     def __init__(self, connection_info: dict, config: SandboxConfig | None = None,
-                 sandbox_factory=None, workdir: str | None = None) -> None:
+                 sandbox_factory=None, workdir: str | None = None,
+                 listening: dict[str, int] | None = None) -> None:
         from smolvm_kernel.sandbox import Sandbox
 
         self.info = connection_info
@@ -311,7 +313,7 @@ class SmolVMKernel(ConfigActions):
                                username="smolvm-kernel")
         self.ctx = zmq.Context.instance()
         self.sockets: dict[str, zmq.Socket] = {}
-        self._bind()
+        self._bind(listening or {})
         # Guest frames and VM events arrive from other threads through this
         # queue; the pipe wakes the poller. Sockets are touched by one thread.
         self._events: queue.Queue = queue.Queue()
@@ -345,24 +347,43 @@ class SmolVMKernel(ConfigActions):
 
     # -- sockets
 
-    def _bind(self) -> None:
+    def _bind(self, listening: dict[str, int]) -> None:
+        """Bind the five sockets; adopt a listening socket fd that the
+        launcher opened for a port (see smolvm_kernel.launch)."""
         transport, ip = self.info.get("transport", "tcp"), self.info.get("ip", "127.0.0.1")
-        # IOPub is an XPUB: a new subscriber gets an iopub_welcome at once, so
-        # a client knows IOPub is live without waiting for other traffic
-        # (jupyter_client retries kernel_info until some IOPub message arrives).
         for name, kind in (("shell", zmq.ROUTER), ("control", zmq.ROUTER), ("stdin", zmq.ROUTER),
                            ("iopub", zmq.XPUB), ("hb", zmq.ROUTER)):
-            sock = self.ctx.socket(kind)
-            sock.linger = 1000
-            if kind == zmq.ROUTER:
-                sock.router_handover = 1
-            if kind == zmq.XPUB:
-                sock.setsockopt(zmq.XPUB_VERBOSE, 1)
             port = self.info[f"{name}_port"]
             addr = f"{transport}://{ip}" + (f":{port}" if transport == "tcp" else f"-{port}")
-            sock.bind(addr)
+            fd = listening.get(name)
+            sock = self._socket(kind)
+            if fd is not None:
+                sock.setsockopt(zmq.USE_FD, fd)
+            try:
+                sock.bind(addr)
+            except zmq.ZMQError:
+                if fd is None:
+                    raise
+                log.warning("could not adopt the launcher's socket for %s; binding it again", addr)
+                sock.close(linger=0)
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+                sock = self._socket(kind)
+                sock.bind(addr)
             self.sockets[name] = sock
         threading.Thread(target=self._heartbeat, name="smolvm-hb", daemon=True).start()
+
+    def _socket(self, kind: int) -> zmq.Socket:
+        sock = self.ctx.socket(kind)
+        sock.linger = 1000
+        if kind == zmq.ROUTER:
+            sock.router_handover = 1
+        if kind == zmq.XPUB:
+            # IOPub is an XPUB: a new subscriber gets an iopub_welcome at once,
+            # so a client knows IOPub is live without waiting for other traffic
+            # (jupyter_client retries kernel_info until some IOPub message arrives).
+            sock.setsockopt(zmq.XPUB_VERBOSE, 1)
+        return sock
 
     def _heartbeat(self) -> None:
         try:
@@ -1018,7 +1039,9 @@ def _quietly(fn):
     return run
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, listening: dict[str, int] | None = None) -> int:
+    """Run the kernel; ``listening`` maps port names to listening socket fds
+    opened by :mod:`smolvm_kernel.launch`."""
     import argparse
 
     from smolvm_kernel.config import load_config
@@ -1030,9 +1053,13 @@ def main(argv: list[str] | None = None) -> int:
     # Three threads hand messages to each other (I/O loop, relay, heartbeat);
     # the default 5 ms GIL switch interval shows up in every round trip.
     sys.setswitchinterval(0.0005)
-    with open(args.connection_file) as fh:
-        info = json.load(fh)
-    kernel = SmolVMKernel(info, load_config())
+    try:
+        with open(args.connection_file) as fh:
+            info = json.load(fh)
+    except (OSError, ValueError) as exc:
+        print(f"smolvm-kernel: cannot read the connection file {args.connection_file}: {exc}", file=sys.stderr)
+        return 2
+    kernel = SmolVMKernel(info, load_config(), listening=listening)
 
     def on_sigint(signum, frame):
         # interrupt_mode "signal": the frontend's SIGINT means "interrupt the cell".

@@ -21,7 +21,8 @@ def kernel_json(display_name: str = DEFAULT_DISPLAY, **options) -> dict:
     """The kernel.json contents; options (profile, mem, cpus, ...) become env vars."""
     env = {OPTION_ENV[k]: str(v) for k, v in options.items() if v is not None}
     spec = {
-        "argv": [sys.executable, "-m", "smolvm_kernel", "-f", "{connection_file}"],
+        # -S: the launcher listens on the ports before the site import (launch.py).
+        "argv": [sys.executable, "-S", str(Path(__file__).with_name("launch.py")), "-f", "{connection_file}"],
         "display_name": display_name,
         "language": "python",
         # Either mode works; "message" avoids signalling the kernel process.

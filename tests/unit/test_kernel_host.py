@@ -312,3 +312,43 @@ def test_a_reloaded_page_finds_the_panel_next_to_guest_widgets(running):
     assert "g1" in states and host_ids <= set(states)
     some = states[next(iter(host_ids))]
     assert some["model_module"] in ("@jupyter-widgets/controls", "@jupyter-widgets/base")
+
+
+@pytest.mark.parametrize("early", [True, False], ids=["launcher listened", "kernel bound"])
+def test_a_client_that_connects_before_the_kernel_is_served_at_once(tmp_path, early):
+    """The launcher listens before the kernel imports anything: a client whose
+    first connection came too early is answered without its 100-200 ms retry
+    (here: without a retry at all, which comes after 10 minutes)."""
+    import json
+
+    import zmq
+
+    from smolvm_kernel import launch
+
+    conn_file = str(tmp_path / "kernel.json")
+    write_connection_file(conn_file, key=b"host-key")
+    info = json.loads(Path(conn_file).read_text())
+    fds = launch.listen(info) if early else {}
+    session = Session(key=b"host-key")
+    client = zmq.Context.instance().socket(zmq.DEALER)
+    client.reconnect_ivl = 600_000
+    client.linger = 0
+    client.connect(f"tcp://127.0.0.1:{info['shell_port']}")
+    session.send(client, "kernel_info_request", {})
+    time.sleep(0.3)   # the client's connect has happened (and been refused without the launcher)
+    kernel = SmolVMKernel(info, SandboxConfig(), sandbox_factory=FakeSandbox, listening=fds)
+    thread = threading.Thread(target=kernel.run, daemon=True)
+    thread.start()
+    try:
+        answered = client.poll(5000 if early else 1500)
+        assert bool(answered) is early
+        if early:
+            reply = session.recv(client)[1]
+            assert reply["msg_type"] == "kernel_info_reply"
+            assert reply["content"]["implementation"] == "smolvm-kernel"
+    finally:
+        client.close()
+        kernel.exiting = True
+        thread.join(5)
+        for sock in kernel.sockets.values():
+            sock.close(linger=0)

@@ -18,7 +18,9 @@ def test_install_registers_smolvm_python_with_logos(tmp_path, monkeypatch):
     path = kernelspec.install(prefix=str(tmp_path))
     spec = KernelSpecManager().get_kernel_spec("smolvm-python")
     assert spec.display_name == "SmolVM Python"
-    assert spec.argv[:3] == [sys.executable, "-m", "smolvm_kernel"] and "{connection_file}" in spec.argv
+    # the launcher, run without the site import (smolvm_kernel/launch.py)
+    assert spec.argv[:2] == [sys.executable, "-S"] and spec.argv[2].endswith("smolvm_kernel/launch.py")
+    assert __import__("pathlib").Path(spec.argv[2]).is_file() and "{connection_file}" in spec.argv
     assert spec.interrupt_mode == "message" and spec.language == "python"
     names = {p.name for p in __import__("pathlib").Path(path).iterdir()}
     assert {"kernel.json", "logo-32x32.png", "logo-64x64.png", "logo-svg.svg"} <= names

@@ -1,0 +1,77 @@
+"""The kernelspec's launcher (smolvm_kernel/launch.py): early listening sockets
+and a sys.path without the notebook's folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from jupyter_client.connect import write_connection_file
+
+from smolvm_kernel import launch
+
+LAUNCHER = Path(launch.__file__)
+
+
+def test_connection_file_reads_like_json(tmp_path):
+    path = tmp_path / "k.json"
+    write_connection_file(str(path), key=b"secret")
+    assert launch.read_connection_file(str(path)) == json.loads(path.read_text())
+    for bad in ("", "[1, 2]", '{"a": 1} {"b": 2}', "not json", '{"a": }'):
+        path.write_text(bad)
+        with pytest.raises(ValueError):
+            launch.read_connection_file(str(path))
+
+
+def test_listen_opens_every_port_and_skips_what_it_cannot_bind(tmp_path):
+    path = tmp_path / "k.json"
+    write_connection_file(str(path), key=b"secret")
+    info = launch.read_connection_file(str(path))
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", info["stdin_port"]))
+    taken.listen()
+    try:
+        fds = launch.listen(info)
+    finally:
+        taken.close()
+    assert set(fds) == {"shell", "control", "iopub", "hb"}
+    try:
+        for name, fd in fds.items():
+            sock = socket.socket(fileno=os.dup(fd))
+            assert sock.getsockname() == ("127.0.0.1", info[f"{name}_port"])
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1
+            sock.close()
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    assert launch.listen({**info, "transport": "ipc"}) == {}
+    assert launch.listen({**info, "ip": "not-an-address"}) == {}
+
+
+def test_connection_file_argument_forms():
+    assert launch.connection_file(["-f", "a.json"]) == "a.json"
+    assert launch.connection_file(["--connection-file", "b.json"]) == "b.json"
+    assert launch.connection_file(["--connection-file=c.json"]) == "c.json"
+    assert launch.connection_file(["-f"]) is None
+
+
+@pytest.mark.parametrize("entry", [["-S", str(LAUNCHER)], ["-m", "smolvm_kernel"]],
+                         ids=["kernelspec launcher", "python -m"])
+def test_nothing_is_imported_from_the_notebook_folder(tmp_path, entry):
+    """A notebook folder is anybody's: a zmq.py in it must not run on the host."""
+    marker = tmp_path / "ran"
+    (tmp_path / "zmq.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    # The control: plain Python in that folder does import it.
+    subprocess.run([sys.executable, "-c", "import zmq"], cwd=tmp_path, env=env, check=True)
+    assert marker.exists()
+    marker.unlink()
+    proc = subprocess.run([sys.executable, *entry, "-f", "missing.json"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "missing.json" in proc.stderr
+    assert not marker.exists()
