@@ -9,6 +9,7 @@ and keyword arguments::
 
 from __future__ import annotations
 
+import contextvars
 import os
 import shutil
 
@@ -23,7 +24,12 @@ MIN_MEM_MIB, MAX_MEM_MIB = 192, 65536
 MIN_DISK_MIB, MAX_DISK_MIB = 64, 1024 * 1024
 
 
+_IGNORE_ENV = contextvars.ContextVar("smolvm_ignore_env", default=False)
+
+
 def _env(name: str) -> str | None:
+    if _IGNORE_ENV.get():
+        return None
     value = os.environ.get(name)
     return value if value not in (None, "") else None
 
@@ -253,6 +259,19 @@ class SandboxConfig(Configurable):
                                 f"or SMOLVM_{setting.upper()})")
         return problems
 
+    @classmethod
+    def builtin(cls) -> SandboxConfig:
+        """The built-in defaults alone: no config file, no SMOLVM_* variable
+        (what a kernel runs on while it reports that those are wrong)."""
+        token = _IGNORE_ENV.set(True)
+        try:
+            cfg = cls()
+            for name in cfg.trait_names():
+                getattr(cfg, name)
+        finally:
+            _IGNORE_ENV.reset(token)
+        return cfg
+
     def changed(self, **changes) -> SandboxConfig:
         """A copy with ``changes`` applied, validated against ranges and host limits.
 
@@ -279,7 +298,11 @@ class SandboxConfig(Configurable):
 
         try:
             for name in self.trait_names():
-                getattr(self, name)
+                value = getattr(self, name)
+                if self.trait_metadata(name, "config"):
+                    # A default (a SMOLVM_* variable included) skips the range
+                    # checks an assignment runs: run them now.
+                    setattr(self, name, value)
         except TraitError as exc:
             raise ConfigError.from_trait(exc) from None
         problems = self.limit_problems() + self.combination_problems()

@@ -301,11 +301,15 @@ class SmolVMKernel(ConfigActions):
 
     def __init__(self, connection_info: dict, config: SandboxConfig | None = None,
                  sandbox_factory=None, workdir: str | None = None,
-                 listening: dict[str, int] | None = None) -> None:
+                 listening: dict[str, int] | None = None, config_error: SmolVMError | None = None) -> None:
         from smolvm_kernel.sandbox import Sandbox
 
         self.info = connection_info
         self.config = config or SandboxConfig()
+        #: A setting that is wrong (a config file, a SMOLVM_* variable): every
+        #: start fails with it, so each cell says what to fix (the kernel runs
+        #: on the built-in defaults meanwhile and never boots a VM with them).
+        self.config_error = config_error
         self.workdir = workdir or os.getcwd()   # the notebook's folder: push/pull stay in it
         key = connection_info.get("key", "")
         self.session = Session(key=key.encode() if isinstance(key, str) else key,
@@ -430,6 +434,8 @@ class SmolVMKernel(ConfigActions):
 
         def boot() -> None:
             try:
+                if self.config_error is not None:
+                    raise self.config_error
                 if replace:
                     self.sandbox.reset()
                 else:
@@ -1059,7 +1065,15 @@ def main(argv: list[str] | None = None, listening: dict[str, int] | None = None)
     except (OSError, ValueError) as exc:
         print(f"smolvm-kernel: cannot read the connection file {args.connection_file}: {exc}", file=sys.stderr)
         return 2
-    kernel = SmolVMKernel(info, load_config(), listening=listening)
+    from smolvm_kernel.errors import ConfigError
+
+    try:
+        config, config_error = load_config().validated(), None
+    except ConfigError as exc:
+        log.warning("%s", exc)
+        config = SandboxConfig.builtin()
+        config_error = ConfigError("", None, f"{exc}. Fix the setting, then restart the kernel.")
+    kernel = SmolVMKernel(info, config, listening=listening, config_error=config_error)
 
     def on_sigint(signum, frame):
         # interrupt_mode "signal": the frontend's SIGINT means "interrupt the cell".

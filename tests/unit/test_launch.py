@@ -75,3 +75,28 @@ def test_nothing_is_imported_from_the_notebook_folder(tmp_path, entry):
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "missing.json" in proc.stderr
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("env, says", [({"SMOLVM_MEM_MIB": "1"}, "mem_mib=1 is out of range"),
+                                       ({"SMOLVM_VCPUS": "two"}, "SMOLVM_VCPUS='two' is not a whole number")],
+                         ids=["out of range", "not a number"])
+def test_a_wrong_setting_is_named_in_the_notebook_and_the_kernel_stays_up(tmp_path, monkeypatch, env, says):
+    """The kernel process started from its kernelspec, no VM: every cell says what to fix."""
+    from jupyter_client.manager import start_new_kernel
+
+    from smolvm_kernel import kernelspec
+
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "share" / "jupyter"))
+    kernelspec.install("smolvm-test", prefix=str(tmp_path))
+    env = {**os.environ, **env}
+    km, kc = start_new_kernel(kernel_name="smolvm-test", startup_timeout=60, env=env, cwd=str(tmp_path))
+    try:
+        for _ in range(2):
+            msgs = []
+            reply = kc.execute_interactive("6*7", timeout=60, output_hook=msgs.append)
+            assert reply["content"]["status"] == "error"
+            assert says in reply["content"]["evalue"] and "restart the kernel" in reply["content"]["evalue"]
+        assert km.is_alive()
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
