@@ -2,7 +2,8 @@
 
     python benchmarks/kernel_bench.py [--rounds 200]
 
-Rows: kernelspec launch -> kernel_info reply; launch -> first execute_result;
+Rows: kernelspec launch -> client ready (start_new_kernel: the kernel_info
+reply, then jupyter_client's 0.2 s of IOPub silence); launch -> first execute_result;
 `pass` round trip p50/p99; 200k lines of stdout; a 1 MB PNG display. The last
 column compares the relay with talking to the guest kernel directly (the
 Sandbox API over the same channel, no relay process): the relay's cost per
@@ -143,7 +144,7 @@ def main() -> int:
     smol = bench_kernel(args.kernel, args.rounds)
     direct = bench_direct(args.rounds)
     rows = [
-        ("launch -> kernel_info reply", "launch_info", "s"),
+        ("launch -> client ready (kernel_info + 0.2 s IOPub drain)", "launch_info", "s"),
         ("launch -> first execute_result", "launch_result", "s"),
         ("`pass` round trip p50", "rt_p50", "ms"),
         ("`pass` round trip p99", "rt_p99", "ms"),

@@ -45,6 +45,9 @@ MAX_FILE = 256 * 1024 * 1024
 #: reading the kernel's sockets, so a flood backs up into ZMQ, not into RAM.
 LOW_QUEUE_LIMIT = 256
 SYNC_MAGIC = b"\x00\xffSMOLVM-SYNC\xff\x00"
+#: While no host is connected, a virtio-serial port reads EOF at once (and
+#: polls ready): the agent looks again after this pause.
+LINK_RETRY_S = 0.05
 _AGENT_MSG_PREFIX = "smolvm-agent:"
 #: Run silently once the kernel is ready (every cold boot, so also every
 #: snapshot's template). IPython imports its traceback machinery lazily, which
@@ -675,7 +678,12 @@ class Agent:
             if ack_fd is None and self.kernel is not None and self.kernel.new_key is not None:
                 ack_fd = self.kernel.ack_r
                 poller.register(ack_fd, zmq.POLLIN)
-            events = dict(poller.poll(50 if not want_kernel and self.kernel else 200))
+            timeout = 50 if not want_kernel and self.kernel else 200
+            if not want_link:
+                # Listen again when the pause ends, not up to 200 ms later at
+                # the next kernel message: a host may be there by then.
+                timeout = min(timeout, int((self._link_paused_until - now) * 1000) + 1)
+            events = dict(poller.poll(timeout))
             if ack_fd is not None and ack_fd in events:
                 poller.unregister(ack_fd)
                 ack_fd = None
@@ -705,7 +713,7 @@ class Agent:
                     self.decoder.reset()
                     self.link.hang_up()
                     if self.link.reconnects_by_eof:
-                        self._link_paused_until = time.monotonic() + 0.05
+                        self._link_paused_until = time.monotonic() + LINK_RETRY_S
             for chan in list(registered):
                 sock = self.kernel.sockets[chan]
                 if sock in events:
