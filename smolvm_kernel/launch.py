@@ -21,8 +21,11 @@ next to a notebook would run in the kernel process, on the host.
 import os
 import sys
 
-import _json
-import _socket
+try:
+    import _json
+    import _socket
+except ImportError:      # an unusual build: no head start, the kernel binds as before
+    _json = _socket = None
 
 PORTS = ("shell", "control", "stdin", "iopub", "hb")
 
@@ -77,6 +80,13 @@ def listen(info: dict) -> dict[str, int]:
     return fds
 
 
+def without_own_folder(path: list[str], script: str) -> list[str]:
+    """``path`` without the folder Python put first for ``script`` (it
+    resolves links there, so compare real paths)."""
+    here = os.path.dirname(os.path.realpath(script))
+    return [p for p in path if os.path.realpath(p or ".") != here]
+
+
 def connection_file(argv: list[str]) -> str | None:
     for flag in ("-f", "--connection-file"):
         if flag in argv[:-1]:
@@ -91,15 +101,15 @@ def main() -> int:
     argv = sys.argv[1:]
     fds: dict[str, int] = {}
     path = connection_file(argv)
-    if path is not None:
+    if path is not None and _socket is not None:
         try:
             fds = listen(read_connection_file(path))
         except Exception:   # noqa: BLE001 - only a head start: the kernel reads
             pass            # the file again and says what is wrong with it
     # Python put this file's folder (the package itself) first on sys.path;
-    # the site directories come now, after the ports.
-    if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-        del sys.path[0]
+    # the site directories come now, after the ports. (sys.flags.no_site
+    # stays set: nothing on the host starts Python children that inherit it.)
+    sys.path[:] = without_own_folder(sys.path, __file__)
     import site
 
     site.main()

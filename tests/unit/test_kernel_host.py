@@ -335,7 +335,7 @@ def test_a_client_that_connects_before_the_kernel_is_served_at_once(tmp_path, ea
     client.linger = 0
     client.connect(f"tcp://127.0.0.1:{info['shell_port']}")
     session.send(client, "kernel_info_request", {})
-    time.sleep(0.3)   # the client's connect has happened (and been refused without the launcher)
+    time.sleep(0.5)   # the client's connect has happened (and been refused without the launcher)
     kernel = SmolVMKernel(info, SandboxConfig(), sandbox_factory=FakeSandbox, listening=fds)
     thread = threading.Thread(target=kernel.run, daemon=True)
     thread.start()

@@ -39,8 +39,8 @@ def test_listen_opens_every_port_and_skips_what_it_cannot_bind(tmp_path):
         fds = launch.listen(info)
     finally:
         taken.close()
-    assert set(fds) == {"shell", "control", "iopub", "hb"}
     try:
+        assert set(fds) == {"shell", "control", "iopub", "hb"}
         for name, fd in fds.items():
             sock = socket.socket(fileno=os.dup(fd))
             assert sock.getsockname() == ("127.0.0.1", info[f"{name}_port"])
@@ -50,7 +50,37 @@ def test_listen_opens_every_port_and_skips_what_it_cannot_bind(tmp_path):
         for fd in fds.values():
             os.close(fd)
     assert launch.listen({**info, "transport": "ipc"}) == {}
-    assert launch.listen({**info, "ip": "not-an-address"}) == {}
+    assert launch.listen({**info, "ip": "192.0.2.1"}) == {}   # not this host's (TEST-NET-1)
+
+
+def test_the_launchers_folder_is_dropped_from_sys_path_through_links(tmp_path):
+    """Python resolves links in the script's folder before putting it on
+    sys.path; kernel.json may name the launcher through a link."""
+    real = tmp_path / "real" / "pkg"
+    real.mkdir(parents=True)
+    (real / "launch.py").write_text("")
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    path = [str(real), "/usr/lib/python3.11", ""]
+    assert launch.without_own_folder(path, str(tmp_path / "link" / "pkg" / "launch.py")) == \
+        ["/usr/lib/python3.11", ""]
+
+
+def test_the_package_folder_is_not_on_the_kernels_path(tmp_path):
+    """End to end, with the launcher named through a link: a sitecustomize
+    (run by site.main(), after the launcher's fix) tries to import the
+    package's errors.py as a top-level module."""
+    (tmp_path / "link").symlink_to(LAUNCHER.parent.parent)
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    marker = tmp_path / "seen"
+    (hook / "sitecustomize.py").write_text(
+        "try:\n    import errors\n    result = 'shadowed'\n"
+        "except ImportError:\n    result = 'clean'\n"
+        f"open({str(marker)!r}, 'w').write(result)\n")
+    env = {**os.environ, "PYTHONPATH": str(hook)}
+    subprocess.run([sys.executable, "-S", str(tmp_path / "link" / LAUNCHER.parent.name / LAUNCHER.name),
+                    "-f", "missing.json"], cwd=tmp_path, env=env, capture_output=True, timeout=60)
+    assert marker.read_text() == "clean"
 
 
 def test_connection_file_argument_forms():
