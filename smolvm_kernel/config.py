@@ -10,6 +10,7 @@ and keyword arguments::
 from __future__ import annotations
 
 import contextvars
+import math
 import os
 import shutil
 
@@ -268,6 +269,10 @@ class SandboxConfig(Configurable):
             cfg = cls()
             for name in cfg.trait_names():
                 getattr(cfg, name)
+            # A small host's limits may be below the defaults (half of 768 MiB of RAM).
+            cfg.vcpus = min(cfg.vcpus, cfg.max_vcpus)
+            cfg.mem_mib = min(cfg.mem_mib, cfg.max_mem_mib)
+            cfg.disk_mib = min(cfg.disk_mib, cfg.max_disk_mib)
         finally:
             _IGNORE_ENV.reset(token)
         return cfg
@@ -345,6 +350,9 @@ class SandboxConfig(Configurable):
     def _check_timeout(self, proposal):
         value = proposal["value"]
         name = proposal["trait"].name
+        if not math.isfinite(value):
+            raise TraitError(f"{name}={value} is not a number of seconds; give e.g. "
+                             f"{'90' if name == 'boot_timeout' else '60 (0 = no limit)'}")
         if value < 0 or (name == "boot_timeout" and value < 5):
             raise TraitError(f"{name}={value} is too small; give seconds"
                              f"{' (at least 5)' if name == 'boot_timeout' else ' (0 = no limit)'}")
@@ -390,8 +398,13 @@ def load_config():
     for directory in reversed(jupyter_config_path()):
         for loader_cls, name in ((JSONFileConfigLoader, "jupyter_smolvm_config.json"),
                                  (PyFileConfigLoader, "jupyter_smolvm_config.py")):
-            if os.path.isfile(os.path.join(directory, name)):
-                merged.merge(loader_cls(name, path=directory).load_config())
+            path = os.path.join(directory, name)
+            if os.path.isfile(path):
+                try:
+                    merged.merge(loader_cls(name, path=directory).load_config())
+                except Exception as exc:   # a syntax error, bad JSON, an exception in the file
+                    from smolvm_kernel.errors import ConfigError
+                    raise ConfigError("", None, f"{path} cannot be read: {type(exc).__name__}: {exc}") from None
     try:
         cfg = SandboxConfig(config=merged)
         for name in cfg.trait_names():

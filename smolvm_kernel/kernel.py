@@ -435,7 +435,7 @@ class SmolVMKernel(ConfigActions):
         def boot() -> None:
             try:
                 if self.config_error is not None:
-                    raise self.config_error
+                    raise type(self.config_error)("", None, str(self.config_error))   # a fresh one each time
                 if replace:
                     self.sandbox.reset()
                 else:
@@ -1072,7 +1072,7 @@ def main(argv: list[str] | None = None, listening: dict[str, int] | None = None)
     except ConfigError as exc:
         log.warning("%s", exc)
         config = SandboxConfig.builtin()
-        config_error = ConfigError("", None, f"{exc}. Fix the setting, then restart the kernel.")
+        config_error = ConfigError("", None, f"{str(exc).rstrip('.')}. Fix the setting, then restart the kernel.")
     kernel = SmolVMKernel(info, config, listening=listening, config_error=config_error)
 
     def on_sigint(signum, frame):

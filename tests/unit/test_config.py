@@ -45,6 +45,41 @@ def test_bad_env_value_is_reported(monkeypatch):
         Sandbox()
 
 
+@pytest.mark.parametrize("var, value, words", [
+    ("SMOLVM_MEM_MIB", "1", ["mem_mib=1", "192"]),
+    ("SMOLVM_VCPUS", "999", ["vcpus=999", "use 1 to"]),
+    ("SMOLVM_BOOT_TIMEOUT", "nan", ["boot_timeout=nan", "not a number of seconds"]),
+    ("SMOLVM_TIMEOUT", "inf", ["exec_timeout=inf"]),
+])
+def test_env_values_get_the_same_range_checks(monkeypatch, var, value, words):
+    # Traitlets validates assignments, not defaults: an env fallback once
+    # skipped these checks and SMOLVM_MEM_MIB=1 reached QEMU.
+    monkeypatch.setenv(var, value)
+    with pytest.raises(ConfigError) as info:
+        Sandbox()
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_builtin_ignores_the_environment(monkeypatch):
+    monkeypatch.setenv("SMOLVM_MEM_MIB", "1")
+    monkeypatch.setenv("SMOLVM_VCPUS", "two")
+    cfg = SandboxConfig.builtin()
+    assert (cfg.mem_mib, cfg.vcpus) == (512, 2)
+    assert SandboxConfig(mem_mib=cfg.mem_mib, vcpus=cfg.vcpus).validated()
+    monkeypatch.setenv("SMOLVM_MAX_MEM_MIB", "300")   # ignored too: the host's own limit applies
+    assert SandboxConfig.builtin().mem_mib == min(512, SandboxConfig.builtin().max_mem_mib)
+
+
+def test_a_broken_config_file_is_named(tmp_path, monkeypatch):
+    from smolvm_kernel.config import load_config
+
+    (tmp_path / "jupyter_smolvm_config.py").write_text("c.SandboxConfig.mem_mib = (\n")
+    monkeypatch.setenv("JUPYTER_CONFIG_DIR", str(tmp_path))
+    with pytest.raises(ConfigError, match="jupyter_smolvm_config.py cannot be read: SyntaxError"):
+        load_config()
+
+
 def test_backend_enum_is_checked():
     with pytest.raises(ConfigError, match="backend"):
         Sandbox(backend="xen")
