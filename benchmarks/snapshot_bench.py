@@ -12,7 +12,6 @@ seconds and the PSS measured again, then restored to its previous setting.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -124,9 +123,7 @@ def main() -> int:
 
     from smolvm_kernel.snapshot import SNAPSHOT_FORMAT
 
-    snaps = [json.loads((d / "manifest.json").read_text()) for d in SnapshotCache().root.iterdir()
-             if (d / "manifest.json").exists()]
-    for m in snaps:
+    for m in (snap.manifest() for snap in SnapshotCache().list()):
         shape = m.get("shape", {})
         if (m.get("format") == SNAPSHOT_FORMAT and m["profile"] == "base" and shape.get("disk_mib") == 2048
                 and shape.get("mem_mib") == 512 and shape.get("vcpus") == 2):

@@ -7,9 +7,11 @@ ports first; this entry point stays for older kernelspecs and for hand use.
 import os
 import sys
 
+from smolvm_kernel.launch import without_folder
+
 # ``-m`` put the working directory (a notebook's folder) first on sys.path:
 # nothing the kernel imports on the host may come from there.
-sys.path[:] = [p for p in sys.path if p and os.path.abspath(p) != os.getcwd()]
+sys.path[:] = without_folder(sys.path, os.getcwd())
 
 from smolvm_kernel.kernel import main  # noqa: E402
 

@@ -388,7 +388,8 @@ def load_config():
     """Read ``jupyter_smolvm_config.py`` / ``.json`` from the Jupyter config path.
 
     The result is a traitlets ``SandboxConfig`` whose values come from those
-    files (section ``c.SandboxConfig``), then SMOLVM_* variables, then defaults.
+    files (section ``c.SandboxConfig``), then SMOLVM_* variables, then defaults,
+    validated (ConfigError names a wrong value and the fix).
     """
     from jupyter_core.paths import jupyter_config_path
     from traitlets.config.loader import Config, JSONFileConfigLoader, PyFileConfigLoader
@@ -407,9 +408,7 @@ def load_config():
                     raise ConfigError("", None, f"{path} cannot be read: {type(exc).__name__}: {exc}") from None
     try:
         cfg = SandboxConfig(config=merged)
-        for name in cfg.trait_names():
-            getattr(cfg, name)
     except TraitError as exc:
         from smolvm_kernel.errors import ConfigError
         raise ConfigError.from_trait(exc) from None
-    return cfg
+    return cfg.validated()

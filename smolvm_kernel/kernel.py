@@ -13,7 +13,6 @@ shutdown, ``%smolvm`` lines, and host-owned comms (the control panel).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import hmac
@@ -359,35 +358,21 @@ class SmolVMKernel(ConfigActions):
                            ("iopub", zmq.XPUB), ("hb", zmq.ROUTER)):
             port = self.info[f"{name}_port"]
             addr = f"{transport}://{ip}" + (f":{port}" if transport == "tcp" else f"-{port}")
-            fd = listening.get(name)
-            sock = self._socket(kind)
-            if fd is not None:
-                sock.setsockopt(zmq.USE_FD, fd)
-            try:
-                sock.bind(addr)
-            except zmq.ZMQError:
-                if fd is None:
-                    raise
-                log.warning("could not adopt the launcher's socket for %s; binding it again", addr)
-                sock.close(linger=0)
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-                sock = self._socket(kind)
-                sock.bind(addr)
+            sock = self.ctx.socket(kind)
+            sock.linger = 1000
+            if kind == zmq.ROUTER:
+                sock.router_handover = 1
+            if kind == zmq.XPUB:
+                # IOPub is an XPUB: a new subscriber gets an iopub_welcome at once,
+                # so a client knows IOPub is live without waiting for other traffic
+                # (jupyter_client retries kernel_info until some IOPub message arrives).
+                sock.setsockopt(zmq.XPUB_VERBOSE, 1)
+            if name in listening:
+                # libzmq then takes the socket as it is and ignores the address.
+                sock.setsockopt(zmq.USE_FD, listening[name])
+            sock.bind(addr)
             self.sockets[name] = sock
         threading.Thread(target=self._heartbeat, name="smolvm-hb", daemon=True).start()
-
-    def _socket(self, kind: int) -> zmq.Socket:
-        sock = self.ctx.socket(kind)
-        sock.linger = 1000
-        if kind == zmq.ROUTER:
-            sock.router_handover = 1
-        if kind == zmq.XPUB:
-            # IOPub is an XPUB: a new subscriber gets an iopub_welcome at once,
-            # so a client knows IOPub is live without waiting for other traffic
-            # (jupyter_client retries kernel_info until some IOPub message arrives).
-            sock.setsockopt(zmq.XPUB_VERBOSE, 1)
-        return sock
 
     def _heartbeat(self) -> None:
         try:
@@ -1068,7 +1053,7 @@ def main(argv: list[str] | None = None, listening: dict[str, int] | None = None)
     from smolvm_kernel.errors import ConfigError
 
     try:
-        config, config_error = load_config().validated(), None
+        config, config_error = load_config(), None
     except ConfigError as exc:
         log.warning("%s", exc)
         config = SandboxConfig.builtin()

@@ -80,11 +80,11 @@ def listen(info: dict) -> dict[str, int]:
     return fds
 
 
-def without_own_folder(path: list[str], script: str) -> list[str]:
-    """``path`` without the folder Python put first for ``script`` (it
-    resolves links there, so compare real paths)."""
-    here = os.path.dirname(os.path.realpath(script))
-    return [p for p in path if os.path.realpath(p or ".") != here]
+def without_folder(path: list[str], folder: str) -> list[str]:
+    """``path`` without ``folder``, compared by real path (Python resolves
+    links in the folder it puts first for a script; "" is the working one)."""
+    folder = os.path.realpath(folder)
+    return [p for p in path if os.path.realpath(p or ".") != folder]
 
 
 def connection_file(argv: list[str]) -> str | None:
@@ -109,7 +109,7 @@ def main() -> int:
     # Python put this file's folder (the package itself) first on sys.path;
     # the site directories come now, after the ports. (sys.flags.no_site
     # stays set: nothing on the host starts Python children that inherit it.)
-    sys.path[:] = without_own_folder(sys.path, __file__)
+    sys.path[:] = without_folder(sys.path, os.path.dirname(os.path.realpath(__file__)))
     import site
 
     site.main()

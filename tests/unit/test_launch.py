@@ -61,8 +61,7 @@ def test_the_launchers_folder_is_dropped_from_sys_path_through_links(tmp_path):
     (real / "launch.py").write_text("")
     (tmp_path / "link").symlink_to(tmp_path / "real")
     path = [str(real), "/usr/lib/python3.11", ""]
-    assert launch.without_own_folder(path, str(tmp_path / "link" / "pkg" / "launch.py")) == \
-        ["/usr/lib/python3.11", ""]
+    assert launch.without_folder(path, str(tmp_path / "link" / "pkg")) == ["/usr/lib/python3.11", ""]
 
 
 def test_the_package_folder_is_not_on_the_kernels_path(tmp_path):
