@@ -4,8 +4,9 @@ Firecracker is configured, not launched with arguments: the process starts
 with only ``--api-sock``, then :func:`boot_requests` are sent over that UNIX
 socket in Firecracker's boot order (machine config, boot source, drives,
 vsock, entropy, ``InstanceStart``). The request bodies are pure functions so
-the unit tests can check each one against the Swagger schema in
-``shared/firecracker/firecracker-api.yaml`` without a Firecracker binary.
+the unit tests can check each one, without a Firecracker binary, against
+``firecracker_contract.json`` beside this module: the endpoints and bodies
+this backend uses, written from Firecracker's published API.
 
 The guest channel is Firecracker's *hybrid* vsock: Firecracker listens on
 ``<run_dir>/vsock.sock``; the host connects, writes ``CONNECT 1024\\n`` and,
