@@ -756,8 +756,10 @@ def _add_entropy(data: bytes) -> None:
 
 
 def _confined(path: str) -> str:
-    if not isinstance(path, str) or not path:
+    if not isinstance(path, str) or not path or "\x00" in path:
         raise ValueError("a path is required")
+    if path == "~" or path.startswith("~/"):
+        path = USER_HOME + path[1:]     # the guest user's home, as in a shell
     full = os.path.realpath(os.path.join(USER_HOME, path))
     for root in FILE_ROOTS:
         if full == root or full.startswith(root + "/"):

@@ -38,6 +38,23 @@ def _loopback_up() -> None:
         fcntl.ioctl(s, _SIOCSIFFLAGS, struct.pack("16sH", b"lo", _IFF_UP))
 
 
+HOSTNAME = "smolvm"
+
+
+def _name_files() -> None:
+    """Resolve the VM's own name and localhost from /etc/hosts, never through DNS:
+    ipykernel looks its host name up at start, and with a NIC whose nameserver
+    does not answer that lookup waited for DNS time-outs before the kernel was
+    ready. A networked VM's seed rewrites resolv.conf with its nameservers."""
+    with open("/etc/hosts", "w") as fh:
+        fh.write(f"127.0.0.1\tlocalhost\n127.0.1.1\t{HOSTNAME}\n"
+                 "::1\tlocalhost ip6-localhost ip6-loopback\n")
+    if os.path.islink("/etc/resolv.conf"):
+        os.unlink("/etc/resolv.conf")
+    with open("/etc/resolv.conf", "w") as fh:
+        fh.write("# no DNS: this VM has no network\n")
+
+
 def _restart_vm() -> None:
     os.sync()
     ctypes.CDLL(None).reboot(_RB_AUTOBOOT)
@@ -68,7 +85,11 @@ def main() -> None:
     _mount("tmpfs", "/dev/shm", "tmpfs", "mode=1777")
     _mount("devpts", "/dev/pts", "devpts", "mode=0620,ptmxmode=0666", flags=_MS_NOSUID)
     os.chmod("/tmp", 0o1777)
-    socket.sethostname("smolvm")
+    socket.sethostname(HOSTNAME)
+    try:
+        _name_files()
+    except OSError as exc:
+        print(f"smolvm-init: /etc/hosts: {exc}", file=sys.stderr)
     try:
         _loopback_up()
     except OSError as exc:

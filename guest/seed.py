@@ -65,10 +65,23 @@ def configure_network(net: dict) -> None:
     _ip("link", "set", dev, "up")
     _ip("addr", "add", f"{net['address']}/{int(net['prefix'])}", "dev", dev)
     _ip("route", "add", "default", "via", net["gateway"], "dev", dev)
-    servers = [s for s in net.get("dns", []) if isinstance(s, str)]
-    with open("/etc/resolv.conf", "w") as fh:
-        fh.write("".join(f"nameserver {s}\n" for s in servers) or "# no DNS server given\n")
+    servers = [s for s in net.get("dns", []) if isinstance(s, str)][:3]
+    write_resolv_conf(servers)
     log(f"{dev} {net['address']}/{net['prefix']} via {net['gateway']}")
+
+
+def write_resolv_conf(servers: list[str], path: str = "/etc/resolv.conf") -> None:
+    """The host's choice of name servers (SandboxConfig.dns), or none. Short
+    time-outs: a server that stops answering costs a lookup seconds, not tens."""
+    if os.path.islink(path):
+        os.unlink(path)
+    with open(path, "w") as fh:
+        if not servers:
+            fh.write("# no DNS for this VM (SandboxConfig.dns); names resolve from /etc/hosts only\n")
+            return
+        fh.write("# from the host (SandboxConfig.dns)\n")
+        fh.write("".join(f"nameserver {s}\n" for s in servers))
+        fh.write("options timeout:2 attempts:2\n")
 
 
 def install_ssh(ssh: dict) -> list[str]:

@@ -90,8 +90,12 @@ class SandboxConfig(Configurable):
     egress_allow = List(Unicode(), help="With network='nat': if set, the VM may reach only these "
                                         "('CIDR' or 'CIDR:port,port'); otherwise any address but the "
                                         "always-blocked ones.").tag(config=True)
-    dns = List(Unicode(), help="Nameservers for a networked guest; default: the host's "
-                               "non-loopback ones.").tag(config=True)
+    dns = List(Unicode(), help="Name servers written into a networked guest's resolv.conf: IPv4 "
+                               "addresses, or 'host' (the host's own non-loopback name servers at VM "
+                               "start); [] or ['none'] = no DNS (names resolve only from the guest's "
+                               "/etc/hosts). With egress_allow, a server is used only if the allowlist "
+                               "lets port 53 through (env SMOLVM_DNS: 'host', 'none' or "
+                               "'1.1.1.1,9.9.9.9'; default 'host').").tag(config=True)
     qemu_path = Unicode(help="The qemu-system binary (env SMOLVM_QEMU).").tag(config=True)
     firecracker_path = Unicode(help="The firecracker binary (env SMOLVM_FIRECRACKER).").tag(config=True)
     auto_build = Bool(help="Build the guest image on first use if it is missing "
@@ -201,6 +205,28 @@ class SandboxConfig(Configurable):
     @default("netns")
     def _netns_default(self) -> str:
         return _env("SMOLVM_NETNS") or ""
+
+    @default("dns")
+    def _dns_default(self) -> list[str]:
+        value = _env("SMOLVM_DNS")
+        return [v.strip() for v in value.split(",") if v.strip()] if value else ["host"]
+
+    @validate("dns")
+    def _check_dns(self, proposal):
+        import ipaddress
+
+        entries = list(proposal["value"])
+        for entry in entries:
+            if entry in ("host", "none"):
+                continue
+            try:
+                ipaddress.IPv4Address(entry)
+            except ValueError:
+                raise TraitError(f"dns entry {entry!r} is neither an IPv4 address nor 'host' or 'none'; "
+                                 f"give e.g. ['host'], ['192.0.2.53'] or ['none']") from None
+        if "none" in entries and len(entries) > 1:
+            raise TraitError(f"dns={entries!r} mixes 'none' with name servers; give ['none'] alone")
+        return entries
 
     @validate("net_pool")
     def _check_pool(self, proposal):

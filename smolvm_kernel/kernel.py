@@ -39,6 +39,10 @@ from smolvm_kernel.session import DELIM, PROTOCOL_VERSION, Session, sign
 
 log = logging.getLogger("smolvm_kernel.kernel")
 
+#: A start that takes longer than this shows a progress line in the cell
+#: (cleared once the VM is ready); a restore from a ready snapshot shows nothing.
+BOOT_NOTE_AFTER_S = 1.0
+
 
 @dataclasses.dataclass
 class _Request:
@@ -337,6 +341,7 @@ class SmolVMKernel(ConfigActions):
         self._boot_started = 0.0
         self._progress_line = ""
         self._boot_display: tuple[str, dict] | None = None   # display_id, parent
+        self._boot_shown = False         # whether the boot line is on the page
         # Shell requests wait here while a host line runs, and a host line
         # waits until the cells sent before it have finished: cells and
         # %smolvm lines run in the order they were sent.
@@ -494,7 +499,7 @@ class SmolVMKernel(ConfigActions):
                         self._on_frontend(name, frames)
                         self._drain_events()
             now = time.monotonic()
-            if self._booting and now - last_tick >= 1.0:
+            if self._booting and (now - last_tick >= 1.0 or self._boot_note_due(now)):
                 last_tick = now
                 self._show_boot_progress()
             if self.config.exec_timeout and not self._booting:
@@ -548,14 +553,12 @@ class SmolVMKernel(ConfigActions):
         self._boot_error = error
         self._ready_event.set()         # wakes a %smolvm push/pull waiting for the VM
         if error is not None:
-            self._show_boot_progress(done="the microVM failed to start")
+            self._clear_boot_progress()     # the cell's error says what failed
             self.relay.fail_inflight(error)
             return
         if self.panel is not None:
             self._fetch_stats()     # the fresh VM's figures now, not in 2 s
-        self._show_boot_progress(done=f"microVM ready ({self._accel_label()}) in "
-                                      f"{self.sandbox.boot_seconds:.1f} s")
-        self._boot_display = None
+        self._clear_boot_progress()
         self.relay.flush_backlog()
 
     def _accel_label(self) -> str:
@@ -564,15 +567,30 @@ class SmolVMKernel(ConfigActions):
             return self.config.backend
         return f"{backend.name}/{backend.spec.accel}"
 
-    def _show_boot_progress(self, done: str | None = None) -> None:
+    def _show_boot_progress(self) -> None:
+        """Show or update the boot line of the cell that waits for the VM."""
         if self._boot_display is None:
             return
         display_id, parent = self._boot_display
         elapsed = time.monotonic() - self._boot_started
+        if not self._boot_shown and elapsed < BOOT_NOTE_AFTER_S:
+            return
         step = self._progress_line or f"starting microVM ({self._accel_label()})"
-        text = done or f"{step}… {elapsed:.1f} s"
-        self.relay.publish("update_display_data", {"data": {"text/plain": text}, "metadata": {},
-                                                   "transient": {"display_id": display_id}}, parent)
+        text = f"{step}… {elapsed:.1f} s"
+        content = {"data": {"text/plain": text}, "metadata": {}, "transient": {"display_id": display_id}}
+        self.relay.publish("update_display_data" if self._boot_shown else "display_data", content, parent)
+        self._boot_shown = True
+
+    def _boot_note_due(self, now: float) -> bool:
+        return (self._boot_display is not None and not self._boot_shown
+                and now - self._boot_started >= BOOT_NOTE_AFTER_S)
+
+    def _clear_boot_progress(self) -> None:
+        """The VM is ready: remove the boot line before the cell's own outputs."""
+        if self._boot_display is not None and self._boot_shown:
+            self.relay.publish("clear_output", {"wait": False}, self._boot_display[1])
+        self._boot_display = None
+        self._boot_shown = False
 
     def _enforce_timeout(self, now: float) -> None:
         """Interrupt a cell past exec_timeout; reset the VM if it ignores that."""
@@ -674,12 +692,12 @@ class SmolVMKernel(ConfigActions):
 
     def _start_boot_display(self, header: dict) -> None:
         # Say busy for the request now; the guest's own "busy" for it is dropped.
+        # The progress line itself appears only once the start takes a while
+        # (BOOT_NOTE_AFTER_S), and is cleared when the VM is ready: a saved
+        # notebook holds the cell's own outputs only, as under a local kernel.
         self.relay.publish("status", {"execution_state": "busy"}, header)
-        display_id = f"smolvm-boot-{header['msg_id']}"
-        self._boot_display = (display_id, header)
-        text = f"starting microVM ({self._accel_label()})…"
-        self.relay.publish("display_data", {"data": {"text/plain": text}, "metadata": {},
-                                            "transient": {"display_id": display_id}}, header)
+        self._boot_display = (f"smolvm-boot-{header['msg_id']}", header)
+        self._boot_shown = False
 
     def _refuse_stopped(self, idents: list[bytes], msg: dict) -> None:
         from smolvm_kernel.errors import SandboxStopped

@@ -295,7 +295,7 @@ class VMNetwork:
                  allow: Iterable[str] = (), dns: Iterable[str] = ()) -> None:
         self.book, self.vm_id, self.pool, self.netns = book, vm_id, pool, netns
         self.allow = [Allow.parse(a) for a in allow]
-        self.dns = list(dns)
+        self.dns, self.dns_notes = guest_name_servers(dns, self.allow)
         self.lease: Lease | None = None
 
     def setup(self, open_fd: bool = True) -> int | None:
@@ -371,11 +371,11 @@ def remove_lease_objects(lease: Lease) -> list[str]:
     return done
 
 
-def default_dns() -> list[str]:
-    """The host's resolvers that a guest can reach (not loopback ones)."""
+def host_name_servers(resolv_conf: str = "/etc/resolv.conf") -> list[str]:
+    """The host's name servers that a guest can reach (IPv4, not loopback ones)."""
     servers = []
     try:
-        with open("/etc/resolv.conf") as fh:
+        with open(resolv_conf) as fh:
             for line in fh:
                 parts = line.split()
                 if len(parts) >= 2 and parts[0] == "nameserver":
@@ -388,6 +388,39 @@ def default_dns() -> list[str]:
     except OSError:
         pass
     return servers
+
+
+def guest_name_servers(entries: Iterable[str], allow: Iterable[Allow] = (),
+                       host: Callable[[], list[str]] = host_name_servers) -> tuple[list[str], list[str]]:
+    """The name servers a guest gets from the ``dns`` setting, and notes on what was left out.
+
+    'host' stands for the host's own servers; 'none' (or no entry) for none.
+    With an allowlist, only servers it lets through on port 53 are kept: a
+    server the rules drop would make every lookup wait for its time-out.
+    """
+    allow = list(allow)
+    servers: list[str] = []
+    notes: list[str] = []
+    for entry in entries:
+        if entry == "none":
+            continue
+        if entry == "host":
+            found = host()
+            if not found:
+                notes.append("the host has no name server a VM can reach (none, or only loopback "
+                             "ones); set SandboxConfig.dns to give the VM one")
+            servers += [s for s in found if s not in servers]
+        elif entry not in servers:
+            servers.append(entry)
+    if allow:
+        kept = [s for s in servers if any(ipaddress.IPv4Address(s) in a.net and (not a.ports or 53 in a.ports)
+                                          for a in allow)]
+        for s in servers:
+            if s not in kept:
+                notes.append(f"name server {s} is left out: egress_allow does not let {s}:53 through "
+                             f"(add '{s}/32:53' to allow it)")
+        servers = kept
+    return servers, notes
 
 
 def cleanup_leases(db_path, is_live: Callable[[str], bool]) -> list[str]:

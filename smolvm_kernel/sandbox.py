@@ -283,13 +283,15 @@ class Sandbox:
         cfg = self.config
         seed: dict = {}
         if cfg.network != "none":
-            from smolvm_kernel.net import LeaseBook, VMNetwork, default_dns
+            from smolvm_kernel.net import LeaseBook, VMNetwork
 
             if self.backend_name == "firecracker" and cfg.netns:
                 raise ConfigError("netns", cfg.netns, "Firecracker opens its TAP by name in its own "
                                   "namespace; use netns='' with Firecracker")
             self._net = VMNetwork(LeaseBook(self._registry.db_path), spec.vm_id, pool=cfg.net_pool,
-                                  netns=cfg.netns, allow=cfg.egress_allow, dns=cfg.dns or default_dns())
+                                  netns=cfg.netns, allow=cfg.egress_allow, dns=cfg.dns)
+            for note in self._net.dns_notes:
+                self._say(f"DNS: {note}")
             self._say(f"network: TAP and nftables rules for {spec.vm_id}")
             spec.tap_fd = await asyncio.to_thread(self._net.setup, self.backend_name != "firecracker")
             spec.tap_name = self._net.lease.tap

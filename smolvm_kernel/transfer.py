@@ -82,7 +82,7 @@ def pull(sandbox, root: str | os.PathLike, remote: str, local: str | None, limit
 
 
 def _guest_display(path: str) -> str:
-    return path if path.startswith("/") else f"~/{path}"
+    return path if path.startswith(("/", "~")) else f"~/{path}"
 
 
 def _size(n: int) -> str:

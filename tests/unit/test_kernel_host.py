@@ -114,9 +114,9 @@ def running(tmp_path):
     workdir = tmp_path / "notebooks"
     workdir.mkdir()
 
-    def make(**cfg):
+    def make(factory=FakeSandbox, **cfg):
         config = SandboxConfig(**{"max_mem_mib": 2048, **cfg})
-        kernel = SmolVMKernel(info, config, sandbox_factory=FakeSandbox, workdir=str(workdir))
+        kernel = SmolVMKernel(info, config, sandbox_factory=factory, workdir=str(workdir))
         thread = threading.Thread(target=kernel.run, daemon=True)
         thread.start()
         kc = BlockingKernelClient(connection_file=conn_file)
@@ -352,3 +352,35 @@ def test_a_client_that_connects_before_the_kernel_is_served_at_once(tmp_path, ea
         thread.join(5)
         for sock in kernel.sockets.values():
             sock.close(linger=0)
+
+
+class SlowStartSandbox(FakeSandbox):
+    def start(self):
+        time.sleep(1.6)
+        super().start()
+
+
+@pytest.mark.parametrize("slow", [False, True])
+def test_boot_progress_leaves_nothing_in_the_saved_outputs(running, slow):
+    """A slow start shows a progress line and clears it before the cell's own
+    outputs; a fast one shows nothing. Either way the outputs a notebook keeps
+    (those after the last clear_output) are the cell's own."""
+    import nbformat.v4 as nbf
+
+    kernel, kc, _ = running(SlowStartSandbox if slow else FakeSandbox)
+    content, text, msgs = run(kc, "print(1)")
+    assert content["status"] == "ok" and text == "ran print(1)\n"
+    types = [m["msg_type"] for m in msgs if m["msg_type"] != "status"]
+    if slow:
+        assert types == ["display_data", "clear_output", "stream"]
+        assert "starting microVM" in msgs[[m["msg_type"] for m in msgs].index("display_data")][
+            "content"]["data"]["text/plain"]
+    else:
+        assert types == ["stream"]
+    kept = []
+    for m in msgs:
+        if m["msg_type"] == "clear_output":
+            kept = []
+        elif m["msg_type"] != "status":
+            kept.append(nbf.output_from_msg(m))
+    assert [o["output_type"] for o in kept] == ["stream"]

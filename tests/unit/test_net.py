@@ -226,3 +226,62 @@ def test_cleanup_keeps_a_lease_made_while_it_runs(tmp_path, monkeypatch):
     done = net.cleanup_leases(registry.db_path, registry.has)
     assert removed == ["gone000000ab"] and "of VM gone000000ab" in done[-1]
     assert [x.vm_id for x in real_all(LeaseBook(registry.db_path))] == ["new0000000ab"]
+
+
+def test_name_servers_are_a_deliberate_choice(tmp_path):
+    from smolvm_kernel.net import guest_name_servers, host_name_servers
+
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text("nameserver 127.0.0.53\nnameserver 192.0.2.53\nnameserver ::1\nsearch lan\n")
+    host = lambda: host_name_servers(str(resolv))   # noqa: E731
+    assert host() == ["192.0.2.53"]                 # loopback and IPv6 servers are unreachable from a VM
+    assert guest_name_servers(["host"], host=host) == (["192.0.2.53"], [])
+    assert guest_name_servers(["198.51.100.1", "host"], host=host)[0] == ["198.51.100.1", "192.0.2.53"]
+    assert guest_name_servers(["none"], host=host) == ([], [])
+    assert guest_name_servers([], host=host) == ([], [])
+    servers, notes = guest_name_servers(["host"], host=lambda: [])
+    assert servers == [] and "no name server a VM can reach" in notes[0]
+
+
+def test_an_allowlist_decides_which_name_servers_a_guest_gets():
+    from smolvm_kernel.net import guest_name_servers
+
+    allow = [Allow.parse("192.0.2.53/32:53"), Allow.parse("198.51.100.0/24:443")]
+    servers, notes = guest_name_servers(["192.0.2.53", "198.51.100.9"], allow)
+    assert servers == ["192.0.2.53"]
+    assert "198.51.100.9/32:53" in notes[0]
+    assert guest_name_servers(["198.51.100.9"], [Allow.parse("198.51.100.0/24")])[0] == ["198.51.100.9"]
+    # DNS can be allowlisted: the rules let UDP and TCP port 53 through to it.
+    rules = render_rules(Lease("vm0123456789", "", "10.213.0.0/30", "smv0", "smolvm_vm0"), allow)
+    assert "ip daddr 192.0.2.53/32 meta l4proto { tcp, udp } th dport { 53 } accept" in rules
+
+
+@pytest.mark.parametrize("value, words", [
+    (["dns.example"], "neither an IPv4 address"),
+    (["none", "192.0.2.1"], "mixes 'none'"),
+])
+def test_bad_dns_settings_name_the_fix(value, words):
+    with pytest.raises(ConfigError, match=words):
+        SandboxConfig().changed(dns=value)
+
+
+def test_dns_from_the_environment(monkeypatch):
+    assert SandboxConfig().validated().dns == ["host"]
+    monkeypatch.setenv("SMOLVM_DNS", "192.0.2.1, 198.51.100.2")
+    assert SandboxConfig().validated().dns == ["192.0.2.1", "198.51.100.2"]
+    monkeypatch.setenv("SMOLVM_DNS", "none")
+    assert SandboxConfig().validated().dns == ["none"]
+
+
+def test_guest_resolv_conf(tmp_path):
+    from smolvm_guest.seed import write_resolv_conf
+
+    path = tmp_path / "resolv.conf"
+    write_resolv_conf(["192.0.2.53"], str(path))
+    assert path.read_text().splitlines()[1:] == ["nameserver 192.0.2.53", "options timeout:2 attempts:2"]
+    target = tmp_path / "elsewhere"
+    path.unlink()
+    path.symlink_to(target)
+    write_resolv_conf([], str(path))
+    assert not path.is_symlink() and not target.exists()
+    assert "nameserver" not in path.read_text()

@@ -78,3 +78,10 @@ def test_host_status_line(executed):
 def test_control_panel_cell_shows_a_host_widget(executed):
     assert "application/vnd.jupyter.widget-view+json" in _mimes(executed[8])
     assert not any(o.output_type == "error" for o in executed[8].outputs)
+
+
+def test_saved_outputs_are_the_cells_own(executed):
+    # The boot progress line is transient: cleared before the first cell's outputs.
+    saved = [str(o) for c in executed for o in c.outputs]
+    assert not [o for o in saved if "microVM ready" in o or "starting microVM" in o
+                or "restoring microVM" in o]

@@ -82,6 +82,15 @@ def test_push_pull_round_trip_and_confinement(panel_kernel):
     client.run("open('/tmp/out.txt', 'w').write('made in the VM')")
     content, _ = client.run("%smolvm pull /tmp/out.txt")
     assert content["status"] == "ok" and (workdir / "out.txt").read_text() == "made in the VM"
+    # "~" is the guest user's home, as a user expects.
+    client.run("open('/home/user/tilde.txt', 'w').write('from home')")
+    content, outs = client.run("%smolvm pull ~/tilde.txt")
+    assert content["status"] == "ok", content
+    assert (workdir / "tilde.txt").read_text() == "from home" and "~/tilde.txt" in stdout(outs)
+    content, _ = client.run("%smolvm push in.bin ~/copied.bin")
+    assert content["status"] == "ok", content
+    assert stdout(client.run("import os; print(os.path.getsize('/home/user/copied.bin'))")[1]).strip() \
+        == str(len(payload))
     for line, words in (("%smolvm push ../../etc/passwd", "outside the notebook's folder"),
                         ("%smolvm pull out.txt /etc/out.txt", "outside the notebook's folder"),
                         ("%smolvm pull /etc/hostname host.txt", "outside /home/user and /tmp"),

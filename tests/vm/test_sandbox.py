@@ -139,6 +139,9 @@ def test_file_put_and_get(sandbox):
     import hashlib
     assert out.strip() == hashlib.sha256(payload).hexdigest()
     assert sandbox.get_file("data/blob.bin") == payload
+    assert sandbox.get_file("~/data/blob.bin") == payload     # "~" is the guest user's home
+    sandbox.put_file(b"t", "~/t.txt")
+    assert sandbox.get_file("/home/user/t.txt") == b"t"
     with pytest.raises(GuestFileError, match="outside"):
         sandbox.get_file("/etc/shadow")
 
