@@ -145,6 +145,8 @@ def cmd_doctor(args) -> int:
         try:
             choice = choose_accel(cfg.accel, qemu, images[0])
             line("accelerator", f"{choice.name}: {choice.reason}")
+            if getattr(args, "verbose", False) and choice.detail:
+                line("", f"probe: {choice.detail}")
         except SmolVMError as exc:
             line("accelerator", str(exc), False)
     from smolvm_kernel.snapshot import SnapshotCache
@@ -298,8 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("cleanup", help="kill VMs whose owner died and remove their files")
     c.add_argument("--all", action="store_true", help="also VMs whose owner is alive")
     c.set_defaults(func=cmd_cleanup)
-    sub.add_parser("doctor", help="show backend, accelerator and why, images, versions"
-                   ).set_defaults(func=cmd_doctor)
+    doctor = sub.add_parser("doctor", help="show backend, accelerator and why, images, versions")
+    doctor.add_argument("-v", "--verbose", action="store_true",
+                        help="also the accelerator probe's raw evidence (e.g. QEMU's error)")
+    doctor.set_defaults(func=cmd_doctor)
     d = sub.add_parser("demo", help="execute the demo notebook in a microVM and show the results")
     d.add_argument("rest", nargs=argparse.REMAINDER)
     d.set_defaults(func=cmd_demo)

@@ -4,12 +4,14 @@ The SmolVM kernel is not an ipykernel, so ipywidgets has no comm
 implementation here until :class:`HostComms` installs one through the
 ``comm`` package's documented hooks (``comm.create_comm`` and
 ``comm.get_comm_manager``). Every host comm id starts with
-:data:`HOST_COMM_PREFIX`, so the relay can tell with one substring search
-whether a message from the guest mentions one.
+:data:`HOST_COMM_PREFIX`, so the relay can tell cheaply whether a message
+from the guest mentions one: a byte search first, and the decoded JSON
+whenever the bytes hold an escape that could spell the prefix.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import uuid
@@ -20,7 +22,7 @@ from comm.base_comm import BaseComm, CommManager
 
 log = logging.getLogger("smolvm_kernel.hostcomm")
 HOST_COMM_PREFIX = "smolvmhost"
-_HOST_ID = re.compile(rb"smolvmhost[0-9a-f]{32}")
+_HOST_ID = re.compile(r"smolvmhost[0-9a-f]{32}")
 
 
 class HostComm(BaseComm):
@@ -62,10 +64,22 @@ class HostComms:
         return isinstance(comm_id, str) and comm_id in self.manager.comms
 
     def mentioned_in(self, data: bytes) -> bool:
-        """Whether ``data`` (guest bytes) names any comm of ours."""
-        if HOST_COMM_PREFIX.encode() not in data:
+        """Whether ``data`` (guest bytes, a JSON document) names any comm of ours.
+
+        Decided on the decoded text: ``"\\u0073molvmhost..."`` names the same
+        comm as ``"smolvmhost..."`` once a frontend parses it."""
+        if not self.manager.comms:
             return False
-        return any(m.decode() in self.manager.comms for m in _HOST_ID.findall(data))
+        if b"\\u" in data:
+            try:
+                text = _decoded_strings(json.loads(data))
+            except (ValueError, RecursionError):
+                text = data.decode("utf-8", "replace")   # not JSON: no frontend reads it either
+        elif HOST_COMM_PREFIX.encode() in data:
+            text = data.decode("utf-8", "replace")
+        else:
+            return False
+        return any(m in self.manager.comms for m in _HOST_ID.findall(text))
 
     def widget_states(self) -> dict:
         """The host's widgets as ipywidgets' control comm reports them (no binary buffers)."""
@@ -93,3 +107,16 @@ class HostComms:
                 target.handle_msg(msg)
         except Exception:  # a widget callback's bug must not kill the kernel
             log.exception("host comm %s failed on %s", target.comm_id, msg["header"]["msg_type"])
+
+
+def _decoded_strings(obj, depth: int = 0) -> str:
+    """Every string (keys included) in a parsed JSON value, joined by newlines."""
+    if isinstance(obj, str):
+        return obj
+    if depth > 64:
+        return ""
+    if isinstance(obj, dict):
+        return "\n".join(f"{k}\n{_decoded_strings(v, depth + 1)}" for k, v in obj.items())
+    if isinstance(obj, list):
+        return "\n".join(_decoded_strings(v, depth + 1) for v in obj)
+    return ""

@@ -124,7 +124,17 @@ class Relay:
     # -- guest -> frontend
 
     def on_guest(self, chan: Channel, parts: list[bytes]) -> None:
-        """Verify, filter and re-sign one message from the (untrusted) guest."""
+        """Verify, filter and re-sign one message from the (untrusted) guest.
+
+        Guest code can read K_guest and sign anything, so a valid signature
+        proves nothing: every field read here is type-checked, and whatever a
+        message holds, it is relayed or dropped; it never raises."""
+        try:
+            self._on_guest(chan, parts)
+        except Exception as exc:     # a bug here must not let the guest stop the host kernel
+            self._drop(chan, f"the relay failed on it ({type(exc).__name__}: {exc})")
+
+    def _on_guest(self, chan: Channel, parts: list[bytes]) -> None:
         size = sum(len(p) for p in parts)
         try:
             i = parts.index(DELIM)
@@ -139,17 +149,19 @@ class Relay:
         try:
             header = json.loads(body[0])
             parent = json.loads(body[1]) if body[1] else {}
-            msg_type = header["msg_type"]
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, RecursionError):
             return self._drop(chan, "malformed header")
-        if not isinstance(parent, dict) or not isinstance(msg_type, str):
+        if not isinstance(header, dict) or not isinstance(parent, dict):
             return self._drop(chan, "malformed header")
-        parent_id = parent.get("msg_id")
+        msg_type, parent_id = header.get("msg_type"), parent.get("msg_id")
+        if not isinstance(msg_type, str) or not (parent_id is None or isinstance(parent_id, str)):
+            return self._drop(chan, "malformed header")
         if size > self.max_message_bytes:
             self._drop(chan, f"{size} bytes")
             return self._warn(parent, f"[smolvm] a {msg_type} message of {size} bytes from the VM "
                                       f"was dropped: the limit is {self.max_message_bytes} bytes\n")
-        if self.host_comms is not None and msg_type != "stream" and self.host_comms.mentioned_in(body[3]):
+        if self.host_comms is not None and msg_type != "stream" and (
+                self.host_comms.mentioned_in(body[3]) or self.host_comms.mentioned_in(body[2])):
             # The guest may not drive, redisplay or restate the host's panel.
             return self._drop(chan, "names a host-owned comm")
         if parent_id in self._internal:
@@ -216,7 +228,7 @@ class Relay:
             return body     # any other widget traffic passes unparsed
         try:
             content = json.loads(body[3])
-        except ValueError:
+        except (ValueError, RecursionError):
             return body
         if not isinstance(content, dict):
             return body
@@ -288,7 +300,7 @@ class Relay:
 def _json_field(data: bytes, field: str):
     try:
         obj = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     return obj.get(field) if isinstance(obj, dict) else None
 

@@ -90,10 +90,13 @@ class Output:
         """A plain-text rendering: stream text, text/plain data, or the error line."""
         c = self.content
         if self.type == "stream":
-            return c.get("text", "")
-        if self.type == "error":
+            text = c.get("text", "")
+        elif self.type == "error":
             return f"{c.get('ename')}: {c.get('evalue')}"
-        return c.get("data", {}).get("text/plain", "")
+        else:
+            data = c.get("data")
+            text = data.get("text/plain", "") if isinstance(data, dict) else ""
+        return text if isinstance(text, str) else ""   # the guest chose these types
 
     @property
     def name(self) -> str | None:
@@ -473,6 +476,13 @@ class Sandbox:
             q.put(_Died(error))
 
     def _on_frame(self, chan: Channel, body: bytes) -> None:
+        """One frame from the (untrusted) guest; whatever it holds, this never raises."""
+        try:
+            self._handle_frame(chan, body)
+        except Exception as exc:   # a malformed frame must not end the read loop
+            log.warning("dropped a %s frame from the guest: %s: %s", chan.name, type(exc).__name__, exc)
+
+    def _handle_frame(self, chan: Channel, body: bytes) -> None:
         if chan == Channel.AGENT:
             self._on_agent_event(wire.decode_json(body))
             return
@@ -486,13 +496,18 @@ class Sandbox:
             parts = wire.unpack_parts(body)
             _, msg_list = self._session.feed_identities(parts, copy=True)
             msg = self._session.deserialize(msg_list, content=True, copy=True)
-        except (wire.FrameError, ValueError, KeyError, TypeError) as exc:
+        except (wire.FrameError, ValueError, KeyError, TypeError, RecursionError) as exc:
             # A guest that signs wrongly or sends garbage gets its message dropped.
             log.warning("dropped an invalid %s message from the guest: %s", chan.name, exc)
             return
+        parent, header, content = msg.get("parent_header"), msg.get("header"), msg.get("content")
+        if not (isinstance(parent, dict) and isinstance(header, dict) and isinstance(content, dict)
+                and isinstance(msg.get("msg_type"), str)):
+            log.warning("dropped a malformed %s message from the guest", chan.name)
+            return
         msg["channel"] = chan.name.lower()
-        parent_id = msg.get("parent_header", {}).get("msg_id")
-        q = self._pending.get(parent_id)
+        parent_id = parent.get("msg_id")
+        q = self._pending.get(parent_id) if isinstance(parent_id, str) else None
         if q is not None:
             q.put(msg)
 

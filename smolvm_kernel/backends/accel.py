@@ -32,7 +32,8 @@ PROBE_LINE = b"SMOLVM-PROBE-OK"
 @dataclasses.dataclass(frozen=True)
 class AccelChoice:
     name: str
-    reason: str
+    reason: str          # in words a user understands (status line, panel)
+    detail: str = ""     # the probe's raw evidence, e.g. QEMU's last stderr line (doctor -v)
 
 
 def host_tsc_khz() -> int | None:
@@ -73,8 +74,10 @@ def _boot_id() -> str:
         return "unknown"
 
 
-def probe_kvm(qemu: str, image: Image, timeout: float = PROBE_TIMEOUT_S) -> tuple[bool, str]:
-    """Boot the guest kernel under KVM until its initramfs prints the probe line."""
+def probe_kvm(qemu: str, image: Image, timeout: float = PROBE_TIMEOUT_S) -> tuple[bool, str, str]:
+    """Boot the guest kernel under KVM until its initramfs prints the probe line.
+
+    Returns whether KVM works, the reason in plain words, and the raw evidence."""
     with tempfile.TemporaryDirectory(prefix="smolvm-probe-") as tmp:
         run = Path(tmp)
         spec = VMSpec(vm_id="probe", run_dir=run, image=image, vcpus=1, mem_mib=256, accel="kvm")
@@ -90,11 +93,12 @@ def probe_kvm(qemu: str, image: Image, timeout: float = PROBE_TIMEOUT_S) -> tupl
         stderr = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
         console = spec.console_log.read_bytes() if spec.console_log.exists() else b""
     if PROBE_LINE in console:
-        return True, "a test guest booted under KVM"
+        return True, "a test guest booted under KVM", ""
     if stderr:
-        return False, f"QEMU could not use KVM: {stderr.splitlines()[-1]}"
-    return False, (f"/dev/kvm is present but a test guest did not boot under it within "
-                   f"{timeout:.0f} s (nested virtualization such as PVM?)")
+        return False, ("KVM is present but cannot run this guest (QEMU stopped with an error; "
+                       "nested virtualisation?)"), f"QEMU under KVM: {stderr.splitlines()[-1]}"
+    return False, ("KVM is present but cannot run this guest (nested virtualisation?)"), \
+        f"a test guest did not reach its initramfs under KVM within {timeout:.0f} s"
 
 
 def choose_accel(requested: str, qemu: str, image: Image) -> AccelChoice:
@@ -109,27 +113,27 @@ def choose_accel(requested: str, qemu: str, image: Image) -> AccelChoice:
     if not usable:
         if requested == "kvm":
             raise ConfigError("accel", "kvm", why + "; or use accel=auto to fall back to TCG")
-        return AccelChoice("tcg", why + "; using TCG (software emulation: slower, still isolated)")
-    ok, reason = _cached_probe(qemu, image)
+        return AccelChoice("tcg", why + "; using software emulation (TCG: slower, still isolated)")
+    ok, reason, detail = _cached_probe(qemu, image)
     if ok:
-        return AccelChoice("kvm", reason)
+        return AccelChoice("kvm", reason, detail)
     if requested == "kvm":
-        raise ConfigError("accel", "kvm", reason + "; use accel=auto or tcg")
-    return AccelChoice("tcg", reason + "; using TCG (software emulation: slower, still isolated)")
+        raise ConfigError("accel", "kvm", f"{reason} ({detail}); use accel=auto or tcg")
+    return AccelChoice("tcg", reason + "; using software emulation (TCG: slower, still isolated)", detail)
 
 
-def _cached_probe(qemu: str, image: Image) -> tuple[bool, str]:
+def _cached_probe(qemu: str, image: Image) -> tuple[bool, str, str]:
     """Probe once per host boot, QEMU binary and guest kernel."""
     cache = paths.private_dir(paths.state_dir()) / "accel-probe.json"
     key = f"{_boot_id()}|{qemu}|{os.stat(qemu).st_mtime_ns}|{image.kernel_release}"
     try:
         entry = json.loads(cache.read_text())
-        if entry.get("key") == key:
-            return bool(entry["ok"]), str(entry["reason"])
+        if entry.get("key") == key and "detail" in entry:
+            return bool(entry["ok"]), str(entry["reason"]), str(entry["detail"])
     except (OSError, ValueError, KeyError):
         pass
-    ok, reason = probe_kvm(qemu, image)
+    ok, reason, detail = probe_kvm(qemu, image)
     tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"key": key, "ok": ok, "reason": reason}))
+    tmp.write_text(json.dumps({"key": key, "ok": ok, "reason": reason, "detail": detail}))
     os.replace(tmp, cache)
-    return ok, reason
+    return ok, reason, detail

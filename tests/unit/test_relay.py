@@ -183,6 +183,64 @@ def test_garbage_from_the_guest_is_dropped(setup):
     assert sent == [] and relay.dropped == 3
 
 
+def _signed(frames: list[bytes]) -> list[bytes]:
+    """A message any guest code can make: it can read K_guest."""
+    sig = Session(key=GUEST_KEY, check_pid=False).sign(frames[:4])
+    return [b"kernel.x", DELIM, sig, *frames]
+
+
+@pytest.mark.parametrize("header, parent, content", [
+    (b'{"msg_type": "stream", "msg_id": "x"}', b'{"msg_id": ["a", "list"]}', b'{"text": "x"}'),
+    (b'{"msg_type": "stream"}', b'{"msg_id": {"a": 1}}', b'{}'),
+    (b'{"msg_type": "stream"}', b"[" * 5000 + b"]" * 5000, b"{}"),
+    (b"[" * 100000 + b"]" * 100000, b"{}", b"{}"),
+    (b'{"msg_type": ["status"]}', b'{"msg_id": "x"}', b"{}"),
+    (b'"a string"', b"{}", b"{}"),
+    (b'{"msg_type": "status"}', b"7", b"{}"),
+    (b'{"msg_type": "status"}', b"{}", b'{"execution_state": ' + b"[" * 5000 + b"]" * 5000 + b"}"),
+    (b'{"msg_type": "comm_info_reply"}', b"{}", b'{"comms": ' + b"[" * 5000 + b"]" * 5000 + b"}"),
+    (b'{"msg_type": "execute_reply"}', b'{"msg_id": 12}', b'{"execution_count": "many"}'),
+])
+@pytest.mark.parametrize("chan", [Channel.IOPUB, Channel.SHELL, Channel.STDIN, Channel.CONTROL])
+def test_correctly_signed_malformed_messages_never_raise(setup, chan, header, parent, content):
+    """Confirmed on a real VM before: a list as parent msg_id, or a header nested
+    5,000 deep, raised out of the relay and ended the host kernel."""
+    from smolvm_kernel.hostcomm import HostComms
+
+    relay, guest, frontend, sent = setup
+    relay.host_comms = HostComms(lambda *a: None)
+    relay.host_comms.create(target_name="jupyter.widget", data={})
+    frontend_request(frontend, relay)
+    sent.clear()
+    relay.on_guest(chan, _signed([header, parent, b"{}", content]))
+    check = Session(key=HOST_KEY, check_pid=False)
+    for _, frames in sent:     # whatever passed is well-formed and signed with K_host
+        check.deserialize(check.feed_identities(frames)[1])
+    frontend_request(frontend, relay)      # and the relay still works
+    assert any(m["msg_type"] == "execute_reply" for _, _, m in decode(frontend, sent))
+
+
+def test_host_comm_named_through_a_json_escape_is_dropped(setup):
+    from smolvm_kernel.hostcomm import HostComms
+
+    relay, guest, frontend, sent = setup
+    relay.host_comms = HostComms(lambda *a: None)
+    pid = relay.host_comms.create(target_name="jupyter.widget", data={}).comm_id
+    msg, _ = frontend_request(frontend, relay)
+    sent.clear()
+    escaped = "\\u0073" + pid[1:]
+    header = json.dumps({"msg_type": "comm_msg", "msg_id": "m"}).encode()
+    parent = json.dumps({"msg_id": msg["header"]["msg_id"]}).encode()
+    for content in (f'{{"comm_id": "{escaped}", "data": {{"method": "update"}}}}',
+                    f'{{"comm_id": "w", "data": {{"state": {{"x": "IPY_MODEL_{escaped}"}}}}}}'):
+        assert json.loads(content.encode())     # the frontend would decode it to the panel's id
+        relay.on_guest(Channel.IOPUB, _signed([header, parent, b"{}", content.encode()]))
+    meta = f'{{"{escaped}": 1}}'.encode()
+    relay.on_guest(Channel.IOPUB, _signed([json.dumps({"msg_type": "display_data"}).encode(), parent, meta,
+                                           b'{"data": {}, "metadata": {}}']))
+    assert sent == [] and relay.dropped == 3
+
+
 def test_backlog_waits_for_the_guest(setup):
     relay, guest, frontend, sent = setup
     ready = False
