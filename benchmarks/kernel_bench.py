@@ -4,6 +4,9 @@
 
 Rows: kernelspec launch -> client ready (start_new_kernel: the kernel_info
 reply, then jupyter_client's 0.2 s of IOPub silence); launch -> first execute_result;
+what a user meets first, on a fresh kernel: the second cell right after the
+first, the first interrupt of a `while True: pass` 3 s in (interrupt ->
+execute_reply), then a second interrupt;
 `pass` round trip p50/p99; 200k lines of stdout; a 1 MB PNG display. The last
 column compares the relay with talking to the guest kernel directly (the
 Sandbox API over the same channel, no relay process): the relay's cost per
@@ -74,6 +77,46 @@ def _interrupt_latency(km, kc, code: str) -> float:
     return time.perf_counter() - mark["t"]
 
 
+def _cell(kc, code: str, timeout: float = 120) -> float:
+    t = time.perf_counter()
+    reply = kc.execute_interactive(code, timeout=timeout, output_hook=lambda m: None)
+    assert reply["content"]["status"] in ("ok", "error"), reply
+    return time.perf_counter() - t
+
+
+def _interrupt_reply(km, kc, after: float = 3.0) -> float:
+    """Seconds from the interrupt to the execute_reply of a `while True: pass` cell."""
+    msg_id = kc.execute("while True: pass")
+    time.sleep(after)
+    t = time.perf_counter()
+    km.interrupt_kernel()
+    while True:
+        reply = kc.get_shell_msg(timeout=60)
+        if reply["parent_header"].get("msg_id") == msg_id:
+            break
+    took = time.perf_counter() - t
+    while kc.get_iopub_msg(timeout=60)["content"].get("execution_state") != "idle":
+        pass
+    return took
+
+
+def bench_first_use(name: str, runs: int) -> dict:
+    """A user's first minute on a fresh kernel, median over ``runs`` launches."""
+    rows: dict[str, list[float]] = {"second_cell": [], "first_interrupt": [], "second_interrupt": []}
+    for _ in range(runs):
+        km, kc = start_new_kernel(kernel_name=name, startup_timeout=300)
+        try:
+            _cell(kc, "print(21 * 2)", timeout=300)
+            rows["second_cell"].append(_cell(kc, "print(21 * 2)"))
+            rows["first_interrupt"].append(_interrupt_reply(km, kc))
+            rows["second_interrupt"].append(_interrupt_reply(km, kc))
+        finally:
+            kc.stop_channels()
+            km.shutdown_kernel(now=False)
+    return {k: statistics.median(v) for k, v in rows.items()} | \
+        {f"{k}_range": (min(v), max(v)) for k, v in rows.items()}
+
+
 def _pct(values: list[float], p: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, int(p / 100 * len(values)))]
@@ -139,30 +182,42 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=200)
     ap.add_argument("--kernel", default="smolvm-python")
+    ap.add_argument("--first-use-runs", type=int, default=3,
+                    help="fresh launches for the first-use rows (median)")
     args = ap.parse_args()
     local = bench_kernel("python3", args.rounds)
     smol = bench_kernel(args.kernel, args.rounds)
+    for name, into in (("python3", local), (args.kernel, smol)):
+        into.update(bench_first_use(name, args.first_use_runs))
     direct = bench_direct(args.rounds)
     rows = [
         ("launch -> client ready (kernel_info + 0.2 s IOPub drain)", "launch_info", "s"),
         ("launch -> first execute_result", "launch_result", "s"),
+        (f"fresh kernel: second cell right after the first (median of {args.first_use_runs})",
+         "second_cell", "ms"),
+        ("fresh kernel: first interrupt -> execute_reply, `while True: pass` 3 s in", "first_interrupt", "ms"),
+        ("fresh kernel: second interrupt -> execute_reply", "second_interrupt", "ms"),
         ("`pass` round trip p50", "rt_p50", "ms"),
         ("`pass` round trip p99", "rt_p99", "ms"),
         ("200k lines of stdout", "stdout", "s"),
         ("1 MB PNG display", "png", "s"),
-        ("interrupt -> idle, time.sleep(1e6)", "int_sleep", "ms"),
-        ("interrupt -> idle, while True: pass", "int_loop", "ms"),
+        ("warm kernel: interrupt -> idle, time.sleep(1e6)", "int_sleep", "ms"),
+        ("warm kernel: interrupt -> idle, while True: pass", "int_loop", "ms"),
     ]
 
-    def fmt(v, unit):
+    def fmt(v, unit, spread=None):
         if v is None:
             return "-"
-        return f"{v * 1000:.1f} ms" if unit == "ms" else f"{v:.2f} s"
+        text = f"{v * 1000:.1f} ms" if unit == "ms" else f"{v:.2f} s"
+        if spread and unit == "ms":
+            text += f" ({spread[0] * 1000:.0f}-{spread[1] * 1000:.0f})"
+        return text
 
     print(f"\n| figure | local python3 | {args.kernel} | guest direct (no relay) |")
     print("|---|---|---|---|")
     for label, key, unit in rows:
-        print(f"| {label} | {fmt(local.get(key), unit)} | {fmt(smol.get(key), unit)} | "
+        print(f"| {label} | {fmt(local.get(key), unit, local.get(key + '_range'))} | "
+              f"{fmt(smol.get(key), unit, smol.get(key + '_range'))} | "
               f"{fmt(direct.get(key), unit)} |")
     print(f"\nrelay work per message, in-process (verify + filter + re-sign): "
           f"{relay_cpu_per_message() * 1e6:.0f} µs")

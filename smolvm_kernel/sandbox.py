@@ -327,8 +327,11 @@ class Sandbox:
         try:
             snap = snaps.get(self.image, key)
             if snap is None:
-                self._say(f"building a ready snapshot for {shape['vcpus']} vCPU / "
-                          f"{shape['mem_mib']} MiB (once; later starts restore it)")
+                took = [m.get("boot_s", 0) + m.get("save_s", 0) for m in
+                        (other.manifest() for other in snaps.list()) if m.get("profile") == self.image.profile]
+                estimate = f"about {max(took):.0f} s" if took else "under a minute"
+                self._say(f"first start of {shape['vcpus']} vCPU / {shape['mem_mib']} MiB: building its "
+                          f"ready snapshot ({estimate}, once; later starts take under a second)")
                 t = time.monotonic()
                 try:
                     snap = await snaps.build(self.image, key, shape, binary, self.config.boot_timeout)

@@ -6,6 +6,8 @@ No packet leaves the namespaces created here. Layout::
       TAP smv<vm> 10.213.x.1/30 <-> guest x.2          vB 198.18.0.2/24  server :8080
       vA 198.18.0.1/24 (host's own; server :9000)  <->    198.18.0.3/24  server :8080
       server 0.0.0.0:9001, default via 198.18.0.2        169.254.169.254  server :80
+                                                         blackhole 198.18.1.53 (a name server
+                                                         that never answers)
 
 Each refusal is checked against a control that shows the path exists: the
 address answers from N itself or from a VM without an allowlist.
@@ -32,6 +34,9 @@ ALLOWED = ("198.18.0.2", 8080)
 OTHER = ("198.18.0.3", 8080)
 METADATA = ("169.254.169.254", 80)
 HOST_OWN = ("198.18.0.1", 9000)
+#: The VMs' name server: routed into namespace S and silently dropped there,
+#: like a host resolver that a namespace cannot reach. No DNS answers here.
+SILENT_DNS = "198.18.1.53"
 
 
 def _serve(netns: str, addr: str, port: int, stop: threading.Event) -> None:
@@ -77,6 +82,7 @@ def lab(image):
                 for addr, plen in (("198.18.0.2", 24), ("198.18.0.3", 24), ("169.254.169.254", 16)):
                     ipr.addr("add", index=vb, address=addr, prefixlen=plen)
                 ipr.link("set", index=vb, state="up")
+                ipr.route("add", dst=f"{SILENT_DNS}/32", type="blackhole")
 
         in_netns(n, outer_side)
         in_netns(s, server_side)
@@ -97,7 +103,7 @@ def lab(image):
 def _vm(lab, **kw):
     from smolvm_kernel.sandbox import Sandbox
 
-    sb = Sandbox(network="nat", netns=lab[0], backend="qemu", dns=["198.18.0.2"], **kw)
+    sb = Sandbox(network="nat", netns=lab[0], backend="qemu", dns=[SILENT_DNS], **kw)
     return sb
 
 
@@ -160,6 +166,20 @@ def test_guest_has_its_address_and_transport(vms):
         assert st["transport"] == ("serial" if name == "allow" else "ssh")
     ips = {sb.stats()["guest_ip"] for sb in vms.values()}
     assert len(ips) == 3
+
+
+def test_names_resolve_locally_whatever_dns_does(vms):
+    """The VMs became ready although their name server never answers (ipykernel
+    looks its host name up at start); the guest's own name and localhost come
+    from /etc/hosts, and resolv.conf holds exactly the configured servers."""
+    code = ("import socket; print(socket.gethostbyname(socket.gethostname()), "
+            "socket.gethostbyname('localhost')); print(open('/etc/resolv.conf').read())")
+    for name, sb in vms.items():
+        out = "".join(o.text for o in sb.execute(code) if o.type == "stream").splitlines()
+        assert out[0] == "127.0.1.1 127.0.0.1", (name, out)
+        servers = [line.split()[1] for line in out if line.startswith("nameserver")]
+        # The allowlist does not let port 53 through to SILENT_DNS: left out.
+        assert servers == ([] if name == "allow" else [SILENT_DNS]), (name, out)
 
 
 def test_allowlist_lets_through_only_what_it_names(vms, lab):
