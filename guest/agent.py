@@ -85,13 +85,17 @@ def _smolvm_warmup(key_fd, ack_fd):
             os.close(ack_fd)
 
     threading.Thread(target=rekey, name="smolvm-rekey", daemon=True).start()
+    # An error in a cell (an interrupt included) formats its traceback with
+    # stack_data: executing parses the source of every file in it (IPython's
+    # interactiveshell.py too, ~12k nodes) and pygments compiles its Python
+    # lexer (~0.6 s under TCG); both are cached per process. Only a real
+    # cell's error path fills those caches: one nested cell here, its output
+    # unseen (the agent drops its own requests' messages), no history entry.
     try:
-        1 / 0
-    except ZeroDivisionError:
-        try:
-            get_ipython().InteractiveTB.structured_traceback(*sys.exc_info())
-        except Exception:
-            pass   # only a warm-up
+        get_ipython().run_cell("raise KeyboardInterrupt", store_history=False)
+    finally:
+        for name in ("last_type", "last_value", "last_traceback", "last_exc"):
+            sys.__dict__.pop(name, None)   # %debug must not find the warm-up's error
 _smolvm_warmup({key_fd}, {ack_fd})
 del _smolvm_warmup
 """
