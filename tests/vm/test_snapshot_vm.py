@@ -54,6 +54,16 @@ def test_restore_leaves_no_trace_in_the_user_namespace(image, sandbox_factory):
     assert sb.started_from == "snapshot"
     assert _out(sb, "print(repr(_), len(In), get_ipython().execution_count, '_smolvm_warmup' in dir())") \
         == "'' 2 1 False"
+    # The template ran a failing cell to warm the traceback path: %debug must
+    # not find its error, and its output never reached anyone.
+    assert _out(sb, "import sys; print(hasattr(sys, 'last_value'), hasattr(sys, 'last_traceback'))") \
+        == "False False"
+    # ... and it did warm it: executing's parse of IPython's own file and the
+    # lexer's compiled rules are in the restored process.
+    assert _out(sb, "import stack_data, IPython.core.interactiveshell as m, pygments.lexers.python as p; "
+                    "cache = vars(stack_data.core.Source).get('__source_cache_with_lines', {}); "
+                    "print(any(key[0] == m.__file__ for key in cache), '_tokens' in p.PythonLexer.__dict__)") \
+        == "True True"
 
 
 def test_forks_are_independent(forks):
