@@ -93,6 +93,8 @@ def _smolvm_warmup(key_fd, ack_fd):
     # unseen (the agent drops its own requests' messages), no history entry.
     try:
         get_ipython().run_cell("raise KeyboardInterrupt", store_history=False)
+    except Exception:
+        pass   # only a warm-up: the re-key thread above is what must work
     finally:
         for name in ("last_type", "last_value", "last_traceback", "last_exc"):
             sys.__dict__.pop(name, None)   # %debug must not find the warm-up's error

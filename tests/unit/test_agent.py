@@ -6,6 +6,7 @@ import asyncio
 import base64
 import os
 import socket
+import sys
 import threading
 import types
 
@@ -256,9 +257,16 @@ def test_forged_busy_in_a_cold_booted_vm_hands_out_no_key():
 def _run_warmup(key_r: int, ack_w: int):
     """Run the agent's warm-up code as the guest kernel would, with a stand-in kernel."""
     session = types.SimpleNamespace(key=b"old", session="template-session")
-    shell = types.SimpleNamespace(kernel=types.SimpleNamespace(session=session),
-                                  InteractiveTB=types.SimpleNamespace(structured_traceback=lambda *a: []))
+    cells = []
+
+    def run_cell(code, store_history=True):
+        cells.append((code, store_history))
+        sys.last_value = KeyboardInterrupt()     # what IPython leaves after a failing cell
+
+    shell = types.SimpleNamespace(kernel=types.SimpleNamespace(session=session), run_cell=run_cell)
     exec(agent_mod._WARMUP.format(key_fd=key_r, ack_fd=ack_w), {"get_ipython": lambda: shell})
+    # The warm-up ran one failing cell outside the history and left no trace of its error.
+    assert cells == [("raise KeyboardInterrupt", False)] and not hasattr(sys, "last_value")
     return session
 
 
