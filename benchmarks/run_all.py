@@ -4,7 +4,7 @@
 
 Runs, one after another (each against a local ipykernel in the same run):
 snapshot_bench (launch, restart, many kernels, memory, snapshot build),
-kernel_bench (round trips, output, first cell and first interrupt after a
+launch_timeline (where a start's time goes, mark by mark), kernel_bench (round trips, output, first cell and first interrupt after a
 start), transport_bench (virtio-serial vs SSH; needs root for its network
 namespace, skipped with a note otherwise) and boot_loop (cold boots). It
 prints a header naming the machine (CPU, cores, memory, kernel, accelerator
@@ -77,6 +77,7 @@ def main() -> int:
     quick = args.quick
     failed = 0
     failed |= run("snapshot_bench.py", "--kernels", "4" if quick else "10", "--launches", "3" if quick else "9")
+    failed |= run("launch_timeline.py", "--launches", "3" if quick else "7")
     failed |= run("kernel_bench.py", "--rounds", "50" if quick else "200",
                   "--first-use-runs", "1" if quick else "3")
     if args.no_transport:

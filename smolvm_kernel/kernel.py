@@ -31,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 import zmq
 
 from smolvm_guest.wire import Channel
-from smolvm_kernel import __version__
+from smolvm_kernel import __version__, timeline
 from smolvm_kernel.config import SandboxConfig
 from smolvm_kernel.errors import SmolVMError
 from smolvm_kernel.panel import REFRESH_SECONDS, ConfigActions
@@ -103,6 +103,8 @@ class Relay:
         req = self.inflight.get(msg_id)
         if req is not None:
             req.sent_at = time.monotonic()
+            if req.header.get("msg_type") == "execute_request":
+                timeline.mark("first execute_request to the VM")
         body = list(msg_list[1:])   # header, parent, metadata, content, buffers...
         sig = sign(self.sandbox.guest_key, hashlib.sha256, body[:4])
         try:
@@ -187,11 +189,14 @@ class Relay:
             if req is None:
                 return self._drop(chan, "reply to an unknown request")
             if req.header.get("msg_type") == "execute_request":
+                timeline.mark("first execute_reply out")
                 start = req.started_at or req.sent_at
                 if start is not None:
                     self.last_cell_s = time.monotonic() - start
                 self._count(_json_field(body[3], "execution_count"))
             self._to_frontend(req.socket, req.idents, body)
+            if timeline.enabled() and req.header.get("msg_type") == "execute_request":
+                timeline.finish()
         elif chan == Channel.STDIN:
             req = self.inflight.get(parent_id)
             if req is None:
@@ -560,6 +565,7 @@ class SmolVMKernel(ConfigActions):
         self._release_held()
 
     def _on_booted(self, error: SmolVMError | None) -> None:
+        timeline.mark("VM ready (kernel loop)")
         self._booting = False
         self._refresh_panel()
         self._boot_error = error
@@ -661,6 +667,7 @@ class SmolVMKernel(ConfigActions):
                 self.relay.host_comms is not None and self.relay.host_comms.owns(msg["content"].get("comm_id")):
             return self._host_comm(msg)
         if name == "shell" and mtype == "execute_request":
+            timeline.mark("first execute_request in")
             code = msg["content"].get("code", "")
             if _is_host_line(code):
                 return self._host_line(idents, msg, code)
@@ -730,6 +737,7 @@ class SmolVMKernel(ConfigActions):
     def _kernel_info(self, name: str, idents: list[bytes], msg: dict) -> None:
         self.relay.publish("status", {"execution_state": "busy"}, msg["header"])
         self.relay.reply(name, idents, "kernel_info_reply", self.kernel_info(), msg["header"])
+        timeline.mark("kernel_info_reply sent")
         self.relay.publish("status", {"execution_state": "idle"}, msg["header"])
 
     def kernel_info(self) -> dict:
@@ -1088,6 +1096,7 @@ def main(argv: list[str] | None = None, listening: dict[str, int] | None = None)
         log.warning("%s", exc)
         config = SandboxConfig.builtin()
         config_error = ConfigError("", None, f"{str(exc).rstrip('.')}. Fix the setting, then restart the kernel.")
+    timeline.mark("kernel imported, config read")
     kernel = SmolVMKernel(info, config, listening=listening, config_error=config_error)
 
     def on_sigint(signum, frame):

@@ -20,6 +20,9 @@ next to a notebook would run in the kernel process, on the host.
 
 import os
 import sys
+import time
+
+_EXEC_AT = time.time()
 
 try:
     import _json
@@ -106,6 +109,7 @@ def main() -> int:
             fds = listen(read_connection_file(path))
         except Exception:   # noqa: BLE001 - only a head start: the kernel reads
             pass            # the file again and says what is wrong with it
+    listening_at = time.time()
     # Python put this file's folder (the package itself) first on sys.path;
     # the site directories come now, after the ports. (sys.flags.no_site
     # stays set: nothing on the host starts Python children that inherit it.)
@@ -113,8 +117,11 @@ def main() -> int:
     import site
 
     site.main()
+    from smolvm_kernel import timeline
     from smolvm_kernel.kernel import main as kernel_main
 
+    timeline.mark("launcher exec", _EXEC_AT)
+    timeline.mark("ports listening", listening_at)
     return kernel_main(argv, listening=fds)
 
 

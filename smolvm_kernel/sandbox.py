@@ -37,7 +37,7 @@ from traitlets import TraitError
 
 from smolvm_guest import wire
 from smolvm_guest.wire import Channel
-from smolvm_kernel import aio
+from smolvm_kernel import aio, timeline
 from smolvm_kernel.backends.base import Backend, VMSpec
 from smolvm_kernel.channel.stream import GuestChannel
 from smolvm_kernel.config import SandboxConfig
@@ -192,6 +192,7 @@ class Sandbox:
 
         cfg = self.config
         t0 = time.monotonic()
+        timeline.mark("VM start begins")
         self.state = SandboxState.BOOTING
         self._death = None
         try:
@@ -270,7 +271,9 @@ class Sandbox:
         verb = "restoring microVM from its ready snapshot" if restore else "starting microVM"
         self._say(f"{verb} ({backend_cls.name}/{shape['accel']})")
         try:
+            timeline.mark("VMM launch begins")
             await self.backend.launch()
+            timeline.mark("VMM running (state loaded)")
         finally:
             if spec.tap_fd is not None:
                 os.close(spec.tap_fd)     # QEMU has its own copy now
@@ -372,6 +375,7 @@ class Sandbox:
                     timeout=remaining(), alive=lambda: backend.poll() is None)
             else:
                 reader, writer = await backend.open_channel(remaining())
+            timeline.mark("channel open")
         except ConnectionError as exc:
             if isinstance(exc, SmolVMError):    # a pinned host key that does not match
                 raise
@@ -397,6 +401,7 @@ class Sandbox:
                 # let its exit be seen so the error carries the console.
                 await asyncio.wait({watcher}, timeout=1.0)
                 raise self._boot_failure("the guest agent", timeout) from None
+            timeline.mark("hello answered")
             self._channel.start()
             done, _ = await asyncio.wait({self._ready, watcher}, timeout=remaining(),
                                          return_when=asyncio.FIRST_COMPLETED)
@@ -517,6 +522,7 @@ class Sandbox:
     def _on_agent_event(self, event: dict) -> None:
         kind = event.get("event")
         if kind == "kernel_ready":
+            timeline.mark("guest kernel ready (event in)")
             if self._ready is not None and not self._ready.done():
                 info = event.get("kernel_info")
                 self._ready.set_result(info if isinstance(info, dict) else {})

@@ -13,6 +13,7 @@ import pwd
 import shutil
 import sys
 
+from smolvm_kernel import timeline
 from smolvm_kernel.backends.base import (AGENT_VSOCK_PORT, Backend, VMSpec, connect_unix, connect_vsock,
                                          create_scratch_disk)
 from smolvm_kernel.errors import ToolNotFound
@@ -178,6 +179,7 @@ class QemuBackend(Backend):
                 self.argv += ["-incoming", f"fd:{fds['state']}"]
             passed = tuple(fds.values()) + ((self.spec.tap_fd,) if self.spec.tap_fd is not None else ())
             await self._spawn(self.argv, drops_privileges=runas is not None, pass_fds=passed)
+            timeline.mark("QEMU spawned")
         finally:
             for fd in fds.values():
                 os.close(fd)
