@@ -12,7 +12,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["Sandbox", "SandboxConfig", "Output", "__version__"]
+__all__ = ["Sandbox", "SandboxConfig", "Output", "safe_output", "__version__"]
 
 
 def load_ipython_extension(ipython) -> None:
@@ -34,6 +34,9 @@ def __getattr__(name: str):
     if name in ("Sandbox", "Output"):
         from smolvm_kernel import sandbox
         return getattr(sandbox, name)
+    if name == "safe_output":
+        from smolvm_kernel.output_policy import safe_output
+        return safe_output
     if name == "SandboxConfig":
         from smolvm_kernel.config import SandboxConfig
         return SandboxConfig

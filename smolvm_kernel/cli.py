@@ -246,7 +246,7 @@ def cmd_install(args) -> int:
     path = kernelspec.install(args.name, args.display_name, user=args.user, prefix=prefix,
                               profile=args.profile, mem=args.mem, cpus=args.cpus,
                               timeout=args.timeout, backend=args.backend, network=args.network,
-                              transport=args.transport)
+                              transport=args.transport, output_policy=args.output_policy)
     print(f"installed kernelspec {args.name} in {path}")
     return 0
 
@@ -292,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     inst.add_argument("--timeout", type=float, help="per-cell timeout in seconds")
     inst.add_argument("--backend", choices=["auto", "qemu", "firecracker"])
     inst.add_argument("--network", choices=["none", "nat"], help="guest network (default none: no NIC)")
+    inst.add_argument("--output-policy", choices=["safe", "trusted"],
+                      help="what of the VM's output the browser may render (default safe; trusted lets "
+                           "guest code run JavaScript in your browser: only for code you trust)")
     inst.add_argument("--transport", choices=["auto", "serial", "vsock", "ssh"],
                       help="host-guest channel (ssh needs --network nat)")
     inst.set_defaults(func=cmd_install, profile_given=True)

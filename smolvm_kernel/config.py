@@ -110,6 +110,22 @@ class SandboxConfig(Configurable):
                       help="After the VM is torn down (panel Teardown, %smolvm stop): start a "
                            "fresh one for the next cell, or answer it with an error that says "
                            "how to start one (env SMOLVM_ON_STOPPED).").tag(config=True)
+    output_policy = Enum(["safe", "trusted"],
+                         help="What of the VM's output a frontend may render: safe (the default: "
+                              "scripts, JavaScript outputs, event handlers, unknown widget modules "
+                              "and %smolvm lines in payloads are blocked, HTML/SVG/Markdown "
+                              "sanitised; see smolvm_kernel/output_policy.py) or trusted (everything "
+                              "passes, and guest code can run JavaScript in your browser with your "
+                              "Jupyter session: only for code you trust) (env "
+                              "SMOLVM_OUTPUT_POLICY).").tag(config=True)
+    output_allow_mimes = List(Unicode(), help="Mime types to let through under the safe policy "
+                                              "besides the built-in safe ones, e.g. "
+                                              "['application/vnd.plotly.v1+json'] (their renderer "
+                                              "runs in your browser).").tag(config=True)
+    widget_modules = List(Unicode(), ["@jupyter-widgets/base", "@jupyter-widgets/controls",
+                                      "@jupyter-widgets/output"],
+                          help="Widget model/view modules the VM's widgets may use under the safe "
+                               "policy (a frontend loads the module's code).").tag(config=True)
     # The host's limits: what a user may ask for from the panel, %smolvm
     # config or a kernelspec. Set by whoever runs the host.
     max_vcpus = Int(help="Most vCPUs one VM may have (env SMOLVM_MAX_VCPUS; default: the "
@@ -177,6 +193,10 @@ class SandboxConfig(Configurable):
     @default("debug_console")
     def _debug_console_default(self) -> bool:
         return _env("SMOLVM_DEBUG_CONSOLE") in ("1", "true", "yes")
+
+    @default("output_policy")
+    def _output_policy_default(self) -> str:
+        return _env("SMOLVM_OUTPUT_POLICY") or "safe"
 
     @default("on_stopped")
     def _on_stopped_default(self) -> str:

@@ -34,6 +34,7 @@ from smolvm_guest.wire import Channel
 from smolvm_kernel import __version__, timeline
 from smolvm_kernel.config import SandboxConfig
 from smolvm_kernel.errors import SmolVMError
+from smolvm_kernel.output_policy import OutputPolicy
 from smolvm_kernel.panel import REFRESH_SECONDS, ConfigActions
 from smolvm_kernel.session import DELIM, PROTOCOL_VERSION, Session, sign
 
@@ -66,8 +67,11 @@ class Relay:
 
     def __init__(self, session: Session, sandbox, send_frontend: Callable[[str, list[bytes]], None],
                  max_message_bytes: int = 32 * 1024 * 1024,
-                 is_ready: Callable[[], bool] = lambda: True) -> None:
+                 is_ready: Callable[[], bool] = lambda: True, policy: OutputPolicy | None = None) -> None:
         self.session = session
+        #: What of the guest's output a frontend may render (see output_policy).
+        self.policy = policy or OutputPolicy()
+        self._noted: set[tuple[str | None, str]] = set()
         self.sandbox = sandbox
         self.is_ready = is_ready
         self.send_frontend = send_frontend
@@ -173,6 +177,10 @@ class Relay:
                 self._count(count)
                 self._internal.pop(parent_id)(count if isinstance(count, int) else None)
             return
+        if msg_type in _POLICY_TYPES and not self.policy.trusted:
+            body = self._apply_policy(msg_type, body, parent)
+            if body is None:
+                return self._drop(chan, f"{msg_type} refused by the output policy")
         if self.host_comms is not None and msg_type in ("comm_info_reply", "comm_msg"):
             body = self._add_host_widgets(msg_type, body, parent_id)
         if chan == Channel.IOPUB:
@@ -202,6 +210,28 @@ class Relay:
             if req is None:
                 return self._drop(chan, "input request for an unknown request")
             self._to_frontend("stdin", req.idents, body)
+
+    def _apply_policy(self, msg_type: str, body: list[bytes], parent: dict) -> list[bytes] | None:
+        """The message with its content filtered by the output policy, or None to drop it.
+        What was blocked is said once per request, in the cell."""
+        try:
+            content = json.loads(body[3])
+        except (ValueError, RecursionError):
+            return None
+        if not isinstance(content, dict):
+            return None
+        content = self.policy.content(msg_type, content)
+        notes, self.policy.notes = self.policy.notes, []
+        for note in notes:
+            key = (parent.get("msg_id"), note)
+            if key not in self._noted:
+                if len(self._noted) > 1000:
+                    self._noted.clear()
+                self._noted.add(key)
+                self._warn(parent, note + "\n")
+        if content is None:
+            return None
+        return [*body[:3], json.dumps(content, ensure_ascii=False).encode("utf-8", "surrogateescape"), *body[4:]]
 
     def _count(self, count) -> None:
         if isinstance(count, int) and not isinstance(count, bool) and count > 0:
@@ -302,6 +332,11 @@ class Relay:
             self.publish("status", {"execution_state": "idle"}, req.header)
 
 
+#: Guest messages whose content the output policy reads (see output_policy).
+_POLICY_TYPES = frozenset({"display_data", "execute_result", "update_display_data", "execute_reply",
+                           "input_request", "comm_open", "comm_msg"})
+
+
 def _json_field(data: bytes, field: str):
     try:
         obj = json.loads(data)
@@ -347,7 +382,9 @@ class SmolVMKernel(ConfigActions):
         self.sandbox.on_guest_frame = lambda chan, parts: self._post(("guest", chan, parts))
         self.sandbox.on_death = lambda err: self._post(("death", err, None))
         self.relay = Relay(self.session, self.sandbox, self._send_frontend,
-                           self.config.max_message_bytes, is_ready=self._guest_ready)
+                           self.config.max_message_bytes, is_ready=self._guest_ready,
+                           policy=OutputPolicy(self.config.output_policy, self.config.output_allow_mimes,
+                                               self.config.widget_modules))
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="smolvm-vm")
         self._ops = _SerialThread("smolvm-ops")
         self._booting = False

@@ -14,7 +14,8 @@ DEFAULT_DISPLAY = "SmolVM Python"
 #: Options that can be baked into a kernelspec, as SMOLVM_* environment.
 OPTION_ENV = {"profile": "SMOLVM_PROFILE", "mem": "SMOLVM_MEM_MIB", "cpus": "SMOLVM_VCPUS",
               "timeout": "SMOLVM_TIMEOUT", "backend": "SMOLVM_BACKEND", "disk": "SMOLVM_DISK_MIB",
-              "network": "SMOLVM_NETWORK", "transport": "SMOLVM_TRANSPORT", "netns": "SMOLVM_NETNS"}
+              "network": "SMOLVM_NETWORK", "transport": "SMOLVM_TRANSPORT", "netns": "SMOLVM_NETNS",
+              "output_policy": "SMOLVM_OUTPUT_POLICY"}
 
 
 def kernel_json(display_name: str = DEFAULT_DISPLAY, **options) -> dict:
@@ -43,7 +44,7 @@ def install(name: str = DEFAULT_NAME, display_name: str | None = None, user: boo
     # Validate baked options now, not when a notebook starts.
     checks = {"profile": "profile", "mem": "mem_mib", "cpus": "vcpus", "timeout": "exec_timeout",
               "backend": "backend", "disk": "disk_mib", "network": "network", "transport": "transport",
-              "netns": "netns"}
+              "netns": "netns", "output_policy": "output_policy"}
     from traitlets import TraitError
 
     from smolvm_kernel.errors import ConfigError

@@ -70,7 +70,10 @@ class GuestError(Exception):
         super().__init__(f"{content.get('ename')}: {content.get('evalue')}")
 
     def _render_traceback_(self) -> list[str]:
-        return list(self.content.get("traceback") or [str(self)])
+        tb = self.content.get("traceback")
+        if isinstance(tb, list) and all(isinstance(line, str) for line in tb):
+            return tb or [str(self)]
+        return [str(self)]
 
 
 def _parser(cell: bool) -> argparse.ArgumentParser:
@@ -105,26 +108,34 @@ def _get_sandbox(args, create: bool = True):
     return sb
 
 
-def _show(out) -> None:
+def _show(out, policy) -> None:
+    """Republish one guest output in this (host) kernel, through the output policy."""
     from IPython.display import publish_display_data
 
     c = out.content
     if out.type == "stream":
-        (sys.stderr if c.get("name") == "stderr" else sys.stdout).write(c.get("text", ""))
+        text = c.get("text", "")
+        (sys.stderr if c.get("name") == "stderr" else sys.stdout).write(text if isinstance(text, str) else "")
     elif out.type in ("display_data", "execute_result", "update_display_data"):
-        kwargs = {"metadata": c.get("metadata") or {}}
-        transient = c.get("transient") or {}
-        if transient:
+        data, metadata = policy.bundle(c.get("data"), c.get("metadata"))
+        kwargs = {"metadata": metadata}
+        transient = c.get("transient")
+        if isinstance(transient, dict) and transient:
             kwargs["transient"] = transient
         if out.type == "update_display_data":
             kwargs["update"] = True
-        publish_display_data(c.get("data", {}), **kwargs)
+        publish_display_data(data, **kwargs)
+        for note in policy.notes:
+            print(note, file=sys.stderr)
+        policy.notes.clear()
     elif out.type == "clear_output":
         from IPython.display import clear_output
         clear_output(wait=bool(c.get("wait")))
 
 
 def _stdin(prompt: str, password: bool) -> str:
+    # Say who asks: a password prompt from guest code is not the host's.
+    prompt = "[microVM] " + (prompt if isinstance(prompt, str) else "")
     return getpass.getpass(prompt) if password else input(prompt)
 
 
@@ -145,10 +156,13 @@ def smolvm_cell(line: str, cell: str):
             sb.start()
         print(f"[smolvm] ready in {time.monotonic() - t0:.1f} s "
               f"({sb.backend.name}/{sb.backend.spec.accel})", file=sys.stderr, flush=True)
+    from smolvm_kernel.output_policy import OutputPolicy
+
+    policy = OutputPolicy(sb.config.output_policy, sb.config.output_allow_mimes, sb.config.widget_modules)
     for out in sb.execute(cell, timeout=args.timeout, stdin=_stdin):
         if out.type == "error":
             raise GuestError(out.content)
-        _show(out)
+        _show(out, policy)
 
 
 LINE_USAGE = ("usage: %smolvm status|reset|stop|list|panel|help [--name N] | "

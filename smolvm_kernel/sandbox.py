@@ -582,6 +582,10 @@ class Sandbox:
         ``timeout`` (seconds; default ``config.exec_timeout``, 0 = none) interrupts a
         run that takes longer and raises :class:`ExecutionTimeout`. ``stdin`` answers
         ``input()``/``getpass()``: it gets the prompt and whether it is a password.
+
+        The outputs are the guest's and untrusted: before a browser renders one
+        (HTML, SVG, JavaScript, ...), pass it through
+        :func:`smolvm_kernel.safe_output`, which applies the safe output policy.
         """
         self._require_running()
         limit = self.config.exec_timeout if timeout is None else timeout

@@ -296,3 +296,37 @@ def test_send_failure_ends_the_request_instead_of_crashing(setup):
     frontend_request(frontend, relay)
     got = decode(frontend, sent)
     assert [m["msg_type"] for _, _, m in got] == ["error", "execute_reply", "status"]
+
+
+def test_output_policy_applies_to_what_the_guest_displays(setup):
+    relay, guest, frontend, sent = setup
+    guest.extra = [
+        (Channel.IOPUB, "display_data", {"data": {"application/javascript": "fetch('/api/contents')",
+                                                  "text/plain": "<Javascript object>"}, "metadata": {}}),
+        (Channel.IOPUB, "display_data", {"data": {"text/html": "<img src=x onerror=alert(1)><b>t</b>",
+                                                  "application/vnd.bokehjs_exec.v0+json": "",
+                                                  "text/plain": "t"}, "metadata": {}}),
+        (Channel.IOPUB, "comm_open", {"comm_id": "w9", "target_name": "jupyter.widget", "data": {"state": {
+            "_model_module": "evil-cdn-module", "_view_module": "evil-cdn-module"}}}),
+    ]
+    frontend_request(frontend, relay)
+    got = [m for _, _, m in decode(frontend, sent)]
+    displays = [m["content"]["data"] for m in got if m["msg_type"] == "display_data"]
+    assert "application/javascript" not in displays[0] and "blocked" in displays[0]["text/plain"]
+    assert displays[1] == {"text/html": "<img><b>t</b>", "text/plain": "t"}
+    assert not [m for m in got if m["msg_type"] == "comm_open"]
+    notes = [m["content"]["text"] for m in got if m["msg_type"] == "stream" and "[smolvm]" in m["content"]["text"]]
+    assert any("bokehjs_exec" in n for n in notes) and any("evil-cdn-module" in n for n in notes)
+    assert got[-1]["msg_type"] == "execute_reply"
+
+
+def test_trusted_policy_passes_outputs_unchanged(setup):
+    from smolvm_kernel.output_policy import OutputPolicy
+
+    relay, guest, frontend, sent = setup
+    relay.policy = OutputPolicy("trusted")
+    bundle = {"application/javascript": "x()", "text/plain": "js"}
+    guest.extra = [(Channel.IOPUB, "display_data", {"data": bundle, "metadata": {}})]
+    frontend_request(frontend, relay)
+    assert [m["content"]["data"] for _, _, m in decode(frontend, sent) if m["msg_type"] == "display_data"] \
+        == [bundle]

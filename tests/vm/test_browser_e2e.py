@@ -187,3 +187,103 @@ def test_demo_notebook_and_panel_in_a_real_browser(lab, page):
         shot(page, root, "failure")
         print(f"screenshots and jupyterlab.log in {root}")
         raise
+
+
+# ------------------------------------------------------------ a hostile guest
+
+#: Each attack, if it ran, would write pwned-<tag>.txt into the server's root
+#: through the contents API with the user's session, as the confirmed escape did.
+HOSTILE_CELLS = [
+    '''from IPython.display import display, HTML, Javascript, SVG, Markdown
+def js(tag):
+    return ("(async()=>{const x=(document.cookie.match(/_xsrf=([^;]+)/)||[])[1]||'';"
+            "await fetch('/api/contents/pwned-%s.txt',{method:'PUT',headers:{'X-XSRFToken':x,"
+            "'Content-Type':'application/json'},body:JSON.stringify({type:'file',format:'text',"
+            "content:'pwned'})});(window.__pwned=window.__pwned||[]).push('%s')})()" % (tag, tag))''',
+    "display(Javascript(js('js')))",
+    "display(HTML('<script>' + js('script') + '</script><b>after the script</b>'))",
+    "display(HTML('<img src=\"x\" onerror=\"' + js('onerror') + '\">'))",
+    "display(HTML('<a href=\"javascript:' + js('href') + '\">click me (href)</a>'))",
+    "display(HTML('<button data-commandlinker-command=\"docmanager:new-untitled\" "
+    "data-commandlinker-args=\\'{\"path\": \"\", \"type\": \"file\", \"ext\": \".txt\"}\\'>"
+    "new file (commandlinker)</button>'))",
+    "display(SVG('<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"40\" height=\"10\" onload=\"' + js('svg') + "
+    "'\"><rect width=\"40\" height=\"10\" fill=\"teal\"/></svg>'))",
+    "display(Markdown('[click me (md)](<javascript:' + js('md') + '>)'))",
+    '''import ipywidgets as w
+from traitlets import Unicode
+class Evil(w.DOMWidget):
+    _model_module = Unicode("evil-widget-module").tag(sync=True)
+    _view_module = Unicode("evil-widget-module").tag(sync=True)
+    _model_name = Unicode("EvilModel").tag(sync=True)
+    _view_name = Unicode("EvilView").tag(sync=True)
+display(Evil())''',
+    "import pandas as pd\npd.DataFrame({'a': [1, 2], 'b': ['x', 'y']})",
+    "print('all attacks sent')",
+]
+
+
+def _hostile_notebook(path: Path, kernel: str) -> None:
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": kernel, "display_name": kernel, "language": "python"}
+    nb.cells = [nbformat.v4.new_code_cell(src) for src in HOSTILE_CELLS]
+    nbformat.write(nb, str(path))
+
+
+def _run_hostile(page, base: str, token: str, root: Path, name: str) -> None:
+    from playwright.sync_api import expect
+
+    page.goto(f"{base}/lab/tree/{name}?token={token}")
+    page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=120_000)
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('.jp-Toolbar-kernelName')]"
+        ".some(e => e.textContent.includes('SmolVM'))", timeout=120_000)
+    page.get_by_role("menuitem", name="Run", exact=True).click()
+    page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
+    outputs = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-OutputArea-output")
+    expect(outputs.filter(has_text="all attacks sent")).to_have_count(1, timeout=300_000)
+    for text in ("click me (href)", "new file (commandlinker)", "click me (md)"):
+        target = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-OutputArea-output").get_by_text(text)
+        if target.count():
+            target.first.click()
+    time.sleep(5)     # anything that runs has had the time to write its file
+
+
+@pytest.mark.timeout(900)
+def test_hostile_outputs_do_not_run_in_the_browser(lab, page):
+    """Every way a cell in the VM could run code in the user's browser (and so
+    reach the Jupyter server as the user) is tried: none runs under the default
+    policy. The same notebook under output_policy='trusted' is the control:
+    there the attacks do write files, so this check can fail."""
+    from playwright.sync_api import expect
+
+    from smolvm_kernel import kernelspec
+
+    base, token, root = lab
+    kernelspec.install("smolvm-trusted", prefix=os.environ["SMOLVM_TEST_PREFIX"], profile="scipy",
+                       backend="qemu", output_policy="trusted")
+    _hostile_notebook(root / "hostile.ipynb", "smolvm-scipy")
+    _hostile_notebook(root / "hostile-trusted.ipynb", "smolvm-trusted")
+    try:
+        _run_hostile(page, base, token, root, "hostile.ipynb")
+        shot(page, root, "6-hostile-safe")
+        written = sorted(p.name for p in root.iterdir() if p.name.startswith(("pwned-", "untitled")))
+        assert written == [], f"guest output ran in the browser: {written}"
+        assert page.evaluate("() => window.__pwned === undefined")
+        outputs = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-OutputArea-output")
+        expect(outputs.filter(has_text="blocked application/javascript")).to_have_count(1)
+        expect(outputs.filter(has_text="evil-widget-module")).to_have_count(1)
+        expect(outputs.filter(has_text="after the script")).to_have_count(1)       # safe HTML still shows
+        expect(outputs.locator("table td").filter(has_text="y")).to_have_count(1)  # and a DataFrame
+        expect(outputs.locator("img[src^='data:image/svg+xml']")).to_have_count(1)  # the SVG, as an image
+
+        _run_hostile(page, base, token, root, "hostile-trusted.ipynb")
+        shot(page, root, "7-hostile-trusted-control")
+        written = sorted(p.name for p in root.iterdir() if p.name.startswith("pwned-"))
+        assert "pwned-js.txt" in written, f"the control did not show the attack working: {written}"
+    except BaseException:
+        shot(page, root, "failure-hostile")
+        print(f"screenshots and jupyterlab.log in {root}")
+        raise
