@@ -102,10 +102,11 @@ class SandboxConfig(Configurable):
                            "(env SMOLVM_AUTO_BUILD=1).").tag(config=True)
     debug_console = Bool(help="Verbose guest kernel console (loglevel=7) for boot "
                               "debugging (env SMOLVM_DEBUG_CONSOLE=1).").tag(config=True)
-    snapshot = Enum(["auto", "off"],
-                    help="Start and reset from a ready snapshot of this VM shape (built on "
-                         "first use, then restored in about a second); off = always cold boot "
-                         "(env SMOLVM_SNAPSHOT).").tag(config=True)
+    snapshot = Enum(["auto", "wait", "off"],
+                    help="Start and reset from a ready snapshot of this VM shape, restored in "
+                         "under a second. auto: a shape without one cold-boots at once and its "
+                         "snapshot is built in the background for the next start; wait: build it "
+                         "first, then restore; off: always cold boot (env SMOLVM_SNAPSHOT).").tag(config=True)
     on_stopped = Enum(["start", "error"],
                       help="After the VM is torn down (panel Teardown, %smolvm stop): start a "
                            "fresh one for the next cell, or answer it with an error that says "

@@ -150,6 +150,9 @@ class Sandbox:
         #: Called (on the I/O thread) once when the VM, its agent or kernel dies.
         self.on_death: Callable[[SmolVMError], None] | None = None
         self.guest_key: bytes = b""
+        #: The background build of this shape's ready snapshot (snapshot="auto").
+        self.snapshot_build: asyncio.Task | None = None
+        self._snapshot_wanted: tuple | None = None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -170,9 +173,26 @@ class Sandbox:
             aio.run(self._start())
 
     def stop(self) -> None:
-        """Destroy the VM and remove its files; safe to call twice."""
+        """Destroy the VM and remove its files, and end a background snapshot
+        build of this Sandbox; safe to call twice."""
         with self._lock:
             aio.run(self._stop())
+            build, self.snapshot_build = self.snapshot_build, None
+            if build is not None and not build.done():
+                aio.loop().call_soon_threadsafe(build.cancel)
+
+    def wait_for_snapshot(self, timeout: float = 300.0) -> bool:
+        """Wait for a background snapshot build (see ``snapshot``); whether one is ready now."""
+        build = self.snapshot_build
+        if build is None:
+            return False
+
+        async def wait() -> bool:
+            try:
+                return bool(await asyncio.wait_for(asyncio.shield(build), timeout))
+            except (asyncio.TimeoutError, asyncio.CancelledError):
+                return False
+        return aio.run(wait(), timeout + 5)
 
     def reset(self) -> None:
         """Replace the VM with a fresh one (same settings); all guest state is lost."""
@@ -194,6 +214,7 @@ class Sandbox:
         t0 = time.monotonic()
         timeline.mark("VM start begins")
         self.state = SandboxState.BOOTING
+        self._snapshot_wanted = None
         self._death = None
         try:
             await asyncio.to_thread(self._registry.cleanup)
@@ -250,6 +271,11 @@ class Sandbox:
             self.boot_seconds = time.monotonic() - t0
             self.state = SandboxState.READY
             self._say(f"microVM ready in {self.boot_seconds:.1f} s ({self.started_from})")
+            if self._snapshot_wanted is not None and (self.snapshot_build is None or self.snapshot_build.done()):
+                # After this VM is up, so that the two do not share the CPU while it boots.
+                self.snapshot_build = asyncio.get_running_loop().create_task(
+                    self._build_snapshot_in_background(*self._snapshot_wanted))
+            self._snapshot_wanted = None
         except BaseException:
             await self._stop()
             raise
@@ -324,8 +350,13 @@ class Sandbox:
                            shape["disk_mib"], qemu_identity(binary), shape["tsc_khz"])
         snaps = self._snapshots
         snap = snaps.get(self.image, key)
-        if snap is not None or self.config.snapshot != "auto" or shape["debug_console"]:
+        if snap is not None or shape["debug_console"]:
             return snap
+        if self.config.snapshot == "auto":
+            self._snapshot_wanted = (binary, shape, key)
+            self._say(f"first start of {shape['vcpus']} vCPU / {shape['mem_mib']} MiB: a cold boot now; its "
+                      f"ready snapshot is built in the background, and later starts take under a second")
+            return None
         lock = await asyncio.to_thread(snaps.lock, self.image, key)
         try:
             snap = snaps.get(self.image, key)
@@ -347,6 +378,25 @@ class Sandbox:
         finally:
             lock.close()
         return snap
+
+    async def _build_snapshot_in_background(self, binary: str, shape: dict, key: str) -> bool:
+        """Build this shape's snapshot unless another process is at it; whether one is ready."""
+        snaps, image = self._snapshots, self.image
+        lock = snaps.lock(image, key, wait=False)
+        if lock is None:
+            return False     # another kernel builds it
+        try:
+            if snaps.get(image, key) is not None:
+                return True
+            t = time.monotonic()
+            await snaps.build(image, key, shape, binary, self.config.boot_timeout)
+            log.info("ready snapshot for %s built in the background in %.1f s", shape, time.monotonic() - t)
+            return True
+        except (SmolVMError, OSError, asyncio.TimeoutError) as exc:
+            log.warning("building a ready snapshot in the background failed: %s", exc)
+            return False
+        finally:
+            lock.close()
 
     def _pick_backend(self) -> str:
         wanted = self.config.backend

@@ -119,16 +119,21 @@ class SnapshotCache:
                     keep.add(manifest.get("key"))
         return removed + self.prune(keep)
 
-    def lock(self, image: Image, key: str):
-        """Take the build lock of one snapshot (blocking); close the returned file to release it.
+    def lock(self, image: Image, key: str, wait: bool = True):
+        """Take the build lock of one snapshot; close the returned file to release it.
 
-        One process builds a snapshot; the others wait, then find it built.
+        One process builds a snapshot; the others wait (``wait``), then find it
+        built, or get None at once while it is held (``wait=False``).
         """
         import fcntl
 
         self.root.mkdir(parents=True, exist_ok=True)
         fh = open(self.root / f".{image.profile}-{key[:16]}.lock", "w")
-        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.close()
+            return None
         return fh
 
     def prune(self, keep: set[str]) -> list[Path]:

@@ -90,16 +90,36 @@ def test_reset_restores_a_clean_vm(forks):
         == "False False"
 
 
-def test_new_shape_builds_its_own_snapshot(image, sandbox_factory):
+def test_new_shape_cold_boots_at_once_and_builds_its_snapshot_in_the_background(image, sandbox_factory):
     import shutil
 
     for d in _snapshot_dirs():      # a previous run may have left this shape's
         if json.loads((d / "manifest.json").read_text())["shape"]["disk_mib"] == 1024:
             shutil.rmtree(d)
     before = _snapshot_dirs()
-    sb = sandbox_factory(disk_mib=1024)
-    assert sb.started_from == "snapshot"
-    assert len(_snapshot_dirs() - before) == 1       # a new key: rebuilt, not reused
+    lines = []
+    sb = Sandbox(backend="qemu", vcpus=2, mem_mib=512, disk_mib=1024, progress=lines.append)
+    sandbox_factory.sandboxes.append(sb)
+    sb.start()
+    # No wait for a template: the first start of a shape boots at once ...
+    assert sb.started_from == "cold boot"
+    assert any("built in the background" in line for line in lines), lines
+    assert _out(sb, "print(1 + 1)") == "2"          # ... and works while the snapshot builds
+    assert sb.wait_for_snapshot(300)
+    assert len(_snapshot_dirs() - before) == 1       # a new key: built, not reused
+    sb.reset()
+    assert sb.started_from == "snapshot"             # the next start restores it
+    assert _out(sb, "print(2 + 2)") == "4"
+
+
+def test_snapshot_wait_builds_first_then_restores(image, sandbox_factory):
+    import shutil
+
+    for d in _snapshot_dirs():
+        if json.loads((d / "manifest.json").read_text())["shape"]["disk_mib"] == 1536:
+            shutil.rmtree(d)
+    sb = sandbox_factory(disk_mib=1536, snapshot="wait")
+    assert sb.started_from == "snapshot" and sb.snapshot_build is None
     assert _out(sb, "print(1 + 1)") == "2"
 
 
