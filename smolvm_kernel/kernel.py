@@ -53,6 +53,7 @@ class _Request:
     idents: list[bytes]
     header: dict
     host_busy: bool = False
+    allow_stdin: bool = False            # the frontend said it can answer input_request
     sent_at: float | None = None         # when the guest got it (the timeout clock)
     started_at: float | None = None      # when the guest said busy for it (it may queue before)
     interrupted_at: float | None = None  # when the timeout interrupted it
@@ -90,14 +91,16 @@ class Relay:
         self.last_count = 0
         self._internal: dict[str, Callable[[int | None], None]] = {}
         self.dropped = 0
+        self._dropped_logged = 0
+        self._last_drop_log = -1.0
 
     # -- frontend -> guest
 
     def forward(self, chan: Channel, socket: str, idents: list[bytes], msg_list: list[bytes],
-                header: dict, host_busy: bool = False) -> None:
+                header: dict, host_busy: bool = False, allow_stdin: bool = False) -> None:
         """Re-sign the frontend's original frames with K_guest and send them on."""
         if chan in (Channel.SHELL, Channel.CONTROL):
-            self.inflight[header["msg_id"]] = _Request(socket, idents, header, host_busy)
+            self.inflight[header["msg_id"]] = _Request(socket, idents, header, host_busy, allow_stdin)
         if not self.is_ready():
             self.backlog.append((chan, msg_list, header["msg_id"]))
             return
@@ -160,8 +163,11 @@ class Relay:
         if not isinstance(header, dict) or not isinstance(parent, dict):
             return self._drop(chan, "malformed header")
         msg_type, parent_id = header.get("msg_type"), parent.get("msg_id")
-        if not isinstance(msg_type, str) or not (parent_id is None or isinstance(parent_id, str)):
+        if not (isinstance(msg_type, str) and isinstance(header.get("msg_id"), str)
+                and (parent_id is None or isinstance(parent_id, str))):
             return self._drop(chan, "malformed header")
+        if not (_is_json_object(body[2]) and _is_json_object(body[3])):
+            return self._drop(chan, "metadata or content is not a JSON object")
         if size > self.max_message_bytes:
             self._drop(chan, f"{size} bytes")
             return self._warn(parent, f"[smolvm] a {msg_type} message of {size} bytes from the VM "
@@ -209,6 +215,10 @@ class Relay:
             req = self.inflight.get(parent_id)
             if req is None:
                 return self._drop(chan, "input request for an unknown request")
+            if msg_type != "input_request" or not req.allow_stdin:
+                # The frontend did not offer stdin for this request (nbclient, a
+                # widget callback): nobody could answer, or it was not asked.
+                return self._drop(chan, f"{msg_type} on stdin for a request without allow_stdin")
             self._to_frontend("stdin", req.idents, body)
 
     def _apply_policy(self, msg_type: str, body: list[bytes], parent: dict) -> list[bytes] | None:
@@ -231,7 +241,7 @@ class Relay:
                 self._warn(parent, note + "\n")
         if content is None:
             return None
-        return [*body[:3], json.dumps(content, ensure_ascii=False).encode("utf-8", "surrogateescape"), *body[4:]]
+        return [*body[:3], json.dumps(content, ensure_ascii=False).encode("utf-8", "backslashreplace"), *body[4:]]
 
     def _count(self, count) -> None:
         if isinstance(count, int) and not isinstance(count, bool) and count > 0:
@@ -292,8 +302,15 @@ class Relay:
         self.send_frontend(socket, [*prefix, DELIM, sig, *body])
 
     def _drop(self, chan: Channel, why: str) -> None:
+        """Count a dropped guest message; log at most one line a second (a guest
+        can send hundreds of thousands a second), with how many were dropped."""
         self.dropped += 1
-        log.warning("dropped a %s message from the guest: %s", chan.name, why)
+        now = time.monotonic()
+        if now - self._last_drop_log >= 1.0:
+            since = self.dropped - self._dropped_logged
+            log.warning("dropped a %s message from the guest: %s%s", chan.name, why,
+                        f" ({since - 1} more dropped since the last warning)" if since > 1 else "")
+            self._last_drop_log, self._dropped_logged = now, self.dropped
 
     def _warn(self, parent: dict, text: str) -> None:
         self.publish("stream", {"name": "stderr", "text": text}, parent)
@@ -335,6 +352,15 @@ class Relay:
 #: Guest messages whose content the output policy reads (see output_policy).
 _POLICY_TYPES = frozenset({"display_data", "execute_result", "update_display_data", "execute_reply",
                            "input_request", "comm_open", "comm_msg"})
+
+
+def _is_json_object(data: bytes) -> bool:
+    if data == b"{}":
+        return True
+    try:
+        return isinstance(json.loads(data), dict)
+    except (ValueError, RecursionError):
+        return False
 
 
 def _json_field(data: bytes, field: str):
@@ -720,7 +746,10 @@ class SmolVMKernel(ConfigActions):
             if mtype == "execute_request" and self._boot_display is None:
                 self._start_boot_display(header)
                 host_busy = True
-        self.relay.forward(chan, name, idents, msg_list, header, host_busy)
+        content = msg.get("content")
+        allow_stdin = (mtype == "execute_request" and isinstance(content, dict)
+                       and content.get("allow_stdin") is True)
+        self.relay.forward(chan, name, idents, msg_list, header, host_busy, allow_stdin)
 
     def _is_host_comm_frame(self, frames: list[bytes]) -> bool:
         comms = self.relay.host_comms

@@ -755,9 +755,12 @@ class Sandbox:
         if self.state not in (SandboxState.READY, SandboxState.BUSY):
             return host
         guest = self.agent_request("stats")
-        guest.pop("ok", None)
-        guest.pop("id", None)
-        return {**host, **guest}
+        # The guest's word, for the guest's own figures only: numbers under
+        # known names, never a host field (backend, accel, pids, state ...).
+        figures = {k: v for k, v in guest.items() if k in _GUEST_FIGURES
+                   and (v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+                        or (k == "kernel_ready" and isinstance(v, bool)))}
+        return {**host, **figures}
 
     def can_resize_live(self, mem_mib: int) -> bool:
         """Whether ``mem_mib`` can be set on the running VM (balloon, up to its boot size)."""
@@ -805,6 +808,12 @@ class Sandbox:
     def __repr__(self) -> str:
         accel = self.backend.spec.accel if self.backend else "-"
         return f"<Sandbox {self.vm_id or '-'} {self.state.value} {accel} {self.config.vcpus}cpu/{self.config.mem_mib}MiB>"
+
+
+#: What the guest agent's stats answer may contribute (see Sandbox.stats).
+_GUEST_FIGURES = frozenset({"vcpus", "mem_total_kib", "mem_available_kib", "cpu_percent", "disk_total_bytes",
+                            "disk_used_bytes", "uptime_s", "loadavg", "kernel_pid", "kernel_rss_kib",
+                            "kernel_ready"})
 
 
 def _merged_config(config: SandboxConfig | None, overrides: dict) -> SandboxConfig:

@@ -61,7 +61,8 @@ def frontend_request(frontend: Session, relay: Relay, mtype: str = "execute_requ
     msg = frontend.msg(mtype, content=content or {"code": "print('hi')"})
     frames = frontend.serialize(msg, ident=[b"client-ident"])
     idents, msg_list = frontend.feed_identities(frames)
-    relay.forward(Channel.SHELL, "shell", idents, msg_list, msg["header"], host_busy)
+    relay.forward(Channel.SHELL, "shell", idents, msg_list, msg["header"], host_busy,
+                  allow_stdin=msg["content"].get("allow_stdin") is True)
     return msg, msg_list
 
 
@@ -162,10 +163,18 @@ def test_one_busy_idle_pair_when_the_host_said_busy_first(setup):
 def test_input_request_goes_to_the_requesting_client(setup):
     relay, guest, frontend, sent = setup
     guest.extra = [(Channel.STDIN, "input_request", {"prompt": "name? ", "password": False})]
-    frontend_request(frontend, relay)
+    frontend_request(frontend, relay, content={"code": "input()", "allow_stdin": True})
     got = decode(frontend, sent)
-    stdin = [(s, i) for s, i, m in got if m["msg_type"] == "input_request"]
-    assert stdin == [("stdin", [b"client-ident"])]
+    stdin = [(s, i, m["content"]["prompt"]) for s, i, m in got if m["msg_type"] == "input_request"]
+    assert stdin == [("stdin", [b"client-ident"], "[microVM] name? ")]
+
+
+def test_input_request_without_allow_stdin_is_dropped(setup):
+    relay, guest, frontend, sent = setup
+    guest.extra = [(Channel.STDIN, "input_request", {"prompt": "Password: ", "password": True})]
+    frontend_request(frontend, relay, content={"code": "input()", "allow_stdin": False})
+    got = decode(frontend, sent)
+    assert not [m for _, _, m in got if m["msg_type"] == "input_request"] and relay.dropped == 1
 
 
 def test_replies_to_unknown_requests_are_dropped(setup):
