@@ -37,6 +37,12 @@ from smolvm_kernel.errors import ConfigError, SmolVMError, ToolNotFound
 TAP_PREFIX = "smv"
 TABLE_PREFIX = "smolvm_"
 METADATA_NET = "169.254.0.0/16"
+#: Not reachable from a VM unless an egress_allow entry names them: private
+#: networks (the host's LAN, other bridges, a cloud's VPC), shared address
+#: space (100.64/10, where one cloud serves its metadata), Azure's wireserver,
+#: "this network", multicast and the reserved block.
+PRIVATE_NETS = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "168.63.129.16/32",
+                "0.0.0.0/8", "224.0.0.0/4", "240.0.0.0/4")
 _CAP_NET_ADMIN = 12
 _CLONE_NEWNET = 0x40000000
 _TUNSETIFF = 0x400454CA
@@ -237,8 +243,13 @@ def host_routes() -> list[str]:
 
 # ---------------------------------------------------------------- nftables
 
-def render_rules(lease: Lease, allow: Iterable[Allow] = ()) -> str:
-    """The VM's nftables table, as ``nft -f`` input (pure; unit-tested)."""
+def render_rules(lease: Lease, allow: Iterable[Allow] = (), dns: Iterable[str] = ()) -> str:
+    """The VM's nftables table, as ``nft -f`` input (pure; unit-tested).
+
+    In order: what is never allowed (spoofing, metadata, other VMs, IPv6);
+    the VM's name servers on port 53 (``dns``); the allowlist's entries;
+    private ranges (:data:`PRIVATE_NETS`); then, without an allowlist,
+    anything else."""
     tap, guest = lease.tap, lease.guest_ip
     allow = list(allow)
     lines = [
@@ -250,6 +261,9 @@ def render_rules(lease: Lease, allow: Iterable[Allow] = ()) -> str:
         f'    iifname "{tap}" oifname "{TAP_PREFIX}*" drop',
         f'    iifname "{tap}" meta nfproto ipv6 drop',
     ]
+    servers = ", ".join(dns)
+    if servers:
+        lines.append(f'    iifname "{tap}" ip daddr {{ {servers} }} meta l4proto {{ tcp, udp }} th dport 53 accept')
     if allow:
         for entry in allow:
             if entry.ports:
@@ -260,6 +274,7 @@ def render_rules(lease: Lease, allow: Iterable[Allow] = ()) -> str:
                 lines.append(f'    iifname "{tap}" ip daddr {entry.net} accept')
         lines.append(f'    iifname "{tap}" drop')
     else:
+        lines.append(f'    iifname "{tap}" ip daddr {{ {", ".join(PRIVATE_NETS)} }} drop')
         lines.append(f'    iifname "{tap}" accept')
     lines += [
         f'    oifname "{tap}" ct state established,related accept',
@@ -321,7 +336,7 @@ class VMNetwork:
             ipr.link("set", index=idx, state="up")
         with open("/proc/sys/net/ipv4/ip_forward", "w") as fh:   # this namespace's
             fh.write("1")
-        _nft(nft, render_rules(lease, self.allow))
+        _nft(nft, render_rules(lease, self.allow, self.dns))
         if not open_fd:
             return None
         fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)

@@ -82,6 +82,20 @@ def test_rules_always_block_metadata_other_vms_and_the_host():
     assert 'iifname "smv0123456789a" accept' in rules
 
 
+def test_private_ranges_are_closed_unless_allowlisted_and_name_servers_open_on_53():
+    fwd = render_rules(_lease(), dns=["10.0.0.2"])
+    private = 'ip daddr { 10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16, 100.64.0.0/10, 168.63.129.16/32'
+    assert private in fwd
+    dns_rule = 'ip daddr { 10.0.0.2 } meta l4proto { tcp, udp } th dport 53 accept'
+    # the name server (a private address here) is reachable on port 53 only, before the private drop
+    assert fwd.index(dns_rule) < fwd.index(private) < fwd.index('iifname "smv0123456789a" accept')
+    assert fwd.index("169.254.0.0/16 drop") < fwd.index(dns_rule)      # metadata stays closed
+    # an allowlist entry for a private address opens it (all else is closed then anyway)
+    allowed = render_rules(_lease(), [Allow.parse("10.1.2.3/32:443")])
+    assert "ip daddr 10.1.2.3/32 meta l4proto { tcp, udp } th dport { 443 } accept" in allowed
+    assert private not in allowed
+
+
 def test_allowlist_rules_end_in_a_drop():
     rules = render_rules(_lease(), [Allow.parse("198.18.0.2/32:8080,8443"), Allow.parse("203.0.113.0/24")])
     fwd = rules[rules.index("chain forward"):rules.index("chain input")]
@@ -98,8 +112,8 @@ def test_allowlist_rules_end_in_a_drop():
 @pytest.mark.skipif(shutil.which("nft") is None, reason="nft not installed")
 def test_rendered_rules_parse_with_nft(tmp_path):
     # --check parses and resolves the ruleset without loading it.
-    for allow in ([], [Allow.parse("198.18.0.2/32:8080")]):
-        proc = subprocess.run(["nft", "--check", "-f", "-"], input=render_rules(_lease(), allow),
+    for allow, dns in (([], []), ([Allow.parse("198.18.0.2/32:8080")], []), ([], ["10.0.0.2", "192.0.2.53"])):
+        proc = subprocess.run(["nft", "--check", "-f", "-"], input=render_rules(_lease(), allow, dns),
                               capture_output=True, text=True)
         if proc.returncode != 0 and "Operation not permitted" in proc.stderr:
             pytest.skip("nft --check needs CAP_NET_ADMIN")

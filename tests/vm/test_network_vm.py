@@ -37,6 +37,9 @@ HOST_OWN = ("198.18.0.1", 9000)
 #: The VMs' name server: routed into namespace S and silently dropped there,
 #: like a host resolver that a namespace cannot reach. No DNS answers here.
 SILENT_DNS = "198.18.1.53"
+#: One server in each range a VM may not reach unless allowlisted, on addresses
+#: of namespace S (traffic to them never leaves the namespaces made here).
+PRIVATE = [("10.99.0.1", 8080), ("172.16.5.1", 8080), ("192.168.77.1", 8080), ("100.64.0.1", 8080)]
 
 
 def _serve(netns: str, addr: str, port: int, stop: threading.Event) -> None:
@@ -79,14 +82,15 @@ def lab(image):
             with IPRoute() as ipr:
                 ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
                 vb = ipr.link_lookup(ifname="vB")[0]
-                for addr, plen in (("198.18.0.2", 24), ("198.18.0.3", 24), ("169.254.169.254", 16)):
+                for addr, plen in (("198.18.0.2", 24), ("198.18.0.3", 24), ("169.254.169.254", 16),
+                                   *((a, 24) for a, _ in PRIVATE)):
                     ipr.addr("add", index=vb, address=addr, prefixlen=plen)
                 ipr.link("set", index=vb, state="up")
                 ipr.route("add", dst=f"{SILENT_DNS}/32", type="blackhole")
 
         in_netns(n, outer_side)
         in_netns(s, server_side)
-        for addr, port in (ALLOWED, OTHER, METADATA):
+        for addr, port in (ALLOWED, OTHER, METADATA, *PRIVATE):
             _serve(s, addr, port, stop)
         _serve(n, *HOST_OWN, stop)
         _serve(n, "0.0.0.0", 9001, stop)
@@ -197,6 +201,15 @@ def test_without_allowlist_metadata_and_host_stay_blocked(vms, lab):
     assert all(line.startswith("BLOCKED") for line in got[1:]), got
     # ... and so do the blocked ones: they answer from the namespace itself.
     assert from_namespace(n, *METADATA) and from_namespace(n, *HOST_OWN)
+
+
+def test_private_ranges_are_closed_to_a_vm(vms, lab):
+    n, _ = lab
+    got = probe(vms["ssh_a"], OTHER, *PRIVATE)
+    assert got[0].startswith("OK hello from 198.18.0.3"), got      # the VM has a way out ...
+    assert all(line.startswith("BLOCKED") for line in got[1:]), got
+    # ... and each private server answers from the namespace: the rules stop the VM, not the routes.
+    assert all(from_namespace(n, *addr) for addr in PRIVATE)
 
 
 def test_vm_to_vm_is_refused(vms, lab):
