@@ -561,8 +561,15 @@ class SmolVMKernel(ConfigActions):
             poller.register(self.sockets[name], zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
         last_tick = time.monotonic()
+        parent = os.getppid()
         while not self.exiting:
             events = dict(poller.poll(250))
+            if parent != 1 and os.getppid() != parent:
+                # The process that launched this kernel (a Jupyter server,
+                # nbclient, a test) died without shutting it down: so does the
+                # kernel, with its VM, as ipykernel's parent poller does.
+                log.warning("the kernel's launcher (pid %d) is gone; shutting down", parent)
+                break
             if self._wake_r in events:
                 os.read(self._wake_r, 65536)
             self._drain_events()

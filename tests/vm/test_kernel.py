@@ -209,3 +209,38 @@ def test_per_cell_timeout_interrupts_then_resets(kernelspec):
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=False)
+
+
+CLIENT_SCRIPT = """
+import sys, time
+from jupyter_client.manager import start_new_kernel
+km, kc = start_new_kernel(kernel_name=sys.argv[1], startup_timeout=120)
+kc.execute_interactive("pass", timeout=120)      # the VM is up
+print(km.provisioner.process.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_kernel_whose_launcher_dies_goes_with_its_vm(kernelspec):
+    """A client (Jupyter server, nbclient) killed without shutting its kernel
+    down: the kernel notices its parent is gone and stops, VM included."""
+    import subprocess
+    import sys
+
+    client = subprocess.Popen([sys.executable, "-c", CLIENT_SCRIPT, kernelspec], stdout=subprocess.PIPE,
+                              text=True, env=os.environ.copy())
+    try:
+        kernel_pid = int(client.stdout.readline())
+        vms = [r for r in Registry().list() if r.owner_pid == kernel_pid]
+        assert len(vms) == 1 and Path(f"/proc/{vms[0].vmm_pid}").exists()
+    finally:
+        client.kill()
+        client.wait()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and (Path(f"/proc/{kernel_pid}").exists()
+                                           or Path(f"/proc/{vms[0].vmm_pid}").exists()):
+        time.sleep(0.2)
+    assert not Path(f"/proc/{kernel_pid}").exists(), "the orphaned kernel is still running"
+    assert not Path(f"/proc/{vms[0].vmm_pid}").exists(), "its VM is still running"
+    assert not Path(vms[0].run_dir).exists()
+    assert vms[0].vm_id not in {r.vm_id for r in Registry().list()}
