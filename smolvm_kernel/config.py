@@ -137,6 +137,9 @@ class SandboxConfig(Configurable):
                             "(env SMOLVM_MAX_DISK_MIB).").tag(config=True)
     max_transfer_mib = Int(64, help="Largest file %smolvm push/pull moves, in MiB "
                                     "(at most 256).").tag(config=True)
+    max_output_mib = Int(help="Most output one cell may send to the frontend, in MiB (streams, "
+                              "displays, results); beyond it the rest is dropped and the cell says "
+                              "how much (env SMOLVM_MAX_OUTPUT_MIB; default 16).").tag(config=True)
     max_message_bytes = Int(32 * 1024 * 1024,
                             help="Largest message accepted from the guest; larger ones are "
                                  "dropped with a warning in the cell.").tag(config=True)
@@ -194,6 +197,17 @@ class SandboxConfig(Configurable):
     @default("debug_console")
     def _debug_console_default(self) -> bool:
         return _env("SMOLVM_DEBUG_CONSOLE") in ("1", "true", "yes")
+
+    @default("max_output_mib")
+    def _max_output_default(self) -> int:
+        return _env_int("SMOLVM_MAX_OUTPUT_MIB", 16)
+
+    @validate("max_output_mib")
+    def _check_max_output(self, proposal):
+        n = proposal["value"]
+        if not 1 <= n <= 4096:
+            raise TraitError(f"max_output_mib={n} is out of range; use 1 to 4096")
+        return n
 
     @default("output_policy")
     def _output_policy_default(self) -> str:

@@ -54,6 +54,9 @@ class _Request:
     header: dict
     host_busy: bool = False
     allow_stdin: bool = False            # the frontend said it can answer input_request
+    output_bytes: int = 0                # output relayed for it so far
+    dropped_bytes: int = 0               # output dropped past the per-cell limit
+    dropped_msgs: int = 0
     sent_at: float | None = None         # when the guest got it (the timeout clock)
     started_at: float | None = None      # when the guest said busy for it (it may queue before)
     interrupted_at: float | None = None  # when the timeout interrupted it
@@ -68,8 +71,11 @@ class Relay:
 
     def __init__(self, session: Session, sandbox, send_frontend: Callable[[str, list[bytes]], None],
                  max_message_bytes: int = 32 * 1024 * 1024,
-                 is_ready: Callable[[], bool] = lambda: True, policy: OutputPolicy | None = None) -> None:
+                 is_ready: Callable[[], bool] = lambda: True, policy: OutputPolicy | None = None,
+                 max_cell_output: int = 16 * 2**20) -> None:
         self.session = session
+        #: Bytes of output one request may send to the frontend; the rest is dropped and counted.
+        self.max_cell_output = max_cell_output
         #: What of the guest's output a frontend may render (see output_policy).
         self.policy = policy or OutputPolicy()
         self._noted: set[tuple[str | None, str]] = set()
@@ -190,6 +196,8 @@ class Relay:
         if self.host_comms is not None and msg_type in ("comm_info_reply", "comm_msg"):
             body = self._add_host_widgets(msg_type, body, parent_id)
         if chan == Channel.IOPUB:
+            if msg_type in _OUTPUT_TYPES and self._over_output_limit(parent_id, parent, body):
+                return
             if msg_type == "status":
                 req = self.inflight.get(parent_id)
                 state = _json_field(body[3], "execution_state")
@@ -202,6 +210,10 @@ class Relay:
             req = self.inflight.pop(parent_id, None)
             if req is None:
                 return self._drop(chan, "reply to an unknown request")
+            if req.dropped_bytes:
+                self._warn(req.header, f"[smolvm] {_size(req.dropped_bytes)} of this cell's output "
+                                       f"({req.dropped_msgs} messages) was dropped: over the "
+                                       f"{_size(self.max_cell_output)} limit\n")
             if req.header.get("msg_type") == "execute_request":
                 timeline.mark("first execute_reply out")
                 start = req.started_at or req.sent_at
@@ -220,6 +232,22 @@ class Relay:
                 # widget callback): nobody could answer, or it was not asked.
                 return self._drop(chan, f"{msg_type} on stdin for a request without allow_stdin")
             self._to_frontend("stdin", req.idents, body)
+
+    def _over_output_limit(self, parent_id: str | None, parent: dict, body: list[bytes]) -> bool:
+        """Count an output against its request's limit; True when it must be dropped."""
+        req = self.inflight.get(parent_id) if parent_id is not None else None
+        if req is None:
+            return False
+        size = sum(len(p) for p in body)
+        if req.dropped_bytes or req.output_bytes + size > self.max_cell_output:
+            if not req.dropped_bytes:
+                self._warn(parent, f"[smolvm] this cell's output reached the {_size(self.max_cell_output)} "
+                                   f"limit (SandboxConfig.max_output_mib); the rest is dropped\n")
+            req.dropped_bytes += size
+            req.dropped_msgs += 1
+            return True
+        req.output_bytes += size
+        return False
 
     def _apply_policy(self, msg_type: str, body: list[bytes], parent: dict) -> list[bytes] | None:
         """The message with its content filtered by the output policy, or None to drop it.
@@ -354,6 +382,14 @@ _POLICY_TYPES = frozenset({"display_data", "execute_result", "update_display_dat
                            "input_request", "comm_open", "comm_msg"})
 
 
+#: Guest messages that count against a cell's output limit.
+_OUTPUT_TYPES = frozenset({"stream", "display_data", "update_display_data", "execute_result"})
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 1024:.0f} KiB"
+
+
 def _is_json_object(data: bytes) -> bool:
     if data == b"{}":
         return True
@@ -410,7 +446,8 @@ class SmolVMKernel(ConfigActions):
         self.relay = Relay(self.session, self.sandbox, self._send_frontend,
                            self.config.max_message_bytes, is_ready=self._guest_ready,
                            policy=OutputPolicy(self.config.output_policy, self.config.output_allow_mimes,
-                                               self.config.widget_modules))
+                                               self.config.widget_modules),
+                           max_cell_output=self.config.max_output_mib * 2**20)
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="smolvm-vm")
         self._ops = _SerialThread("smolvm-ops")
         self._booting = False

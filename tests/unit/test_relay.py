@@ -339,3 +339,22 @@ def test_trusted_policy_passes_outputs_unchanged(setup):
     frontend_request(frontend, relay)
     assert [m["content"]["data"] for _, _, m in decode(frontend, sent) if m["msg_type"] == "display_data"] \
         == [bundle]
+
+
+def test_a_cell_sends_at_most_its_output_limit_and_says_what_was_dropped(setup):
+    relay, guest, frontend, sent = setup
+    relay.max_cell_output = 3000
+    guest.extra = [(Channel.IOPUB, "stream", {"name": "stdout", "text": f"{i:04d}" + "x" * 400})
+                   for i in range(40)]
+    frontend_request(frontend, relay)
+    got = [m for _, _, m in decode(frontend, sent)]
+    texts = [m["content"]["text"] for m in got if m["msg_type"] == "stream"]
+    relayed = [t for t in texts if not t.startswith("[smolvm]")]
+    assert 0 < len(relayed) < 10 and sum(len(t) for t in relayed) < 3000
+    notes = [t for t in texts if t.startswith("[smolvm]")]
+    assert "reached the 3 KiB limit" in notes[0]
+    assert "messages) was dropped" in notes[1]
+    # the note of what was dropped comes before the reply; the reply and idle still come
+    types = [m["msg_type"] for m in got]
+    assert types.index("execute_reply") > max(i for i, m in enumerate(got) if m["msg_type"] == "stream")
+    assert types[-1] == "execute_reply" and "status" in types

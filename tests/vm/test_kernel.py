@@ -244,3 +244,35 @@ def test_a_kernel_whose_launcher_dies_goes_with_its_vm(kernelspec):
     assert not Path(f"/proc/{vms[0].vmm_pid}").exists(), "its VM is still running"
     assert not Path(vms[0].run_dir).exists()
     assert vms[0].vm_id not in {r.vm_id for r in Registry().list()}
+
+
+def _vm_hwm_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0
+
+
+def test_an_output_flood_is_capped_per_cell_and_the_host_stays_bounded(kernel):
+    """An endless flood of 64 KiB lines: the frontend gets at most the cell's
+    output limit (16 MiB by default) and a note, interrupt still stops it, the
+    host kernel's peak memory stays bounded, and the next cell works."""
+    km, kc = kernel
+    pid = km.provisioner.process.pid
+
+    def interrupt():
+        time.sleep(12)       # ~6 MiB/s under TCG: well past the 16 MiB limit by then
+        km.interrupt_kernel()
+
+    threading.Thread(target=interrupt).start()
+    reply, outs = run(kc, "while True:\n    print('y' * 65536)", timeout=120)
+    assert reply["status"] == "error" and reply["ename"] == "KeyboardInterrupt"
+    texts = [m["content"].get("text", "") for m in outs if m["msg_type"] == "stream"]
+    flood = sum(len(t) for t in texts if not t.startswith("[smolvm]"))
+    notes = [t for t in texts if t.startswith("[smolvm]")]
+    print(f"relayed {flood / 2**20:.1f} MiB; host kernel VmHWM {_vm_hwm_kib(pid) / 1024:.0f} MiB; {notes}")
+    assert 8 * 2**20 < flood <= 16 * 2**20
+    assert any("reached the 16.0 MiB limit" in n for n in notes)
+    assert any("was dropped" in n for n in notes)
+    assert _vm_hwm_kib(pid) < 400 * 1024        # the flood was not buffered on the host
+    assert stdout(run(kc, "print('after the flood')")[1]).strip() == "after the flood"
