@@ -390,6 +390,15 @@ def _size(n: int) -> str:
     return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 1024:.0f} KiB"
 
 
+def _process_state(pid: int) -> str | None:
+    """The state letter of /proc/PID/stat (R, S, D, T ...), or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
 def _is_json_object(data: bytes) -> bool:
     if data == b"{}":
         return True
@@ -468,6 +477,8 @@ class SmolVMKernel(ConfigActions):
         self._comm_parent: dict = {}
         self._stats_running = False
         self._last_stats = 0.0
+        self._last_vmm_check = 0.0
+        self._vmm_stopped_since: float | None = None
         self.exiting = False
 
     # -- sockets
@@ -628,6 +639,9 @@ class SmolVMKernel(ConfigActions):
                 self._show_boot_progress()
             if self.config.exec_timeout and not self._booting:
                 self._enforce_timeout(now)
+            if now - self._last_vmm_check >= 1.0 and not self._booting and self.relay.running_cells():
+                self._last_vmm_check = now
+                self._watch_vmm()
             if self.panel is not None and now - self._last_stats >= REFRESH_SECONDS:
                 self._fetch_stats()
         self._shutdown_vm()
@@ -716,6 +730,26 @@ class SmolVMKernel(ConfigActions):
             self.relay.publish("clear_output", {"wait": False}, self._boot_display[1])
         self._boot_display = None
         self._boot_shown = False
+
+    def _watch_vmm(self) -> None:
+        """A VMM that is stopped (SIGSTOP, a debugger) runs no guest: the cells
+        waiting on it would wait forever. Report it and replace the VM."""
+        from smolvm_kernel.errors import GuestDied
+
+        pid = self.sandbox.backend.pid if self.sandbox.backend is not None else None
+        if pid is None or _process_state(pid) not in ("T", "t"):
+            self._vmm_stopped_since = None
+            return
+        now = time.monotonic()
+        if self._vmm_stopped_since is None:
+            self._vmm_stopped_since = now
+            return
+        if now - self._vmm_stopped_since >= 1.0:
+            self._vmm_stopped_since = None
+            self.relay.fail_inflight(GuestDied(
+                f"the microVM's VMM (pid {pid}) is stopped (SIGSTOP or a debugger) and runs no guest",
+                "the VM was destroyed; the next cell starts a fresh one"))
+            self._shutdown_vm()     # SIGKILL reaches a stopped process
 
     def _enforce_timeout(self, now: float) -> None:
         """Interrupt a cell past exec_timeout; reset the VM if it ignores that."""

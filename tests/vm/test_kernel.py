@@ -276,3 +276,27 @@ def test_an_output_flood_is_capped_per_cell_and_the_host_stays_bounded(kernel):
     assert any("was dropped" in n for n in notes)
     assert _vm_hwm_kib(pid) < 400 * 1024        # the flood was not buffered on the host
     assert stdout(run(kc, "print('after the flood')")[1]).strip() == "after the flood"
+
+
+def test_a_stopped_vmm_is_reported_and_the_next_cell_gets_a_fresh_vm(kernel):
+    """A VMM stopped with SIGSTOP runs no guest: the waiting cell ends with an
+    error that says so (within a few seconds, not never) and the next cell
+    starts a fresh VM."""
+    km, kc = kernel
+    run(kc, "stopped_marker = 1")
+    (rec,) = vms_of(km)
+    threading.Timer(2, os.kill, (rec.vmm_pid, signal.SIGSTOP)).start()
+    try:
+        t0 = time.monotonic()
+        reply, outs = run(kc, "import time; time.sleep(600)", timeout=60)
+        waited = time.monotonic() - t0
+        assert reply["status"] == "error" and "is stopped (SIGSTOP" in reply["evalue"], reply
+        print(f"reported {waited - 2:.1f} s after the SIGSTOP")
+    finally:
+        try:
+            os.kill(rec.vmm_pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+    assert stdout(run(kc, "print('stopped_marker' in globals())")[1]).strip() == "False"
+    (fresh,) = vms_of(km)
+    assert fresh.vm_id != rec.vm_id and not Path(f"/proc/{rec.vmm_pid}").exists()
