@@ -335,7 +335,7 @@ class GuestKernel:
              "--IPKernelApp.connection_dir=" + kdir],
             cwd=USER_HOME, env=env, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,
             user=USER_UID, group=USER_GID, extra_groups=[], start_new_session=True,
-            pass_fds=self.rekey_fds,
+            pass_fds=self.rekey_fds, preexec_fn=_oom_score(0),   # the agent's -1000 is not inherited
         )
         for fd in (log_fd, *self.rekey_fds):
             os.close(fd)
@@ -469,6 +469,7 @@ class Agent:
         self.ctx = zmq.Context()
         self.kernel: GuestKernel | None = None
         self.kernel_dead_reported = False
+        self.oom_kills_at_start = _oom_kills()
         self._cpu_prev: tuple[int, int] | None = None
         self._link_paused_until = 0.0
         self.shutting_down = False
@@ -658,7 +659,10 @@ class Agent:
         code = kernel.proc.poll()
         if code is not None:
             self.kernel_dead_reported = True
-            self.outbox.put_json({"event": "kernel_died", "code": code, "log": kernel.log_tail()})
+            # The VM's OOM killer is the usual reason a kernel dies with SIGKILL.
+            oom = code == -signal.SIGKILL and _oom_kills() > self.oom_kills_at_start
+            self.outbox.put_json({"event": "kernel_died", "code": code, "oom": oom,
+                                  "mem_total_kib": _meminfo().get("MemTotal", 0), "log": kernel.log_tail()})
         else:
             kernel.poll_ready()
 
@@ -761,6 +765,18 @@ def _add_entropy(data: bytes) -> None:
         log(f"cannot add entropy: {exc}")
 
 
+def _oom_kills() -> int:
+    """How many processes the VM's out-of-memory killer has killed since boot."""
+    try:
+        with open("/proc/vmstat") as fh:
+            for line in fh:
+                if line.startswith("oom_kill "):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
 def _confined(path: str) -> str:
     if not isinstance(path, str) or not path or "\x00" in path:
         raise ValueError("a path is required")
@@ -773,8 +789,22 @@ def _confined(path: str) -> str:
     raise PermissionError(f"{path!r} is outside {' and '.join(FILE_ROOTS)}")
 
 
+def _oom_score(value: int):
+    """A function that sets the calling process's OOM score adjustment."""
+    def apply() -> None:
+        try:
+            with open("/proc/self/oom_score_adj", "w") as fh:
+                fh.write(str(value))
+        except OSError:
+            pass
+    return apply
+
+
 def main() -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A memory bomb in a cell must take the guest kernel, never the agent
+    # (the host would then see the VM go silent, not an out-of-memory error).
+    _oom_score(-1000)()
     link = open_link()
     log(f"listening on {getattr(link, 'path', None) or link.listener.getsockname()}")
     Agent(link).run()

@@ -578,8 +578,15 @@ class Sandbox:
                 self._ready.set_result(info if isinstance(info, dict) else {})
         elif kind == "kernel_died":
             code = event.get("code")
-            status = f" (exit status {code})" if code is not None else ""
-            self._die(GuestDied(f"the guest's Python kernel died{status}", str(event.get("log", ""))[-3000:]))
+            status = f" (exit status {code})" if isinstance(code, int) else ""
+            what = f"the guest's Python kernel died{status}"
+            if event.get("oom") is True:
+                mib = event.get("mem_total_kib")
+                size = f"{mib // 1024} MiB" if isinstance(mib, int) and mib > 0 else "its memory"
+                what = (f"out of memory in the VM: the guest's Python kernel was killed by the VM's "
+                        f"out-of-memory killer (the VM has {size}; give it more with %smolvm config --mem "
+                        f"or SandboxConfig.mem_mib, or use less)")
+            self._die(GuestDied(what, str(event.get("log", ""))[-3000:]))
         elif kind == "dropped":
             note = {"msg_type": "stream", "channel": "iopub", "content": {
                 "name": "stderr",

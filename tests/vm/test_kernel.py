@@ -300,3 +300,12 @@ def test_a_stopped_vmm_is_reported_and_the_next_cell_gets_a_fresh_vm(kernel):
     assert stdout(run(kc, "print('stopped_marker' in globals())")[1]).strip() == "False"
     (fresh,) = vms_of(km)
     assert fresh.vm_id != rec.vm_id and not Path(f"/proc/{rec.vmm_pid}").exists()
+
+
+def test_a_memory_bomb_says_out_of_memory_and_the_next_cell_recovers(kernel):
+    km, kc = kernel
+    reply, outs = run(kc, "hog = []\nwhile True:\n    hog.append(bytearray(32 * 2**20))", timeout=120)
+    assert reply["status"] == "error"
+    assert "out of memory in the VM" in reply["evalue"] and "--mem" in reply["evalue"], reply["evalue"]
+    reply, outs = run(kc, "print('back')", timeout=120)
+    assert reply["status"] == "ok" and stdout(outs).strip().endswith("back")
