@@ -44,6 +44,42 @@ MAX_FILE = 256 * 1024 * 1024
 #: Host-bound Jupyter frames waiting to be written; past this the agent stops
 #: reading the kernel's sockets, so a flood backs up into ZMQ, not into RAM.
 LOW_QUEUE_LIMIT = 256
+#: Bytes of kernel output the agent holds for the host at most; beyond it the
+#: agent stops reading the kernel, whose IOPub then drops (see _KERNEL_MAIN):
+#: an output flood must not fill the VM's memory.
+LOW_QUEUE_BYTES = 8 * 1024 * 1024
+#: The in-guest kernel, started as ipykernel_launcher would be, with its
+#: memory bounded under an output flood: its IOPub PUB socket queues at most 16
+#: messages for a slow reader (the agent) and drops the rest, and stdout or
+#: stderr text waiting for the IO thread is flushed (the writer waits for it)
+#: once it passes 1 MiB; ipykernel 6.29 would buffer both without end, until
+#: the VM's memory ran out (an endless print loop ended in a guest panic).
+_KERNEL_MAIN = """\
+import sys
+sys.path[:] = [p for p in sys.path if p not in ("", ".")]
+import zmq
+_socket = zmq.Context.socket
+def _smolvm_socket(self, kind, *args, **kwargs):
+    sock = _socket(self, kind, *args, **kwargs)
+    if kind == zmq.PUB:
+        sock.sndhwm = 16
+    return sock
+zmq.Context.socket = _smolvm_socket
+from ipykernel import iostream, kernelapp
+_write = iostream.OutStream.write
+def _smolvm_write(self, string):
+    n = _write(self, string)
+    try:
+        with self._buffer_lock:
+            waiting = sum(b.tell() for b in self._buffers.values())
+    except AttributeError:     # another ipykernel: its own buffering applies
+        return n
+    if waiting > 1 << 20 and self._is_master_process():
+        self.flush()
+    return n
+iostream.OutStream.write = _smolvm_write
+kernelapp.launch_new_instance()
+"""
 SYNC_MAGIC = b"\x00\xffSMOLVM-SYNC\xff\x00"
 #: While no host is connected, a virtio-serial port reads EOF at once (and
 #: polls ready): the agent looks again after this pause.
@@ -245,6 +281,7 @@ class Outbox:
         self.link = link
         self._high: collections.deque[bytes] = collections.deque()
         self._low: collections.deque[bytes] = collections.deque()
+        self._low_bytes = 0
         self._cond = threading.Condition()
         threading.Thread(target=self._run, name="outbox", daemon=True).start()
 
@@ -254,7 +291,11 @@ class Outbox:
             return
         frame = wire.encode_frame(channel, body)
         with self._cond:
-            (self._high if channel in wire.PRIORITY_CHANNELS else self._low).append(frame)
+            if channel in wire.PRIORITY_CHANNELS:
+                self._high.append(frame)
+            else:
+                self._low.append(frame)
+                self._low_bytes += len(frame)
             self._cond.notify()
 
     def put_json(self, obj: dict) -> None:
@@ -265,18 +306,23 @@ class Outbox:
         with self._cond:
             self._high.clear()
             self._low.clear()
+            self._low_bytes = 0
             self._high.append(preamble)
             self._cond.notify()
 
     def low_full(self) -> bool:
-        return len(self._low) >= LOW_QUEUE_LIMIT
+        return len(self._low) >= LOW_QUEUE_LIMIT or self._low_bytes >= LOW_QUEUE_BYTES
 
     def _run(self) -> None:
         while True:
             with self._cond:
                 while not self._high and not self._low:
                     self._cond.wait()
-                frame = self._high.popleft() if self._high else self._low.popleft()
+                if self._high:
+                    frame = self._high.popleft()
+                else:
+                    frame = self._low.popleft()
+                    self._low_bytes -= len(frame)
             try:
                 self.link.write_all(frame)
             except OSError as exc:
@@ -331,12 +377,15 @@ class GuestKernel:
         self.ack_r, ack_w = os.pipe()
         self.rekey_fds = (key_r, ack_w)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ipykernel_launcher", "-f", conn_file,
+            [sys.executable, "-c", _KERNEL_MAIN, "-f", conn_file,
              "--IPKernelApp.connection_dir=" + kdir],
             cwd=USER_HOME, env=env, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,
             user=USER_UID, group=USER_GID, extra_groups=[], start_new_session=True,
-            pass_fds=self.rekey_fds, preexec_fn=_oom_score(0),   # the agent's -1000 is not inherited
+            pass_fds=self.rekey_fds,
         )
+        # The agent keeps out of the OOM killer's reach (main()); the kernel,
+        # which inherited that, must be the one it takes.
+        _oom_score(0, self.proc.pid)()
         for fd in (log_fd, *self.rekey_fds):
             os.close(fd)
         ident = self.session.encode()
@@ -347,6 +396,7 @@ class GuestKernel:
             sock.linger = 0
             if kind == zmq.SUB:
                 sock.setsockopt(zmq.SUBSCRIBE, b"")
+                sock.rcvhwm = 8       # with the kernel's PUB limit: a flood is dropped, not held
             else:
                 # ipykernel routes input_request to the stdin socket whose
                 # identity equals the requesting shell socket's.
@@ -661,8 +711,7 @@ class Agent:
             self.kernel_dead_reported = True
             # The VM's OOM killer is the usual reason a kernel dies with SIGKILL.
             oom = code == -signal.SIGKILL and _oom_kills() > self.oom_kills_at_start
-            self.outbox.put_json({"event": "kernel_died", "code": code, "oom": oom,
-                                  "mem_total_kib": _meminfo().get("MemTotal", 0), "log": kernel.log_tail()})
+            self.outbox.put_json({"event": "kernel_died", "code": code, "oom": oom, "log": kernel.log_tail()})
         else:
             kernel.poll_ready()
 
@@ -789,11 +838,11 @@ def _confined(path: str) -> str:
     raise PermissionError(f"{path!r} is outside {' and '.join(FILE_ROOTS)}")
 
 
-def _oom_score(value: int):
-    """A function that sets the calling process's OOM score adjustment."""
+def _oom_score(value: int, pid: int | str = "self"):
+    """A function that sets a process's OOM score adjustment (by default the caller's)."""
     def apply() -> None:
         try:
-            with open("/proc/self/oom_score_adj", "w") as fh:
+            with open(f"/proc/{pid}/oom_score_adj", "w") as fh:
                 fh.write(str(value))
         except OSError:
             pass

@@ -232,7 +232,9 @@ def _prepare_snapshot(profile: str, boot_anyway: bool = True) -> None:
         print(f"[{profile}] no ready snapshot for network={cfg.network}, transport={cfg.transport}, "
               f"backend={cfg.backend}: such VMs cold-boot")
         return
-    sb = Sandbox(profile=profile, progress=lambda m: print(f"[{profile}] {m}", flush=True))
+    # "wait": build the snapshot now and restore it (the default, "auto", would
+    # cold-boot and build it in the background, which this stop would end).
+    sb = Sandbox(profile=profile, snapshot="wait", progress=lambda m: print(f"[{profile}] {m}", flush=True))
     try:
         sb.start()
     finally:

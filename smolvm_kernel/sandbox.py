@@ -581,11 +581,9 @@ class Sandbox:
             status = f" (exit status {code})" if isinstance(code, int) else ""
             what = f"the guest's Python kernel died{status}"
             if event.get("oom") is True:
-                mib = event.get("mem_total_kib")
-                size = f"{mib // 1024} MiB" if isinstance(mib, int) and mib > 0 else "its memory"
                 what = (f"out of memory in the VM: the guest's Python kernel was killed by the VM's "
-                        f"out-of-memory killer (the VM has {size}; give it more with %smolvm config --mem "
-                        f"or SandboxConfig.mem_mib, or use less)")
+                        f"out-of-memory killer (the VM has {self.config.mem_mib} MiB; give it more with "
+                        f"%smolvm config --mem or SandboxConfig.mem_mib, or use less)")
             self._die(GuestDied(what, str(event.get("log", ""))[-3000:]))
         elif kind == "dropped":
             note = {"msg_type": "stream", "channel": "iopub", "content": {
