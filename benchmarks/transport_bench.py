@@ -31,7 +31,7 @@ def measure(kernel_name: str, rounds: int, mib: int) -> dict:
     t0 = time.monotonic()
     km, kc = start_new_kernel(kernel_name=kernel_name, startup_timeout=300)
     try:
-        kc.execute_interactive("pass", timeout=300)
+        kc.execute_interactive("pass", timeout=300, output_hook=lambda m: None)
         ready = time.monotonic() - t0
         times = _round_trips(kc, rounds)
         received = [0]
