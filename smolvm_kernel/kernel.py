@@ -172,7 +172,8 @@ class Relay:
         if not (isinstance(msg_type, str) and isinstance(header.get("msg_id"), str)
                 and (parent_id is None or isinstance(parent_id, str))):
             return self._drop(chan, "malformed header")
-        if not (_is_json_object(body[2]) and _is_json_object(body[3])):
+        content = _json_object(body[3])
+        if content is None or not (body[2] == b"{}" or _json_object(body[2]) is not None):
             return self._drop(chan, "metadata or content is not a JSON object")
         if size > self.max_message_bytes:
             self._drop(chan, f"{size} bytes")
@@ -185,22 +186,22 @@ class Relay:
         if parent_id in self._internal:
             # The host's own request (see run_internal): never shown.
             if chan == Channel.SHELL:
-                count = _json_field(body[3], "execution_count")
+                count = content.get("execution_count")
                 self._count(count)
                 self._internal.pop(parent_id)(count if isinstance(count, int) else None)
             return
         if msg_type in _POLICY_TYPES and not self.policy.trusted:
-            body = self._apply_policy(msg_type, body, parent)
+            body = self._apply_policy(msg_type, body, parent, content)
             if body is None:
                 return self._drop(chan, f"{msg_type} refused by the output policy")
         if self.host_comms is not None and msg_type in ("comm_info_reply", "comm_msg"):
-            body = self._add_host_widgets(msg_type, body, parent_id)
+            body = self._add_host_widgets(msg_type, body, parent_id, content)
         if chan == Channel.IOPUB:
             if msg_type in _OUTPUT_TYPES and self._over_output_limit(parent_id, parent, body):
                 return
             if msg_type == "status":
                 req = self.inflight.get(parent_id)
-                state = _json_field(body[3], "execution_state")
+                state = content.get("execution_state")
                 if req is not None and state == "busy" and req.started_at is None:
                     req.started_at = time.monotonic()
                 if req is not None and req.host_busy and state == "busy":
@@ -219,7 +220,7 @@ class Relay:
                 start = req.started_at or req.sent_at
                 if start is not None:
                     self.last_cell_s = time.monotonic() - start
-                self._count(_json_field(body[3], "execution_count"))
+                self._count(content.get("execution_count"))
             self._to_frontend(req.socket, req.idents, body)
             if timeline.enabled() and req.header.get("msg_type") == "execute_request":
                 timeline.finish()
@@ -249,15 +250,10 @@ class Relay:
         req.output_bytes += size
         return False
 
-    def _apply_policy(self, msg_type: str, body: list[bytes], parent: dict) -> list[bytes] | None:
-        """The message with its content filtered by the output policy, or None to drop it.
-        What was blocked is said once per request, in the cell."""
-        try:
-            content = json.loads(body[3])
-        except (ValueError, RecursionError):
-            return None
-        if not isinstance(content, dict):
-            return None
+    def _apply_policy(self, msg_type: str, body: list[bytes], parent: dict, content: dict) -> list[bytes] | None:
+        """The message with its content (parsed, changed in place) filtered by the
+        output policy, or None to drop it. What was blocked is said once per
+        request, in the cell."""
         content = self.policy.content(msg_type, content)
         notes, self.policy.notes = self.policy.notes, []
         for note in notes:
@@ -293,24 +289,19 @@ class Relay:
         except SmolVMError:
             self._internal.pop(msg["header"]["msg_id"])(None)
 
-    def _add_host_widgets(self, msg_type: str, body: list[bytes], parent_id) -> list[bytes]:
+    def _add_host_widgets(self, msg_type: str, body: list[bytes], parent_id, content: dict) -> list[bytes]:
         """Let a reloaded page find the host's widgets (the panel) next to the guest's:
         list them in comm_info_reply, and add their states to the control comm's
         update_states. The guest's own entries are kept as they are."""
-        if msg_type == "comm_msg" and (not self.control_comms or b'"update_states"' not in body[3]):
-            return body     # any other widget traffic passes unparsed
-        try:
-            content = json.loads(body[3])
-        except (ValueError, RecursionError):
-            return body
-        if not isinstance(content, dict):
+        if msg_type == "comm_msg" and not self.control_comms:
             return body
         if msg_type == "comm_info_reply" and isinstance(content.get("comms"), dict):
             if self.comm_info_targets.pop(parent_id, None) not in (None, "", "jupyter.widget"):
                 return body
             for comm_id in self.host_comms.manager.comms:
                 content["comms"][comm_id] = {"target_name": "jupyter.widget"}
-        elif msg_type == "comm_msg" and content.get("comm_id") in self.control_comms:
+        elif msg_type == "comm_msg" and isinstance(content.get("comm_id"), str) \
+                and content["comm_id"] in self.control_comms:
             data = content.get("data")
             if not (isinstance(data, dict) and data.get("method") == "update_states"
                     and isinstance(data.get("states"), dict)):
@@ -399,21 +390,13 @@ def _process_state(pid: int) -> str | None:
         return None
 
 
-def _is_json_object(data: bytes) -> bool:
-    if data == b"{}":
-        return True
-    try:
-        return isinstance(json.loads(data), dict)
-    except (ValueError, RecursionError):
-        return False
-
-
-def _json_field(data: bytes, field: str):
+def _json_object(data: bytes) -> dict | None:
+    """``data`` parsed, if it is one JSON object (guest bytes: anything else is None)."""
     try:
         obj = json.loads(data)
     except (ValueError, RecursionError):
         return None
-    return obj.get(field) if isinstance(obj, dict) else None
+    return obj if isinstance(obj, dict) else None
 
 
 class SmolVMKernel(ConfigActions):
