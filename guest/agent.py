@@ -26,7 +26,7 @@ import uuid
 
 import zmq
 
-from smolvm_guest import wire
+from smolvm_guest import files, wire
 from smolvm_guest.wire import Channel
 
 AGENT_VERSION = "0.1.0"
@@ -598,33 +598,25 @@ class Agent:
         }
 
     def op_put(self, req: dict) -> dict:
-        path = _confined(req["path"])
+        """One chunk of a file from the host, written as the kernel's user (see files)."""
+        root, parts = files.split_beneath(req["path"], USER_HOME, FILE_ROOTS)
         data = base64.b64decode(req["data"])
         offset = int(req.get("offset", 0))
-        if offset < 0 or offset + len(data) > MAX_FILE:
+        total = req.get("size")
+        total = int(total) if total is not None else None
+        if offset < 0 or offset + len(data) > MAX_FILE or (total is not None and not 0 <= total <= MAX_FILE):
             raise ValueError(f"files are limited to {MAX_FILE} bytes")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if offset == 0 else 0) | os.O_NOFOLLOW
-        fd = os.open(path, flags, 0o644)
-        try:
-            os.pwrite(fd, data, offset)
-            os.fchown(fd, USER_UID, USER_GID)
-        finally:
-            os.close(fd)
-        return {"size": offset + len(data)}
+        end = files.as_user(USER_UID, USER_GID, files.put, root, parts, data, offset, total)
+        return {"size": end}
 
     def op_get(self, req: dict) -> dict:
-        path = _confined(req["path"])
+        """A chunk of a regular file for the host, read as the kernel's user (see files)."""
+        root, parts = files.split_beneath(req["path"], USER_HOME, FILE_ROOTS)
         offset = int(req.get("offset", 0))
         length = min(int(req.get("length", 1 << 20)), 4 << 20)
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-        try:
-            size = os.fstat(fd).st_size
-            if size > MAX_FILE:
-                raise ValueError(f"{path} is {size} bytes; files are limited to {MAX_FILE} bytes")
-            data = os.pread(fd, length, offset)
-        finally:
-            os.close(fd)
+        if offset < 0 or length < 0:
+            raise ValueError("offset and length must not be negative")
+        size, data = files.as_user(USER_UID, USER_GID, files.get, root, parts, offset, length, MAX_FILE)
         return {"size": size, "data": base64.b64encode(data).decode()}
 
     def op_quiesce(self, req: dict) -> dict:
@@ -824,18 +816,6 @@ def _oom_kills() -> int:
     except (OSError, ValueError):
         pass
     return 0
-
-
-def _confined(path: str) -> str:
-    if not isinstance(path, str) or not path or "\x00" in path:
-        raise ValueError("a path is required")
-    if path == "~" or path.startswith("~/"):
-        path = USER_HOME + path[1:]     # the guest user's home, as in a shell
-    full = os.path.realpath(os.path.join(USER_HOME, path))
-    for root in FILE_ROOTS:
-        if full == root or full.startswith(root + "/"):
-            return full
-    raise PermissionError(f"{path!r} is outside {' and '.join(FILE_ROOTS)}")
 
 
 def _oom_score(value: int, pid: int | str = "self"):

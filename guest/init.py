@@ -55,6 +55,19 @@ def _name_files() -> None:
         fh.write("# no DNS: this VM has no network\n")
 
 
+def _protect_links() -> None:
+    """Set the kernel's link and FIFO protections explicitly (not by the
+    distribution's defaults): links in sticky folders such as /tmp are
+    followed only for their owner, no hard link to a file one cannot write."""
+    for name, value in (("protected_symlinks", "1"), ("protected_hardlinks", "1"),
+                        ("protected_fifos", "2"), ("protected_regular", "2")):
+        try:
+            with open(f"/proc/sys/fs/{name}", "w") as fh:
+                fh.write(value)
+        except OSError as exc:
+            print(f"smolvm-init: fs.{name}: {exc}", file=sys.stderr)
+
+
 def _restart_vm() -> None:
     os.sync()
     ctypes.CDLL(None).reboot(_RB_AUTOBOOT)
@@ -86,6 +99,7 @@ def main() -> None:
     _mount("devpts", "/dev/pts", "devpts", "mode=0620,ptmxmode=0666", flags=_MS_NOSUID)
     os.chmod("/tmp", 0o1777)
     socket.sethostname(HOSTNAME)
+    _protect_links()
     try:
         _name_files()
     except OSError as exc:

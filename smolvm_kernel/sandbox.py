@@ -791,7 +791,8 @@ class Sandbox:
         offset = 0
         while True:
             chunk = data[offset:offset + _FILE_CHUNK]
-            self.agent_request("put", path=remote, offset=offset,
+            # The file appears in the guest whole, once all ``size`` bytes are in.
+            self.agent_request("put", path=remote, offset=offset, size=len(data),
                                data=base64.b64encode(chunk).decode(), timeout=60)
             offset += len(chunk)
             if offset >= len(data):
