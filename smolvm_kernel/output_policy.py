@@ -54,6 +54,18 @@ _LATEX_HTML = re.compile(r"\\(?:class|cssId|style|html|unicode|require)\b")
 _HOST_LINE = re.compile(r"^\s*%+smolvm\b", re.MULTILINE)
 
 
+#: Mime types whose value a frontend renders as markup: a string (or a list of strings) only.
+_TEXT_MIMES = frozenset({"text/plain", "text/html", "text/markdown", "text/latex", "image/svg+xml"})
+
+
+def _text(value) -> str | None:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return "".join(value)
+    return None
+
+
 def _keep_attribute(element: str, attribute: str, value: str) -> str | None:
     is_data = value.strip().lower().startswith("data:")
     if attribute == "src":
@@ -127,16 +139,21 @@ class OutputPolicy:
             if mime not in self.allowed:
                 blocked.add(mime)
                 continue
-            if mime == "text/html" and isinstance(value, (str, list)):
-                value = sanitize_html("".join(value) if isinstance(value, list) else value)
-            elif mime == "text/markdown" and isinstance(value, (str, list)):
-                value = sanitize_markdown("".join(value) if isinstance(value, list) else value)
-            elif mime == "text/latex" and isinstance(value, str) and (
-                    _LATEX_LINK.search(value) or _LATEX_HTML.search(value)):
+            if mime in _TEXT_MIMES:
+                # A frontend renders a list of strings joined: check what it would render.
+                value = _text(value)
+                if value is None:
+                    blocked.add(mime)
+                    continue
+            if mime == "text/html":
+                value = sanitize_html(value)
+            elif mime == "text/markdown":
+                value = sanitize_markdown(value)
+            elif mime == "text/latex" and (_LATEX_LINK.search(value) or _LATEX_HTML.search(value)):
                 blocked.add(mime)
                 continue
             elif mime == "image/svg+xml":
-                if isinstance(value, str) and "text/html" not in data:
+                if "text/html" not in data:
                     out["text/html"] = svg_as_image(value)
                 continue
             out[mime] = value

@@ -164,3 +164,18 @@ def test_safe_output_for_sandbox_callers():
 
     out = safe_output(Output("display_data", {"data": {"text/html": "<script>x</script><i>ok</i>"}, "metadata": {}}))
     assert out.content["data"]["text/html"] == "<i>ok</i>"
+
+
+@pytest.mark.parametrize("mime, value", [
+    ("text/latex", ["$\\href{javascript:alert(1)}", "{x}$"]),      # a list is rendered joined
+    ("text/html", ["<img src=x one", "rror=alert(1)>"]),
+    ("text/html", {"not": "text"}),
+    ("text/markdown", 7),
+    ("image/svg+xml", ["<svg onload=alert(1)>", "</svg>"]),
+])
+def test_markup_given_as_a_list_or_a_non_string_is_checked_as_rendered(policy, mime, value):
+    data, _ = policy.bundle({mime: value, "text/plain": "t"})
+    rendered = json.dumps(data)
+    assert "javascript:" not in rendered and "onerror" not in rendered and "onload" not in rendered.replace(
+        "base64", "")
+    assert mime not in data or isinstance(data[mime], str)
