@@ -1,0 +1,114 @@
+"""Start/execute/stop cycles and kernel restarts: what is left behind, counted.
+
+    python benchmarks/leak_cycles.py [--cycles 100] [--restarts 100]
+
+Part 1 runs ``--cycles`` times: a Sandbox starts (from the ready snapshot),
+runs a cell, stops. Part 2 starts one SmolVM kernel and restarts it
+``--restarts`` times (a new kernel process and VM each time), running a cell
+after each. Part 3 replaces one kernel's VM ``--restarts`` times with
+``%smolvm reset`` (the same kernel process throughout). Before and after each
+part it counts what a VM can leave on the host: QEMU processes, open file
+descriptors (this process; in part 3 the kernel's), files in the state
+directory (run folders, sockets), rows in the VM registry, and in part 3 the
+kernel process's RSS. Prints a table; exit status 1 if a count grew.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def counts(kernel_pid: int | None = None) -> dict[str, int]:
+    from smolvm_kernel import paths
+    from smolvm_kernel.state import Registry
+
+    qemu = subprocess.run(["pgrep", "-c", "-f", "qemu-system"], capture_output=True, text=True).stdout.strip()
+    state = paths.state_dir()
+    out = {
+        "QEMU processes": int(qemu or 0),
+        "open fds (this process)": len(os.listdir("/proc/self/fd")),
+        "files in the state dir": sum(len(f) + len(d) for _, d, f in os.walk(state)) if state.exists() else 0,
+        "VM registry rows": len(Registry().list()),
+    }
+    if kernel_pid:
+        out["open fds (kernel process)"] = len(os.listdir(f"/proc/{kernel_pid}/fd"))
+        for line in Path(f"/proc/{kernel_pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                out["kernel process RSS (MiB)"] = int(line.split()[1]) // 1024
+    return out
+
+
+def sandbox_cycles(n: int) -> float:
+    from smolvm_kernel.sandbox import Sandbox
+
+    t = time.monotonic()
+    for i in range(n):
+        sb = Sandbox(backend="qemu")
+        sb.start()
+        out = "".join(o.text for o in sb.execute(f"print({i} * 2)"))
+        assert out.strip() == str(i * 2), out
+        sb.stop()
+    return time.monotonic() - t
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cycles", type=int, default=100)
+    ap.add_argument("--restarts", type=int, default=100)
+    args = ap.parse_args()
+    from jupyter_client.manager import start_new_kernel
+
+    rows = []
+    sandbox_cycles(1)      # the snapshot exists, lazily opened files are open
+    before = counts()
+    took = sandbox_cycles(args.cycles)
+    after = counts()
+    rows += [(f"{args.cycles} Sandbox start/execute/stop cycles ({took:.0f} s)", k, before[k], after[k])
+             for k in before]
+
+    km, kc = start_new_kernel(kernel_name="smolvm-python", startup_timeout=120)
+    quiet = {"timeout": 120, "output_hook": lambda m: None}
+    try:
+        kc.execute_interactive("pass", **quiet)
+        before = counts()
+        t = time.monotonic()
+        for i in range(args.restarts):
+            km.restart_kernel(now=False)
+            kc.wait_for_ready(timeout=120)
+            kc.execute_interactive(f"x = {i}", **quiet)
+        took = time.monotonic() - t
+        after = counts()
+        rows += [(f"{args.restarts} restarts of one kernel ({took:.0f} s)", k, before[k], after[k])
+                 for k in before]
+        pid = km.provisioner.process.pid
+        kc.execute_interactive("%smolvm reset", **quiet)
+        kc.execute_interactive("pass", **quiet)
+        before = counts(pid)
+        t = time.monotonic()
+        for i in range(args.restarts):
+            kc.execute_interactive("%smolvm reset", **quiet)
+            kc.execute_interactive(f"x = {i}", **quiet)
+        took = time.monotonic() - t
+        after = counts(pid)
+        rows += [(f"{args.restarts} `%smolvm reset` in one kernel process ({took:.0f} s)", k, before[k], after[k])
+                 for k in before]
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=False)
+    time.sleep(2)
+    final = counts()
+    print("\n| run | what | before | after |\n|---|---|---|---|")
+    for run, what, b, a in rows:
+        print(f"| {run} | {what} | {b} | {a} |")
+    print(f"\nafter both and the kernel's shutdown: {final}")
+    grew = [r for r in rows if r[3] > r[2] and "RSS" not in r[1] and "fds" not in r[1]]
+    return 1 if grew else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
