@@ -6,7 +6,8 @@ Runs, one after another (each against a local ipykernel in the same run):
 snapshot_bench (launch, restart, many kernels, memory, snapshot build),
 launch_timeline (where a start's time goes, mark by mark), kernel_bench (round trips, output, first cell and first interrupt after a
 start), transport_bench (virtio-serial vs SSH; needs root for its network
-namespace, skipped with a note otherwise) and boot_loop (cold boots). It
+namespace, skipped with a note otherwise), boot_loop (cold boots) and
+leak_cycles (what 100 start/stop cycles, restarts and resets leave behind). It
 prints a header naming the machine (CPU, cores, memory, kernel, accelerator
 and why, QEMU) and the date, then each script's table as it printed it. The
 README quotes only what this printed, with that header.
@@ -87,6 +88,7 @@ def main() -> int:
     else:
         failed |= run("transport_bench.py")
     failed |= run("boot_loop.py", "--count", "5" if quick else "20")
+    failed |= run("leak_cycles.py", "--cycles", "10" if quick else "100", "--restarts", "10" if quick else "100")
     return 1 if failed else 0
 
 
