@@ -385,7 +385,7 @@ class GuestKernel:
         )
         # The agent keeps out of the OOM killer's reach (main()); the kernel,
         # which inherited that, must be the one it takes.
-        _oom_score(0, self.proc.pid)()
+        _set_oom_score(0, self.proc.pid)
         for fd in (log_fd, *self.rekey_fds):
             os.close(fd)
         ident = self.session.encode()
@@ -818,22 +818,20 @@ def _oom_kills() -> int:
     return 0
 
 
-def _oom_score(value: int, pid: int | str = "self"):
-    """A function that sets a process's OOM score adjustment (by default the caller's)."""
-    def apply() -> None:
-        try:
-            with open(f"/proc/{pid}/oom_score_adj", "w") as fh:
-                fh.write(str(value))
-        except OSError:
-            pass
-    return apply
+def _set_oom_score(value: int, pid: int | str = "self") -> None:
+    """Set a process's OOM score adjustment (by default the caller's)."""
+    try:
+        with open(f"/proc/{pid}/oom_score_adj", "w") as fh:
+            fh.write(str(value))
+    except OSError:
+        pass
 
 
 def main() -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # A memory bomb in a cell must take the guest kernel, never the agent
     # (the host would then see the VM go silent, not an out-of-memory error).
-    _oom_score(-1000)()
+    _set_oom_score(-1000)
     link = open_link()
     log(f"listening on {getattr(link, 'path', None) or link.listener.getsockname()}")
     Agent(link).run()

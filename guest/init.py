@@ -49,10 +49,9 @@ def _name_files() -> None:
     with open("/etc/hosts", "w") as fh:
         fh.write(f"127.0.0.1\tlocalhost\n127.0.1.1\t{HOSTNAME}\n"
                  "::1\tlocalhost ip6-localhost ip6-loopback\n")
-    if os.path.islink("/etc/resolv.conf"):
-        os.unlink("/etc/resolv.conf")
-    with open("/etc/resolv.conf", "w") as fh:
-        fh.write("# no DNS: this VM has no network\n")
+    from smolvm_guest import seed
+
+    seed.write_resolv_conf([])     # a networked VM's seed writes its servers later
 
 
 def _protect_links() -> None:
@@ -76,9 +75,6 @@ def _restart_vm() -> None:
 def _apply_seed() -> list[str] | None:
     """Network and SSH keys from the seed disk; the SSH server's argv, if any."""
     try:
-        # PID 1 runs isolated (-I): the guest package is not on its path.
-        if "/opt/smolvm" not in sys.path:
-            sys.path.insert(0, "/opt/smolvm")
         from smolvm_guest import seed
 
         data = seed.read_seed()
@@ -94,6 +90,9 @@ def _apply_seed() -> list[str] | None:
 
 
 def main() -> None:
+    # PID 1 runs isolated (-I): the guest package is not on its path.
+    if "/opt/smolvm" not in sys.path:
+        sys.path.insert(0, "/opt/smolvm")
     _mount("tmpfs", "/run", "tmpfs", "mode=0755")
     _mount("tmpfs", "/dev/shm", "tmpfs", "mode=1777")
     _mount("devpts", "/dev/pts", "devpts", "mode=0620,ptmxmode=0666", flags=_MS_NOSUID)
@@ -102,8 +101,8 @@ def main() -> None:
     _protect_links()
     try:
         _name_files()
-    except OSError as exc:
-        print(f"smolvm-init: /etc/hosts: {exc}", file=sys.stderr)
+    except Exception as exc:   # the VM still boots; its console says what failed
+        print(f"smolvm-init: /etc/hosts, resolv.conf: {exc}", file=sys.stderr)
     try:
         _loopback_up()
     except OSError as exc:

@@ -381,15 +381,6 @@ def _size(n: int) -> str:
     return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 1024:.0f} KiB"
 
 
-def _process_state(pid: int) -> str | None:
-    """The state letter of /proc/PID/stat (R, S, D, T ...), or None if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return None
-
-
 def _json_object(data: bytes) -> dict | None:
     """``data`` parsed, if it is one JSON object (guest bytes: anything else is None)."""
     try:
@@ -437,8 +428,7 @@ class SmolVMKernel(ConfigActions):
         self.sandbox.on_death = lambda err: self._post(("death", err, None))
         self.relay = Relay(self.session, self.sandbox, self._send_frontend,
                            self.config.max_message_bytes, is_ready=self._guest_ready,
-                           policy=OutputPolicy(self.config.output_policy, self.config.output_allow_mimes,
-                                               self.config.widget_modules),
+                           policy=OutputPolicy.from_config(self.config),
                            max_cell_output=self.config.max_output_mib * 2**20)
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="smolvm-vm")
         self._ops = _SerialThread("smolvm-ops")
@@ -718,9 +708,10 @@ class SmolVMKernel(ConfigActions):
         """A VMM that is stopped (SIGSTOP, a debugger) runs no guest: the cells
         waiting on it would wait forever. Report it and replace the VM."""
         from smolvm_kernel.errors import GuestDied
+        from smolvm_kernel.state import process_state
 
         pid = self.sandbox.backend.pid if self.sandbox.backend is not None else None
-        if pid is None or _process_state(pid) not in ("T", "t"):
+        if pid is None or process_state(pid) not in ("T", "t"):
             self._vmm_stopped_since = None
             return
         now = time.monotonic()

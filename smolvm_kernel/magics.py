@@ -158,7 +158,7 @@ def smolvm_cell(line: str, cell: str):
               f"({sb.backend.name}/{sb.backend.spec.accel})", file=sys.stderr, flush=True)
     from smolvm_kernel.output_policy import OutputPolicy
 
-    policy = OutputPolicy(sb.config.output_policy, sb.config.output_allow_mimes, sb.config.widget_modules)
+    policy = OutputPolicy.from_config(sb.config)
     for out in sb.execute(cell, timeout=args.timeout, stdin=_stdin):
         if out.type == "error":
             raise GuestError(out.content)

@@ -117,6 +117,11 @@ class OutputPolicy:
         #: Notes for the user about what was blocked, for the caller to show and clear.
         self.notes: list[str] = []
 
+    @classmethod
+    def from_config(cls, config) -> OutputPolicy:
+        """The policy a :class:`~smolvm_kernel.config.SandboxConfig` sets."""
+        return cls(config.output_policy, config.output_allow_mimes, config.widget_modules)
+
     @property
     def trusted(self) -> bool:
         return self.mode == "trusted"

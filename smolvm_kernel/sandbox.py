@@ -274,7 +274,7 @@ class Sandbox:
             if self._snapshot_wanted is not None and (self.snapshot_build is None or self.snapshot_build.done()):
                 # After this VM is up, so that the two do not share the CPU while it boots.
                 self.snapshot_build = asyncio.get_running_loop().create_task(
-                    self._build_snapshot_in_background(*self._snapshot_wanted))
+                    self._build_background_snapshot(*self._snapshot_wanted))
             self._snapshot_wanted = None
         except BaseException:
             await self._stop()
@@ -357,44 +357,45 @@ class Sandbox:
             self._say(f"first start of {shape['vcpus']} vCPU / {shape['mem_mib']} MiB: a cold boot now; its "
                       f"ready snapshot is built in the background, and later starts take under a second")
             return None
-        lock = await asyncio.to_thread(snaps.lock, self.image, key)
-        try:
-            snap = snaps.get(self.image, key)
-            if snap is None:
-                took = [m.get("boot_s", 0) + m.get("save_s", 0) for m in
-                        (other.manifest() for other in snaps.list()) if m.get("profile") == self.image.profile]
-                estimate = f"about {max(took):.0f} s" if took else "under a minute"
-                self._say(f"first start of {shape['vcpus']} vCPU / {shape['mem_mib']} MiB: building its "
-                          f"ready snapshot ({estimate}, once; later starts take under a second)")
-                t = time.monotonic()
-                try:
-                    snap = await snaps.build(self.image, key, shape, binary, self.config.boot_timeout)
-                except (SmolVMError, OSError, asyncio.TimeoutError) as exc:
-                    # No snapshot this time: boot cold; the next start tries again.
-                    self._say(f"could not build a snapshot ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else ''}); cold boot")
-                    return None
-                self._say(f"snapshot ready in {time.monotonic() - t:.1f} s")
-        finally:
-            lock.close()
+        took = [m.get("boot_s", 0) + m.get("save_s", 0) for m in
+                (other.manifest() for other in snaps.list()) if m.get("profile") == self.image.profile]
+        estimate = f"about {max(took):.0f} s" if took else "under a minute"
+        snap = await self._build_snapshot(
+            binary, shape, key, wait=True, say=self._say,
+            announce=f"first start of {shape['vcpus']} vCPU / {shape['mem_mib']} MiB: building its ready "
+                     f"snapshot ({estimate}, once; later starts take under a second)")
+        if snap is None:
+            self._say("cold boot instead; the next start tries the snapshot again")
         return snap
 
-    async def _build_snapshot_in_background(self, binary: str, shape: dict, key: str) -> bool:
+    async def _build_background_snapshot(self, binary: str, shape: dict, key: str) -> bool:
         """Build this shape's snapshot unless another process is at it; whether one is ready."""
+        return await self._build_snapshot(binary, shape, key, wait=False, say=log.info) is not None
+
+    async def _build_snapshot(self, binary: str, shape: dict, key: str, *, wait: bool,
+                              say: Callable[[str], None], announce: str = ""):
+        """The shape's snapshot, built under its lock unless it exists by then; None if
+        the build failed, or (``wait=False``) another process holds the lock."""
         snaps, image = self._snapshots, self.image
-        lock = snaps.lock(image, key, wait=False)
+        lock = await asyncio.to_thread(snaps.lock, image, key) if wait else snaps.lock(image, key, wait=False)
         if lock is None:
-            return False     # another kernel builds it
+            return None
         try:
-            if snaps.get(image, key) is not None:
-                return True
+            snap = snaps.get(image, key)
+            if snap is not None:
+                return snap
+            if announce:
+                say(announce)
             t = time.monotonic()
-            await snaps.build(image, key, shape, binary, self.config.boot_timeout)
-            log.info("ready snapshot for %s built in the background in %.1f s", shape, time.monotonic() - t)
-            return True
-        except (SmolVMError, OSError, asyncio.TimeoutError) as exc:
-            log.warning("building a ready snapshot in the background failed: %s", exc)
-            return False
+            try:
+                snap = await snaps.build(image, key, shape, binary, self.config.boot_timeout)
+            except (SmolVMError, OSError, asyncio.TimeoutError) as exc:
+                log.warning("building a ready snapshot failed: %s", exc)
+                say(f"could not build a snapshot ({type(exc).__name__}: "
+                    f"{str(exc).splitlines()[0] if str(exc) else ''})")
+                return None
+            say(f"snapshot ready in {time.monotonic() - t:.1f} s")
+            return snap
         finally:
             lock.close()
 

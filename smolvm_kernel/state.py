@@ -73,15 +73,26 @@ def _use_wal(con: sqlite3.Connection, deadline: float) -> None:
             time.sleep(0.01)
 
 
-def process_start_time(pid: int) -> int | None:
-    """Clock ticks since boot at which ``pid`` started, or None if it is gone."""
+def _stat_fields(pid: int) -> list[str] | None:
+    """/proc/PID/stat after the command name (field 3 on), or None if it is gone."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
     # The command name may contain spaces and parentheses: split after the last ')'.
-    fields = stat[stat.rindex(")") + 2:].split()
-    return int(fields[19])
+    return stat[stat.rindex(")") + 2:].split()
+
+
+def process_start_time(pid: int) -> int | None:
+    """Clock ticks since boot at which ``pid`` started, or None if it is gone."""
+    fields = _stat_fields(pid)
+    return int(fields[19]) if fields else None
+
+
+def process_state(pid: int) -> str | None:
+    """The state letter of ``pid`` (R, S, D, T ...), or None if it is gone."""
+    fields = _stat_fields(pid)
+    return fields[0] if fields else None
 
 
 def process_alive(pid: int | None, start: int | None) -> bool:
