@@ -159,7 +159,7 @@ def relay_cpu_per_message(n: int = 20000) -> float:
     from jupyter_client.session import Session
 
     from smolvm_guest.wire import Channel
-    from smolvm_kernel.kernel import Relay
+    from smolvm_kernel.relay import Relay
 
     class Guest:
         guest_key = b"g" * 64

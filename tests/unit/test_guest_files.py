@@ -3,8 +3,9 @@ regular files only, whole files, and never stuck (run here as this user)."""
 
 from __future__ import annotations
 
+import ctypes
+import multiprocessing
 import os
-import threading
 import time
 
 import pytest
@@ -73,37 +74,39 @@ def test_a_fifo_is_refused_at_once(home):
     assert time.monotonic() - t < files.DEADLINE_S      # refused, not waited on
 
 
+def _exchange_forever(a: str, b: str) -> None:
+    """Swap two paths atomically (renameat2 RENAME_EXCHANGE), as fast as possible."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    at_fdcwd, rename_exchange = -100, 2
+    while True:
+        libc.renameat2(at_fdcwd, a.encode(), at_fdcwd, b.encode(), rename_exchange)
+
+
 def test_swapping_a_directory_for_a_link_during_pushes_never_writes_outside(home, tmp_path):
     """The race a check-then-open loses: the user's code swaps ``sub`` between a
-    real directory and a link to a folder outside while pushes go on."""
+    real directory and a link to a folder outside while pushes go on. The swap is
+    one atomic exchange, in another process (no GIL between it and the pushes)."""
     outside = tmp_path / "outside"
-    stop = threading.Event()
-
-    def swap():
-        while not stop.is_set():
-            try:
-                os.rename(home / "sub", home / "sub-real")
-                (home / "sub").symlink_to(outside)       # now sub leads outside ...
-                time.sleep(0.0005)
-                os.unlink(home / "sub")
-                os.rename(home / "sub-real", home / "sub")   # ... and now it is the real one again
-            except OSError:
-                pass
-
     (home / "sub").mkdir()
-    swapper = threading.Thread(target=swap, daemon=True)
+    (home / "alt").symlink_to(outside)
+    swapper = multiprocessing.get_context("fork").Process(
+        target=_exchange_forever, args=(str(home / "sub"), str(home / "alt")), daemon=True)
     swapper.start()
-    refused = 0
+    refused = pushes = 0
+    deadline = time.monotonic() + 30
     try:
-        for i in range(300):
+        while pushes < 300 or (refused < 20 and time.monotonic() < deadline):
             try:
-                _put(home, f"sub/f{i}", b"x")
+                _put(home, f"sub/f{pushes}", b"x")
             except files.Refused:
                 refused += 1
+            pushes += 1
     finally:
-        stop.set()
+        swapper.kill()
         swapper.join(5)
     assert list(outside.iterdir()) == [], "a push went through the link"
-    written = len(list((home / "sub").iterdir())) if (home / "sub").is_dir() else 0
-    print(f"300 pushes during the swap loop: {refused} refused, {written} written inside")
+    inside = [p for d in ("sub", "alt") if (home / d).is_dir() and not (home / d).is_symlink()
+              for p in (home / d).iterdir()]
+    print(f"{pushes} pushes during the swap loop: {refused} refused, {len(inside)} written inside")
     assert refused > 0, "the swap loop never caught a push: this test would not see the race"
+    assert inside, "no push got through: the test would not see a push written outside either"

@@ -9,7 +9,7 @@ from jupyter_client.session import Session
 
 from smolvm_guest.wire import Channel
 from smolvm_kernel.errors import GuestDied
-from smolvm_kernel.kernel import DELIM, Relay
+from smolvm_kernel.relay import DELIM, Relay
 
 HOST_KEY = b"host-key-never-seen-by-the-guest"
 GUEST_KEY = b"g" * 64

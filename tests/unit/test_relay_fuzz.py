@@ -17,7 +17,7 @@ from jupyter_client.session import Session
 
 from smolvm_guest.wire import Channel
 from smolvm_kernel.hostcomm import HostComms
-from smolvm_kernel.kernel import DELIM, Relay
+from smolvm_kernel.relay import DELIM, Relay
 
 HOST_KEY = b"h" * 32
 GUEST_KEY = b"g" * 64
