@@ -23,6 +23,16 @@ import time
 from pathlib import Path
 
 
+def _vm_cgroups() -> int:
+    from smolvm_kernel import cgroups
+
+    where = cgroups.probe()
+    if isinstance(where, str):
+        return 0
+    return sum(1 for parent in set(where.parents.values()) if parent.is_dir()
+               for d in parent.iterdir() if d.is_dir())
+
+
 def counts(kernel_pid: int | None = None) -> dict[str, int]:
     from smolvm_kernel import paths
     from smolvm_kernel.state import Registry
@@ -34,6 +44,7 @@ def counts(kernel_pid: int | None = None) -> dict[str, int]:
         "open fds (this process)": len(os.listdir("/proc/self/fd")),
         "files in the state dir": sum(len(f) + len(d) for _, d, f in os.walk(state)) if state.exists() else 0,
         "VM registry rows": len(Registry().list()),
+        "VM cgroups": _vm_cgroups(),
     }
     if kernel_pid:
         out["open fds (kernel process)"] = len(os.listdir(f"/proc/{kernel_pid}/fd"))

@@ -162,6 +162,13 @@ def cmd_doctor(args) -> int:
              "would also merge identical pages they write")
     except OSError:
         pass
+    from smolvm_kernel import cgroups
+
+    where = cgroups.probe()
+    # Not a fault: VMs still run, only without host limits of their own.
+    line("cgroups", f"each VMM in its own ({where.describe()}); a {cfg.mem_mib} MiB VM's VMM may use "
+                    f"{cfg.mem_mib + cfg.vmm_overhead_mib} MiB" if not isinstance(where, str) else
+         f"none: {where}; VMMs run without memory/CPU/pids limits of their own")
     from smolvm_kernel.net import NetworkError, check_host
     from smolvm_kernel.sandbox import qemu_vsock_available
 

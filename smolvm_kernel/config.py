@@ -140,6 +140,11 @@ class SandboxConfig(Configurable):
     max_output_mib = Int(help="Most output one cell may send to the frontend, in MiB (streams, "
                               "displays, results); beyond it the rest is dropped and the cell says "
                               "how much (env SMOLVM_MAX_OUTPUT_MIB; default 16).").tag(config=True)
+    vmm_overhead_mib = Int(help="Host memory the VMM process may use beyond the guest's RAM, in MiB "
+                                "(its cgroup's memory limit is mem_mib plus this; QEMU under TCG "
+                                "needs about 130; env SMOLVM_VMM_OVERHEAD_MIB; default 256).").tag(config=True)
+    cpu_limit = Float(help="Host CPU the VMM may use, in cores (its cgroup's CPU quota; "
+                           "env SMOLVM_CPU_LIMIT; default 0: one core per vCPU).").tag(config=True)
     max_message_bytes = Int(32 * 1024 * 1024,
                             help="Largest message accepted from the guest; larger ones are "
                                  "dropped with a warning in the cell.").tag(config=True)
@@ -207,6 +212,28 @@ class SandboxConfig(Configurable):
         n = proposal["value"]
         if not 1 <= n <= 4096:
             raise TraitError(f"max_output_mib={n} is out of range; use 1 to 4096")
+        return n
+
+    @default("vmm_overhead_mib")
+    def _vmm_overhead_default(self) -> int:
+        return _env_int("SMOLVM_VMM_OVERHEAD_MIB", 256)
+
+    @validate("vmm_overhead_mib")
+    def _check_vmm_overhead(self, proposal):
+        n = proposal["value"]
+        if not 0 <= n <= 65536:
+            raise TraitError(f"vmm_overhead_mib={n} is out of range; use 0 to 65536 (256 suits QEMU)")
+        return n
+
+    @default("cpu_limit")
+    def _cpu_limit_default(self) -> float:
+        return _env_float("SMOLVM_CPU_LIMIT", 0.0)
+
+    @validate("cpu_limit")
+    def _check_cpu_limit(self, proposal):
+        n = proposal["value"]
+        if n != 0 and not 0.05 <= n <= 1024:
+            raise TraitError(f"cpu_limit={n} is out of range; use 0 (one core per vCPU) or 0.05 to 1024 cores")
         return n
 
     @default("output_policy")

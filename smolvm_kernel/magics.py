@@ -59,6 +59,8 @@ def format_status(stats: dict) -> str:
     else:
         lines.append(f"vCPUs      {stats.get('configured_vcpus')}   memory "
                      f"{stats.get('configured_mem_mib')} MiB (configured)")
+    if stats.get("cgroup"):
+        lines.append(f"host limit {stats['cgroup']}")
     return "\n".join(lines)
 
 

@@ -37,7 +37,7 @@ from traitlets import TraitError
 
 from smolvm_guest import wire
 from smolvm_guest.wire import Channel
-from smolvm_kernel import aio, timeline
+from smolvm_kernel import aio, cgroups, timeline
 from smolvm_kernel.backends.base import Backend, VMSpec
 from smolvm_kernel.channel.stream import GuestChannel
 from smolvm_kernel.config import SandboxConfig
@@ -124,6 +124,8 @@ class Sandbox:
         self.backend: Backend | None = None
         self.image: Image | None = None
         self.accel_reason = ""
+        #: The VMM's cgroup limits, or "none (why)".
+        self.cgroup_note = ""
         self.kernel_info: dict = {}
         self.vm_id: str | None = None
         self.started_at: float | None = None
@@ -291,6 +293,7 @@ class Sandbox:
             vcpus=cfg.vcpus, mem_mib=cfg.mem_mib))
         spec = VMSpec(vm_id=self.vm_id, run_dir=run_dir, image=self.image, transport=self.transport,
                       ram_file=restore.ram if restore else None, **shape)
+        spec.cgroup = await asyncio.to_thread(self._make_cgroup, spec)
         if restore is None:
             await self._setup_network(spec)
         self.backend = backend_cls(spec, binary, restore=restore) if restore else backend_cls(spec, binary)
@@ -308,6 +311,17 @@ class Sandbox:
         # A restore answers in about a second; do not wait a whole cold-boot
         # timeout before falling back.
         await self._connect(time.monotonic(), min(cfg.boot_timeout, 30.0) if restore else None)
+
+    def _make_cgroup(self, spec: VMSpec):
+        """The VMM's cgroup with limits from the VM's shape, or None (and why, in the status)."""
+        limits = cgroups.Limits.for_shape(spec.mem_mib, spec.vcpus, self.config.vmm_overhead_mib,
+                                          self.config.cpu_limit)
+        group = cgroups.create(spec.vm_id, limits)
+        if isinstance(group, str):
+            self.cgroup_note = f"none ({group})"
+            return None
+        self.cgroup_note = f"{limits.describe()} (cgroup v{group.version})"
+        return group
 
     async def _setup_network(self, spec: VMSpec) -> None:
         """TAP, rules, lease and the seed disk (address, SSH keys) for this VM,
@@ -471,7 +485,7 @@ class Sandbox:
         if self._death is not None:
             return self._death
         if code is not None:
-            return GuestDied(f"the VMM exited with status {code} while booting",
+            return self._over_host_limit() or GuestDied(f"the VMM exited with status {code} while booting",
                              backend.vmm_log_tail() + "\n--- guest console (tail) ---\n"
                              + backend.console_tail())
         return BootTimeout(timeout, stage, backend.console_tail() if backend else "")
@@ -506,8 +520,20 @@ class Sandbox:
         if task.cancelled() or self.backend is None:
             return
         code = task.result()
-        self._die(GuestDied(f"the microVM exited (status {code})",
-                            "--- guest console (tail) ---\n" + self.backend.console_tail(2000)), vm_id)
+        self._die(self._over_host_limit() or GuestDied(
+            f"the microVM exited (status {code})",
+            "--- guest console (tail) ---\n" + self.backend.console_tail(2000)), vm_id)
+
+    def _over_host_limit(self) -> GuestDied | None:
+        """The VMM's death, if its cgroup's memory limit caused it."""
+        group = self.backend.spec.cgroup if self.backend else None
+        if group is None or not group.oom_kills():
+            return None
+        return GuestDied(
+            f"the microVM's VMM went over its host memory limit of {group.limits.memory_bytes // 2**20} MiB "
+            f"(the VM's {self.backend.spec.mem_mib} MiB plus vmm_overhead_mib={self.config.vmm_overhead_mib}) "
+            f"and the host stopped it", "raise vmm_overhead_mib if the VMM needs more (QEMU under TCG "
+            "uses about 130 MiB beyond the guest's RAM)")
 
     def _on_channel_close(self, error: BaseException | None) -> None:
         if self.backend is None or self.state == SandboxState.STOPPED:
@@ -753,6 +779,7 @@ class Sandbox:
             "configured_vcpus": self.config.vcpus, "configured_mem_mib": self.config.mem_mib,
             "vmm_pid": self.backend.pid if self.backend else None,
             "vmm_rss_kib": _rss_kib(self.backend.pid) if self.backend else None,
+            "cgroup": self.cgroup_note if self.backend else None,
             "boot_seconds": self.boot_seconds, "started_from": self.started_from,
             # The guest's own uptime includes the snapshot template's; this is ours.
             "vm_uptime_s": time.time() - self.started_at if self.started_at and self.backend else None,

@@ -198,6 +198,9 @@ class Registry:
         # Network leases (TAP, nftables table, address) of VMs that are gone.
         from smolvm_kernel.net import cleanup_leases
         done += cleanup_leases(self.db_path, self.has)
+        # Cgroups of VMMs that are gone (the watchdog removes them too, when it can).
+        from smolvm_kernel import cgroups
+        done += cgroups.sweep(self.has)
         # Folders with no record: a crash between mkdir and the insert.
         for d in self.vms_dir.iterdir():
             if d.name not in known and time.time() - d.stat().st_mtime > 60:

@@ -20,6 +20,7 @@ import subprocess
 from pathlib import Path
 from typing import ClassVar
 
+from smolvm_kernel.cgroups import VMGroup
 from smolvm_kernel.images import Image
 
 _PR_SET_PDEATHSIG = 1
@@ -61,6 +62,8 @@ class VMSpec:
     #: through by a snapshot's template VM, mapped copy-on-write by its forks.
     ram_file: Path | None = None
     ram_shared: bool = False
+    #: The VMM's own cgroup (memory, CPU and pids limits); None where the host has none.
+    cgroup: VMGroup | None = None
 
     @property
     def console_log(self) -> Path:
@@ -107,10 +110,21 @@ def die_with_parent() -> None:
     os.setsid()  # an interrupt meant for the host kernel must not hit the VMM
 
 
-#: Runs as ``sh -c _WATCHDOG <vmm pid>``: on SIGTERM (its parent died) it kills
-#: the VMM; it exits by itself once the VMM is gone.
-_WATCHDOG = ('trap \'kill -KILL "$0" 2>/dev/null; exit 0\' TERM; '
+#: Runs as ``sh -c _WATCHDOG <vmm pid> [cgroup dir...]``: on SIGTERM (its parent
+#: died) it kills the VMM, waits for it to go and removes its cgroup folders;
+#: it exits by itself once the VMM is gone.
+_WATCHDOG = ('trap \'kill -KILL "$0" 2>/dev/null; n=0; '
+             'while kill -0 "$0" 2>/dev/null && [ $n -lt 50 ]; do sleep 0.1; n=$((n+1)); done; '
+             'for d; do rmdir "$d" 2>/dev/null; done; exit 0\' TERM; '
              'while kill -0 "$0" 2>/dev/null; do sleep 1 & wait $!; done')
+
+
+def _vmm_preexec(group: VMGroup | None):
+    def preexec() -> None:
+        if group is not None:
+            group.join()     # before exec: every page the VMM touches is charged there
+        die_with_parent()
+    return preexec
 
 
 def _watchdog_preexec() -> None:
@@ -157,13 +171,15 @@ class Backend(abc.ABC):
         try:
             self.proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                preexec_fn=die_with_parent, close_fds=True, pass_fds=pass_fds)
+                preexec_fn=_vmm_preexec(self.spec.cgroup), close_fds=True, pass_fds=pass_fds)
         finally:
             log.close()
         self.state = VMState.RUNNING
         if drops_privileges:
             self._watchdog = subprocess.Popen(
-                ["/bin/sh", "-c", _WATCHDOG, str(self.proc.pid)], stdin=subprocess.DEVNULL,
+                ["/bin/sh", "-c", _WATCHDOG, str(self.proc.pid),
+                 *(str(d) for d in (self.spec.cgroup.dirs if self.spec.cgroup else ()))],
+                stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                 preexec_fn=_watchdog_preexec, close_fds=True)
 
@@ -220,6 +236,8 @@ class Backend(abc.ABC):
 
         self._stop_watchdog()
         shutil.rmtree(self.spec.run_dir, ignore_errors=True)
+        if self.spec.cgroup is not None and (self.proc is None or self.proc.returncode is not None):
+            await asyncio.to_thread(self.spec.cgroup.remove)
 
     def console_tail(self, limit: int = 4000) -> str:
         """The end of the guest's serial console, for error messages."""

@@ -21,5 +21,5 @@ def test_start_stop_restart_and_reset_cycles_leave_nothing(kernelspec):
     print(proc.stdout)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| 5 ")]
-    assert len(rows) == 14, proc.stdout       # the table has every count, for all three runs
-    assert "'QEMU processes': 0" in proc.stdout and "'VM registry rows': 0" in proc.stdout
+    assert len(rows) == 17, proc.stdout       # the table has every count, for all three runs
+    assert all(f"'{what}': 0" in proc.stdout for what in ("QEMU processes", "VM registry rows", "VM cgroups"))

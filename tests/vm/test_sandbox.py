@@ -183,7 +183,8 @@ import sys, time
 from smolvm_kernel import Sandbox
 sb = Sandbox(vcpus=1, mem_mib=256, backend="qemu")
 sb.start()
-print(sb.backend.pid, sb.backend.spec.run_dir, flush=True)
+print(sb.backend.pid, sb.backend.spec.run_dir,
+      *(sb.backend.spec.cgroup.dirs if sb.backend.spec.cgroup else ()), flush=True)
 time.sleep(600)
 """
 
@@ -194,8 +195,8 @@ def test_killed_owner_leaves_no_vmm_and_cleanup_leaves_nothing(image, state_dir)
     try:
         line = owner.stdout.readline().split()
         assert line, "the owner process did not start a VM"
-        vmm_pid, run_dir = int(line[0]), Path(line[1])
-        assert run_dir.is_dir()
+        vmm_pid, run_dir, groups = int(line[0]), Path(line[1]), [Path(d) for d in line[2:]]
+        assert run_dir.is_dir() and all(d.is_dir() for d in groups)
     finally:
         owner.kill()
         owner.wait()
@@ -208,6 +209,10 @@ def test_killed_owner_leaves_no_vmm_and_cleanup_leaves_nothing(image, state_dir)
     alive = Path(f"/proc/{vmm_pid}").exists() and \
         Path(f"/proc/{vmm_pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
     assert not alive, "the VMM outlived its owner"
+    # Its cgroup goes too, with no other process's help (the watchdog removes it).
+    while time.monotonic() < deadline and any(d.exists() for d in groups):
+        time.sleep(0.1)
+    assert not any(d.exists() for d in groups), "the VMM's cgroup outlived its owner"
     cli = [sys.executable, "-m", "smolvm_kernel.cli"]
     first = subprocess.run([*cli, "cleanup"], capture_output=True, text=True, check=True).stdout
     assert str(run_dir) in first
