@@ -377,8 +377,7 @@ class GuestKernel:
         self.ack_r, ack_w = os.pipe()
         self.rekey_fds = (key_r, ack_w)
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", _KERNEL_MAIN, "-f", conn_file,
-             "--IPKernelApp.connection_dir=" + kdir],
+            [sys.executable, "-c", _KERNEL_MAIN, "-f", conn_file],
             cwd=USER_HOME, env=env, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,
             user=USER_UID, group=USER_GID, extra_groups=[], start_new_session=True,
             pass_fds=self.rekey_fds,
@@ -566,6 +565,19 @@ class Agent:
 
     def op_ping(self, req: dict) -> dict:
         return {"t": time.time()}
+
+    def op_fault(self, req: dict) -> dict:
+        """Fault injection for the host's death-matrix tests: a guest kernel panic
+        or the agent's own death. Only the host reaches this (the channel device
+        is root's); guest code can cause neither."""
+        what = req.get("what")
+        if what == "panic":
+            os.sync()
+            with open("/proc/sysrq-trigger", "w") as fh:
+                fh.write("c")
+        elif what == "agent":
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise ValueError(f"unknown fault {what!r}; use 'panic' or 'agent'")
 
     def op_interrupt(self, req: dict) -> dict:
         if self.kernel is None:

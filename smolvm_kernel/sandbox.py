@@ -25,7 +25,9 @@ import enum
 import logging
 import os
 import queue
+import re
 import secrets
+import signal
 import threading
 import time
 import uuid
@@ -55,6 +57,11 @@ log = logging.getLogger("smolvm_kernel")
 #: a second allows for a busy TCG guest.
 INTERRUPT_GRACE_S = 3.0
 _FILE_CHUNK = 1 << 20
+#: The heartbeat (see Sandbox._heartbeat): silence before a ping, and how long
+#: its answer may take. Generous for a TCG guest on a loaded host: a ping costs
+#: the guest about a millisecond of CPU.
+HEARTBEAT_IDLE_S = 2.0
+HEARTBEAT_TIMEOUT_S = 8.0
 
 
 _live: weakref.WeakSet[Sandbox] = weakref.WeakSet()
@@ -126,6 +133,7 @@ class Sandbox:
         self.accel_reason = ""
         #: The VMM's cgroup limits, or "none (why)".
         self.cgroup_note = ""
+        self._heartbeat_task: asyncio.Task | None = None
         self.kernel_info: dict = {}
         self.vm_id: str | None = None
         self.started_at: float | None = None
@@ -278,6 +286,7 @@ class Sandbox:
                 self.snapshot_build = asyncio.get_running_loop().create_task(
                     self._build_background_snapshot(*self._snapshot_wanted))
             self._snapshot_wanted = None
+            self._heartbeat_task = asyncio.get_running_loop().create_task(self._heartbeat(self.vm_id))
         except BaseException:
             await self._stop()
             raise
@@ -490,7 +499,40 @@ class Sandbox:
                              + backend.console_tail())
         return BootTimeout(timeout, stage, backend.console_tail() if backend else "")
 
+    async def _heartbeat(self, vm_id: str) -> None:
+        """A VMM can hang while its process runs (a deadlock, a guest stuck in its
+        kernel, vCPUs stopped through the monitor): the guest then just goes
+        silent. After HEARTBEAT_IDLE_S of silence the agent is pinged; no answer
+        within HEARTBEAT_TIMEOUT_S means the VM is gone: it is reported and its
+        VMM killed."""
+        loop = asyncio.get_running_loop()
+        while vm_id == self.vm_id and self.state in (SandboxState.READY, SandboxState.BUSY):
+            await asyncio.sleep(1.0)
+            chan = self._channel
+            if chan is None or vm_id != self.vm_id:
+                return
+            if loop.time() - chan.last_heard < HEARTBEAT_IDLE_S:
+                continue
+            try:
+                await chan.request("ping", timeout=HEARTBEAT_TIMEOUT_S)
+            except (asyncio.TimeoutError, TimeoutError):
+                if vm_id != self.vm_id or loop.time() - chan.last_heard < HEARTBEAT_TIMEOUT_S:
+                    continue
+                self._die(GuestDied(
+                    f"the microVM stopped responding: its agent answered no heartbeat for "
+                    f"{HEARTBEAT_TIMEOUT_S:g} s (a hung VMM, or a guest stuck in its kernel)",
+                    "the VM was destroyed; a fresh one starts on the next cell (reset() with the Python API)"),
+                    vm_id)
+                if self.backend is not None:
+                    self.backend.send_signal(signal.SIGKILL)
+                return
+            except Exception:   # the channel closed: that path reports the death
+                return
+
     async def _stop(self) -> None:
+        task, self._heartbeat_task = self._heartbeat_task, None
+        if task is not None:
+            task.cancel()
         chan, backend, vm_id = self._channel, self.backend, self.vm_id
         self._channel = None
         self.vm_id = None  # from here on, news from this VM is stale (see _die)
@@ -520,9 +562,10 @@ class Sandbox:
         if task.cancelled() or self.backend is None:
             return
         code = task.result()
+        console = self.backend.console_tail(16000)   # a panic's line comes before its stack dump
         self._die(self._over_host_limit() or GuestDied(
-            f"the microVM exited (status {code})",
-            "--- guest console (tail) ---\n" + self.backend.console_tail(2000)), vm_id)
+            f"the microVM exited (status {code}){_console_cause(console)}",
+            "--- guest console (tail) ---\n" + console[-2000:]), vm_id)
 
     def _over_host_limit(self) -> GuestDied | None:
         """The VMM's death, if its cgroup's memory limit caused it."""
@@ -848,6 +891,19 @@ class Sandbox:
 _GUEST_FIGURES = frozenset({"vcpus", "mem_total_kib", "mem_available_kib", "cpu_percent", "disk_total_bytes",
                             "disk_used_bytes", "uptime_s", "loadavg", "kernel_pid", "kernel_rss_kib",
                             "kernel_ready"})
+
+
+def _console_cause(console: str) -> str:
+    """Why the guest went away, in words, from the end of its console ("" if unknown)."""
+    panic = re.search(r"Kernel panic - not syncing: ([^\n\r]{0,200})", console)
+    if panic:
+        return f": the guest's Linux kernel panicked ({panic.group(1).strip()})"
+    died = re.search(r"smolvm-init: (agent|dropbear) exited \((\d+)\)", console)
+    if died:
+        status = int(died.group(2))
+        how = f"killed by signal {status & 0x7f}" if status & 0x7f else f"status {status >> 8}"
+        return f": the guest's {'agent' if died.group(1) == 'agent' else 'SSH server'} died ({how})"
+    return ""
 
 
 def _merged_config(config: SandboxConfig | None, overrides: dict) -> SandboxConfig:

@@ -49,6 +49,8 @@ class GuestChannel:
         self._replies: dict[int, asyncio.Future[dict]] = {}
         self._tasks: list[asyncio.Task] = []
         self._closed = False
+        #: When the guest last sent anything (the event loop's clock): the heartbeat's input.
+        self.last_heard = asyncio.get_running_loop().time()
 
     async def handshake(self, hello: dict, timeout: float) -> dict:
         """Send ``hello``, skip stale bytes up to the sync marker, return the reply."""
@@ -139,6 +141,7 @@ class GuestChannel:
                 chunk = await self._reader.read(1 << 18)
                 if not chunk:
                     break
+                self.last_heard = asyncio.get_running_loop().time()
                 for chan, body in self._decoder.feed(chunk):
                     self._dispatch(chan, body)
         except wire.FrameError as exc:
