@@ -1,4 +1,4 @@
-"""Where VM cgroups go and what limits they get (no VM; see tests/vm/test_cgroups.py)."""
+"""Where VM cgroups go and what limits they get (no VM; see tests/vm/test_vmm_cgroups.py)."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@ a guest kernel panic, the guest agent killed. Each on a real VM: the error
 names the cause, nothing is left, and a reset gives a working VM.
 
 (Elsewhere: the guest's OOM and the kernel killed in test_kernel.py and
-test_cgroups.py, QEMU SIGKILLed in test_sandbox.py, QEMU SIGSTOPped and the
+test_vmm_cgroups.py, QEMU SIGKILLed in test_sandbox.py, QEMU SIGSTOPped and the
 host kernel's launcher killed in test_kernel.py.)
 """
 
