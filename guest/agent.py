@@ -26,7 +26,7 @@ import uuid
 
 import zmq
 
-from smolvm_guest import files, wire
+from smolvm_guest import files, limits, wire
 from smolvm_guest.wire import Channel
 
 AGENT_VERSION = "0.1.0"
@@ -54,9 +54,19 @@ LOW_QUEUE_BYTES = 8 * 1024 * 1024
 #: stderr text waiting for the IO thread is flushed (the writer waits for it)
 #: once it passes 1 MiB; ipykernel 6.29 would buffer both without end, until
 #: the VM's memory ran out (an endless print loop ended in a guest panic).
+#: A process the kernel forks is the out-of-memory killer's first choice in the
+#: kernel's group (limits.py), before the kernel: a fork bomb's copies or a
+#: multiprocessing worker go, the kernel and its variables stay.
 _KERNEL_MAIN = """\
-import sys
+import os, sys
 sys.path[:] = [p for p in sys.path if p not in ("", ".")]
+def _smolvm_forked():
+    try:
+        with open("/proc/self/oom_score_adj", "w") as fh:
+            fh.write("500")
+    except OSError:
+        pass
+os.register_at_fork(after_in_child=_smolvm_forked)
 import zmq
 _socket = zmq.Context.socket
 def _smolvm_socket(self, kind, *args, **kwargs):
@@ -134,6 +144,35 @@ def _smolvm_warmup(key_fd, ack_fd):
     finally:
         for name in ("last_type", "last_value", "last_traceback", "last_exc"):
             sys.__dict__.pop(name, None)   # %debug must not find the warm-up's error
+    # A child of this kernel killed at a limit (by the agent or by the group's
+    # OOM killer, limits.py) stays a zombie, holding a slot of the process
+    # limit, until waited for. After a cell in which the agent acted (it
+    # rewrites the file), the kernel waits for each zombie child that SIGKILL
+    # ended (other children are left to whoever started them).
+    seen = [None]
+
+    def reap_killed(*_):
+        try:
+            stamp = os.stat("{killed_file}").st_mtime_ns
+        except OSError:
+            return
+        if stamp == seen[0]:
+            return
+        seen[0] = stamp
+        me = str(os.getpid())
+        for entry in os.listdir("/proc"):
+            try:
+                with open("/proc/" + entry + "/stat") as fh:
+                    state, ppid = fh.read().rsplit(")", 1)[1].split()[:2]
+                if state != "Z" or ppid != me:
+                    continue
+                pid = int(entry)
+                info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+                if info is not None and info.si_code == os.CLD_KILLED and info.si_status == 9:
+                    os.waitpid(pid, os.WNOHANG)
+            except (OSError, ValueError):
+                continue
+    get_ipython().events.register("post_run_cell", reap_killed)
 _smolvm_warmup({key_fd}, {ack_fd})
 del _smolvm_warmup
 """
@@ -385,6 +424,14 @@ class GuestKernel:
         # The agent keeps out of the OOM killer's reach (main()); the kernel,
         # which inherited that, must be the one it takes.
         _set_oom_score(0, self.proc.pid)
+        # Its own group, bounded (limits.py): before it can run a cell.
+        self.cgroup = limits.KernelCgroup.create()
+        if self.cgroup is not None:
+            try:
+                self.cgroup.add(self.proc.pid)
+            except OSError as exc:
+                log(f"cannot put the kernel in its cgroup: {exc}")
+                self.cgroup = None
         for fd in (log_fd, *self.rekey_fds):
             os.close(fd)
         ident = self.session.encode()
@@ -675,7 +722,8 @@ class Agent:
                   and kernel.settling is None and kernel.new_key is None):
                 # The iopub socket is live: warm up, then say ready.
                 key_fd, ack_fd = kernel.rekey_fds
-                kernel.settling = kernel.execute_own(_WARMUP.format(key_fd=key_fd, ack_fd=ack_fd))
+                kernel.settling = kernel.execute_own(_WARMUP.format(key_fd=key_fd, ack_fd=ack_fd,
+                                                                   killed_file=limits.KILLED_PIDS_FILE))
             elif (own["msg_type"] == "execute_reply" and kernel.settling is not None
                   and own["parent_id"] == kernel.settling):
                 kernel.settling = None
@@ -686,6 +734,8 @@ class Agent:
                 kernel.ready = True
                 self.say_ready()
             return
+        if chan == Channel.SHELL:
+            self.check_limits(force=True)    # a reply ends the cell: say it first
         try:
             body = wire.pack_parts(parts)
         except wire.FrameError as exc:
@@ -716,8 +766,20 @@ class Agent:
             # The VM's OOM killer is the usual reason a kernel dies with SIGKILL.
             oom = code == -signal.SIGKILL and _oom_kills() > self.oom_kills_at_start
             self.outbox.put_json({"event": "kernel_died", "code": code, "oom": oom, "log": kernel.log_tail()})
-        else:
-            kernel.poll_ready()
+            return
+        kernel.poll_ready()
+        self.check_limits()
+
+    def check_limits(self, force: bool = False) -> None:
+        """After a fork bomb: the processes it left are killed, and the host told."""
+        kernel = self.kernel
+        if kernel is None or kernel.cgroup is None:
+            return
+        hit = kernel.cgroup.reap_after_limit(keep=kernel.proc.pid, force=force)
+        if hit is not None and kernel.proc.poll() is None:   # the kernel's own death is told by check_kernel
+            what, killed = hit
+            limit = limits.KERNEL_PIDS if what == "processes" else kernel.cgroup.mem_max_kib // 1024
+            self.outbox.put_json({"event": "limit", "what": what, "limit": limit, "killed": killed})
 
     def run(self) -> None:
         poller = zmq.Poller()

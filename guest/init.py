@@ -20,7 +20,7 @@ _IFF_UP = 0x1
 _RB_AUTOBOOT = 0x01234567
 
 
-_MS_NOSUID, _MS_NODEV = 2, 4
+_MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 2, 4, 8
 
 
 def _mount(source: str, target: str, fstype: str, options: str = "",
@@ -96,6 +96,7 @@ def main() -> None:
     _mount("tmpfs", "/run", "tmpfs", "mode=0755")
     _mount("tmpfs", "/dev/shm", "tmpfs", "mode=1777")
     _mount("devpts", "/dev/pts", "devpts", "mode=0620,ptmxmode=0666", flags=_MS_NOSUID)
+    _mount("cgroup2", "/sys/fs/cgroup", "cgroup2", flags=_MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
     os.chmod("/tmp", 0o1777)
     socket.sethostname(HOSTNAME)
     _protect_links()

@@ -79,6 +79,7 @@ class SmolVMKernel(ConfigActions):
         self.sandbox = (sandbox_factory or Sandbox)(self.config, progress=self._on_progress)
         self.sandbox.on_guest_frame = lambda chan, parts: self._post(("guest", chan, parts))
         self.sandbox.on_death = lambda err: self._post(("death", err, None))
+        self.sandbox.on_notice = lambda text: self._post(("notice", text, None))
         self.relay = Relay(self.session, self.sandbox, self._send_frontend,
                            self.config.max_message_bytes, is_ready=self._guest_ready,
                            policy=OutputPolicy.from_config(self.config),
@@ -306,6 +307,8 @@ class SmolVMKernel(ConfigActions):
                 self._show_boot_progress()
             elif kind == "host_done":
                 self._finish_host_line(a, b)
+            elif kind == "notice":
+                self.relay.notice(a)
             elif kind == "stats":
                 self._stats_running = False
                 self._refresh_panel(a)

@@ -314,6 +314,12 @@ class Relay:
                         f" ({since - 1} more dropped since the last warning)" if since > 1 else "")
             self._last_drop_log, self._dropped_logged = now, self.dropped
 
+    def notice(self, text: str) -> None:
+        """A host note for every running cell (stderr), e.g. a limit the guest reached."""
+        for req in list(self.inflight.values()):
+            if req.header.get("msg_type") == "execute_request":
+                self._warn(req.header, text)
+
     def _warn(self, parent: dict, text: str) -> None:
         self.publish("stream", {"name": "stderr", "text": text}, parent)
 

@@ -159,6 +159,10 @@ class Sandbox:
         self.on_guest_frame: Callable[[Channel, list[bytes]], None] | None = None
         #: Called (on the I/O thread) once when the VM, its agent or kernel dies.
         self.on_death: Callable[[SmolVMError], None] | None = None
+        #: When set, notes for the running cell (a limit the guest reached, an
+        #: output too large to carry) go here as text instead of into the
+        #: execute() queues. Called on the I/O thread.
+        self.on_notice: Callable[[str], None] | None = None
         self.guest_key: bytes = b""
         #: The background build of this shape's ready snapshot (snapshot="auto").
         self.snapshot_build: asyncio.Task | None = None
@@ -656,14 +660,26 @@ class Sandbox:
                         f"%smolvm config --mem or SandboxConfig.mem_mib, or use less)")
             self._die(GuestDied(what, str(event.get("log", ""))[-3000:]))
         elif kind == "dropped":
-            note = {"msg_type": "stream", "channel": "iopub", "content": {
-                "name": "stderr",
-                "text": f"[smolvm] an output of {event.get('size')} bytes was dropped: it exceeds "
-                        f"the {wire.MAX_FRAME}-byte message limit\n"}}
-            for q in list(self._pending.values()):
-                q.put(note)
+            size = event.get("size")
+            self._notice(f"[smolvm] an output of {size if isinstance(size, int) else 'unknown'} bytes "
+                         f"was dropped: it exceeds the {wire.MAX_FRAME}-byte message limit\n")
+        elif kind == "limit":
+            what, limit, killed = event.get("what"), event.get("limit"), event.get("killed")
+            if isinstance(limit, int) and isinstance(killed, int) and what in _LIMITS:
+                self._notice(f"[smolvm] this cell reached the VM's limit of {limit} {_LIMITS[what]}: "
+                             f"it was interrupted and the {killed} processes it started were killed "
+                             f"(the kernel and its variables are intact)\n")
         else:
             log.warning("unknown agent event %r", kind)
+
+    def _notice(self, text: str) -> None:
+        """A note for the running cell(s), from the host (never guest text)."""
+        if self.on_notice is not None:
+            self.on_notice(text)
+            return
+        note = {"msg_type": "stream", "channel": "iopub", "content": {"name": "stderr", "text": text}}
+        for q in list(self._pending.values()):
+            q.put(note)
 
     # ------------------------------------------------------------ messaging
 
@@ -886,6 +902,9 @@ class Sandbox:
         accel = self.backend.spec.accel if self.backend else "-"
         return f"<Sandbox {self.vm_id or '-'} {self.state.value} {accel} {self.config.vcpus}cpu/{self.config.mem_mib}MiB>"
 
+
+#: The guest kernel's limits (guest/limits.py), by the agent's name for them.
+_LIMITS = {"processes": "processes and threads", "memory": "MiB of memory for the kernel and what it starts"}
 
 #: What the guest agent's stats answer may contribute (see Sandbox.stats).
 _GUEST_FIGURES = frozenset({"vcpus", "mem_total_kib", "mem_available_kib", "cpu_percent", "disk_total_bytes",

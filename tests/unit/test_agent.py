@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import signal
 import socket
 import sys
 import threading
+import time
 import types
 
 import pytest
@@ -53,6 +55,7 @@ class FakeKernel:
     def __init__(self, ctx, key: bytes) -> None:
         self.key = key
         self.ready = False
+        self.cgroup = None        # no guest cgroup on the test host
         self.new_key = None
         self.sockets = {}
         self.proc = FakeProc()
@@ -254,7 +257,7 @@ def test_forged_busy_in_a_cold_booted_vm_hands_out_no_key():
     assert sent == [] and kernel.settling is None
 
 
-def _run_warmup(key_r: int, ack_w: int):
+def _run_warmup(key_r: int, ack_w: int, killed_file: str = "/nonexistent/killed-pids"):
     """Run the agent's warm-up code as the guest kernel would, with a stand-in kernel."""
     session = types.SimpleNamespace(key=b"old", session="template-session")
     cells = []
@@ -263,8 +266,14 @@ def _run_warmup(key_r: int, ack_w: int):
         cells.append((code, store_history))
         sys.last_value = KeyboardInterrupt()     # what IPython leaves after a failing cell
 
-    shell = types.SimpleNamespace(kernel=types.SimpleNamespace(session=session), run_cell=run_cell)
-    exec(agent_mod._WARMUP.format(key_fd=key_r, ack_fd=ack_w), {"get_ipython": lambda: shell})
+    hooks = []
+    events = types.SimpleNamespace(register=lambda name, fn: hooks.append((name, fn)))
+    shell = types.SimpleNamespace(kernel=types.SimpleNamespace(session=session), run_cell=run_cell,
+                                  events=events)
+    exec(agent_mod._WARMUP.format(key_fd=key_r, ack_fd=ack_w, killed_file=killed_file),
+         {"get_ipython": lambda: shell})
+    assert [name for name, _ in hooks] == ["post_run_cell"]
+    session.reap_killed = hooks[0][1]
     # The warm-up ran one failing cell outside the history and left no trace of its error.
     assert cells == [("raise KeyboardInterrupt", False)] and not hasattr(sys, "last_value")
     return session
@@ -290,3 +299,39 @@ def test_rekey_thread_closes_its_answer_pipe_when_no_key_comes():
     assert os.read(ack_r, 16) == b""
     assert session.key == b"old"
     os.close(ack_r)
+
+
+def test_after_a_limit_the_kernel_waits_for_its_sigkilled_children_only(tmp_path):
+    """The warm-up's post_run_cell hook: once the agent has rewritten its file,
+    zombie children ended by SIGKILL are waited for (each held a slot of the
+    process limit); a child that exited by itself is left to its owner."""
+    killed_file = tmp_path / "killed-pids"
+    key_r, key_w = os.pipe()
+    ack_r, ack_w = os.pipe()
+    os.close(key_w)
+    session = _run_warmup(key_r, ack_w, str(killed_file))
+    os.close(ack_r)
+    killed, exited = os.fork(), None
+    if killed == 0:
+        time.sleep(60)
+        os._exit(0)
+    exited = os.fork()
+    if exited == 0:
+        os._exit(3)
+    os.kill(killed, signal.SIGKILL)
+    time.sleep(0.3)                       # both are zombies now
+    try:
+        session.reap_killed(None)         # no file yet: nothing happens
+        assert os.waitid(os.P_PID, killed, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+        killed_file.write_text(str(killed))
+        session.reap_killed(None)
+        with pytest.raises(ChildProcessError):
+            os.waitpid(killed, os.WNOHANG)                 # already waited for
+        assert os.waitpid(exited, 0)[1] >> 8 == 3        # left alone
+    finally:
+        for pid in (killed, exited):
+            try:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
