@@ -849,10 +849,7 @@ class Sandbox:
         guest = self.agent_request("stats")
         # The guest's word, for the guest's own figures only: numbers under
         # known names, never a host field (backend, accel, pids, state ...).
-        figures = {k: v for k, v in guest.items() if k in _GUEST_FIGURES
-                   and (v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
-                        or (k == "kernel_ready" and isinstance(v, bool)))}
-        return {**host, **figures}
+        return {**host, **guest_figures(guest)}
 
     def can_resize_live(self, mem_mib: int) -> bool:
         """Whether ``mem_mib`` can be set on the running VM (balloon, up to its boot size)."""
@@ -910,6 +907,15 @@ _LIMITS = {"processes": "processes and threads", "memory": "MiB of memory for th
 _GUEST_FIGURES = frozenset({"vcpus", "mem_total_kib", "mem_available_kib", "cpu_percent", "disk_total_bytes",
                             "disk_used_bytes", "uptime_s", "loadavg", "kernel_pid", "kernel_rss_kib",
                             "kernel_ready"})
+
+
+def guest_figures(answer: dict) -> dict:
+    """The guest's stats answer, cut to its own figures: numbers under known
+    names (kernel_ready a bool), never a host field (backend, accel, pids,
+    state ...), whatever the guest sent."""
+    return {k: v for k, v in answer.items() if k in _GUEST_FIGURES
+            and (v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+                 or (k == "kernel_ready" and isinstance(v, bool)))}
 
 
 def _console_cause(console: str) -> str:
