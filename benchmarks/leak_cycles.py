@@ -23,24 +23,39 @@ import time
 from pathlib import Path
 
 
-def _vm_cgroups() -> int:
+def _vm_cgroup_dirs() -> set[str]:
     from smolvm_kernel import cgroups
 
     where = cgroups.probe()
     if isinstance(where, str):
-        return 0
-    return sum(1 for parent in set(where.parents.values()) if parent.is_dir()
-               for d in parent.iterdir() if d.is_dir())
+        return set()
+    return {str(d) for parent in set(where.parents.values()) if parent.is_dir()
+            for d in parent.iterdir() if d.is_dir() and cgroups._VM_DIR.match(d.name)}
+
+
+def _qemu_pids() -> set[str]:
+    out = subprocess.run(["pgrep", "-f", "qemu-system"], capture_output=True, text=True).stdout
+    return {f"pid {pid}" for pid in out.split()}
+
+
+#: QEMU processes and VM cgroups that existed before this run (other kernels'
+#: live VMs, e.g. a test session's shared VM): not ours to count.
+_OTHERS: set[str] = set()
+
+
+def _vm_cgroups() -> int:
+    """VM cgroups made during this run and still there."""
+    return len(_vm_cgroup_dirs() - _OTHERS)
 
 
 def counts(kernel_pid: int | None = None) -> dict[str, int]:
     from smolvm_kernel import paths
     from smolvm_kernel.state import Registry
 
-    qemu = subprocess.run(["pgrep", "-c", "-f", "qemu-system"], capture_output=True, text=True).stdout.strip()
+    qemu = len(_qemu_pids() - _OTHERS)
     state = paths.state_dir()
     out = {
-        "QEMU processes": int(qemu or 0),
+        "QEMU processes": qemu,
         "open fds (this process)": len(os.listdir("/proc/self/fd")),
         "files in the state dir": sum(len(f) + len(d) for _, d, f in os.walk(state)) if state.exists() else 0,
         "VM registry rows": len(Registry().list()),
@@ -72,6 +87,7 @@ def main() -> int:
     ap.add_argument("--cycles", type=int, default=100)
     ap.add_argument("--restarts", type=int, default=100)
     args = ap.parse_args()
+    _OTHERS.update(_vm_cgroup_dirs() | _qemu_pids())
     from jupyter_client.manager import start_new_kernel
 
     rows = []

@@ -15,9 +15,11 @@ from pathlib import Path
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "leak_cycles.py"
 
 
-def test_start_stop_restart_and_reset_cycles_leave_nothing(kernelspec):
+def test_start_stop_restart_and_reset_cycles_leave_nothing(kernelspec, tmp_path):
+    # A state folder of its own: the session's shared VMs are not this run's.
+    env = {**os.environ, "SMOLVM_STATE_DIR": str(tmp_path / "state")}
     proc = subprocess.run([sys.executable, str(SCRIPT), "--cycles", "5", "--restarts", "5"],
-                          capture_output=True, text=True, env=os.environ.copy(), timeout=600)
+                          capture_output=True, text=True, env=env, timeout=600)
     print(proc.stdout)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| 5 ")]

@@ -127,9 +127,30 @@ def test_host_files_are_not_visible(sandbox, tmp_path):
 
 
 def test_guest_code_runs_unprivileged(sandbox):
-    out = texts(run(sandbox, "import os; print(os.getuid(), os.access('/run/smolvm/kernel', os.R_OK))"))
-    uid, can_read_agent_dir = out.split()
-    assert uid == "1000"
+    """The kernel's user (uid 1000) can neither open the agent's channel device
+    (so it cannot write forged frames to the host), nor list the agent's run
+    folder, nor lift its own limits or leave its cgroup."""
+    out = texts(run(sandbox, """
+import glob, os
+def attempt(fn):
+    try:
+        fn()
+        return 'allowed'
+    except PermissionError:
+        return 'denied'
+port = [p for p in glob.glob('/sys/class/virtio-ports/*')
+        if open(p + '/name').read().strip() == 'org.smolvm.agent.0']
+dev = '/dev/' + os.path.basename(port[0])
+def write(path, value):
+    with open(path, 'w') as fh:
+        fh.write(value)
+print(os.getuid(), os.path.exists(dev),
+      attempt(lambda: os.close(os.open(dev, os.O_RDWR))),
+      attempt(lambda: os.listdir('/run/smolvm')),
+      attempt(lambda: write('/sys/fs/cgroup/kernel/pids.max', 'max')),
+      attempt(lambda: write('/sys/fs/cgroup/cgroup.procs', str(os.getpid()))))
+"""))
+    assert out.split() == ["1000", "True", "denied", "denied", "denied", "denied"], out
 
 
 def test_file_put_and_get(sandbox):
@@ -144,6 +165,38 @@ def test_file_put_and_get(sandbox):
     assert sandbox.get_file("/home/user/t.txt") == b"t"
     with pytest.raises(GuestFileError, match="outside"):
         sandbox.get_file("/etc/shadow")
+
+
+def test_pull_is_limited_and_writes_whole_files_only(sandbox, tmp_path):
+    """A pull over its limit writes nothing (not even a partial file); one
+    within it lands whole, under its name, through a temporary file."""
+    from smolvm_kernel import transfer
+
+    payload = os.urandom(2 * 1024 * 1024 + 5)
+    sandbox.put_file(payload, "pull/big.bin")
+    with pytest.raises(GuestFileError, match="limit"):
+        transfer.pull(sandbox, tmp_path, "pull/big.bin", None, limit=1024 * 1024)
+    assert list(tmp_path.iterdir()) == []
+    summary = transfer.pull(sandbox, tmp_path, "pull/big.bin", None, limit=4 * 1024 * 1024)
+    assert "pulled" in summary and [p.name for p in tmp_path.iterdir()] == ["big.bin"]
+    assert (tmp_path / "big.bin").read_bytes() == payload
+
+
+def test_the_vmm_runs_unprivileged(sandbox):
+    """Checked on the running QEMU, not only in its argv: started as root, it
+    has dropped to nobody (every uid of it), and it sits in its own cgroup."""
+    status = Path(f"/proc/{sandbox.backend.pid}/status").read_text()
+    uids = next(line.split()[1:] for line in status.splitlines() if line.startswith("Uid:"))
+    if os.geteuid() == 0:
+        import pwd
+
+        assert set(uids) == {str(pwd.getpwnam("nobody").pw_uid)}, uids
+    else:
+        assert set(uids) == {str(os.geteuid())}, uids
+    from smolvm_kernel import cgroups
+
+    if not isinstance(cgroups.probe(), str):      # a writable hierarchy: the VMM is in it
+        assert "/smolvm/" in Path(f"/proc/{sandbox.backend.pid}/cgroup").read_text()
 
 
 def test_reset_gives_a_clean_vm(sandbox):

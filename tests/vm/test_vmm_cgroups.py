@@ -61,14 +61,17 @@ def test_a_vmm_over_its_memory_limit_is_stopped_and_the_error_says_why():
     """A cold boot writes all of guest RAM (init_on_free), so with no overhead
     allowed the VMM must go over mem_mib: the host stops it, the error names the
     limit and the setting, and nothing is left."""
+    def vm_dirs() -> set:
+        return {d for parent in set(cgroups.probe().parents.values()) for d in parent.iterdir()
+                if d.is_dir() and cgroups._VM_DIR.match(d.name)}
+
+    others = vm_dirs()          # live VMs of other tests' fixtures
     sb = Sandbox(vcpus=1, mem_mib=256, backend="qemu", snapshot="off", vmm_overhead_mib=0)
     with pytest.raises(GuestDied) as info:
         sb.start()
     assert "over its host memory limit of 256 MiB" in str(info.value), str(info.value)
     assert "vmm_overhead_mib" in str(info.value)
-    leftovers = [d for parent in set(cgroups.probe().parents.values()) for d in parent.iterdir()
-                 if d.is_dir() and cgroups._VM_DIR.match(d.name)]
-    assert leftovers == [], leftovers
+    assert vm_dirs() - others == set()
 
 
 def test_the_default_overhead_holds_a_guest_that_fills_its_memory():
