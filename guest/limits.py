@@ -188,14 +188,3 @@ class KernelCgroup:
             if freeze:
                 _write(freeze, "0")
         return True
-
-    def kill_all(self) -> None:
-        """End every task in the group (the kernel is being replaced or stopped)."""
-        try:
-            _write(os.path.join(self.path, "cgroup.kill"), "1")
-        except OSError:
-            for pid in self.pids():
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
