@@ -34,32 +34,26 @@ def _vm_cgroup_dirs() -> set[str]:
 
 
 def _qemu_pids() -> set[str]:
-    out = subprocess.run(["pgrep", "-f", "qemu-system"], capture_output=True, text=True).stdout
-    return {f"pid {pid}" for pid in out.split()}
+    return set(subprocess.run(["pgrep", "-f", "qemu-system"], capture_output=True, text=True).stdout.split())
 
 
 #: QEMU processes and VM cgroups that existed before this run (other kernels'
 #: live VMs, e.g. a test session's shared VM): not ours to count.
-_OTHERS: set[str] = set()
-
-
-def _vm_cgroups() -> int:
-    """VM cgroups made during this run and still there."""
-    return len(_vm_cgroup_dirs() - _OTHERS)
+_OTHER_QEMU: set[str] = set()
+_OTHER_CGROUPS: set[str] = set()
 
 
 def counts(kernel_pid: int | None = None) -> dict[str, int]:
     from smolvm_kernel import paths
     from smolvm_kernel.state import Registry
 
-    qemu = len(_qemu_pids() - _OTHERS)
     state = paths.state_dir()
     out = {
-        "QEMU processes": qemu,
+        "QEMU processes": len(_qemu_pids() - _OTHER_QEMU),
         "open fds (this process)": len(os.listdir("/proc/self/fd")),
         "files in the state dir": sum(len(f) + len(d) for _, d, f in os.walk(state)) if state.exists() else 0,
         "VM registry rows": len(Registry().list()),
-        "VM cgroups": _vm_cgroups(),
+        "VM cgroups": len(_vm_cgroup_dirs() - _OTHER_CGROUPS),
     }
     if kernel_pid:
         out["open fds (kernel process)"] = len(os.listdir(f"/proc/{kernel_pid}/fd"))
@@ -87,7 +81,8 @@ def main() -> int:
     ap.add_argument("--cycles", type=int, default=100)
     ap.add_argument("--restarts", type=int, default=100)
     args = ap.parse_args()
-    _OTHERS.update(_vm_cgroup_dirs() | _qemu_pids())
+    _OTHER_QEMU.update(_qemu_pids())
+    _OTHER_CGROUPS.update(_vm_cgroup_dirs())
     from jupyter_client.manager import start_new_kernel
 
     rows = []
