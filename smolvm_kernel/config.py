@@ -90,6 +90,12 @@ class SandboxConfig(Configurable):
     egress_allow = List(Unicode(), help="With network='nat': if set, the VM may reach only these "
                                         "('CIDR' or 'CIDR:port,port'); otherwise any address but the "
                                         "always-blocked ones.").tag(config=True)
+    net_max_connections = Int(512, help="With network='nat': most connections (TCP, UDP flows) the VM "
+                                        "may have open through the host at once; more are dropped."
+                               ).tag(config=True)
+    net_connection_rate = Int(100, help="With network='nat': most new connections a second the VM may "
+                                        "open through the host (bursts up to as many); more are dropped."
+                              ).tag(config=True)
     dns = List(Unicode(), help="Name servers written into a networked guest's resolv.conf: IPv4 "
                                "addresses, or 'host' (the host's own non-loopback name servers at VM "
                                "start); [] or ['none'] = no DNS (names resolve only from the guest's "
@@ -322,6 +328,13 @@ class SandboxConfig(Configurable):
             return ["transport='ssh' needs network='nat': SSH reaches the guest over its NIC, and "
                     "network='none' gives it none"]
         return []
+
+    @validate("net_max_connections", "net_connection_rate")
+    def _check_net_limits(self, proposal):
+        n, name = proposal["value"], proposal["trait"].name
+        if not 1 <= n <= 65536:
+            raise TraitError(f"{name}={n} is out of range; use 1 to 65536")
+        return n
 
     @validate("max_transfer_mib")
     def _check_transfer(self, proposal):

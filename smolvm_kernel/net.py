@@ -12,6 +12,9 @@ Off by default: a VM has no NIC. With ``network="nat"`` the host
   traffic to other VMs, none to 169.254.0.0/16 (cloud metadata), none to the
   host's own addresses (only replies to connections the host opened, such as
   its SSH session); optionally an egress allowlist of CIDRs and ports;
+- switches IPv4 forwarding on in the namespace only if it was off, and then
+  only for its TAPs (a guard table drops forwarding between other
+  interfaces), and back off when the last VM's TAP goes;
 - records TAP, table and lease in the state DB; teardown and
   ``smolvm-kernel cleanup`` delete exactly those.
 
@@ -26,6 +29,7 @@ import dataclasses
 import fcntl
 import ipaddress
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -243,11 +247,14 @@ def host_routes() -> list[str]:
 
 # ---------------------------------------------------------------- nftables
 
-def render_rules(lease: Lease, allow: Iterable[Allow] = (), dns: Iterable[str] = ()) -> str:
+def render_rules(lease: Lease, allow: Iterable[Allow] = (), dns: Iterable[str] = (),
+                 max_connections: int = 512, connection_rate: int = 100) -> str:
     """The VM's nftables table, as ``nft -f`` input (pure; unit-tested).
 
     In order: what is never allowed (spoofing, metadata, other VMs, IPv6);
-    the VM's name servers on port 53 (``dns``); the allowlist's entries;
+    the connection limits (at most ``max_connections`` open at once, new ones
+    at ``connection_rate`` a second); the VM's name servers on port 53
+    (``dns``); the allowlist's entries;
     private ranges (:data:`PRIVATE_NETS`); then, without an allowlist,
     anything else."""
     tap, guest = lease.tap, lease.guest_ip
@@ -260,6 +267,9 @@ def render_rules(lease: Lease, allow: Iterable[Allow] = (), dns: Iterable[str] =
         f'    iifname "{tap}" ip daddr {METADATA_NET} drop',
         f'    iifname "{tap}" oifname "{TAP_PREFIX}*" drop',
         f'    iifname "{tap}" meta nfproto ipv6 drop',
+        f'    iifname "{tap}" ct state new ct count over {max_connections} drop',
+        f'    iifname "{tap}" ct state new limit rate over {connection_rate}/second '
+        f'burst {connection_rate} packets drop',
     ]
     servers = ", ".join(dns)
     if servers:
@@ -294,6 +304,75 @@ def render_rules(lease: Lease, allow: Iterable[Allow] = (), dns: Iterable[str] =
     return "\n".join(lines) + "\n"
 
 
+# ---------------------------------------------------------------- IPv4 forwarding
+
+#: Exists in a namespace while smolvm has switched IPv4 forwarding on there:
+#: forwarding is then only for smolvm's TAPs, and goes off again with the last.
+GUARD_TABLE = "smolvm_forwarding"
+_IP_FORWARD = "/proc/sys/net/ipv4/ip_forward"
+
+
+def render_guard() -> str:
+    """The guard: no forwarding between interfaces that are not smolvm TAPs."""
+    return (f"table inet {GUARD_TABLE} {{\n"
+            "  chain forward {\n"
+            "    type filter hook forward priority filter - 20; policy accept;\n"
+            f'    iifname != "{TAP_PREFIX}*" oifname != "{TAP_PREFIX}*" drop\n'
+            "  }\n"
+            "}\n")
+
+
+def _forwarding_lock(netns: str):
+    """An exclusive lock for one namespace's forwarding switch, across processes."""
+    folder = "/run/lock" if os.path.isdir("/run/lock") else "/tmp"
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", netns) or "host"
+    fd = os.open(os.path.join(folder, f"smolvm-forwarding-{name}.lock"),
+                 os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def _has_guard(nft: str) -> bool:
+    return subprocess.run([nft, "list", "table", "inet", GUARD_TABLE], capture_output=True).returncode == 0
+
+
+def enable_forwarding(nft: str, netns: str) -> None:
+    """Switch IPv4 forwarding on in this thread's namespace, if it is off, for
+    smolvm's TAPs only (the guard table). A host that forwards already is left
+    as it is."""
+    fd = _forwarding_lock(netns)
+    try:
+        with open(_IP_FORWARD) as fh:
+            if fh.read().strip() == "1":
+                return
+        _nft(nft, render_guard())
+        with open(_IP_FORWARD, "w") as fh:
+            fh.write("1")
+    finally:
+        os.close(fd)
+
+
+def release_forwarding(nft: str, netns: str) -> list[str]:
+    """Once no smolvm TAP is left in this thread's namespace, switch forwarding
+    back off if smolvm switched it on (the guard table says so)."""
+    from pyroute2 import IPRoute
+
+    fd = _forwarding_lock(netns)
+    try:
+        if not _has_guard(nft):
+            return []
+        with IPRoute() as ipr:
+            names = [link.get_attr("IFLA_IFNAME") or "" for link in ipr.get_links()]
+        if any(name.startswith(TAP_PREFIX) for name in names):
+            return []
+        with open(_IP_FORWARD, "w") as fh:
+            fh.write("0")
+        subprocess.run([nft, "delete", "table", "inet", GUARD_TABLE], capture_output=True)
+        return ["switched IPv4 forwarding back off (no smolvm VM uses it any more)"]
+    finally:
+        os.close(fd)
+
+
 def _nft(nft: str, script: str) -> None:
     """Load ``script``; nft works in the network namespace of the calling thread."""
     proc = subprocess.run([nft, "-f", "-"], input=script, capture_output=True, text=True)
@@ -307,8 +386,10 @@ class VMNetwork:
     """Set up and tear down one VM's TAP, address, rules and lease."""
 
     def __init__(self, book: LeaseBook, vm_id: str, *, pool: str, netns: str = "",
-                 allow: Iterable[str] = (), dns: Iterable[str] = ()) -> None:
+                 allow: Iterable[str] = (), dns: Iterable[str] = (),
+                 max_connections: int = 512, connection_rate: int = 100) -> None:
         self.book, self.vm_id, self.pool, self.netns = book, vm_id, pool, netns
+        self.max_connections, self.connection_rate = max_connections, connection_rate
         self.allow = [Allow.parse(a) for a in allow]
         self.dns, self.dns_notes = guest_name_servers(dns, self.allow)
         self.lease: Lease | None = None
@@ -334,9 +415,8 @@ class VMNetwork:
             idx = ipr.link_lookup(ifname=lease.tap)[0]
             ipr.addr("add", index=idx, address=lease.host_ip, prefixlen=30)
             ipr.link("set", index=idx, state="up")
-        with open("/proc/sys/net/ipv4/ip_forward", "w") as fh:   # this namespace's
-            fh.write("1")
-        _nft(nft, render_rules(lease, self.allow, self.dns))
+        enable_forwarding(nft, lease.netns)
+        _nft(nft, render_rules(lease, self.allow, self.dns, self.max_connections, self.connection_rate))
         if not open_fd:
             return None
         fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
@@ -380,6 +460,7 @@ def remove_lease_objects(lease: Lease) -> list[str]:
             if idx:
                 ipr.link("del", index=idx[0])
                 done.append(f"deleted TAP {lease.tap}")
+        done.extend(release_forwarding(nft, lease.netns))
 
     # nft runs in the namespace of the thread that starts it.
     in_netns(lease.netns, work)

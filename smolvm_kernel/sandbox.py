@@ -348,7 +348,9 @@ class Sandbox:
                 raise ConfigError("netns", cfg.netns, "Firecracker opens its TAP by name in its own "
                                   "namespace; use netns='' with Firecracker")
             self._net = VMNetwork(LeaseBook(self._registry.db_path), spec.vm_id, pool=cfg.net_pool,
-                                  netns=cfg.netns, allow=cfg.egress_allow, dns=cfg.dns)
+                                  netns=cfg.netns, allow=cfg.egress_allow, dns=cfg.dns,
+                                  max_connections=cfg.net_max_connections,
+                                  connection_rate=cfg.net_connection_rate)
             for note in self._net.dns_notes:
                 self._say(f"DNS: {note}")
             self._say(f"network: TAP and nftables rules for {spec.vm_id}")

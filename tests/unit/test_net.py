@@ -13,7 +13,7 @@ import pytest
 
 from smolvm_kernel.config import SandboxConfig
 from smolvm_kernel.errors import ConfigError
-from smolvm_kernel.net import Allow, Lease, LeaseBook, NetworkError, render_rules
+from smolvm_kernel.net import Allow, Lease, LeaseBook, NetworkError, has_net_admin, render_rules
 
 
 @pytest.fixture
@@ -82,6 +82,92 @@ def test_rules_always_block_metadata_other_vms_and_the_host():
     assert 'iifname "smv0123456789a" accept' in rules
 
 
+def test_connection_limits_come_before_any_accept():
+    fwd = render_rules(_lease(), [Allow.parse("198.18.0.2/32")], dns=["10.0.0.2"],
+                       max_connections=64, connection_rate=20)
+    count = 'iifname "smv0123456789a" ct state new ct count over 64 drop'
+    rate = 'iifname "smv0123456789a" ct state new limit rate over 20/second burst 20 packets drop'
+    assert count in fwd and rate in fwd
+    lines = [ln.strip() for ln in fwd.splitlines()]
+    first_accept = min(i for i, ln in enumerate(lines) if ln.startswith("iifname") and ln.endswith("accept"))
+    assert lines.index(count) < first_accept and lines.index(rate) < first_accept
+
+
+@pytest.mark.parametrize("name", ["net_max_connections", "net_connection_rate"])
+def test_connection_limits_out_of_range_name_the_fix(name):
+    with pytest.raises(Exception, match=f"{name}=0 is out of range; use 1 to 65536"):
+        SandboxConfig(**{name: 0})
+
+
+@pytest.mark.skipif(shutil.which("nft") is None or not has_net_admin(), reason="needs nft and CAP_NET_ADMIN")
+def test_forwarding_goes_on_for_smolvm_taps_only_and_off_with_the_last():
+    """In a namespace of this test's own: forwarding starts off; a VM's set-up
+    switches it on with the guard table; it stays on while any smolvm TAP is
+    left and goes off, guard and all, with the last."""
+    import secrets
+
+    from pyroute2 import IPRoute, netns
+
+    from smolvm_kernel.net import GUARD_TABLE, enable_forwarding, in_netns, release_forwarding
+
+    name = f"smvu{secrets.token_hex(3)}"
+    nft = shutil.which("nft")
+    netns.create(name)
+
+    def forwarding() -> str:
+        with open("/proc/sys/net/ipv4/ip_forward") as fh:
+            return fh.read().strip()
+
+    def guard() -> bool:
+        return subprocess.run([nft, "list", "table", "inet", GUARD_TABLE], capture_output=True).returncode == 0
+
+    def scenario():
+        seen = [forwarding()]
+        with IPRoute() as ipr:
+            for tap in ("smvaaaa", "smvbbbb"):
+                ipr.link("add", ifname=tap, kind="tuntap", mode="tap")
+            enable_forwarding(nft, name)
+            enable_forwarding(nft, name)              # a second VM: nothing more
+            seen += [forwarding(), guard()]
+            ipr.link("del", index=ipr.link_lookup(ifname="smvaaaa")[0])
+            seen += [release_forwarding(nft, name), forwarding()]
+            ipr.link("del", index=ipr.link_lookup(ifname="smvbbbb")[0])
+            seen += [bool(release_forwarding(nft, name)), forwarding(), guard()]
+        return seen
+
+    try:
+        assert in_netns(name, scenario) == ["0", "1", True, [], "1", True, "0", False]
+    finally:
+        netns.remove(name)
+
+
+@pytest.mark.skipif(shutil.which("nft") is None or not has_net_admin(), reason="needs nft and CAP_NET_ADMIN")
+def test_a_namespace_that_forwarded_already_is_left_as_it_was():
+    import secrets
+
+    from pyroute2 import netns
+
+    from smolvm_kernel.net import GUARD_TABLE, enable_forwarding, in_netns, release_forwarding
+
+    name = f"smvu{secrets.token_hex(3)}"
+    nft = shutil.which("nft")
+    netns.create(name)
+
+    def scenario():
+        with open("/proc/sys/net/ipv4/ip_forward", "w") as fh:
+            fh.write("1")
+        enable_forwarding(nft, name)
+        has_guard = subprocess.run([nft, "list", "table", "inet", GUARD_TABLE], capture_output=True).returncode == 0
+        released = release_forwarding(nft, name)
+        with open("/proc/sys/net/ipv4/ip_forward") as fh:
+            return has_guard, released, fh.read().strip()
+
+    try:
+        assert in_netns(name, scenario) == (False, [], "1")
+    finally:
+        netns.remove(name)
+
+
 def test_private_ranges_are_closed_unless_allowlisted_and_name_servers_open_on_53():
     fwd = render_rules(_lease(), dns=["10.0.0.2"])
     private = 'ip daddr { 10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16, 100.64.0.0/10, 168.63.129.16/32'
@@ -112,12 +198,16 @@ def test_allowlist_rules_end_in_a_drop():
 @pytest.mark.skipif(shutil.which("nft") is None, reason="nft not installed")
 def test_rendered_rules_parse_with_nft(tmp_path):
     # --check parses and resolves the ruleset without loading it.
+    from smolvm_kernel.net import render_guard
+
     for allow, dns in (([], []), ([Allow.parse("198.18.0.2/32:8080")], []), ([], ["10.0.0.2", "192.0.2.53"])):
         proc = subprocess.run(["nft", "--check", "-f", "-"], input=render_rules(_lease(), allow, dns),
                               capture_output=True, text=True)
         if proc.returncode != 0 and "Operation not permitted" in proc.stderr:
             pytest.skip("nft --check needs CAP_NET_ADMIN")
         assert proc.returncode == 0, proc.stderr
+    proc = subprocess.run(["nft", "--check", "-f", "-"], input=render_guard(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
 
 
 @pytest.mark.parametrize("text", ["10.0.0.0/33", "host.example", "10.0.0.0/8:0", "10.0.0.0/8:70000",

@@ -4,7 +4,7 @@ No packet leaves the namespaces created here. Layout::
 
     namespace N (the VMs' side, plays the host)      namespace S (the outside)
       TAP smv<vm> 10.213.x.1/30 <-> guest x.2          vB 198.18.0.2/24  server :8080
-      vA 198.18.0.1/24 (host's own; server :9000)  <->    198.18.0.3/24  server :8080
+      vA 198.18.0.1/24 (host's own; server :9000)  <->    198.18.0.3/24  server :8080, :8090 (holds)
       server 0.0.0.0:9001, default via 198.18.0.2        169.254.169.254  server :80
                                                          blackhole 198.18.1.53 (a name server
                                                          that never answers)
@@ -40,11 +40,17 @@ SILENT_DNS = "198.18.1.53"
 #: One server in each range a VM may not reach unless allowlisted, on addresses
 #: of namespace S (traffic to them never leaves the namespaces made here).
 PRIVATE = [("10.99.0.1", 8080), ("172.16.5.1", 8080), ("192.168.77.1", 8080), ("100.64.0.1", 8080)]
+#: A server in S that keeps every connection open (for the connection cap).
+HOLD = ("198.18.0.3", 8090)
+#: The VM "ssh_b" may have this many connections open; "allow" may open this many a second.
+MAX_CONNECTIONS = 12
+RATE = 5
 
 
-def _serve(netns: str, addr: str, port: int, stop: threading.Event) -> None:
-    sock = in_netns(netns, lambda: socket.create_server((addr, port), reuse_port=False))
+def _serve(netns: str, addr: str, port: int, stop: threading.Event, hold: bool = False) -> None:
+    sock = in_netns(netns, lambda: socket.create_server((addr, port), reuse_port=False, backlog=128))
     sock.settimeout(0.5)
+    held = []
 
     def loop():
         while not stop.is_set():
@@ -52,8 +58,13 @@ def _serve(netns: str, addr: str, port: int, stop: threading.Event) -> None:
                 conn, _ = sock.accept()
             except OSError:
                 continue
-            with conn:
-                conn.sendall(f"hello from {addr}:{port}\n".encode())
+            conn.sendall(f"hello from {addr}:{port}\n".encode())
+            if hold:
+                held.append(conn)
+            else:
+                conn.close()
+        for conn in held:
+            conn.close()
         sock.close()
     threading.Thread(target=loop, daemon=True).start()
 
@@ -92,6 +103,7 @@ def lab(image):
         in_netns(s, server_side)
         for addr, port in (ALLOWED, OTHER, METADATA, *PRIVATE):
             _serve(s, addr, port, stop)
+        _serve(s, *HOLD, stop, hold=True)
         _serve(n, *HOST_OWN, stop)
         _serve(n, "0.0.0.0", 9001, stop)
         yield n, s
@@ -114,8 +126,9 @@ def _vm(lab, **kw):
 @pytest.fixture(scope="module")
 def vms(lab):
     """Three VMs booted at once: one serial with an allowlist, two over SSH without."""
-    boxes = {"allow": _vm(lab, egress_allow=[f"{ALLOWED[0]}/32:{ALLOWED[1]}"]),
-             "ssh_a": _vm(lab, transport="ssh"), "ssh_b": _vm(lab, transport="ssh")}
+    boxes = {"allow": _vm(lab, egress_allow=[f"{ALLOWED[0]}/32:{ALLOWED[1]}"], net_connection_rate=RATE),
+             "ssh_a": _vm(lab, transport="ssh"),
+             "ssh_b": _vm(lab, transport="ssh", net_max_connections=MAX_CONNECTIONS)}
     errors = []
     threads = [threading.Thread(target=lambda b=b: _start(b, errors)) for b in boxes.values()]
     for t in threads:
@@ -225,6 +238,57 @@ def test_vm_to_vm_is_refused(vms, lab):
     assert from_namespace(n, b_ip, 7000)                   # it listens ...
     assert probe(vms["ssh_a"], (b_ip, 7000))[0].startswith("BLOCKED")
     assert probe(vms["allow"], (b_ip, 7000))[0].startswith("BLOCKED")
+
+
+def test_a_vm_has_at_most_its_connections_open_at_once(vms, lab):
+    """20 connections at once to a server that keeps them: the VM gets its cap
+    (net_max_connections) and no more; closed, they free their places."""
+    code = textwrap.dedent(f"""
+        import socket, concurrent.futures
+        def one(_):
+            s = socket.socket()
+            s.settimeout(3)
+            try:
+                s.connect({HOLD!r})
+                return s
+            except OSError:
+                s.close()
+        with concurrent.futures.ThreadPoolExecutor(20) as ex:
+            socks = [s for s in ex.map(one, range(20)) if s]
+        print(len(socks))
+        for s in socks:
+            s.close()
+    """)
+    out = "".join(o.text for o in vms["ssh_b"].execute(code) if o.type == "stream")
+    print(f"connections open at once: {out.strip()} of 20 tried, cap {MAX_CONNECTIONS}")
+    assert int(out) == MAX_CONNECTIONS
+    # closed, they no longer count
+    assert probe(vms["ssh_b"], HOLD, OTHER) == [f"OK hello from {HOLD[0]}:{HOLD[1]}",
+                                                 f"OK hello from {OTHER[0]}:{OTHER[1]}"]
+    # and another VM (its own table, the default cap) never had one of them
+    assert probe(vms["ssh_a"], HOLD)[0].startswith("OK")
+
+
+def test_a_vm_opens_new_connections_at_most_at_its_rate(vms, lab):
+    """Connections as fast as the guest can open them, for 3 s, to a server it
+    may reach: about net_connection_rate a second get through, the rest are dropped."""
+    code = textwrap.dedent(f"""
+        import socket, time
+        t, ok, n = time.monotonic(), 0, 0
+        while time.monotonic() - t < 3:
+            n += 1
+            try:
+                socket.create_connection({ALLOWED!r}, timeout=0.2).close()
+                ok += 1
+            except OSError:
+                pass
+        print(ok, n, round(time.monotonic() - t, 2))
+    """)
+    ok, tried, took = "".join(o.text for o in vms["allow"].execute(code) if o.type == "stream").split()
+    ok, tried, took = int(ok), int(tried), float(took)
+    print(f"new connections in {took} s: {ok} of {tried} got through (rate {RATE}/s, burst {RATE})")
+    assert ok >= RATE                                   # the burst gets through
+    assert ok <= RATE + RATE * took + 2 and tried > ok
 
 
 def test_ssh_host_key_is_pinned_and_per_vm(vms, lab):
