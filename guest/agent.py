@@ -26,7 +26,7 @@ import uuid
 
 import zmq
 
-from smolvm_guest import files, limits, wire
+from smolvm_guest import files, limits, seed, wire
 from smolvm_guest.wire import Channel
 
 AGENT_VERSION = "0.1.0"
@@ -48,6 +48,11 @@ LOW_QUEUE_LIMIT = 256
 #: agent stops reading the kernel, whose IOPub then drops (see _KERNEL_MAIN):
 #: an output flood must not fill the VM's memory.
 LOW_QUEUE_BYTES = 8 * 1024 * 1024
+#: Seconds a connection may stay without a hello carrying the link secret.
+AUTH_TIMEOUT_S = 5.0
+#: The smallest frame limit a host's hello may set (below it, a kernel_info
+#: reply would not fit).
+MIN_FRAME = 64 * 1024
 #: The in-guest kernel, started as ipykernel_launcher would be, with its
 #: memory bounded under an output flood: its IOPub PUB socket queues at most 16
 #: messages for a slow reader (the agent) and drops the rest, and stdout or
@@ -205,6 +210,7 @@ class SerialLink:
     """
 
     reconnects_by_eof = True
+    connected = True      # a host may write at any time; no one else can
 
     def __init__(self) -> None:
         self.path = self._find()
@@ -275,6 +281,10 @@ class ListenerLink:
     def fileno(self) -> int:
         return self.conn.fileno() if self.conn else self.listener.fileno()
 
+    @property
+    def connected(self) -> bool:
+        return self.conn is not None
+
     def read(self) -> bytes:
         if self.conn is None:
             conn, _ = self.listener.accept()
@@ -321,12 +331,17 @@ class Outbox:
         self._high: collections.deque[bytes] = collections.deque()
         self._low: collections.deque[bytes] = collections.deque()
         self._low_bytes = 0
+        #: The largest frame body the host accepts: it says so in its hello
+        #: (a larger frame would end the channel, so it is dropped here, and
+        #: the host is told).
+        self.max_frame = wire.MAX_FRAME
         self._cond = threading.Condition()
         threading.Thread(target=self._run, name="outbox", daemon=True).start()
 
     def put(self, channel: Channel, body: bytes) -> None:
-        if len(body) > wire.MAX_FRAME:
-            self.put_json({"event": "dropped", "channel": int(channel), "size": len(body)})
+        if len(body) > self.max_frame:
+            self.put_json({"event": "dropped", "channel": int(channel), "size": len(body),
+                           "limit": self.max_frame})
             return
         frame = wire.encode_frame(channel, body)
         with self._cond:
@@ -347,6 +362,12 @@ class Outbox:
             self._low.clear()
             self._low_bytes = 0
             self._high.append(preamble)
+            self._cond.notify()
+
+    def inject(self, raw: bytes) -> None:
+        """Send ``raw`` as it is, before anything queued (fault injection only)."""
+        with self._cond:
+            self._high.appendleft(raw)
             self._cond.notify()
 
     def low_full(self) -> bool:
@@ -569,6 +590,13 @@ class Agent:
         self._cpu_prev: tuple[int, int] | None = None
         self._link_paused_until = 0.0
         self.shutting_down = False
+        #: With a secret (vsock: any host user can connect), a connection is
+        #: heard only after a hello that carries it, and one that does not
+        #: send it within AUTH_TIMEOUT_S is hung up on.
+        self.secret = _read_secret(seed.LINK_SECRET_FILE)
+        self.authenticated = self.secret is None
+        self._accepted_at = time.monotonic()
+        self._reject = False
 
     # -- requests from the host
 
@@ -597,6 +625,9 @@ class Agent:
             # this hello goes on); the new key follows once it has taken that
             # (the host's entropy is in by then), and "ready" after the key.
             self.kernel.begin_rekey(key.encode())
+        max_frame = req.get("max_frame")
+        if isinstance(max_frame, int) and not isinstance(max_frame, bool):
+            self.outbox.max_frame = max(MIN_FRAME, min(max_frame, wire.MAX_FRAME))
         entropy = base64.b64decode(req.get("entropy", ""))
         if entropy:
             _add_entropy(entropy)
@@ -614,9 +645,11 @@ class Agent:
         return {"t": time.time()}
 
     def op_fault(self, req: dict) -> dict:
-        """Fault injection for the host's death-matrix tests: a guest kernel panic
-        or the agent's own death. Only the host reaches this (the channel device
-        is root's); guest code can cause neither."""
+        """Fault injection for the host's death-matrix and channel tests: a guest
+        kernel panic, the agent's own death, root flooding the console, a flood
+        of frames that are not Jupyter messages, bytes that are not a frame.
+        Only the host reaches this (the channel device is root's); guest code
+        can cause none of them."""
         what = req.get("what")
         if what == "panic":
             os.sync()
@@ -624,7 +657,31 @@ class Agent:
                 fh.write("c")
         elif what == "agent":
             os.kill(os.getpid(), signal.SIGKILL)
-        raise ValueError(f"unknown fault {what!r}; use 'panic' or 'agent'")
+        elif what in ("console", "flood"):
+            # Root printing to the console without end; a compromised agent
+            # flooding the channel with frames that are not Jupyter messages.
+            n = max(0, min(int(req.get("n", 0)), 64 * 1024 * 1024))
+            target = self._fault_console if what == "console" else self._fault_flood
+            threading.Thread(target=target, args=(n,), daemon=True).start()
+            return {}
+        elif what == "garbage":
+            self.outbox.inject(b"\xff" * 64)     # a header no host accepts
+            return {}
+        raise ValueError(f"unknown fault {what!r}; use panic, agent, console, flood or garbage")
+
+    @staticmethod
+    def _fault_console(n: int) -> None:
+        line = b"smolvm console fault " + b"x" * 1002 + b"\n"
+        with open("/dev/console", "wb", buffering=0) as fh:
+            for _ in range(n // len(line) + 1):
+                fh.write(line)
+
+    def _fault_flood(self, n: int) -> None:
+        junk = [os.urandom(1024), wire.pack_parts([b"<IDS|MSG>", b"0" * 64, b"{}", b"{}", b"{}", b"{}"])]
+        for i in range(n):
+            while self.outbox.low_full():
+                time.sleep(0.001)
+            self.outbox.put(Channel.IOPUB, junk[i % 2])
 
     def op_interrupt(self, req: dict) -> dict:
         if self.kernel is None:
@@ -696,6 +753,10 @@ class Agent:
 
     def on_link_data(self, data: bytes) -> None:
         for chan, body in self.decoder.feed(data):
+            if not self.authenticated:
+                self._authenticate(chan, body)
+                if not self.authenticated:
+                    return
             if chan == Channel.AGENT:
                 req = wire.decode_json(body)
                 if req.get("op") == "hello":
@@ -706,6 +767,20 @@ class Agent:
                 self.kernel.sockets[chan].send_multipart(wire.unpack_parts(body))
             else:
                 log(f"dropping a {chan.name} message: no kernel yet")
+
+    def _authenticate(self, chan: Channel, body: bytes) -> None:
+        """The first frame of a connection must be a hello with the link secret;
+        anything else gets the connection hung up (see run)."""
+        try:
+            req = wire.decode_json(body) if chan == Channel.AGENT else {}
+        except wire.FrameError:
+            req = {}
+        given = req.get("secret") if req.get("op") == "hello" else None
+        if isinstance(given, str) and hmac.compare_digest(given.encode(), self.secret):
+            self.authenticated = True
+            return
+        log("a connection without the link secret: hung up")
+        self._reject = True
 
     def on_kernel_message(self, chan: Channel, parts: list[bytes]) -> None:
         kernel = self.kernel
@@ -814,31 +889,40 @@ class Agent:
                 ack_fd = None
                 self.on_rekeyed()
             fd = self.link.fileno()
-            if link_registered and fd in events:
-                try:
-                    data = self.link.read()
-                except _Accepted:
-                    poller.unregister(fd)
-                    link_registered = False
-                    self.decoder.reset()
-                    continue
-                except OSError as exc:
-                    log(f"read from host failed: {exc}")
-                    data = b""
+            silent = (not self.authenticated and self.link.connected
+                      and time.monotonic() - self._accepted_at > AUTH_TIMEOUT_S)
+            if link_registered and (fd in events or silent):
+                data = b""
+                if silent:
+                    log("a connection sent no hello with the link secret in time: hung up")
+                else:
+                    try:
+                        data = self.link.read()
+                    except _Accepted:
+                        poller.unregister(fd)
+                        link_registered = False
+                        self.decoder.reset()
+                        self.authenticated = self.secret is None
+                        self._accepted_at = time.monotonic()
+                        continue
+                    except OSError as exc:
+                        log(f"read from host failed: {exc}")
                 if data:
                     try:
                         self.on_link_data(data)
                     except wire.FrameError as exc:
                         log(f"protocol error from host, resynchronising: {exc}")
                         self.decoder.reset()
-                else:
-                    # Host gone (or not yet there): back off, then listen again.
+                if not data or self._reject:
+                    # Host gone (or not yet there, or not the host): back off, then listen again.
                     poller.unregister(fd)
                     link_registered = False
                     self.decoder.reset()
                     self.link.hang_up()
                     if self.link.reconnects_by_eof:
                         self._link_paused_until = time.monotonic() + LINK_RETRY_S
+                    self._reject = False
+                    self.authenticated = self.secret is None
             for chan in list(registered):
                 sock = self.kernel.sockets[chan]
                 if sock in events:
@@ -854,6 +938,14 @@ class Agent:
             self.check_kernel()
         # Give the outbox a moment to deliver the shutdown reply.
         time.sleep(0.1)
+
+
+def _read_secret(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read().strip() or None
+    except FileNotFoundError:
+        return None
 
 
 def _meminfo() -> dict[str, int]:

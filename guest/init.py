@@ -73,13 +73,16 @@ def _restart_vm() -> None:
 
 
 def _apply_seed() -> list[str] | None:
-    """Network and SSH keys from the seed disk; the SSH server's argv, if any."""
+    """The vsock link's secret, network and SSH keys from the seed disk; the SSH
+    server's argv, if any."""
     try:
         from smolvm_guest import seed
 
         data = seed.read_seed()
         if not data:
             return None
+        if data.get("link_secret"):
+            seed.install_link_secret(data["link_secret"])
         if data.get("net"):
             seed.configure_network(data["net"])
         if data.get("ssh"):

@@ -84,6 +84,21 @@ def write_resolv_conf(servers: list[str], path: str = "/etc/resolv.conf") -> Non
         fh.write("options timeout:2 attempts:2\n")
 
 
+#: The host's secret for the vsock link, written from the seed for the agent
+#: (root's alone): any host user can connect to a guest's vsock port, so the
+#: agent answers only a hello that carries it.
+LINK_SECRET_FILE = "/run/smolvm/link-secret"
+
+
+def install_link_secret(secret: str, path: str = LINK_SECRET_FILE) -> None:
+    if not (isinstance(secret, str) and len(secret) >= 32):
+        raise ValueError("the seed's link secret is malformed")
+    os.makedirs(os.path.dirname(path), mode=0o711, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(secret)
+
+
 def install_ssh(ssh: dict) -> list[str]:
     """Write the keys; return the dropbear command line to run."""
     os.makedirs("/etc/dropbear", mode=0o700, exist_ok=True)

@@ -29,6 +29,7 @@ import zmq
 
 from smolvm_guest.wire import Channel
 from smolvm_kernel import __version__, timeline
+from smolvm_kernel.backpressure import ByteGate
 from smolvm_kernel.config import SandboxConfig
 from smolvm_kernel.errors import SmolVMError
 from smolvm_kernel.output_policy import OutputPolicy
@@ -41,6 +42,9 @@ log = logging.getLogger("smolvm_kernel.kernel")
 #: A start that takes longer than this shows a progress line in the cell
 #: (cleared once the VM is ready); a restore from a ready snapshot shows nothing.
 BOOT_NOTE_AFTER_S = 1.0
+#: Guest bytes read and not yet relayed, past which the guest channel is not read
+#: (with one frame of up to max_message_bytes and one read chunk on top).
+GUEST_BACKLOG_BYTES = 32 * 1024 * 1024
 
 
 class SmolVMKernel(ConfigActions):
@@ -77,7 +81,9 @@ class SmolVMKernel(ConfigActions):
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         self.sandbox = (sandbox_factory or Sandbox)(self.config, progress=self._on_progress)
-        self.sandbox.on_guest_frame = lambda chan, parts: self._post(("guest", chan, parts))
+        #: Guest frames posted and not yet relayed, bounded in bytes (backpressure.py).
+        self._inflow = ByteGate(GUEST_BACKLOG_BYTES, self.sandbox.pause_reading)
+        self.sandbox.on_guest_frame = self._on_guest_frame
         self.sandbox.on_death = lambda err: self._post(("death", err, None))
         self.sandbox.on_notice = lambda text: self._post(("notice", text, None))
         self.relay = Relay(self.session, self.sandbox, self._send_frontend,
@@ -224,6 +230,11 @@ class SmolVMKernel(ConfigActions):
         except BlockingIOError:
             pass
 
+    def _on_guest_frame(self, chan, parts: list[bytes]) -> None:
+        """A frame from the guest (the I/O thread): to the loop, counted."""
+        self._inflow.add(sum(len(p) for p in parts))
+        self._post(("guest", chan, parts))
+
     def _on_progress(self, line: str) -> None:
         self._post(("progress", line, None))
 
@@ -293,6 +304,7 @@ class SmolVMKernel(ConfigActions):
                 break
             if kind == "guest":
                 self.relay.on_guest(a, b)
+                self._inflow.done(sum(len(p) for p in b))
             elif kind == "death":
                 if not self._booting and not self._stopping:
                     self.relay.fail_inflight(a)

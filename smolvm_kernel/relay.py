@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 from smolvm_guest.wire import Channel
 from smolvm_kernel import timeline
+from smolvm_kernel.budget import OutputBudget, size_label
 from smolvm_kernel.errors import SmolVMError
 from smolvm_kernel.output_policy import OutputPolicy
 from smolvm_kernel.session import DELIM, Session, sign
@@ -37,9 +38,7 @@ class _Request:
     header: dict
     host_busy: bool = False
     allow_stdin: bool = False            # the frontend said it can answer input_request
-    output_bytes: int = 0                # output relayed for it so far
-    dropped_bytes: int = 0               # output dropped past the per-cell limit
-    dropped_msgs: int = 0
+    output: OutputBudget | None = None   # its IOPub, within max_cell_output
     sent_at: float | None = None         # when the guest got it (the timeout clock)
     started_at: float | None = None      # when the guest said busy for it (it may queue before)
     interrupted_at: float | None = None  # when the timeout interrupted it
@@ -57,8 +56,14 @@ class Relay:
                  is_ready: Callable[[], bool] = lambda: True, policy: OutputPolicy | None = None,
                  max_cell_output: int = 16 * 2**20) -> None:
         self.session = session
-        #: Bytes of output one request may send to the frontend; the rest is dropped and counted.
+        #: Bytes of IOPub one request may send to the frontend; the rest is dropped and counted.
+        #: IOPub from the guest that names no running request (a background
+        #: thread, a forged parent) shares one such budget, renewed by each
+        #: execute_request: so what the guest can queue for a frontend that
+        #: does not read is bounded in bytes, not only by ZeroMQ's message count.
         self.max_cell_output = max_cell_output
+        self.background = OutputBudget(max_cell_output)
+        self._last_execute: dict = {}
         #: What of the guest's output a frontend may render (see output_policy).
         self.policy = policy or OutputPolicy()
         self._noted: set[tuple[str | None, str]] = set()
@@ -89,7 +94,10 @@ class Relay:
                 header: dict, host_busy: bool = False, allow_stdin: bool = False) -> None:
         """Re-sign the frontend's original frames with K_guest and send them on."""
         if chan in (Channel.SHELL, Channel.CONTROL):
-            self.inflight[header["msg_id"]] = _Request(socket, idents, header, host_busy, allow_stdin)
+            self.inflight[header["msg_id"]] = _Request(socket, idents, header, host_busy, allow_stdin,
+                                                       OutputBudget(self.max_cell_output))
+            if header.get("msg_type") == "execute_request":
+                self.background, self._last_execute = OutputBudget(self.max_cell_output), header
         if not self.is_ready():
             self.backlog.append((chan, msg_list, header["msg_id"]))
             return
@@ -180,7 +188,7 @@ class Relay:
         if self.host_comms is not None and msg_type in ("comm_info_reply", "comm_msg"):
             body = self._add_host_widgets(msg_type, body, parent_id, content)
         if chan == Channel.IOPUB:
-            if msg_type in _OUTPUT_TYPES and self._over_output_limit(parent_id, parent, body):
+            if not (msg_type == "status" and size <= _SMALL_STATUS) and self._over_output_limit(parent_id, body):
                 return
             if msg_type == "status":
                 req = self.inflight.get(parent_id)
@@ -194,10 +202,10 @@ class Relay:
             req = self.inflight.pop(parent_id, None)
             if req is None:
                 return self._drop(chan, "reply to an unknown request")
-            if req.dropped_bytes:
-                self._warn(req.header, f"[smolvm] {_size(req.dropped_bytes)} of this cell's output "
-                                       f"({req.dropped_msgs} messages) was dropped: over the "
-                                       f"{_size(self.max_cell_output)} limit\n")
+            if req.output is not None and req.output.dropped:
+                self._warn(req.header, f"[smolvm] {size_label(req.output.dropped)} of this cell's output "
+                                       f"({req.output.dropped_msgs} messages) was dropped: over the "
+                                       f"{size_label(req.output.limit)} limit\n")
             if req.header.get("msg_type") == "execute_request":
                 timeline.mark("first execute_reply out")
                 start = req.started_at or req.sent_at
@@ -217,21 +225,23 @@ class Relay:
                 return self._drop(chan, f"{msg_type} on stdin for a request without allow_stdin")
             self._to_frontend("stdin", req.idents, body)
 
-    def _over_output_limit(self, parent_id: str | None, parent: dict, body: list[bytes]) -> bool:
-        """Count an output against its request's limit; True when it must be dropped."""
+    def _over_output_limit(self, parent_id: str | None, body: list[bytes]) -> bool:
+        """Count an IOPub message against its request's budget, or the budget of
+        messages that name no running request; True when it must be dropped."""
         req = self.inflight.get(parent_id) if parent_id is not None else None
-        if req is None:
+        budget = req.output if req is not None and req.output is not None else self.background
+        if budget.charge(sum(len(p) for p in body)):
             return False
-        size = sum(len(p) for p in body)
-        if req.dropped_bytes or req.output_bytes + size > self.max_cell_output:
-            if not req.dropped_bytes:
-                self._warn(parent, f"[smolvm] this cell's output reached the {_size(self.max_cell_output)} "
-                                   f"limit (SandboxConfig.max_output_mib); the rest is dropped\n")
-            req.dropped_bytes += size
-            req.dropped_msgs += 1
-            return True
-        req.output_bytes += size
-        return False
+        if budget.just_exhausted:
+            limit = size_label(budget.limit)
+            if req is not None:
+                self._warn(req.header, f"[smolvm] this cell's output reached the {limit} limit "
+                                       f"(SandboxConfig.max_output_mib); the rest is dropped\n")
+            else:
+                self._warn(self._last_execute, f"[smolvm] output from the VM that belongs to no running "
+                                               f"cell reached the {limit} limit (SandboxConfig."
+                                               f"max_output_mib); the rest is dropped until the next cell runs\n")
+        return True
 
     def _apply_policy(self, msg_type: str, body: list[bytes], parent: dict, content: dict) -> list[bytes] | None:
         """The message with its content (parsed, changed in place) filtered by the
@@ -362,12 +372,10 @@ _POLICY_TYPES = frozenset({"display_data", "execute_result", "update_display_dat
                            "input_request", "comm_open", "comm_msg"})
 
 
-#: Guest messages that count against a cell's output limit.
-_OUTPUT_TYPES = frozenset({"stream", "display_data", "update_display_data", "execute_result"})
-
-
-def _size(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 1024:.0f} KiB"
+#: A guest status message up to this size is never counted or dropped (a
+#: frontend would show a cell busy for ever without its "idle"); ipykernel's
+#: are about 500 bytes.
+_SMALL_STATUS = 4096
 
 
 def _json_object(data: bytes) -> dict | None:

@@ -46,6 +46,7 @@ from smolvm_kernel.config import SandboxConfig
 from smolvm_kernel.errors import (BootTimeout, ConfigError, ExecutionTimeout, GuestDied,
                                   GuestFileError, ProtocolError, SandboxStopped, SmolVMError)
 from smolvm_kernel.images import Image, ImageCache
+from smolvm_kernel.inbox import Inbox
 from smolvm_kernel.session import Session
 from smolvm_kernel.snapshot import SnapshotCache
 from smolvm_kernel.state import Registry, VMRecord, this_process
@@ -140,7 +141,7 @@ class Sandbox:
         self.boot_seconds: float | None = None
         self._channel: GuestChannel | None = None
         self._session: Session | None = None
-        self._pending: dict[str, queue.Queue] = {}
+        self._pending: dict[str, Inbox] = {}
         self._lock = threading.RLock()
         self._ready: asyncio.Future | None = None
         self._death: SmolVMError | None = None
@@ -152,6 +153,7 @@ class Sandbox:
         self.backend_name: str | None = None
         self._net = None           # net.VMNetwork while the VM has a NIC
         self._ssh_keys = None      # channel.ssh.SSHKeys while the transport is SSH
+        self._link_secret = ""     # the vsock hello's secret (see _setup_network)
         self._ssh_client = None
         #: When set, every Jupyter frame from the guest goes here raw (as its
         #: multipart list, not yet verified): the relaying kernel re-signs the
@@ -363,6 +365,11 @@ class Sandbox:
 
             self._ssh_keys = await asyncio.to_thread(SSHKeys.generate)
             seed["ssh"] = self._ssh_keys.seed()
+        if self.transport == "vsock":
+            # Any host user can connect to a guest's vsock port: the agent
+            # answers only the hello that carries this (guest/seed.py).
+            self._link_secret = secrets.token_hex(32)
+            seed["link_secret"] = self._link_secret
         if seed:
             from smolvm_kernel.backends.base import write_seed
 
@@ -468,7 +475,9 @@ class Sandbox:
         self._session = Session(key=self.guest_key, username="smolvm")
         watcher = asyncio.create_task(backend.wait())
         try:
-            handshake = asyncio.create_task(self._channel.handshake({"key": key}, remaining()))
+            handshake = asyncio.create_task(self._channel.handshake(
+                {"key": key, "max_frame": self.config.max_message_bytes,
+                 **({"secret": self._link_secret} if self._link_secret else {})}, remaining()))
             done, _ = await asyncio.wait({handshake, watcher}, timeout=remaining(),
                                          return_when=asyncio.FIRST_COMPLETED)
             if handshake not in done:
@@ -517,8 +526,13 @@ class Sandbox:
             chan = self._channel
             if chan is None or vm_id != self.vm_id:
                 return
-            if loop.time() - chan.last_heard < HEARTBEAT_IDLE_S:
-                continue
+            if self.backend is not None:
+                try:
+                    self.backend.cap_logs()
+                except OSError as exc:
+                    log.warning("cannot cut the VM's logs: %s", exc)
+            if chan.paused or loop.time() - chan.last_heard < HEARTBEAT_IDLE_S:
+                continue      # paused: the host is behind, the guest is not silent
             try:
                 await chan.request("ping", timeout=HEARTBEAT_TIMEOUT_S)
             except (asyncio.TimeoutError, TimeoutError):
@@ -555,6 +569,7 @@ class Sandbox:
         if net is not None:
             await asyncio.to_thread(net.teardown)
         self._ssh_keys = None
+        self._link_secret = ""
         if vm_id is not None:
             await asyncio.to_thread(self._registry.remove, vm_id)
         self.backend = None
@@ -586,6 +601,14 @@ class Sandbox:
 
     def _on_channel_close(self, error: BaseException | None) -> None:
         if self.backend is None or self.state == SandboxState.STOPPED:
+            return
+        if isinstance(error, ProtocolError):
+            # Not a Jupyter guest any more (root in the VM writing to the channel):
+            # nothing more it says is read, and its VMM goes now.
+            self._die(GuestDied(f"the microVM was stopped: {error}",
+                                "a fresh one starts on the next cell (reset() with the Python API)"),
+                      self.vm_id)
+            self.backend.send_signal(signal.SIGKILL)
             return
         died = GuestDied("the channel to the guest agent closed", f"{error or 'end of stream'}")
         # The stream usually ends because the VMM died; give its exit a moment
@@ -641,9 +664,9 @@ class Sandbox:
             return
         msg["channel"] = chan.name.lower()
         parent_id = parent.get("msg_id")
-        q = self._pending.get(parent_id) if isinstance(parent_id, str) else None
-        if q is not None:
-            q.put(msg)
+        inbox = self._pending.get(parent_id) if isinstance(parent_id, str) else None
+        if inbox is not None:
+            inbox.offer(msg, len(body))
 
     def _on_agent_event(self, event: dict) -> None:
         kind = event.get("event")
@@ -664,7 +687,8 @@ class Sandbox:
         elif kind == "dropped":
             size = event.get("size")
             self._notice(f"[smolvm] an output of {size if isinstance(size, int) else 'unknown'} bytes "
-                         f"was dropped: it exceeds the {wire.MAX_FRAME}-byte message limit\n")
+                         f"was dropped in the VM: it exceeds the {self.config.max_message_bytes}-byte "
+                         f"message limit (max_message_bytes)\n")
         elif kind == "limit":
             what, limit, killed = event.get("what"), event.get("limit"), event.get("killed")
             if isinstance(limit, int) and isinstance(killed, int) and what in _LIMITS:
@@ -697,6 +721,13 @@ class Sandbox:
         body = wire.pack_parts(parts)
         channel = self._channel
         aio.loop().call_soon_threadsafe(channel.send, chan, body)
+
+    def pause_reading(self, pause: bool) -> None:
+        """Stop (or go on) reading the guest's frames (any thread): the consumer
+        of on_guest_frame is behind and holds too many bytes (see kernel.py)."""
+        channel = self._channel
+        if channel is not None:
+            aio.loop().call_soon_threadsafe(channel.pause_reading if pause else channel.resume_reading)
 
     def send_raw(self, chan: Channel, parts: list[bytes]) -> None:
         """Queue already-signed multipart frames for the guest kernel (any thread)."""
@@ -736,7 +767,7 @@ class Sandbox:
             "code": code, "silent": silent, "store_history": store_history,
             "user_expressions": {}, "allow_stdin": stdin is not None, "stop_on_error": True})
         msg_id = msg["header"]["msg_id"]
-        q: queue.Queue = queue.Queue()
+        q = Inbox(self.config.max_output_mib * 2**20)
         self._pending[msg_id] = q
         self.state = SandboxState.BUSY
         started = time.monotonic()
@@ -770,7 +801,7 @@ class Sandbox:
             if self.state == SandboxState.BUSY:
                 self.state = SandboxState.READY
 
-    def _on_timeout(self, q: queue.Queue, limit: float) -> None:
+    def _on_timeout(self, q: Inbox, limit: float) -> None:
         """Interrupt; if the guest does not come back idle, reset the VM. Always raises."""
         try:
             self.interrupt()
@@ -806,7 +837,7 @@ class Sandbox:
         """Send one shell/control request and return its reply message."""
         self._require_running()
         msg = self._session.msg(msg_type, content=content)
-        q: queue.Queue = queue.Queue()
+        q = Inbox(self.config.max_output_mib * 2**20)
         self._pending[msg["header"]["msg_id"]] = q
         try:
             self.send_message(channel, msg)

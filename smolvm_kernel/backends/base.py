@@ -26,6 +26,11 @@ from smolvm_kernel.images import Image
 _PR_SET_PDEATHSIG = 1
 #: The guest agent's AF_VSOCK listener (guest/agent.py VSOCK_PORT).
 AGENT_VSOCK_PORT = 1024
+#: The console and VMM logs in a VM's run folder are cut back to their last
+#: LOG_KEEP_BYTES once they pass LOG_CAP_BYTES (see Backend.cap_logs): root in
+#: the guest can print to its console without end.
+LOG_CAP_BYTES = 1024 * 1024
+LOG_KEEP_BYTES = 256 * 1024
 
 
 class VMState(enum.Enum):
@@ -250,11 +255,41 @@ class Backend(abc.ABC):
             return "(no console output)"
         return text.strip() or "(no console output)"
 
+    def cap_logs(self) -> int:
+        """Cut the console and VMM logs back to their tails if they grew past
+        LOG_CAP_BYTES; returns the bytes cut. Cheap when nothing is cut (a stat
+        each): the Sandbox calls it every few seconds while the VM runs."""
+        paths = {p.resolve() for p in (self.spec.console_log, self.spec.run_dir / "vmm.log")}
+        return sum(cap_file(p, LOG_CAP_BYTES, LOG_KEEP_BYTES) for p in paths)
+
     def vmm_log_tail(self, limit: int = 2000) -> str:
         try:
             return (self.spec.run_dir / "vmm.log").read_bytes()[-limit:].decode(errors="replace")
         except OSError:
             return ""
+
+
+def cap_file(path: Path, cap: int, keep: int) -> int:
+    """If ``path`` is over ``cap`` bytes, leave a line saying how much was cut and
+    its last ``keep`` bytes; returns the bytes cut. The VMM writes its logs with
+    O_APPEND (QEMU's chardev append=on, the host's open for stdout), so its
+    next write lands after what is kept, not at its old offset."""
+    try:
+        size = os.stat(path).st_size
+    except OSError:
+        return 0
+    if size <= cap:
+        return 0
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
+        tail = os.pread(fd, keep, max(0, size - keep))
+        cut = size - len(tail)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"[smolvm: {cut} earlier bytes of this log were cut]\n".encode() + tail)
+    finally:
+        os.close(fd)
+    return cut
 
 
 def write_seed(path: Path, seed: dict) -> None:

@@ -49,6 +49,8 @@ class GuestChannel:
         self._replies: dict[int, asyncio.Future[dict]] = {}
         self._tasks: list[asyncio.Task] = []
         self._closed = False
+        self._reading = asyncio.Event()      # cleared while the host's consumer is behind
+        self._reading.set()
         #: When the guest last sent anything (the event loop's clock): the heartbeat's input.
         self.last_heard = asyncio.get_running_loop().time()
 
@@ -138,6 +140,7 @@ class GuestChannel:
         error: BaseException | None = None
         try:
             while True:
+                await self._reading.wait()
                 chunk = await self._reader.read(1 << 18)
                 if not chunk:
                     break
@@ -151,6 +154,20 @@ class GuestChannel:
         except asyncio.CancelledError:
             return
         self._finish(error)
+
+    def pause_reading(self) -> None:
+        """Stop reading the guest (loop thread): whoever consumes its frames is
+        behind. The guest's writes then back up into the transport and the
+        agent, which drops its own queue past its bound, not into host memory."""
+        self._reading.clear()
+
+    def resume_reading(self) -> None:
+        self.last_heard = asyncio.get_running_loop().time()   # silence while paused was ours
+        self._reading.set()
+
+    @property
+    def paused(self) -> bool:
+        return not self._reading.is_set()
 
     def _dispatch(self, chan: Channel, body: bytes) -> None:
         if chan == Channel.AGENT:

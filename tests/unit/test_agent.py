@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import os
 import signal
 import socket
@@ -23,6 +24,7 @@ from smolvm_kernel.errors import ProtocolError, ProtocolMismatch
 
 class SocketLink:
     reconnects_by_eof = False
+    connected = True
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -125,6 +127,50 @@ def test_hello_then_ops(agent_pair, tmp_path):
     asyncio.run(scenario())
     assert FakeKernel.instances[-1].key == b"ab" * 32
     assert FakeKernel.instances[-1].interrupted == 1
+
+
+def test_the_hosts_frame_limit_from_the_hello_holds_in_the_agent(agent_pair):
+    """A host with a smaller message limit says so in its hello: a larger kernel
+    output is dropped in the VM with an event naming its size, and the channel
+    lives on (the host would end it on an oversized frame)."""
+    host_sock, agent = agent_pair
+    events, closed = [], []
+
+    async def scenario():
+        reader, writer = await asyncio.open_unix_connection(sock=host_sock)
+        chan = GuestChannel(reader, writer, lambda c, b: events.append((c, b)), closed.append,
+                            max_frame=128 * 1024 + 64 * 1024)
+        await chan.handshake({"key": "ab" * 32, "max_frame": 128 * 1024}, timeout=5)
+        chan.start()
+        agent.outbox.put(Channel.IOPUB, b"x" * (200 * 1024))
+        agent.outbox.put(Channel.IOPUB, b"small")
+        for _ in range(200):
+            if len(events) >= 2:
+                break
+            await asyncio.sleep(0.01)
+        assert (await chan.request("ping"))["ok"]
+        await chan.close()
+
+    asyncio.run(scenario())
+    assert not closed
+    assert json.loads(events[0][1]) == {"event": "dropped", "channel": int(Channel.IOPUB),
+                                        "size": 200 * 1024, "limit": 128 * 1024}
+    assert events[1] == (Channel.IOPUB, b"small")
+
+
+def test_a_hello_cannot_set_the_frame_limit_out_of_range(agent_pair):
+    host_sock, agent = agent_pair
+
+    async def scenario():
+        chan, _ = await _channel(host_sock)
+        await chan.handshake({"key": "ab" * 32, "max_frame": 1}, timeout=5)
+        low = agent.outbox.max_frame
+        await chan.handshake({"key": "ab" * 32, "max_frame": 2**40}, timeout=5)
+        await chan.close()
+        return low, agent.outbox.max_frame
+
+    low, high = asyncio.run(scenario())
+    assert (low, high) == (agent_mod.MIN_FRAME, wire.MAX_FRAME)
 
 
 def test_symlink_out_of_home_is_refused(agent_pair, tmp_path):
@@ -335,3 +381,54 @@ def test_after_a_limit_the_kernel_waits_for_its_sigkilled_children_only(tmp_path
                 os.waitpid(pid, 0)
             except (ProcessLookupError, ChildProcessError):
                 pass
+
+
+def _hello_over(path: str, fields: dict, timeout: float = 5.0) -> dict | None:
+    """Connect to the agent's listener, send a hello; its reply, or None if hung up on."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    sock.connect(path)
+    try:
+        if fields is not None:
+            sock.sendall(wire.encode_frame(Channel.AGENT, wire.encode_json(
+                {"op": "hello", "id": 1, "proto": wire.PROTOCOL_VERSION, "nonce": "00" * 16,
+                 "key": "ab" * 32, **fields})))
+        decoder, buf = wire.FrameDecoder(), b""
+        while True:
+            chunk = sock.recv(1 << 16)
+            if not chunk:
+                return None
+            buf += chunk
+            idx = buf.find(agent_mod.SYNC_MAGIC)
+            if idx != -1:
+                for chan, body in decoder.feed(buf[idx + len(agent_mod.SYNC_MAGIC) + 16:]):
+                    return json.loads(body)
+    finally:
+        sock.close()
+
+
+def test_with_a_link_secret_only_a_hello_carrying_it_is_heard(tmp_path, monkeypatch):
+    """As on vsock, where any host user can connect to the guest's port: a hello
+    without the secret or with a wrong one is hung up on, as is a connection
+    that says nothing; the host's hello with it gets its answer."""
+    monkeypatch.setattr(agent_mod, "GuestKernel", FakeKernel)
+    monkeypatch.setattr(agent_mod, "AUTH_TIMEOUT_S", 0.5)
+    path = str(tmp_path / "agent.sock")
+    agent = agent_mod.Agent(agent_mod.ListenerLink.unix(path))
+    agent.secret, agent.authenticated = b"5" * 64, False
+    thread = threading.Thread(target=agent.run, daemon=True)
+    thread.start()
+    before = len(FakeKernel.instances)
+    try:
+        assert _hello_over(path, {}) is None
+        assert _hello_over(path, {"secret": "6" * 64}) is None
+        assert _hello_over(path, {"secret": ["5" * 64]}) is None
+        t = time.monotonic()
+        assert _hello_over(path, None) is None               # says nothing: hung up on
+        assert time.monotonic() - t < 3
+        assert len(FakeKernel.instances) == before           # no kernel for any of them
+        reply = _hello_over(path, {"secret": "5" * 64})
+        assert reply is not None and reply["ok"] and reply["proto"] == wire.PROTOCOL_VERSION
+    finally:
+        agent.shutting_down = True
+        thread.join(2)

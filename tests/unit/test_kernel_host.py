@@ -63,6 +63,9 @@ class FakeSandbox:
     def interrupt(self):
         self.calls.append("interrupt")
 
+    def pause_reading(self, pause):
+        self.calls.append("pause" if pause else "resume")
+
     def can_resize_live(self, mem_mib):
         return False
 

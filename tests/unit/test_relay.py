@@ -358,3 +358,44 @@ def test_a_cell_sends_at_most_its_output_limit_and_says_what_was_dropped(setup):
     types = [m["msg_type"] for m in got]
     assert types.index("execute_reply") > max(i for i, m in enumerate(got) if m["msg_type"] == "stream")
     assert types[-1] == "execute_reply" and "status" in types
+
+
+def test_iopub_that_names_no_running_cell_shares_one_budget_until_the_next_cell(setup):
+    """A background thread's output, or outputs with a forged parent (any id the
+    guest likes), cannot queue more than one cell's limit for the frontend; the
+    next execute_request renews it. Every IOPub type counts, not only streams."""
+    relay, guest, frontend, sent = setup
+    relay.max_cell_output = 3000
+    msg, _ = frontend_request(frontend, relay)
+    sent.clear()
+    for i in range(30):
+        forged = {"msg_id": f"forged-{i}", "msg_type": "execute_request"}
+        guest.emit(Channel.IOPUB, "error" if i % 2 else "comm_msg",
+                   {"ename": "E", "evalue": "x" * 300, "traceback": []} if i % 2 else
+                   {"comm_id": "c", "data": {"x": "y" * 300}}, forged)
+    guest.emit(Channel.IOPUB, "status", {"execution_state": "idle"}, {"msg_id": "forged-0"})
+    got = [m for _, _, m in decode(frontend, sent)]
+    relayed = [m for m in got if m["msg_type"] in ("error", "comm_msg")]
+    assert 0 < len(relayed) < 10
+    notes = [m for m in got if m["msg_type"] == "stream"]
+    assert len(notes) == 1 and "belongs to no running cell" in notes[0]["content"]["text"]
+    assert notes[0]["parent_header"]["msg_id"] == msg["header"]["msg_id"]   # the host's, not the guest's
+    assert got[-1]["msg_type"] == "status"       # a small status always passes
+    assert relay.background.dropped_msgs == 30 - len(relayed)
+
+    sent.clear()
+    frontend_request(frontend, relay)            # a new cell: a new budget for the background
+    guest.emit(Channel.IOPUB, "stream", {"name": "stdout", "text": "late\n"}, {"msg_id": "gone"})
+    assert any(m["msg_type"] == "stream" and m["content"]["text"] == "late\n"
+               for _, _, m in decode(frontend, sent))
+
+
+def test_a_large_status_message_counts_like_any_output(setup):
+    relay, guest, frontend, sent = setup
+    relay.max_cell_output, relay.max_message_bytes = 12_000, 100_000
+    msg, _ = frontend_request(frontend, relay)
+    sent.clear()
+    for _ in range(10):
+        guest.emit(Channel.IOPUB, "status", {"execution_state": "busy", "pad": "p" * 5000}, msg["header"])
+    statuses = [m for _, _, m in decode(frontend, sent) if m["msg_type"] == "status"]
+    assert 0 < len(statuses) < 3

@@ -1,6 +1,8 @@
 """The death matrix, the parts not covered elsewhere: a hung but running VMM,
-a guest kernel panic, the guest agent killed. Each on a real VM: the error
-names the cause, nothing is left, and a reset gives a working VM.
+a guest kernel panic, the guest agent killed, bytes that are not a frame. Each
+on a real VM: the error names the cause, nothing is left, and a reset gives a
+working VM. And what root in the guest can do to the host without killing the
+VM: flood the channel with junk frames, or its console without end.
 
 (Elsewhere: the guest's OOM and the kernel killed in test_kernel.py and
 test_vmm_cgroups.py, QEMU SIGKILLed in test_sandbox.py, QEMU SIGSTOPped and the
@@ -89,6 +91,65 @@ def test_a_killed_guest_agent_is_named(vm):
     assert "the guest's agent died (killed by signal 9)" in text, text
     vm.reset()
     assert _stdout(vm, "print('fresh')") == "fresh\n"
+
+
+def test_bytes_that_are_not_a_frame_stop_the_vm_with_the_reason(vm):
+    """Root in the guest writing to the channel (here the agent, made to): the
+    host reads nothing more from that VM, kills its VMM and says why."""
+    pid = vm.backend.pid
+    _fault(vm, "garbage")          # no answer comes: the garbage goes first
+    took = _wait_death(vm, 30)
+    with pytest.raises(GuestDied) as info:
+        list(vm.execute("1"))
+    text = str(info.value)
+    print(f"broken frame reported after {took:.1f} s: {text.splitlines()[0]}")
+    assert "the microVM was stopped: the guest broke the frame protocol" in text, text
+    for _ in range(50):
+        if not _alive(pid):
+            break
+        time.sleep(0.1)
+    assert not _alive(pid)
+    vm.reset()
+    assert _stdout(vm, "print('fresh')") == "fresh\n"
+
+
+def test_a_flood_of_frames_that_are_not_messages_is_dropped_and_the_vm_goes_on(vm):
+    """20,000 frames of junk and unsigned messages on IOPub from the guest's side
+    of the channel while a cell runs: none reaches the cell, the cell and the
+    next one work, and the agent still answers."""
+    t = time.monotonic()
+    vm.agent_request("fault", what="flood", n=20_000)
+    out = _stdout(vm, "import time\nfor i in range(3):\n    print(i)\n    time.sleep(0.5)")
+    took = time.monotonic() - t
+    assert out == "0\n1\n2\n"
+    ping = time.monotonic()
+    vm.agent_request("ping")
+    print(f"cell during a 20,000-frame junk flood: {took:.1f} s; ping after it {time.monotonic() - ping:.2f} s")
+    assert _stdout(vm, "print('next')") == "next\n"
+    assert vm.state == SandboxState.READY
+
+
+def test_root_flooding_the_console_leaves_a_capped_log(vm):
+    """The console log in the VM's run folder is cut back to its tail once it
+    passes LOG_CAP_BYTES, while the guest prints (as root) on and on."""
+    from smolvm_kernel.backends.base import LOG_CAP_BYTES, LOG_KEEP_BYTES
+
+    log = vm.backend.spec.console_log
+    vm.agent_request("fault", what="console", n=3 * LOG_CAP_BYTES)
+    deadline, peak = time.monotonic() + 240, 0
+    while time.monotonic() < deadline:
+        size = log.stat().st_size
+        peak = max(peak, size)
+        head = log.read_bytes()[:80]
+        if head.startswith(b"[smolvm: ") and size < LOG_CAP_BYTES:
+            break
+        time.sleep(0.2)
+    print(f"console log: peak {peak / 2**20:.2f} MiB seen, now {log.stat().st_size / 2**10:.0f} KiB, "
+          f"starts {log.read_bytes()[:60]!r}")
+    assert log.read_bytes().startswith(b"[smolvm: ")
+    # the cap plus what the guest prints between two checks (one a second)
+    assert peak < LOG_CAP_BYTES + LOG_KEEP_BYTES + 2 * 2**20
+    assert _stdout(vm, "print('ok')") == "ok\n"
 
 
 def _fault(vm: Sandbox, what: str) -> None:
