@@ -199,6 +199,19 @@ def test_the_vmm_runs_unprivileged(sandbox):
         assert "/smolvm/" in Path(f"/proc/{sandbox.backend.pid}/cgroup").read_text()
 
 
+def test_an_output_over_the_hosts_message_limit_is_dropped_in_the_vm_with_a_note(sandbox_factory):
+    """The host's limit reaches the agent in the hello: with max_message_bytes at
+    128 KiB, a 200 KB output is dropped in the VM and the cell says so; the VM
+    lives on (before, the oversized frame ended the channel and the VM)."""
+    sb = sandbox_factory(max_message_bytes=128 * 1024)
+    outs = list(sb.execute("print('x' * 200_000)"))
+    texts = [o.text for o in outs if o.type == "stream"]
+    assert any("was dropped in the VM: it exceeds the 131072-byte message limit" in t for t in texts), texts
+    assert not any("x" * 1000 in t for t in texts)
+    assert sb.state.value == "ready"
+    assert "".join(o.text for o in sb.execute("print('next')") if o.type == "stream") == "next\n"
+
+
 def test_reset_gives_a_clean_vm(sandbox):
     run(sandbox, "open('/home/user/marker', 'w').write('x'); y = 1")
     old_id = sandbox.vm_id
