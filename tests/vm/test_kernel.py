@@ -278,6 +278,33 @@ def test_an_output_flood_is_capped_per_cell_and_the_host_stays_bounded(kernel):
     assert stdout(run(kc, "print('after the flood')")[1]).strip() == "after the flood"
 
 
+def test_output_of_no_running_cell_is_capped_until_the_next_cell(kernel):
+    """A thread that prints without end after its cell has finished: what
+    reaches the frontend between two cells is bounded by the output limit too,
+    with one note; the next cell works and renews the budget."""
+    km, kc = kernel
+    reply, _ = run(kc, "import threading\ngo = True\ndef spam():\n    while go:\n        print('b' * 65536)\n"
+                       "threading.Thread(target=spam, daemon=True).start()")
+    assert reply["status"] == "ok"
+    got, notes, deadline = 0, [], time.monotonic() + 12
+    while time.monotonic() < deadline:
+        try:
+            msg = kc.get_iopub_msg(timeout=1)
+        except Exception:     # queue.Empty
+            continue
+        if msg["msg_type"] == "stream":
+            text = msg["content"]["text"]
+            if text.startswith("[smolvm]"):
+                notes.append(text)
+            else:
+                got += len(text)
+    print(f"background output relayed in 12 s: {got / 2**20:.1f} MiB; notes {notes}")
+    assert got <= 16 * 2**20
+    assert len(notes) == 1 and "belongs to no running cell" in notes[0]
+    reply, outs = run(kc, "go = False\nimport time; time.sleep(0.5)\nprint('stopped')")
+    assert reply["status"] == "ok" and "stopped" in stdout(outs)
+
+
 def test_a_stopped_vmm_is_reported_and_the_next_cell_gets_a_fresh_vm(kernel):
     """A VMM stopped with SIGSTOP runs no guest: the waiting cell ends with an
     error that says so (within a few seconds, not never) and the next cell
