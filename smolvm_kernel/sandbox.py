@@ -25,7 +25,6 @@ import enum
 import logging
 import os
 import queue
-import re
 import secrets
 import signal
 import threading
@@ -39,7 +38,7 @@ from traitlets import TraitError
 
 from smolvm_guest import wire
 from smolvm_guest.wire import Channel
-from smolvm_kernel import aio, cgroups, timeline
+from smolvm_kernel import aio, cgroups, guest_news, timeline
 from smolvm_kernel.backends.base import Backend, VMSpec
 from smolvm_kernel.channel.stream import GuestChannel
 from smolvm_kernel.config import SandboxConfig
@@ -585,7 +584,7 @@ class Sandbox:
         code = task.result()
         console = self.backend.console_tail(16000)   # a panic's line comes before its stack dump
         self._die(self._over_host_limit() or GuestDied(
-            f"the microVM exited (status {code}){_console_cause(console)}",
+            f"the microVM exited (status {code}){guest_news.console_cause(console)}",
             "--- guest console (tail) ---\n" + console[-2000:]), vm_id)
 
     def _over_host_limit(self) -> GuestDied | None:
@@ -669,34 +668,17 @@ class Sandbox:
             inbox.offer(msg, len(body))
 
     def _on_agent_event(self, event: dict) -> None:
-        kind = event.get("event")
-        if kind == "kernel_ready":
+        news = guest_news.agent_event(event, self.config.mem_mib, self.config.max_message_bytes)
+        if news is None:
+            log.warning("unknown or malformed agent event %r", str(event.get("event"))[:80])
+        elif news.ready is not None:
             timeline.mark("guest kernel ready (event in)")
             if self._ready is not None and not self._ready.done():
-                info = event.get("kernel_info")
-                self._ready.set_result(info if isinstance(info, dict) else {})
-        elif kind == "kernel_died":
-            code = event.get("code")
-            status = f" (exit status {code})" if isinstance(code, int) else ""
-            what = f"the guest's Python kernel died{status}"
-            if event.get("oom") is True:
-                what = (f"out of memory in the VM: the guest's Python kernel was killed by the VM's "
-                        f"out-of-memory killer (the VM has {self.config.mem_mib} MiB; give it more with "
-                        f"%smolvm config --mem or SandboxConfig.mem_mib, or use less)")
-            self._die(GuestDied(what, str(event.get("log", ""))[-3000:]))
-        elif kind == "dropped":
-            size = event.get("size")
-            self._notice(f"[smolvm] an output of {size if isinstance(size, int) else 'unknown'} bytes "
-                         f"was dropped in the VM: it exceeds the {self.config.max_message_bytes}-byte "
-                         f"message limit (max_message_bytes)\n")
-        elif kind == "limit":
-            what, limit, killed = event.get("what"), event.get("limit"), event.get("killed")
-            if isinstance(limit, int) and isinstance(killed, int) and what in _LIMITS:
-                self._notice(f"[smolvm] this cell reached the VM's limit of {limit} {_LIMITS[what]}: "
-                             f"it was interrupted and the {killed} processes it started were killed "
-                             f"(the kernel and its variables are intact)\n")
-        else:
-            log.warning("unknown agent event %r", kind)
+                self._ready.set_result(news.ready)
+        elif news.death is not None:
+            self._die(news.death)
+        elif news.note is not None:
+            self._notice(news.note)
 
     def _notice(self, text: str) -> None:
         """A note for the running cell(s), from the host (never guest text)."""
@@ -882,7 +864,7 @@ class Sandbox:
         guest = self.agent_request("stats")
         # The guest's word, for the guest's own figures only: numbers under
         # known names, never a host field (backend, accel, pids, state ...).
-        return {**host, **guest_figures(guest)}
+        return {**host, **guest_news.guest_figures(guest)}
 
     def can_resize_live(self, mem_mib: int) -> bool:
         """Whether ``mem_mib`` can be set on the running VM (balloon, up to its boot size)."""
@@ -934,36 +916,6 @@ class Sandbox:
 
 
 #: The guest kernel's limits (guest/limits.py), by the agent's name for them.
-_LIMITS = {"processes": "processes and threads", "memory": "MiB of memory for the kernel and what it starts"}
-
-#: What the guest agent's stats answer may contribute (see Sandbox.stats).
-_GUEST_FIGURES = frozenset({"vcpus", "mem_total_kib", "mem_available_kib", "cpu_percent", "disk_total_bytes",
-                            "disk_used_bytes", "uptime_s", "loadavg", "kernel_pid", "kernel_rss_kib",
-                            "kernel_ready"})
-
-
-def guest_figures(answer: dict) -> dict:
-    """The guest's stats answer, cut to its own figures: numbers under known
-    names (kernel_ready a bool), never a host field (backend, accel, pids,
-    state ...), whatever the guest sent."""
-    return {k: v for k, v in answer.items() if k in _GUEST_FIGURES
-            and (v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
-                 or (k == "kernel_ready" and isinstance(v, bool)))}
-
-
-def _console_cause(console: str) -> str:
-    """Why the guest went away, in words, from the end of its console ("" if unknown)."""
-    panic = re.search(r"Kernel panic - not syncing: ([^\n\r]{0,200})", console)
-    if panic:
-        return f": the guest's Linux kernel panicked ({panic.group(1).strip()})"
-    died = re.search(r"smolvm-init: (agent|dropbear) exited \((\d+)\)", console)
-    if died:
-        status = int(died.group(2))
-        how = f"killed by signal {status & 0x7f}" if status & 0x7f else f"status {status >> 8}"
-        return f": the guest's {'agent' if died.group(1) == 'agent' else 'SSH server'} died ({how})"
-    return ""
-
-
 def _merged_config(config: SandboxConfig | None, overrides: dict) -> SandboxConfig:
     if config is None:
         return SandboxConfig(**overrides)

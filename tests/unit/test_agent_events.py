@@ -9,7 +9,8 @@ import queue
 
 import pytest
 
-from smolvm_kernel.sandbox import Sandbox, guest_figures
+from smolvm_kernel.guest_news import guest_figures
+from smolvm_kernel.sandbox import Sandbox
 
 
 @pytest.fixture
