@@ -26,6 +26,12 @@ MIN_DISK_MIB, MAX_DISK_MIB = 64, 1024 * 1024
 
 
 _IGNORE_ENV = contextvars.ContextVar("smolvm_ignore_env", default=False)
+#: Settings a user may have chosen (a value set, or its SMOLVM_* variable), which
+#: the instructor's policy checks rather than quietly brings within its caps.
+_SHAPE_ENV = {"vcpus": "SMOLVM_VCPUS", "mem_mib": "SMOLVM_MEM_MIB", "disk_mib": "SMOLVM_DISK_MIB",
+              "exec_timeout": "SMOLVM_TIMEOUT", "max_output_mib": "SMOLVM_MAX_OUTPUT_MIB",
+              "output_policy": "SMOLVM_OUTPUT_POLICY", "network": "SMOLVM_NETWORK",
+              "profile": "SMOLVM_PROFILE"}
 
 
 def _env(name: str) -> str | None:
@@ -57,6 +63,16 @@ def _env_float(name: str, fallback: float) -> float:
 
 class SandboxConfig(Configurable):
     """Size, image, backend and limits of one microVM."""
+
+    #: The instructor's policy in force (smolvm_kernel.policy), read by validated().
+    policy = None
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        # What was set, by argument or config file (reading a default counts as
+        # setting it for traitlets, so this is recorded now).
+        section = self.config.get("SandboxConfig", {}) if self.config else {}
+        self._given = {*kwargs, *section}
 
     vcpus = Int(help="Virtual CPUs of the VM (env SMOLVM_VCPUS).").tag(config=True)
     mem_mib = Int(help="Guest memory in MiB (env SMOLVM_MEM_MIB).").tag(config=True)
@@ -355,11 +371,37 @@ class SandboxConfig(Configurable):
         for name, limit, setting, unit in (("vcpus", self.max_vcpus, "max_vcpus", ""),
                                            ("mem_mib", self.max_mem_mib, "max_mem_mib", " MiB"),
                                            ("disk_mib", self.max_disk_mib, "max_disk_mib", " MiB")):
-            if v[name] > limit:
+            if v[name] <= limit:
+                continue
+            if self.policy is not None and getattr(self.policy, setting) == limit:
+                problems.append(f"{name}={v[name]} is above the cap of {limit}{unit} set by "
+                                f"{self.policy.whose}; ask for at most {limit}, or ask the instructor")
+            else:
                 problems.append(f"{name}={v[name]} is above this host's limit of {limit}{unit}; "
                                 f"ask for at most {limit} (the host sets SandboxConfig.{setting} "
                                 f"or SMOLVM_{setting.upper()})")
         return problems
+
+    def _apply_caps(self, pol, chosen: set[str]) -> None:
+        """The policy's size caps become this config's host limits (a user's own
+        max_* cannot raise them); a size or timeout the user did not choose is
+        brought within them, one they chose is checked (validated says why)."""
+        for name in ("vcpus", "mem_mib", "disk_mib"):
+            cap = getattr(pol, f"max_{name}")
+            if cap is not None and getattr(self, f"max_{name}") > cap:
+                setattr(self, f"max_{name}", cap)
+            if name not in chosen:
+                setattr(self, name, min(getattr(self, name), getattr(self, f"max_{name}")))
+        if pol.max_exec_timeout and "exec_timeout" not in chosen and not 0 < self.exec_timeout <= pol.max_exec_timeout:
+            self.exec_timeout = float(pol.max_exec_timeout)
+        if pol.max_output_mib is not None and "max_output_mib" not in chosen:
+            self.max_output_mib = min(self.max_output_mib, pol.max_output_mib)
+        if pol.output_policy is not None and "output_policy" not in chosen:
+            self.output_policy = pol.output_policy
+        if pol.network is not None and "network" not in chosen and self.network not in pol.network:
+            self.network = pol.network[0]
+        if pol.profiles is not None and "profile" not in chosen and self.profile not in pol.profiles:
+            self.profile = pol.profiles[0]
 
     @classmethod
     def builtin(cls) -> SandboxConfig:
@@ -376,6 +418,15 @@ class SandboxConfig(Configurable):
             cfg.disk_mib = min(cfg.disk_mib, cfg.max_disk_mib)
         finally:
             _IGNORE_ENV.reset(token)
+        from smolvm_kernel import policy
+        from smolvm_kernel.errors import ConfigError
+
+        try:
+            cfg.policy = policy.load()
+        except ConfigError:      # the kernel reports it, and starts no VM meanwhile
+            cfg.policy = None
+        if cfg.policy is not None:
+            cfg._apply_caps(cfg.policy, set())
         return cfg
 
     def changed(self, **changes) -> SandboxConfig:
@@ -400,8 +451,10 @@ class SandboxConfig(Configurable):
         Raises ConfigError naming the value and the fix when a value is out of
         range, above a host limit, or at odds with another setting.
         """
+        from smolvm_kernel import policy
         from smolvm_kernel.errors import ConfigError
 
+        chosen = {name for name, env in _SHAPE_ENV.items() if name in self._given or _env(env) is not None}
         try:
             for name in self.trait_names():
                 value = getattr(self, name)
@@ -411,7 +464,11 @@ class SandboxConfig(Configurable):
                     setattr(self, name, value)
         except TraitError as exc:
             raise ConfigError.from_trait(exc) from None
-        problems = self.limit_problems() + self.combination_problems()
+        self.policy = policy.load()
+        if self.policy is not None:
+            self._apply_caps(self.policy, chosen)
+        problems = (self.limit_problems() + self.combination_problems()
+                    + (self.policy.problems(self) if self.policy else []))
         if problems:
             raise ConfigError("", None, "; ".join(problems))
         return self

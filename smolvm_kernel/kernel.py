@@ -709,7 +709,10 @@ class SmolVMKernel(ConfigActions):
             return (f"vCPUs {c.vcpus} (limit {c.max_vcpus})   memory {c.mem_mib} MiB (limit {c.max_mem_mib})"
                     f"   disk {c.disk_mib} MiB (limit {c.max_disk_mib})\n"
                     f"cell timeout {c.exec_timeout:g} s (0 = none)   network {c.network}   "
-                    f"profile {c.profile}   after a stop: {c.on_stopped}")
+                    f"profile {c.profile}   after a stop: {c.on_stopped}"
+                    + (f"\ncaps from {c.policy.whose}: "
+                       + ", ".join(f"{k}={'/'.join(v) if isinstance(v, tuple) else v}"
+                                   for k, v in c.policy.caps().items()) if c.policy else ""))
         if not changes:
             return "nothing to change"
         return self.apply(changes)

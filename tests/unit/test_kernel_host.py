@@ -7,6 +7,7 @@ confinement); tests/vm/test_panel_vm.py does the same against real VMs.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -387,3 +388,26 @@ def test_boot_progress_leaves_nothing_in_the_saved_outputs(running, slow):
         elif m["msg_type"] != "status":
             kept.append(nbf.output_from_msg(m))
     assert [o["output_type"] for o in kept] == ["stream"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the policy file must be root's: run as root")
+def test_config_line_shows_the_instructors_caps_and_refuses_beyond_them(running, tmp_path, monkeypatch):
+    from smolvm_kernel import policy
+
+    monkeypatch.setattr(policy, "POLICY_FILE", str(tmp_path / "no-such-policy.toml"))
+    path = tmp_path / "policy.toml"
+    path.write_text('max_vcpus = 1\nnetwork = ["none"]\nmax_exec_timeout = 60\n')
+    monkeypatch.setenv("SMOLVM_POLICY_FILE", str(path))
+    kernel, kc, _ = running()
+    kernel.config = kernel.config.validated()
+    run(kc, "pass")
+    content, text, _ = run(kc, "%smolvm config")
+    assert content["status"] == "ok"
+    assert f"caps from the instructor's policy ({path}): max_vcpus=1, max_exec_timeout=60, network=none" in text
+    content, _, _ = run(kc, "%smolvm config --cpus 2")
+    assert content["status"] == "error" and "above the cap of 1 set by the instructor's policy" in content["evalue"]
+    content, _, _ = run(kc, "%smolvm config --network nat")
+    assert content["status"] == "error" and "not allowed by the instructor's policy" in content["evalue"]
+    content, _, _ = run(kc, "%smolvm config --timeout 0")
+    assert content["status"] == "error" and "at most 60 s per cell" in content["evalue"]
+    assert kernel.config.vcpus == 1 and kernel.config.network == "none"
