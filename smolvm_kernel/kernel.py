@@ -727,7 +727,12 @@ class SmolVMKernel(ConfigActions):
         """Validate and apply; restart the VM unless only live settings changed."""
         from smolvm_kernel.panel import _describe, apply_live, check_changes
 
-        new = check_changes(self.config, changes)
+        try:
+            new = check_changes(self.config, changes)
+        except SmolVMError as exc:
+            self.sandbox.audit.record("refused", **self.sandbox.audit_context, what=_describe(changes),
+                                      why=str(exc))
+            raise
         restart = self.needs_restart(changes)
         self.config = self.sandbox.config = new
         text = None
@@ -887,6 +892,10 @@ def main(argv: list[str] | None = None, listening: dict[str, int] | None = None)
         config_error = ConfigError("", None, f"{str(exc).rstrip('.')}. Fix the setting, then restart the kernel.")
     timeline.mark("kernel imported, config read")
     kernel = SmolVMKernel(info, config, listening=listening, config_error=config_error)
+    # Jupyter names connection files kernel-<id>.json: the audit log says whose VM is whose.
+    name = os.path.basename(args.connection_file)
+    kernel.sandbox.audit_context["kernel_id"] = name[len("kernel-"):-len(".json")] \
+        if name.startswith("kernel-") and name.endswith(".json") else name
 
     def on_sigint(signum, frame):
         # interrupt_mode "signal": the frontend's SIGINT means "interrupt the cell".

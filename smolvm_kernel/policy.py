@@ -14,6 +14,7 @@ these caps; a value beyond one is refused with the cap and whose it is.
     profiles = ["base"]        # the guest images users may pick
     output_policy = "safe"     # locked: users cannot switch to "trusted"
     max_output_mib = 16        # most output a cell may send the notebook
+    audit_log = "/var/log/smolvm/audit.jsonl"   # one audit log for the host (audit.py)
 
 Every key is optional; an unknown key or a wrong type is an error (a typo
 must not drop a cap), and so is a file that someone other than root can
@@ -39,6 +40,7 @@ POLICY_FILE = "/etc/smolvm/policy.toml"
 _INTS = ("max_vcpus", "max_mem_mib", "max_disk_mib", "max_exec_timeout", "max_output_mib")
 _LISTS = {"network": ("none", "nat"), "profiles": None}
 _CHOICES = {"output_policy": ("safe", "trusted")}
+_PATHS = ("audit_log",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +54,7 @@ class Policy:
     network: tuple[str, ...] | None = None
     profiles: tuple[str, ...] | None = None
     output_policy: str | None = None
+    audit_log: str | None = None
 
     @property
     def whose(self) -> str:
@@ -60,7 +63,7 @@ class Policy:
     def caps(self) -> dict[str, object]:
         """The caps this policy sets, by name (for status lines and the panel)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if f.name != "path" and getattr(self, f.name) is not None}
+                if f.name not in ("path", "audit_log") and getattr(self, f.name) is not None}
 
     def problems(self, cfg) -> list[str]:
         """Why ``cfg`` (a SandboxConfig) is outside this policy; [] if it is not.
@@ -110,12 +113,16 @@ def parse(text: str, path: str) -> Policy:
             if unknown:
                 raise bad(f"{key} has {unknown[0]!r}; choose from {', '.join(allowed)}")
             values[key] = tuple(value)
+        elif key in _PATHS:
+            if not (isinstance(value, str) and os.path.isabs(value)):
+                raise bad(f"{key} must be an absolute path, not {value!r}")
+            values[key] = value
         elif key in _CHOICES:
             if value not in _CHOICES[key]:
                 raise bad(f"{key} must be one of {', '.join(_CHOICES[key])}, not {value!r}")
             values[key] = value
         else:
-            known = ", ".join([*_INTS, *_LISTS, *_CHOICES])
+            known = ", ".join([*_INTS, *_LISTS, *_CHOICES, *_PATHS])
             raise bad(f"unknown key {key!r}; the keys are {known}")
     return Policy(path, **values)
 

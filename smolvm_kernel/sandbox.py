@@ -39,6 +39,8 @@ from traitlets import TraitError
 from smolvm_guest import wire
 from smolvm_guest.wire import Channel
 from smolvm_kernel import aio, cgroups, guest_news, timeline
+from smolvm_kernel.audit import AuditLog
+from smolvm_kernel.audit import default_path as audit_default_path
 from smolvm_kernel.backends.base import Backend, VMSpec
 from smolvm_kernel.channel.stream import GuestChannel
 from smolvm_kernel.config import SandboxConfig
@@ -126,6 +128,11 @@ class Sandbox:
         except TraitError as exc:
             raise ConfigError.from_trait(exc) from None
         self.config = merged.validated()
+        pol = self.config.policy
+        #: Starts, stops, deaths and file transfers, one JSON line each (audit.py);
+        #: audit_context adds fields to every entry (the kernel's id).
+        self.audit = AuditLog(pol.audit_log if pol and pol.audit_log else audit_default_path())
+        self.audit_context: dict = {}
         self._progress = progress
         self.state = SandboxState.STOPPED
         self.backend: Backend | None = None
@@ -286,6 +293,12 @@ class Sandbox:
             self.boot_seconds = time.monotonic() - t0
             self.state = SandboxState.READY
             self._say(f"microVM ready in {self.boot_seconds:.1f} s ({self.started_from})")
+            cfg = self.config
+            self.audit.record("start", vm_id=self.vm_id, **self.audit_context, profile=cfg.profile,
+                              vcpus=cfg.vcpus, mem_mib=cfg.mem_mib, disk_mib=cfg.disk_mib,
+                              network=cfg.network, transport=self.transport, backend=self.backend.name,
+                              accel=self.backend.spec.accel, boot_s=round(self.boot_seconds, 3),
+                              started_from=self.started_from)
             if self._snapshot_wanted is not None and (self.snapshot_build is None or self.snapshot_build.done()):
                 # After this VM is up, so that the two do not share the CPU while it boots.
                 self.snapshot_build = asyncio.get_running_loop().create_task(
@@ -571,6 +584,8 @@ class Sandbox:
         self._link_secret = ""
         if vm_id is not None:
             await asyncio.to_thread(self._registry.remove, vm_id)
+            self.audit.record("stop", vm_id=vm_id, **self.audit_context,
+                              ran_s=round(time.time() - self.started_at, 1) if self.started_at else None)
         self.backend = None
         self.vm_id = None
         self.state = SandboxState.STOPPED
@@ -619,6 +634,8 @@ class Sandbox:
             return  # news about a VM this sandbox already replaced
         if self._death is None:
             self._death = error
+            self.audit.record("death", vm_id=self.vm_id, **self.audit_context,
+                              cause=str(error).splitlines()[0] if str(error) else type(error).__name__)
         if self.state != SandboxState.STOPPED:
             self.state = SandboxState.DEAD
         if self._ready is not None and not self._ready.done():
@@ -895,6 +912,7 @@ class Sandbox:
                                data=base64.b64encode(chunk).decode(), timeout=60)
             offset += len(chunk)
             if offset >= len(data):
+                self.audit.record("push", vm_id=self.vm_id, **self.audit_context, path=remote, bytes=offset)
                 return offset
 
     def get_file(self, remote: str, max_bytes: int = 256 * 1024 * 1024) -> bytes:
@@ -908,6 +926,7 @@ class Sandbox:
             chunk = base64.b64decode(reply["data"])
             out += chunk
             if not chunk or len(out) >= size:
+                self.audit.record("pull", vm_id=self.vm_id, **self.audit_context, path=remote, bytes=len(out))
                 return bytes(out)
 
     def __repr__(self) -> str:

@@ -8,6 +8,7 @@ confinement); tests/vm/test_panel_vm.py does the same against real VMs.
 from __future__ import annotations
 
 import os
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ from jupyter_client.connect import write_connection_file
 from jupyter_client.session import Session
 
 from smolvm_guest.wire import Channel
+from smolvm_kernel.audit import AuditLog
 from smolvm_kernel.config import SandboxConfig
 from smolvm_kernel.kernel import SmolVMKernel
 
@@ -44,6 +46,8 @@ class FakeSandbox:
         self.hold = threading.Event()
         self.hold.set()
         self.count = 0
+        self.audit = AuditLog(Path(tempfile.mkdtemp()) / "audit.jsonl")
+        self.audit_context = {"kernel_id": "k-test"}
 
     def start(self):
         self.calls.append("start")
@@ -411,3 +415,6 @@ def test_config_line_shows_the_instructors_caps_and_refuses_beyond_them(running,
     content, _, _ = run(kc, "%smolvm config --timeout 0")
     assert content["status"] == "error" and "at most 60 s per cell" in content["evalue"]
     assert kernel.config.vcpus == 1 and kernel.config.network == "none"
+    refused = [e for e in kernel.sandbox.audit.read() if e["event"] == "refused"]
+    assert len(refused) == 3 and refused[0]["kernel_id"] == "k-test"
+    assert "cap of 1 set by the instructor's policy" in refused[0]["why"]

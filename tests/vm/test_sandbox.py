@@ -165,6 +165,13 @@ def test_file_put_and_get(sandbox):
     assert sandbox.get_file("/home/user/t.txt") == b"t"
     with pytest.raises(GuestFileError, match="outside"):
         sandbox.get_file("/etc/shadow")
+    # the audit log has the VM's start and each transfer with its size
+    mine = [e for e in sandbox.audit.read() if e.get("vm_id") == sandbox.vm_id]
+    start = next(e for e in mine if e["event"] == "start")
+    assert (start["vcpus"], start["mem_mib"], start["network"], start["backend"]) == (2, 512, "none", "qemu")
+    assert [(e["event"], e["path"], e["bytes"]) for e in mine if e["event"] in ("push", "pull")][:3] == [
+        ("push", "data/blob.bin", len(payload)), ("pull", "data/blob.bin", len(payload)),
+        ("pull", "~/data/blob.bin", len(payload))]
 
 
 def test_pull_is_limited_and_writes_whole_files_only(sandbox, tmp_path):
@@ -238,6 +245,9 @@ def test_vm_death_mid_cell_is_reported_and_reset_recovers(sandbox):
     assert not t.is_alive()
     assert "exited" in str(result["error"]) and "reset()" in str(result["error"])
     assert sandbox.state == SandboxState.DEAD
+    dead_vm = sandbox.vm_id
+    deaths = [e for e in sandbox.audit.read() if e["event"] == "death" and e["vm_id"] == dead_vm]
+    assert len(deaths) == 1 and "exited" in deaths[0]["cause"]
     with pytest.raises(GuestDied):
         run(sandbox, "1")
     sandbox.reset()
