@@ -54,6 +54,12 @@ def agent_event(event: dict, mem_mib: int, max_message_bytes: int) -> News | Non
     if kind == "limit":
         what, limit, killed = event.get("what"), event.get("limit"), event.get("killed")
         if _is_int(limit) and _is_int(killed) and isinstance(what, str) and what in LIMITS:
+            if killed == 0 and what == "memory":
+                # Nothing else to kill: the kernel itself holds the memory. It
+                # was interrupted; if that does not free it, the VM's
+                # out-of-memory killer ends it (and the host says so next).
+                return News(note=f"[smolvm] this cell reached the VM's limit of {limit} {LIMITS[what]} "
+                                 f"in the kernel itself: it was interrupted\n")
             return News(note=f"[smolvm] this cell reached the VM's limit of {limit} {LIMITS[what]}: "
                              f"it was interrupted and the {killed} processes it started were killed "
                              f"(the kernel and its variables are intact)\n")

@@ -39,6 +39,7 @@ class _Request:
     host_busy: bool = False
     allow_stdin: bool = False            # the frontend said it can answer input_request
     output: OutputBudget | None = None   # its IOPub, within max_cell_output
+    dropped_told: bool = False           # the cell was told how much of its output was dropped
     sent_at: float | None = None         # when the guest got it (the timeout clock)
     started_at: float | None = None      # when the guest said busy for it (it may queue before)
     interrupted_at: float | None = None  # when the timeout interrupted it
@@ -197,15 +198,16 @@ class Relay:
                     req.started_at = time.monotonic()
                 if req is not None and req.host_busy and state == "busy":
                     return  # the host already said busy while the VM was booting
+                if req is not None and state == "idle":
+                    # The agent reads IOPub and shell apart, so "idle" can come
+                    # before the reply; a frontend stops listening at "idle".
+                    self._tell_dropped(req)
             self._to_frontend("iopub", list(parts[:i]), body)
         elif chan in (Channel.SHELL, Channel.CONTROL):
             req = self.inflight.pop(parent_id, None)
             if req is None:
                 return self._drop(chan, "reply to an unknown request")
-            if req.output is not None and req.output.dropped:
-                self._warn(req.header, f"[smolvm] {size_label(req.output.dropped)} of this cell's output "
-                                       f"({req.output.dropped_msgs} messages) was dropped: over the "
-                                       f"{size_label(req.output.limit)} limit\n")
+            self._tell_dropped(req)
             if req.header.get("msg_type") == "execute_request":
                 timeline.mark("first execute_reply out")
                 start = req.started_at or req.sent_at
@@ -224,6 +226,15 @@ class Relay:
                 # widget callback): nobody could answer, or it was not asked.
                 return self._drop(chan, f"{msg_type} on stdin for a request without allow_stdin")
             self._to_frontend("stdin", req.idents, body)
+
+    def _tell_dropped(self, req: _Request) -> None:
+        """Say once, in the cell, how much of its output was dropped."""
+        if req.output is None or not req.output.dropped or req.dropped_told:
+            return
+        req.dropped_told = True
+        self._warn(req.header, f"[smolvm] {size_label(req.output.dropped)} of this cell's output "
+                               f"({req.output.dropped_msgs} messages) was dropped: over the "
+                               f"{size_label(req.output.limit)} limit\n")
 
     def _over_output_limit(self, parent_id: str | None, body: list[bytes]) -> bool:
         """Count an IOPub message against its request's budget, or the budget of

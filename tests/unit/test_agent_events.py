@@ -33,6 +33,12 @@ def test_a_limit_event_becomes_one_host_note(sandbox):
         "variables are intact)\n"]
 
 
+def test_a_memory_limit_with_nothing_else_to_kill_does_not_promise_the_kernel_survives(sandbox):
+    sandbox._on_agent_event({"event": "limit", "what": "memory", "limit": 361, "killed": 0})
+    assert sandbox.notes == ["[smolvm] this cell reached the VM's limit of 361 MiB of memory for the "
+                             "kernel and what it starts in the kernel itself: it was interrupted\n"]
+
+
 @pytest.mark.parametrize("event", [
     {"event": "limit", "what": "<script>", "limit": 1, "killed": 1},
     {"event": "limit", "what": "processes", "limit": "256<b>", "killed": 1},

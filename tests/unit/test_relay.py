@@ -399,3 +399,19 @@ def test_a_large_status_message_counts_like_any_output(setup):
         guest.emit(Channel.IOPUB, "status", {"execution_state": "busy", "pad": "p" * 5000}, msg["header"])
     statuses = [m for _, _, m in decode(frontend, sent) if m["msg_type"] == "status"]
     assert 0 < len(statuses) < 3
+
+
+def test_the_dropped_note_comes_before_idle_even_when_idle_comes_before_the_reply(setup):
+    """The agent reads IOPub and shell apart: a cell's "idle" can reach the host
+    before its reply (the fake guest sends them in that order). A frontend stops
+    listening at "idle", so the note of what was dropped goes out before it, once."""
+    relay, guest, frontend, sent = setup
+    relay.max_cell_output = 3000
+    guest.extra = [(Channel.IOPUB, "stream", {"name": "stdout", "text": "x" * 400}) for _ in range(20)]
+    frontend_request(frontend, relay)
+    got = [m for _, _, m in decode(frontend, sent)]
+    types = [m["msg_type"] for m in got]
+    told = [i for i, m in enumerate(got) if "was dropped" in m["content"].get("text", "")]
+    idle = max(i for i, m in enumerate(got) if m["msg_type"] == "status"
+               and m["content"]["execution_state"] == "idle")
+    assert len(told) == 1 and told[0] < idle < types.index("execute_reply")
