@@ -273,7 +273,8 @@ def cap_file(path: Path, cap: int, keep: int) -> int:
     """If ``path`` is over ``cap`` bytes, leave a line saying how much was cut and
     its last ``keep`` bytes; returns the bytes cut. The VMM writes its logs with
     O_APPEND (QEMU's chardev append=on, the host's open for stdout), so its
-    next write lands after what is kept, not at its old offset."""
+    next write lands after what is kept, not at its old offset (a write that
+    falls between the cut and the note lands before the note)."""
     try:
         size = os.stat(path).st_size
     except OSError:

@@ -69,41 +69,22 @@ def test_a_hung_vmm_is_found_by_the_heartbeat_and_killed(vm):
     assert _stdout(vm, "print('fresh')") == "fresh\n"
 
 
-def test_a_guest_kernel_panic_is_named(vm):
-    _fault(vm, "panic")
-    took = _wait_death(vm, 30)
-    with pytest.raises(GuestDied) as info:
-        list(vm.execute("1"))
-    text = str(info.value)
-    print(f"panic reported after {took:.1f} s: {text.splitlines()[0]}")
-    assert "the guest's Linux kernel panicked (sysrq triggered crash)" in text, text
-    vm.reset()
-    assert _stdout(vm, "print('fresh')") == "fresh\n"
-
-
-def test_a_killed_guest_agent_is_named(vm):
-    _fault(vm, "agent")
-    took = _wait_death(vm, 30)
-    with pytest.raises(GuestDied) as info:
-        list(vm.execute("1"))
-    text = str(info.value)
-    print(f"agent death reported after {took:.1f} s: {text.splitlines()[0]}")
-    assert "the guest's agent died (killed by signal 9)" in text, text
-    vm.reset()
-    assert _stdout(vm, "print('fresh')") == "fresh\n"
-
-
-def test_bytes_that_are_not_a_frame_stop_the_vm_with_the_reason(vm):
-    """Root in the guest writing to the channel (here the agent, made to): the
-    host reads nothing more from that VM, kills its VMM and says why."""
+@pytest.mark.parametrize("fault, words", [
+    ("panic", "the guest's Linux kernel panicked (sysrq triggered crash)"),
+    ("agent", "the guest's agent died (killed by signal 9)"),
+    # Root in the guest writing to the channel (here the agent, made to): the
+    # host reads nothing more from that VM, kills its VMM and says why.
+    ("garbage", "the microVM was stopped: the guest broke the frame protocol"),
+])
+def test_a_fault_in_the_guest_is_named_its_vmm_goes_and_a_reset_recovers(vm, fault, words):
     pid = vm.backend.pid
-    _fault(vm, "garbage")          # no answer comes: the garbage goes first
+    _fault(vm, fault)
     took = _wait_death(vm, 30)
     with pytest.raises(GuestDied) as info:
         list(vm.execute("1"))
     text = str(info.value)
-    print(f"broken frame reported after {took:.1f} s: {text.splitlines()[0]}")
-    assert "the microVM was stopped: the guest broke the frame protocol" in text, text
+    print(f"{fault} reported after {took:.1f} s: {text.splitlines()[0]}")
+    assert words in text, text
     for _ in range(50):
         if not _alive(pid):
             break
@@ -140,13 +121,14 @@ def test_root_flooding_the_console_leaves_a_capped_log(vm):
     while time.monotonic() < deadline:
         size = log.stat().st_size
         peak = max(peak, size)
-        head = log.read_bytes()[:80]
-        if head.startswith(b"[smolvm: ") and size < LOG_CAP_BYTES:
+        # The guest may print a few bytes between the cut and its note.
+        head = log.read_bytes()[:4096]
+        if b"[smolvm: " in head and size < LOG_CAP_BYTES:
             break
         time.sleep(0.2)
     print(f"console log: peak {peak / 2**20:.2f} MiB seen, now {log.stat().st_size / 2**10:.0f} KiB, "
           f"starts {log.read_bytes()[:60]!r}")
-    assert log.read_bytes().startswith(b"[smolvm: ")
+    assert b"[smolvm: " in log.read_bytes()[:4096]
     # the cap plus what the guest prints between two checks (one a second)
     assert peak < LOG_CAP_BYTES + LOG_KEEP_BYTES + 2 * 2**20
     assert _stdout(vm, "print('ok')") == "ok\n"
