@@ -84,6 +84,8 @@ def cmd_image_rm(args) -> int:
 def cmd_ls(args) -> int:
     from smolvm_kernel.state import Registry
 
+    if args.all:
+        return _ls_host(args.socket)
     recs = Registry().list()
     if not recs:
         print("no VMs")
@@ -94,6 +96,34 @@ def cmd_ls(args) -> int:
                    "alive" if r.owner_alive else "DEAD", f"{now - r.created:.0f}s"] for r in recs],
                  ["VM", "BACKEND", "ACCEL", "PROFILE", "PID", "CPU/MEM", "OWNER", "OWNER STATE", "AGE"])
     return 0
+
+
+def _ls_host(socket_path: str | None) -> int:
+    """Every VM the host's admission service has granted, by user (root sees all)."""
+    from smolvm_kernel import hostd, policy
+
+    pol = policy.load()
+    path = socket_path or (pol.hostd if pol and pol.hostd else hostd.SOCKET_PATH)
+    client = hostd.HostClient(path)
+    try:
+        grants = client.list()
+    finally:
+        client.close()
+    if not grants:
+        print("no VMs granted")
+        return 0
+    now = time.time()
+    _print_table([[g["user"], str(g["uid"]), str(g["id"]), g["kernel_id"] or "-",
+                   f"{g['vcpus']}/{g['mem_mib']}M", f"{now - g['since']:.0f}s"]
+                  for g in sorted(grants, key=lambda g: (g["user"], g["id"]))],
+                 ["USER", "UID", "GRANT", "KERNEL", "CPU/MEM", "AGE"])
+    return 0
+
+
+def cmd_hostd(args) -> int:
+    from smolvm_kernel import hostd
+
+    return hostd.serve(args.socket or hostd.SOCKET_PATH)
 
 
 def cmd_cleanup(args) -> int:
@@ -308,7 +338,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help="host-guest channel (ssh needs --network nat)")
     inst.set_defaults(func=cmd_install, profile_given=True)
 
-    sub.add_parser("ls", help="list live VMs").set_defaults(func=cmd_ls)
+    ls = sub.add_parser("ls", help="list live VMs")
+    ls.add_argument("--all", action="store_true",
+                    help="every user's VMs on this host, from its admission service (root sees all)")
+    ls.add_argument("--socket", help="the admission service's socket (default: the policy's hostd)")
+    ls.set_defaults(func=cmd_ls)
+    hd = sub.add_parser("hostd", help="run the host's admission service (quotas, budget, audit log; as root)")
+    hd.add_argument("--socket", help="where to listen (default /run/smolvm/hostd.sock)")
+    hd.set_defaults(func=cmd_hostd)
     c = sub.add_parser("cleanup", help="kill VMs whose owner died and remove their files")
     c.add_argument("--all", action="store_true", help="also VMs whose owner is alive")
     c.set_defaults(func=cmd_cleanup)

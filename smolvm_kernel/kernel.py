@@ -730,7 +730,7 @@ class SmolVMKernel(ConfigActions):
         try:
             new = check_changes(self.config, changes)
         except SmolVMError as exc:
-            self.sandbox.audit.record("refused", **self.sandbox.audit_context, what=_describe(changes),
+            self.sandbox.record_audit("refused", **self.sandbox.audit_context, what=_describe(changes),
                                       why=str(exc))
             raise
         restart = self.needs_restart(changes)

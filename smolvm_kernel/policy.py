@@ -15,6 +15,11 @@ these caps; a value beyond one is refused with the cap and whose it is.
     output_policy = "safe"     # locked: users cannot switch to "trusted"
     max_output_mib = 16        # most output a cell may send the notebook
     audit_log = "/var/log/smolvm/audit.jsonl"   # one audit log for the host (audit.py)
+    hostd = "/run/smolvm/hostd.sock"   # every VM needs a grant from this service (hostd.py),
+    max_vms_per_user = 2               # which enforces these four
+    max_mem_mib_per_user = 2048
+    host_max_vms = 40
+    host_reserve_mib = 2048            # host memory never given to VMs
 
 Every key is optional; an unknown key or a wrong type is an error (a typo
 must not drop a cap), and so is a file that someone other than root can
@@ -37,10 +42,12 @@ from smolvm_kernel.errors import ConfigError
 
 POLICY_FILE = "/etc/smolvm/policy.toml"
 
-_INTS = ("max_vcpus", "max_mem_mib", "max_disk_mib", "max_exec_timeout", "max_output_mib")
+_INTS = ("max_vcpus", "max_mem_mib", "max_disk_mib", "max_exec_timeout", "max_output_mib",
+         "max_vms_per_user", "max_mem_mib_per_user", "host_max_vms", "host_max_guest_mem_mib",
+         "host_reserve_mib")
 _LISTS = {"network": ("none", "nat"), "profiles": None}
 _CHOICES = {"output_policy": ("safe", "trusted")}
-_PATHS = ("audit_log",)
+_PATHS = ("audit_log", "hostd")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +62,14 @@ class Policy:
     profiles: tuple[str, ...] | None = None
     output_policy: str | None = None
     audit_log: str | None = None
+    #: The admission service's socket (hostd.py): every VM needs its grant, which
+    #: is where the per-user and host-wide keys below are enforced.
+    hostd: str | None = None
+    max_vms_per_user: int | None = None
+    max_mem_mib_per_user: int | None = None
+    host_max_vms: int | None = None
+    host_max_guest_mem_mib: int | None = None
+    host_reserve_mib: int | None = None
 
     @property
     def whose(self) -> str:
@@ -63,7 +78,7 @@ class Policy:
     def caps(self) -> dict[str, object]:
         """The caps this policy sets, by name (for status lines and the panel)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if f.name not in ("path", "audit_log") and getattr(self, f.name) is not None}
+                if f.name not in ("path", "audit_log", "hostd") and getattr(self, f.name) is not None}
 
     def problems(self, cfg) -> list[str]:
         """Why ``cfg`` (a SandboxConfig) is outside this policy; [] if it is not.

@@ -40,6 +40,7 @@ from smolvm_guest import wire
 from smolvm_guest.wire import Channel
 from smolvm_kernel import aio, cgroups, guest_news, timeline
 from smolvm_kernel.audit import AuditLog
+from smolvm_kernel.hostd import HostClient
 from smolvm_kernel.audit import default_path as audit_default_path
 from smolvm_kernel.backends.base import Backend, VMSpec
 from smolvm_kernel.channel.stream import GuestChannel
@@ -160,6 +161,7 @@ class Sandbox:
         self._net = None           # net.VMNetwork while the VM has a NIC
         self._ssh_keys = None      # channel.ssh.SSHKeys while the transport is SSH
         self._link_secret = ""     # the vsock hello's secret (see _setup_network)
+        self._hostd: HostClient | None = None   # the admission service's grant, while a VM runs
         self._ssh_client = None
         #: When set, every Jupyter frame from the guest goes here raw (as its
         #: multipart list, not yet verified): the relaying kernel re-signs the
@@ -223,6 +225,14 @@ class Sandbox:
             aio.run(self._stop())
             aio.run(self._start())
 
+    def record_audit(self, event: str, **fields) -> None:
+        """An audit event: through the admission service when one holds this VM's
+        grant (it writes the host's log with the uid it sees), else to the log."""
+        if self._hostd is not None:
+            self._hostd.event(event, **fields)
+        else:
+            self.audit.record(event, **fields)
+
     def _say(self, msg: str) -> None:
         log.info(msg)
         if self._progress:
@@ -240,6 +250,12 @@ class Sandbox:
         self._death = None
         try:
             await asyncio.to_thread(self._registry.cleanup)
+            pol = cfg.policy
+            if pol is not None and pol.hostd:
+                # The host's quotas and budget: a grant held for this VM's life (hostd.py).
+                self._hostd = await asyncio.to_thread(HostClient, pol.hostd)
+                await asyncio.to_thread(self._hostd.admit, cfg.vcpus, cfg.mem_mib,
+                                        str(self.audit_context.get("kernel_id", "")))
             cache = ImageCache()
             if cfg.auto_build:
                 self.image = await asyncio.to_thread(cache.ensure, cfg.profile, self._progress)
@@ -294,7 +310,7 @@ class Sandbox:
             self.state = SandboxState.READY
             self._say(f"microVM ready in {self.boot_seconds:.1f} s ({self.started_from})")
             cfg = self.config
-            self.audit.record("start", vm_id=self.vm_id, **self.audit_context, profile=cfg.profile,
+            self.record_audit("start", vm_id=self.vm_id, **self.audit_context, profile=cfg.profile,
                               vcpus=cfg.vcpus, mem_mib=cfg.mem_mib, disk_mib=cfg.disk_mib,
                               network=cfg.network, transport=self.transport, backend=self.backend.name,
                               accel=self.backend.spec.accel, boot_s=round(self.boot_seconds, 3),
@@ -584,11 +600,14 @@ class Sandbox:
         self._link_secret = ""
         if vm_id is not None:
             await asyncio.to_thread(self._registry.remove, vm_id)
-            self.audit.record("stop", vm_id=vm_id, **self.audit_context,
+            self.record_audit("stop", vm_id=vm_id, **self.audit_context,
                               ran_s=round(time.time() - self.started_at, 1) if self.started_at else None)
         self.backend = None
         self.vm_id = None
         self.state = SandboxState.STOPPED
+        hostd, self._hostd = self._hostd, None
+        if hostd is not None:
+            hostd.close()      # the grant goes back, after the stop is on record
         self._fail_pending(SandboxStopped())
 
     # ------------------------------------------------------------ guest events
@@ -634,7 +653,7 @@ class Sandbox:
             return  # news about a VM this sandbox already replaced
         if self._death is None:
             self._death = error
-            self.audit.record("death", vm_id=self.vm_id, **self.audit_context,
+            self.record_audit("death", vm_id=self.vm_id, **self.audit_context,
                               cause=str(error).splitlines()[0] if str(error) else type(error).__name__)
         if self.state != SandboxState.STOPPED:
             self.state = SandboxState.DEAD
@@ -912,7 +931,7 @@ class Sandbox:
                                data=base64.b64encode(chunk).decode(), timeout=60)
             offset += len(chunk)
             if offset >= len(data):
-                self.audit.record("push", vm_id=self.vm_id, **self.audit_context, path=remote, bytes=offset)
+                self.record_audit("push", vm_id=self.vm_id, **self.audit_context, path=remote, bytes=offset)
                 return offset
 
     def get_file(self, remote: str, max_bytes: int = 256 * 1024 * 1024) -> bytes:
@@ -926,7 +945,7 @@ class Sandbox:
             chunk = base64.b64decode(reply["data"])
             out += chunk
             if not chunk or len(out) >= size:
-                self.audit.record("pull", vm_id=self.vm_id, **self.audit_context, path=remote, bytes=len(out))
+                self.record_audit("pull", vm_id=self.vm_id, **self.audit_context, path=remote, bytes=len(out))
                 return bytes(out)
 
     def __repr__(self) -> str:

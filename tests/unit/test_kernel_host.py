@@ -49,6 +49,9 @@ class FakeSandbox:
         self.audit = AuditLog(Path(tempfile.mkdtemp()) / "audit.jsonl")
         self.audit_context = {"kernel_id": "k-test"}
 
+    def record_audit(self, event, **fields):
+        self.audit.record(event, **fields)
+
     def start(self):
         self.calls.append("start")
         self.state = self.States.READY

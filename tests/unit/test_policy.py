@@ -84,6 +84,8 @@ def test_unknown_keys_and_wrong_types_are_errors_that_name_them(tmp_path):
                         ("network = ['none', 'bridge']", "network has 'bridge'; choose from none, nat"),
                         ("network = []", "network must be a non-empty list"),
                         ("output_policy = 'open'", "output_policy must be one of safe, trusted"),
+                        ("hostd = 'hostd.sock'", "hostd must be an absolute path"),
+                        ("max_vms_per_user = -1", "max_vms_per_user must be a whole number"),
                         ("max_vcpus = ", "it is not TOML")):
         with pytest.raises(ConfigError, match="the policy file .* is wrong") as info:
             policy.parse(text, "/etc/smolvm/policy.toml")

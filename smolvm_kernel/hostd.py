@@ -1,0 +1,301 @@
+"""hostd: the host's admission service for VMs: per-user quotas, a host budget, the audit log.
+
+One root-owned process per classroom host (``smolvm-kernel hostd``) on a Unix
+socket. Before it starts a VM, a kernel (its Sandbox) asks for a grant with
+the VM's shape; the service knows the caller by the socket's peer
+credentials (SO_PEERCRED: the uid the kernel runs as, not a claim), checks
+that user's quota and the host's budget from the instructor's policy, and
+answers with a grant or a refusal that says who is over what. A grant lasts
+as long as the caller keeps its connection open: a kernel that stops, exits
+or is killed gives it back with no one's help. Audit events come over the
+same connection and are written with the uid the service saw.
+
+Wire format: one JSON object per line each way; requests carry ``op``:
+
+    {"op": "admit", "vcpus": 2, "mem_mib": 512, "kernel_id": "…"} -> {"ok": true, "grant": 3}
+                                                                   or {"ok": false, "why": "…"}
+    {"op": "release", "grant": 3}                                 -> {"ok": true}
+    {"op": "event", "event": "push", "fields": {...}}             -> (no answer)
+    {"op": "ls"}                      -> {"ok": true, "grants": [...]} (root: all; others: their own)
+
+Policy keys it reads (policy.py): max_vms_per_user, max_mem_mib_per_user,
+host_max_vms, host_max_guest_mem_mib, host_reserve_mib.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import json
+import logging
+import os
+import pwd
+import socket
+import struct
+import time
+
+from smolvm_kernel import policy as policy_mod
+from smolvm_kernel.audit import AuditLog
+from smolvm_kernel.errors import SmolVMError
+
+log = logging.getLogger("smolvm_kernel.hostd")
+
+SOCKET_PATH = "/run/smolvm/hostd.sock"
+_MAX_LINE = 64 * 1024
+#: Fields of an audit entry that the service writes itself, whatever a caller sends.
+_OWN_FIELDS = frozenset({"ts", "host", "user", "uid", "pid", "event"})
+
+
+class AdmissionRefused(SmolVMError):
+    """The host's admission service said no; the message says who is over what."""
+
+
+@dataclasses.dataclass
+class Grant:
+    id: int
+    uid: int
+    user: str
+    vcpus: int
+    mem_mib: int
+    kernel_id: str
+    since: float
+
+
+class Admissions:
+    """The quota and budget arithmetic, apart from sockets (unit-tested)."""
+
+    def __init__(self, pol: policy_mod.Policy | None, host_available_mib=None) -> None:
+        self.policy = pol
+        self.grants: dict[int, Grant] = {}
+        self._ids = itertools.count(1)
+        self._available = host_available_mib or _mem_available_mib
+
+    def admit(self, uid: int, user: str, vcpus: int, mem_mib: int, kernel_id: str = "") -> Grant:
+        """A grant, or AdmissionRefused naming the limit, the figures and what to do."""
+        p = self.policy
+        mine = [g for g in self.grants.values() if g.uid == uid]
+        if p is not None:
+            if p.max_vms_per_user is not None and len(mine) + 1 > p.max_vms_per_user:
+                raise AdmissionRefused(
+                    f"{user} has {len(mine)} microVM{'s' if len(mine) != 1 else ''} running, the most "
+                    f"{p.whose} allows per user ({p.max_vms_per_user}): close another notebook's kernel "
+                    f"(or shut it down), or ask the instructor")
+            used = sum(g.mem_mib for g in mine)
+            if p.max_mem_mib_per_user is not None and used + mem_mib > p.max_mem_mib_per_user:
+                raise AdmissionRefused(
+                    f"{user}'s microVMs have {used} MiB and this one asks for {mem_mib} MiB, over the "
+                    f"{p.max_mem_mib_per_user} MiB {p.whose} allows per user: close another notebook's "
+                    f"kernel, ask for less memory, or ask the instructor")
+            if p.host_max_vms is not None and len(self.grants) + 1 > p.host_max_vms:
+                raise AdmissionRefused(
+                    f"this host runs {len(self.grants)} microVMs, its budget ({p.whose}): try again "
+                    f"when others have finished, or ask the instructor")
+            total = sum(g.mem_mib for g in self.grants.values())
+            if p.host_max_guest_mem_mib is not None and total + mem_mib > p.host_max_guest_mem_mib:
+                raise AdmissionRefused(
+                    f"this host's microVMs have {total} MiB of its {p.host_max_guest_mem_mib} MiB budget "
+                    f"({p.whose}) and this one asks for {mem_mib} MiB: try again later, ask for less "
+                    f"memory, or ask the instructor")
+            if p.host_reserve_mib is not None:
+                free = self._available()
+                if free - mem_mib < p.host_reserve_mib:
+                    raise AdmissionRefused(
+                        f"the host has {free} MiB free and keeps {p.host_reserve_mib} MiB for itself "
+                        f"({p.whose}); a {mem_mib} MiB microVM does not fit now: try again later, "
+                        f"or ask the instructor")
+        grant = Grant(next(self._ids), uid, user, vcpus, mem_mib, kernel_id, time.time())
+        self.grants[grant.id] = grant
+        return grant
+
+    def release(self, grant_id: int) -> Grant | None:
+        return self.grants.pop(grant_id, None)
+
+
+def _mem_available_mib() -> int:
+    with open("/proc/meminfo") as fh:
+        for line in fh:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) // 1024
+    return 0
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def peer_uid(sock: socket.socket) -> int:
+    """The connecting process's uid, from the kernel (not from anything it sent)."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return uid
+
+
+class HostService:
+    """The asyncio server: one connection per kernel, its grants die with it."""
+
+    def __init__(self, path: str = SOCKET_PATH, pol: policy_mod.Policy | None = None,
+                 audit: AuditLog | None = None, host_available_mib=None) -> None:
+        self.path = path
+        self.admissions = Admissions(pol, host_available_mib)
+        pol_log = pol.audit_log if pol is not None and pol.audit_log else None
+        self.audit = audit or AuditLog(pol_log or "/var/log/smolvm/audit.jsonl")
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> None:
+        os.makedirs(os.path.dirname(self.path), mode=0o755, exist_ok=True)
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        self._server = await asyncio.start_unix_server(self._serve, self.path, limit=_MAX_LINE)
+        os.chmod(self.path, 0o666)       # anyone may ask; SO_PEERCRED says who asks
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        uid = peer_uid(writer.get_extra_info("socket"))
+        user = _user_name(uid)
+        held: set[int] = set()
+        try:
+            while True:
+                try:
+                    line = await reader.readline()
+                except (ValueError, ConnectionError):      # a line over the limit, a reset
+                    break
+                if not line:
+                    break
+                try:
+                    reply = self._handle(uid, user, held, line)
+                except Exception as exc:      # a bug here must not end the service
+                    log.warning("hostd: a request failed: %s: %s", type(exc).__name__, exc)
+                    reply = {"ok": False, "why": f"the service failed on it ({type(exc).__name__})"}
+                if reply is not None:
+                    writer.write(json.dumps(reply).encode() + b"\n")
+                    await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            for gid in held:
+                grant = self.admissions.release(gid)
+                if grant is not None:
+                    self.audit.record("release", user=user, uid=uid, grant=gid, kernel_id=grant.kernel_id,
+                                      why="the kernel's connection closed")
+            writer.close()
+
+    def _handle(self, uid: int, user: str, held: set[int], line: bytes) -> dict | None:
+        try:
+            req = json.loads(line)
+        except ValueError:
+            return {"ok": False, "why": "not JSON"}
+        if not isinstance(req, dict):
+            return {"ok": False, "why": "not a JSON object"}
+        op = req.get("op")
+        if op == "admit":
+            vcpus, mem = req.get("vcpus"), req.get("mem_mib")
+            kernel_id = str(req.get("kernel_id", ""))[:200]
+            if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (vcpus, mem)):
+                return {"ok": False, "why": "admit needs vcpus and mem_mib as positive whole numbers"}
+            try:
+                grant = self.admissions.admit(uid, user, vcpus, mem, kernel_id)
+            except AdmissionRefused as exc:
+                self.audit.record("refused", user=user, uid=uid, kernel_id=kernel_id,
+                                  what=f"a microVM of {vcpus} vCPUs and {mem} MiB", why=str(exc))
+                return {"ok": False, "why": str(exc)}
+            held.add(grant.id)
+            self.audit.record("admit", user=user, uid=uid, grant=grant.id, kernel_id=kernel_id,
+                              vcpus=vcpus, mem_mib=mem)
+            return {"ok": True, "grant": grant.id}
+        if op == "release":
+            gid = req.get("grant")
+            if gid in held:
+                held.discard(gid)
+                self.admissions.release(gid)
+                self.audit.record("release", user=user, uid=uid, grant=gid)
+            return {"ok": True}
+        if op == "event":
+            fields = req.get("fields") if isinstance(req.get("fields"), dict) else {}
+            event = str(req.get("event", "event"))[:40]
+            # The service's own idea of who this is goes last: it cannot be overridden.
+            self.audit.record(event, **{k: v for k, v in fields.items()
+                                        if isinstance(k, str) and k not in _OWN_FIELDS
+                                        and isinstance(v, (str, int, float, bool))},
+                              user=user, uid=uid)
+            return None
+        if op == "ls":
+            grants = [dataclasses.asdict(g) for g in self.admissions.grants.values() if uid == 0 or g.uid == uid]
+            return {"ok": True, "grants": grants}
+        return {"ok": False, "why": f"unknown op {str(op)[:40]!r}"}
+
+
+class HostClient:
+    """A Sandbox's connection to hostd: holds its VM's grant while it is open."""
+
+    def __init__(self, path: str, timeout: float = 10.0) -> None:
+        self.path = path
+        try:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(timeout)
+            self.sock.connect(path)
+        except OSError as exc:
+            raise SmolVMError(f"the host's admission service ({path}) is not answering ({exc}); the "
+                              f"instructor's policy needs it to start a microVM: ask the instructor "
+                              f"to start it (smolvm-kernel hostd)") from None
+        self._file = self.sock.makefile("rb")
+        self.grant: int | None = None
+
+    def _ask(self, req: dict) -> dict:
+        self.sock.sendall(json.dumps(req).encode() + b"\n")
+        line = self._file.readline(_MAX_LINE)
+        if not line:
+            raise SmolVMError(f"the host's admission service ({self.path}) closed the connection")
+        return json.loads(line)
+
+    def admit(self, vcpus: int, mem_mib: int, kernel_id: str = "") -> int:
+        reply = self._ask({"op": "admit", "vcpus": vcpus, "mem_mib": mem_mib, "kernel_id": kernel_id})
+        if not reply.get("ok"):
+            raise AdmissionRefused(f"the host refused to start a microVM: {reply.get('why')}")
+        self.grant = reply["grant"]
+        return self.grant
+
+    def event(self, event: str, **fields) -> None:
+        try:
+            self.sock.sendall(json.dumps({"op": "event", "event": event, "fields": fields},
+                                         default=str).encode() + b"\n")
+        except OSError as exc:
+            log.warning("cannot send an audit event to hostd: %s", exc)
+
+    def list(self) -> list[dict]:
+        return self._ask({"op": "ls"}).get("grants", [])
+
+    def close(self) -> None:
+        """Give the grant back (closing is enough: the service releases what a connection held)."""
+        try:
+            self._file.close()
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def serve(path: str = SOCKET_PATH) -> int:
+    """Run the service until interrupted (``smolvm-kernel hostd``)."""
+    pol = policy_mod.load()
+    service = HostService(path, pol)
+
+    async def run() -> None:
+        await service.start()
+        print(f"smolvm hostd: admitting microVMs on {path} under "
+              f"{pol.whose if pol else 'no policy (every VM is admitted)'}", flush=True)
+        await asyncio.Event().wait()
+
+    try:
+        asyncio.run(run())
+    except KeyboardInterrupt:
+        pass
+    return 0

@@ -1,0 +1,130 @@
+"""The host's admission service: quotas per user, the host's budget, grants
+that end with their connection, audit entries under the uid the kernel sees."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import threading
+
+import pytest
+
+from smolvm_kernel import policy
+from smolvm_kernel.audit import AuditLog
+from smolvm_kernel.hostd import AdmissionRefused, Admissions, HostClient, HostService
+
+
+def _policy(**caps) -> policy.Policy:
+    return policy.Policy("/etc/smolvm/policy.toml", **caps)
+
+
+def test_a_users_vm_count_and_memory_are_capped_and_say_so():
+    adm = Admissions(_policy(max_vms_per_user=2, max_mem_mib_per_user=1024), lambda: 100_000)
+    adm.admit(1001, "ana", 2, 512)
+    adm.admit(1002, "ben", 2, 512)                   # another student's count is their own
+    with pytest.raises(AdmissionRefused, match="ana's microVMs have 512 MiB and this one asks for "
+                                               "768 MiB, over the 1024 MiB"):
+        adm.admit(1001, "ana", 2, 768)
+    second = adm.admit(1001, "ana", 1, 512)
+    with pytest.raises(AdmissionRefused, match="ana has 2 microVMs running, the most the instructor's "
+                                               "policy .* allows per user \\(2\\): close another"):
+        adm.admit(1001, "ana", 1, 256)
+    adm.release(second.id)
+    adm.admit(1001, "ana", 1, 256)
+
+
+def test_the_host_budget_and_its_reserve_hold_across_users():
+    free = {"mib": 3000}
+    adm = Admissions(_policy(host_max_vms=3, host_max_guest_mem_mib=1500, host_reserve_mib=1000),
+                     lambda: free["mib"])
+    adm.admit(1001, "ana", 1, 512)
+    adm.admit(1002, "ben", 1, 512)
+    with pytest.raises(AdmissionRefused, match="this host's microVMs have 1024 MiB of its 1500 MiB budget"):
+        adm.admit(1003, "cem", 1, 512)
+    adm.admit(1003, "cem", 1, 256)
+    with pytest.raises(AdmissionRefused, match="this host runs 3 microVMs, its budget"):
+        adm.admit(1004, "dan", 1, 64)
+    adm.release(1)
+    free["mib"] = 1200
+    with pytest.raises(AdmissionRefused, match="the host has 1200 MiB free and keeps 1000 MiB for itself"):
+        adm.admit(1004, "dan", 1, 256)
+
+
+def test_without_a_policy_everything_is_admitted():
+    adm = Admissions(None, lambda: 0)
+    assert [adm.admit(1000, "u", 64, 65536).id for _ in range(3)] == [1, 2, 3]
+
+
+@pytest.fixture
+def service(tmp_path):
+    """The service on a socket in tmp, on a loop thread of its own."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    log = AuditLog(tmp_path / "audit.jsonl")
+    svc = HostService(str(tmp_path / "hostd.sock"), _policy(max_vms_per_user=1), audit=log,
+                      host_available_mib=lambda: 100_000)
+    asyncio.run_coroutine_threadsafe(svc.start(), loop).result(5)
+    yield svc
+    asyncio.run_coroutine_threadsafe(svc.close(), loop).result(5)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(5)
+
+
+def _wait(pred, timeout=5.0):
+    import time
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_a_grant_lasts_as_long_as_its_connection(service):
+    first = HostClient(service.path)
+    first.admit(2, 512, kernel_id="k1")
+    second = HostClient(service.path)
+    with pytest.raises(AdmissionRefused, match="the host refused to start a microVM: .* has 1 microVM running"):
+        second.admit(2, 512, kernel_id="k2")
+    first.close()                                        # a kernel that exits, or is killed
+    assert _wait(lambda: not service.admissions.grants)
+    second.admit(2, 512, kernel_id="k2")
+    assert [g["kernel_id"] for g in second.list()] == ["k2"]
+    second.close()
+    events = [(e["event"], e.get("kernel_id")) for e in service.audit.read()]
+    assert events[:4] == [("admit", "k1"), ("refused", "k2"), ("release", "k1"), ("admit", "k2")]
+    assert all(e["uid"] == os.geteuid() for e in service.audit.read())
+
+
+def test_the_service_writes_events_under_the_uid_it_sees_not_the_one_claimed(service):
+    client = HostClient(service.path)
+    client.event("push", path="a.csv", bytes=3, uid=0, user="root-claimed")
+    client.list()                                         # the event is in before the answer
+    (entry,) = [e for e in service.audit.read() if e["event"] == "push"]
+    assert entry["uid"] == os.geteuid() and entry["user"] != "root-claimed" and entry["bytes"] == 3
+    client.close()
+
+
+def test_garbage_and_unknown_ops_get_an_answer_not_a_crash(service):
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(service.path)
+    f = sock.makefile("rb")
+    for line in (b"not json\n", b"[1]\n", b'{"op": "format-disk"}\n', b'{"op": "admit", "vcpus": -1}\n'):
+        sock.sendall(line)
+        assert json.loads(f.readline())["ok"] is False
+    sock.sendall(b"x" * 100_000 + b"\n")                  # over the line limit: hung up on
+    assert f.readline() == b""
+    sock.close()
+    ok = HostClient(service.path)
+    ok.admit(1, 256)
+    ok.close()
+
+
+def test_a_missing_service_says_what_to_do(tmp_path):
+    from smolvm_kernel.errors import SmolVMError
+
+    with pytest.raises(SmolVMError, match=r"the host.s admission service .* is not answering .* \(smolvm-kernel hostd\)"):
+        HostClient(str(tmp_path / "none.sock"))

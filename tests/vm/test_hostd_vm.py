@@ -1,0 +1,65 @@
+"""The host's admission service with real VMs: a user's second VM over the
+quota is refused with the reason, the first one's stop gives its place back,
+and the host's audit log has it all, written by the service."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from smolvm_kernel import policy
+from smolvm_kernel.audit import AuditLog
+from smolvm_kernel.hostd import AdmissionRefused, HostService
+from smolvm_kernel.sandbox import Sandbox
+
+
+@pytest.fixture
+def host(tmp_path, monkeypatch, image):
+    sock, audit = tmp_path / "hostd.sock", tmp_path / "audit.jsonl"
+    path = tmp_path / "policy.toml"
+    path.write_text(f'hostd = "{sock}"\naudit_log = "{audit}"\nmax_vms_per_user = 1\n')
+    monkeypatch.setattr(policy, "POLICY_FILE", str(tmp_path / "no-etc-policy.toml"))
+    monkeypatch.setenv("SMOLVM_POLICY_FILE", str(path))
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    svc = HostService(str(sock), policy.load(), audit=AuditLog(audit))
+    asyncio.run_coroutine_threadsafe(svc.start(), loop).result(5)
+    yield svc
+    asyncio.run_coroutine_threadsafe(svc.close(), loop).result(5)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(5)
+
+
+def test_a_second_vm_over_the_users_quota_is_refused_until_the_first_stops(host):
+    first, second = Sandbox(backend="qemu"), Sandbox(backend="qemu")
+    first.audit_context["kernel_id"] = "first"
+    second.audit_context["kernel_id"] = "second"
+    try:
+        first.start()
+        with pytest.raises(AdmissionRefused, match="the host refused to start a microVM: .* has 1 microVM "
+                                                   "running, the most the instructor's policy"):
+            second.start()
+        listing = subprocess.run([sys.executable, "-m", "smolvm_kernel.cli", "ls", "--all", "--socket", host.path],
+                                 capture_output=True, text=True, timeout=60)
+        assert listing.returncode == 0 and "first" in listing.stdout, listing.stderr
+        first.stop()
+        end = time.monotonic() + 10
+        while host.admissions.grants and time.monotonic() < end:
+            time.sleep(0.05)
+        second.start()
+        assert "".join(o.text for o in second.execute("print('admitted')") if o.type == "stream") == "admitted\n"
+    finally:
+        first.stop()
+        second.stop()
+    events = [(e["event"], e.get("kernel_id")) for e in host.audit.read()]
+    print(events)
+    assert events[:3] == [("admit", "first"), ("start", "first"), ("refused", "second")]
+    assert ("stop", "first") in events and ("admit", "second") in events and ("start", "second") in events
+    assert events.index(("stop", "first")) < events.index(("admit", "second"))
+    assert events[-1][0] == "release"
