@@ -9,7 +9,18 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from smolvm_kernel.sandbox import HEARTBEAT_IDLE_S, HEARTBEAT_TIMEOUT_S, Sandbox, SandboxState
+
+
+@pytest.fixture(scope="module")
+def sandbox(image):
+    """A VM of this module's own: what the bombs leave is not another test's business."""
+    sb = Sandbox(vcpus=2, mem_mib=512, backend="qemu")
+    sb.start()
+    yield sb
+    sb.stop()
 
 
 def _run(sb: Sandbox, code: str, timeout: float = 120):
