@@ -5,6 +5,7 @@ and the host's audit log has it all, written by the service."""
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import threading
@@ -16,6 +17,9 @@ from smolvm_kernel import policy
 from smolvm_kernel.audit import AuditLog
 from smolvm_kernel.hostd import AdmissionRefused, HostService
 from smolvm_kernel.sandbox import Sandbox
+
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the policy file must be root's: run as root")
 
 
 @pytest.fixture
