@@ -183,10 +183,12 @@ class HostService:
             pass
         finally:
             for gid in held:
-                grant = self.admissions.release(gid)
+                grant = self.admissions.grants.get(gid)
                 if grant is not None:
+                    # On record before the place is free: whoever sees it free sees the entry.
                     self.audit.record("release", user=user, uid=uid, grant=gid, kernel_id=grant.kernel_id,
                                       why="the kernel's connection closed")
+                    self.admissions.release(gid)
             writer.close()
 
     def _handle(self, uid: int, user: str, held: set[int], line: bytes) -> dict | None:
@@ -216,8 +218,8 @@ class HostService:
             gid = req.get("grant")
             if gid in held:
                 held.discard(gid)
-                self.admissions.release(gid)
                 self.audit.record("release", user=user, uid=uid, grant=gid)
+                self.admissions.release(gid)
             return {"ok": True}
         if op == "event":
             fields = req.get("fields") if isinstance(req.get("fields"), dict) else {}
