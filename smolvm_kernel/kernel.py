@@ -232,8 +232,9 @@ class SmolVMKernel(ConfigActions):
 
     def _on_guest_frame(self, chan, parts: list[bytes]) -> None:
         """A frame from the guest (the I/O thread): to the loop, counted."""
-        self._inflow.add(sum(len(p) for p in parts))
-        self._post(("guest", chan, parts))
+        size = sum(len(p) for p in parts)
+        self._inflow.add(size)
+        self._post(("guest", chan, (parts, size)))
 
     def _on_progress(self, line: str) -> None:
         self._post(("progress", line, None))
@@ -303,8 +304,9 @@ class SmolVMKernel(ConfigActions):
             except queue.Empty:
                 break
             if kind == "guest":
-                self.relay.on_guest(a, b)
-                self._inflow.done(sum(len(p) for p in b))
+                parts, size = b
+                self.relay.on_guest(a, parts)
+                self._inflow.done(size)
             elif kind == "death":
                 if not self._booting and not self._stopping:
                     self.relay.fail_inflight(a)
