@@ -113,10 +113,10 @@ def _ls_host(socket_path: str | None) -> int:
         print("no VMs granted")
         return 0
     now = time.time()
-    _print_table([[g["user"], str(g["uid"]), str(g["id"]), g["kernel_id"] or "-",
-                   f"{g['vcpus']}/{g['mem_mib']}M", f"{now - g['since']:.0f}s"]
+    _print_table([[g["user"], str(g["uid"]), str(g["id"]), g.get("vm_id") or "-", g.get("state", "-"),
+                   g["kernel_id"] or "-", f"{g['vcpus']}/{g['mem_mib']}M", f"{now - g['since']:.0f}s"]
                   for g in sorted(grants, key=lambda g: (g["user"], g["id"]))],
-                 ["USER", "UID", "GRANT", "KERNEL", "CPU/MEM", "AGE"])
+                 ["USER", "UID", "GRANT", "VM", "STATE", "KERNEL", "CPU/MEM", "AGE"])
     return 0
 
 

@@ -90,6 +90,10 @@ class SandboxConfig(Configurable):
                               "(env SMOLVM_BOOT_TIMEOUT).").tag(config=True)
     exec_timeout = Float(help="Default per-execution wall-clock limit in seconds; 0 means "
                               "none (env SMOLVM_TIMEOUT).").tag(config=True)
+    pause_after = Float(help="Seconds a VM may sit idle (no cell running, no message either way) "
+                             "before it is paused to disk, its host memory freed; its next use "
+                             "resumes it, state intact. 0 = never (env SMOLVM_PAUSE_AFTER). VMs "
+                             "with a network are not paused.").tag(config=True)
     network = Enum(["none", "nat"],
                    help="Guest networking: none (the default: no NIC at all) or nat (one TAP, NAT "
                         "egress through nftables, no VM-to-VM, no host, no 169.254/16; needs "
@@ -204,6 +208,10 @@ class SandboxConfig(Configurable):
     @default("exec_timeout")
     def _exec_timeout_default(self) -> float:
         return _env_float("SMOLVM_TIMEOUT", 0.0)
+
+    @default("pause_after")
+    def _pause_after_default(self) -> float:
+        return _env_float("SMOLVM_PAUSE_AFTER", 0.0)
 
     @default("snapshot")
     def _snapshot_default(self) -> str:
@@ -396,6 +404,9 @@ class SandboxConfig(Configurable):
             self.exec_timeout = float(pol.max_exec_timeout)
         if pol.max_output_mib is not None and "max_output_mib" not in chosen:
             self.max_output_mib = min(self.max_output_mib, pol.max_output_mib)
+        if pol.pause_after and not 0 < self.pause_after <= pol.pause_after:
+            # Not a user's right but the host's memory: brought within, not refused.
+            self.pause_after = float(pol.pause_after)
         if pol.output_policy is not None and "output_policy" not in chosen:
             self.output_policy = pol.output_policy
         if pol.network is not None and "network" not in chosen and self.network not in pol.network:
@@ -504,16 +515,16 @@ class SandboxConfig(Configurable):
             raise TraitError(f"profile={name!r} is unknown; choose one of {', '.join(PROFILES)}")
         return name
 
-    @validate("boot_timeout", "exec_timeout")
+    @validate("boot_timeout", "exec_timeout", "pause_after")
     def _check_timeout(self, proposal):
         value = proposal["value"]
         name = proposal["trait"].name
         if not math.isfinite(value):
             raise TraitError(f"{name}={value} is not a number of seconds; give e.g. "
-                             f"{'90' if name == 'boot_timeout' else '60 (0 = no limit)'}")
+                             f"{'90' if name == 'boot_timeout' else '600 (0 = never)' if name == 'pause_after' else '60 (0 = no limit)'}")
         if value < 0 or (name == "boot_timeout" and value < 5):
             raise TraitError(f"{name}={value} is too small; give seconds"
-                             f"{' (at least 5)' if name == 'boot_timeout' else ' (0 = no limit)'}")
+                             f"{' (at least 5)' if name == 'boot_timeout' else ' (0 = never)' if name == 'pause_after' else ' (0 = no limit)'}")
         return value
 
     @validate("max_message_bytes")

@@ -60,6 +60,9 @@ class Grant:
     mem_mib: int
     kernel_id: str
     since: float
+    #: What the holder's audit events said: its VM, and whether it is paused to disk.
+    vm_id: str = ""
+    state: str = "starting"
 
 
 class Admissions:
@@ -224,6 +227,7 @@ class HostService:
         if op == "event":
             fields = req.get("fields") if isinstance(req.get("fields"), dict) else {}
             event = str(req.get("event", "event"))[:40]
+            self._note_state(held, event, fields)
             # The service's own idea of who this is goes last: it cannot be overridden.
             self.audit.record(event, **{k: v for k, v in fields.items()
                                         if isinstance(k, str) and k not in _OWN_FIELDS
@@ -234,6 +238,18 @@ class HostService:
             grants = [dataclasses.asdict(g) for g in self.admissions.grants.values() if uid == 0 or g.uid == uid]
             return {"ok": True, "grants": grants}
         return {"ok": False, "why": f"unknown op {str(op)[:40]!r}"}
+
+
+    def _note_state(self, held: set[int], event: str, fields: dict) -> None:
+        """The state `ls --all` shows, from this connection's own events (a
+        connection holds one VM's grant)."""
+        states = {"start": "running", "pause": "paused", "resume": "running"}
+        for gid in held:
+            grant = self.admissions.grants.get(gid)
+            if grant is not None and event in states:
+                grant.state = states[event]
+                if isinstance(fields.get("vm_id"), str):
+                    grant.vm_id = fields["vm_id"][:40]
 
 
 class HostClient:

@@ -90,6 +90,8 @@ class SmolVMKernel(ConfigActions):
                            self.config.max_message_bytes, is_ready=self._guest_ready,
                            policy=OutputPolicy.from_config(self.config),
                            max_cell_output=self.config.max_output_mib * 2**20)
+        # A VM with a request in it (a cell, input() waiting) is not idle.
+        self.sandbox.busy = lambda: bool(self.relay.inflight or self.relay.backlog)
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="smolvm-vm")
         self._ops = _SerialThread("smolvm-ops")
         self._booting = False
@@ -154,7 +156,8 @@ class SmolVMKernel(ConfigActions):
     def _guest_ready(self) -> bool:
         from smolvm_kernel.sandbox import SandboxState
 
-        return (self.sandbox.state in (SandboxState.READY, SandboxState.BUSY)
+        # A paused VM counts: the sandbox holds what is sent and resumes it (pause.py).
+        return (self.sandbox.state in (SandboxState.READY, SandboxState.BUSY, SandboxState.PAUSED)
                 and not self._booting and not self._stopping)
 
     def vm_state(self) -> str:

@@ -61,6 +61,13 @@ def format_status(stats: dict) -> str:
                      f"{stats.get('configured_mem_mib')} MiB (configured)")
     if stats.get("cgroup"):
         lines.append(f"host limit {stats['cgroup']}")
+    if stats.get("paused_state_bytes"):
+        lines.append(f"paused     to disk while idle ({stats['paused_state_bytes'] / 2**20:.0f} MiB, saved in "
+                     f"{stats.get('last_pause_s') or 0:.1f} s); the next cell resumes it")
+    elif stats.get("pause_after_s"):
+        lines.append(f"idle pause after {stats['pause_after_s']:g} s idle"
+                     + (f" (off: {stats['pause_note']})" if stats.get("pause_note") else "")
+                     + (f"; last resume {stats['last_resume_s']:.2f} s" if stats.get("last_resume_s") else ""))
     return "\n".join(lines)
 
 

@@ -14,6 +14,7 @@ these caps; a value beyond one is refused with the cap and whose it is.
     profiles = ["base"]        # the guest images users may pick
     output_policy = "safe"     # locked: users cannot switch to "trusted"
     max_output_mib = 16        # most output a cell may send the notebook
+    pause_after = 600          # an idle VM is paused to disk after at most this many seconds
     audit_log = "/var/log/smolvm/audit.jsonl"   # one audit log for the host (audit.py)
     hostd = "/run/smolvm/hostd.sock"   # every VM needs a grant from this service (hostd.py),
     max_vms_per_user = 2               # which enforces these four
@@ -44,7 +45,7 @@ POLICY_FILE = "/etc/smolvm/policy.toml"
 
 _INTS = ("max_vcpus", "max_mem_mib", "max_disk_mib", "max_exec_timeout", "max_output_mib",
          "max_vms_per_user", "max_mem_mib_per_user", "host_max_vms", "host_max_guest_mem_mib",
-         "host_reserve_mib")
+         "host_reserve_mib", "pause_after")
 _LISTS = {"network": ("none", "nat"), "profiles": None}
 _CHOICES = {"output_policy": ("safe", "trusted")}
 _PATHS = ("audit_log", "hostd")
@@ -70,6 +71,9 @@ class Policy:
     host_max_vms: int | None = None
     host_max_guest_mem_mib: int | None = None
     host_reserve_mib: int | None = None
+    #: Idle VMs are paused to disk after at most this many seconds (pause.py);
+    #: a user's longer value, or 0, is brought down to it.
+    pause_after: int | None = None
 
     @property
     def whose(self) -> str:

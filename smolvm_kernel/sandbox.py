@@ -49,9 +49,10 @@ from smolvm_kernel.errors import (BootTimeout, ConfigError, ExecutionTimeout, Gu
                                   GuestFileError, ProtocolError, SandboxStopped, SmolVMError)
 from smolvm_kernel.images import Image, ImageCache
 from smolvm_kernel.inbox import Inbox
+from smolvm_kernel.pause import Pauser
 from smolvm_kernel.session import Session
 from smolvm_kernel.snapshot import SnapshotCache
-from smolvm_kernel.state import Registry, VMRecord, this_process
+from smolvm_kernel.state import Registry, VMRecord, rss_kib, this_process
 
 log = logging.getLogger("smolvm_kernel")
 
@@ -85,7 +86,12 @@ class SandboxState(enum.Enum):
     BOOTING = "booting"
     READY = "ready"
     BUSY = "busy"
+    #: Saved to disk while idle, its VMM gone; resumed by its next use (pause.py).
+    PAUSED = "paused"
     DEAD = "dead"
+
+#: The states in which the VM can be used: a paused one resumes on its own.
+_USABLE = (SandboxState.READY, SandboxState.BUSY, SandboxState.PAUSED)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,6 +183,13 @@ class Sandbox:
         #: The background build of this shape's ready snapshot (snapshot="auto").
         self.snapshot_build: asyncio.Task | None = None
         self._snapshot_wanted: tuple | None = None
+        #: Idle pause to disk (pause.py): the last time a message went to or
+        #: came from the guest kernel, a hook saying the owner has work in the
+        #: VM (the kernel's running cells), and why pausing is off, if it is.
+        self.pauser = Pauser(self)
+        self.last_active = time.monotonic()
+        self.busy: Callable[[], bool] | None = None
+        self.pause_note = ""
 
     # ------------------------------------------------------------ lifecycle
 
@@ -191,7 +204,7 @@ class Sandbox:
     def start(self) -> None:
         """Boot the VM and wait until its kernel answers (at most ``boot_timeout``)."""
         with self._lock:
-            if self.state in (SandboxState.READY, SandboxState.BUSY):
+            if self.state in _USABLE:
                 return
             _live.add(self)
             aio.run(self._start())
@@ -320,7 +333,8 @@ class Sandbox:
                 self.snapshot_build = asyncio.get_running_loop().create_task(
                     self._build_background_snapshot(*self._snapshot_wanted))
             self._snapshot_wanted = None
-            self._heartbeat_task = asyncio.get_running_loop().create_task(self._heartbeat(self.vm_id))
+            self.last_active = time.monotonic()
+            self._start_heartbeat()
         except BaseException:
             await self._stop()
             raise
@@ -473,7 +487,12 @@ class Sandbox:
             raise ConfigError("backend", "firecracker", why + "; use backend=auto or qemu")
         return "firecracker" if ok else "qemu"
 
-    async def _connect(self, t0: float, timeout: float | None = None) -> None:
+    def _start_heartbeat(self) -> None:
+        self._heartbeat_task = asyncio.get_running_loop().create_task(self._heartbeat(self.vm_id))
+
+    async def _connect(self, t0: float, timeout: float | None = None, resume: bool = False) -> None:
+        """Open the channel and say hello: a new key for a new or restored VM,
+        the same key for one resumed from a pause (its kernel is ready)."""
         backend = self.backend
         timeout = timeout or self.config.boot_timeout
         loop = asyncio.get_running_loop()
@@ -498,9 +517,12 @@ class Sandbox:
         self._ready = loop.create_future()
         self._channel = GuestChannel(reader, writer, self._on_frame, self._on_channel_close,
                                      max_frame=self.config.max_message_bytes + 64 * 1024)
-        key = secrets.token_hex(32)
-        self.guest_key = key.encode()
-        self._session = Session(key=self.guest_key, username="smolvm")
+        if resume:
+            key = self.guest_key.decode()
+        else:
+            key = secrets.token_hex(32)
+            self.guest_key = key.encode()
+            self._session = Session(key=self.guest_key, username="smolvm")
         watcher = asyncio.create_task(backend.wait())
         try:
             handshake = asyncio.create_task(self._channel.handshake(
@@ -512,7 +534,7 @@ class Sandbox:
                 handshake.cancel()
                 raise self._boot_failure("the guest agent", timeout)
             try:
-                handshake.result()
+                hello = handshake.result()
             except (ConnectionError, OSError, asyncio.IncompleteReadError):
                 # The guest went away mid-handshake: usually the VM is ending;
                 # let its exit be seen so the error carries the console.
@@ -520,11 +542,12 @@ class Sandbox:
                 raise self._boot_failure("the guest agent", timeout) from None
             timeline.mark("hello answered")
             self._channel.start()
-            done, _ = await asyncio.wait({self._ready, watcher}, timeout=remaining(),
-                                         return_when=asyncio.FIRST_COMPLETED)
-            if self._ready not in done:
-                raise self._boot_failure("a ready guest kernel", timeout)
-            self.kernel_info = self._ready.result()
+            if not (resume and hello.get("kernel_ready") is True):
+                done, _ = await asyncio.wait({self._ready, watcher}, timeout=remaining(),
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if self._ready not in done:
+                    raise self._boot_failure("a ready guest kernel", timeout)
+                self.kernel_info = self._ready.result()
         except BaseException:
             watcher.cancel()
             raise
@@ -554,6 +577,8 @@ class Sandbox:
             chan = self._channel
             if chan is None or vm_id != self.vm_id:
                 return
+            if self.pauser.maybe_pause() is not None:
+                return      # the resume starts a new heartbeat
             if self.backend is not None:
                 try:
                     self.backend.cap_logs()
@@ -578,6 +603,7 @@ class Sandbox:
                 return
 
     async def _stop(self) -> None:
+        self.pauser.forget()
         task, self._heartbeat_task = self._heartbeat_task, None
         if task is not None:
             task.cancel()
@@ -613,8 +639,8 @@ class Sandbox:
     # ------------------------------------------------------------ guest events
 
     def _on_vm_exit(self, task: asyncio.Task, vm_id: str | None) -> None:
-        if task.cancelled() or self.backend is None:
-            return
+        if task.cancelled() or self.backend is None or self.pauser.paused:
+            return      # a paused VM's VMM ends on purpose
         code = task.result()
         console = self.backend.console_tail(16000)   # a panic's line comes before its stack dump
         self._die(self._over_host_limit() or GuestDied(
@@ -633,7 +659,7 @@ class Sandbox:
             "uses about 130 MiB beyond the guest's RAM)")
 
     def _on_channel_close(self, error: BaseException | None) -> None:
-        if self.backend is None or self.state == SandboxState.STOPPED:
+        if self.backend is None or self.state == SandboxState.STOPPED or self.pauser.paused:
             return
         if isinstance(error, ProtocolError):
             # Not a Jupyter guest any more (root in the VM writing to the channel):
@@ -651,6 +677,7 @@ class Sandbox:
     def _die(self, error: SmolVMError, vm_id: str | None = None) -> None:
         if vm_id is not None and vm_id != self.vm_id:
             return  # news about a VM this sandbox already replaced
+        self.pauser.forget()
         if self._death is None:
             self._death = error
             self.record_audit("death", vm_id=self.vm_id, **self.audit_context,
@@ -678,6 +705,7 @@ class Sandbox:
         if chan == Channel.AGENT:
             self._on_agent_event(wire.decode_json(body))
             return
+        self.last_active = time.monotonic()
         if self.on_guest_frame is not None:
             try:
                 self.on_guest_frame(chan, wire.unpack_parts(body))
@@ -727,18 +755,41 @@ class Sandbox:
 
     # ------------------------------------------------------------ messaging
 
-    def _require_running(self) -> None:
+    def _require_running(self) -> float | None:
+        """Raise unless the VM can be used; a paused one is resumed first (the
+        resume's seconds are returned then)."""
+        if self.state == SandboxState.PAUSED:
+            return self._wake()
         if self.state == SandboxState.DEAD:
             raise self._death or GuestDied("the microVM is gone")
         if self.state not in (SandboxState.READY, SandboxState.BUSY) or self._channel is None:
             raise SandboxStopped()
+        return None
+
+    def _wake(self) -> float | None:
+        """Resume a paused VM and wait for it (any thread but the loop's)."""
+        async def wake() -> None:
+            task = self.pauser.wake()
+            if task is not None:
+                await asyncio.shield(task)
+        aio.run(wake(), self.config.boot_timeout + 60)
+        if self.state not in (SandboxState.READY, SandboxState.BUSY):
+            raise self._death or SandboxStopped()
+        return self.pauser.last_resume_s
+
+    def _send(self, chan: Channel, body: bytes) -> None:
+        """On the loop: to the guest, or held while the VM is paused."""
+        self.last_active = time.monotonic()
+        if self.pauser.hold(chan, body):
+            return
+        channel = self._channel
+        if channel is not None:
+            channel.send(chan, body)
 
     def send_message(self, chan: Channel, msg: dict) -> None:
         """Sign ``msg`` with the guest key and queue it for the guest kernel."""
         parts = self._session.serialize(msg)
-        body = wire.pack_parts(parts)
-        channel = self._channel
-        aio.loop().call_soon_threadsafe(channel.send, chan, body)
+        aio.loop().call_soon_threadsafe(self._send, chan, wire.pack_parts(parts))
 
     def pause_reading(self, pause: bool) -> None:
         """Stop (or go on) reading the guest's frames (any thread): the consumer
@@ -749,14 +800,14 @@ class Sandbox:
 
     def send_raw(self, chan: Channel, parts: list[bytes]) -> None:
         """Queue already-signed multipart frames for the guest kernel (any thread)."""
-        channel = self._channel
-        if channel is None or self.state not in (SandboxState.READY, SandboxState.BUSY):
+        if self.state not in _USABLE or (self._channel is None and self.state != SandboxState.PAUSED):
             raise self._death or SandboxStopped()
-        aio.loop().call_soon_threadsafe(channel.send, chan, wire.pack_parts(parts))
+        aio.loop().call_soon_threadsafe(self._send, chan, wire.pack_parts(parts))
 
     def agent_request(self, op: str, timeout: float = 10.0, **fields) -> dict:
         """Run one agent op and return its reply, raising on errors."""
         self._require_running()
+        self.last_active = time.monotonic()
         try:
             reply = aio.run(self._channel.request(op, timeout=timeout, **fields), timeout + 1)
         except (asyncio.TimeoutError, TimeoutError):
@@ -779,7 +830,7 @@ class Sandbox:
         (HTML, SVG, JavaScript, ...), pass it through
         :func:`smolvm_kernel.safe_output`, which applies the safe output policy.
         """
-        self._require_running()
+        resumed_s = self._require_running()
         limit = self.config.exec_timeout if timeout is None else timeout
         msg = self._session.msg("execute_request", content={
             "code": code, "silent": silent, "store_history": store_history,
@@ -792,6 +843,9 @@ class Sandbox:
         got_reply = got_idle = False
         deadline = time.monotonic() + limit if limit else None
         try:
+            if resumed_s is not None:
+                yield Output("stream", {"name": "stderr", "text": f"[smolvm] this microVM was paused to disk "
+                                        f"while idle; resumed in {resumed_s:.2f} s\n"})
             self.send_message(Channel.SHELL, msg)
             while not (got_reply and got_idle):
                 wait = None if deadline is None else deadline - time.monotonic()
@@ -875,6 +929,8 @@ class Sandbox:
 
     def interrupt(self) -> None:
         """Interrupt the running cell (SIGINT to the guest kernel)."""
+        if self.state == SandboxState.PAUSED:
+            return      # nothing runs in a paused VM
         self.agent_request("interrupt", timeout=5.0)
 
     def stats(self) -> dict:
@@ -888,12 +944,15 @@ class Sandbox:
             "guest_ip": self._net.lease.guest_ip if self._net and self._net.lease else None,
             "configured_vcpus": self.config.vcpus, "configured_mem_mib": self.config.mem_mib,
             "vmm_pid": self.backend.pid if self.backend else None,
-            "vmm_rss_kib": _rss_kib(self.backend.pid) if self.backend else None,
+            "vmm_rss_kib": rss_kib(self.backend.pid) if self.backend and not self.pauser.paused else None,
             "cgroup": self.cgroup_note if self.backend else None,
             "boot_seconds": self.boot_seconds, "started_from": self.started_from,
             # The guest's own uptime includes the snapshot template's; this is ours.
             "vm_uptime_s": time.time() - self.started_at if self.started_at and self.backend else None,
             "last_cell_s": self.last_cell_s,
+            "pause_after_s": self.config.pause_after or None, "pause_note": self.pause_note or None,
+            "paused_state_bytes": self.pauser.state_bytes if self.pauser.paused else None,
+            "last_pause_s": self.pauser.last_pause_s, "last_resume_s": self.pauser.last_resume_s,
         }
         if self.state not in (SandboxState.READY, SandboxState.BUSY):
             return host
@@ -962,18 +1021,6 @@ def _merged_config(config: SandboxConfig | None, overrides: dict) -> SandboxConf
     values = {name: getattr(config, name) for name in config.trait_names()
               if config.trait_metadata(name, "config")}
     return SandboxConfig(**{**values, **overrides})
-
-
-def _rss_kib(pid: int | None) -> int | None:
-    if not pid:
-        return None
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
 
 
 def qemu_vsock_available() -> bool:

@@ -209,6 +209,20 @@ class Registry:
         return done
 
 
+def rss_kib(pid: int | None) -> int | None:
+    """A process's resident memory in KiB, or None when it is gone."""
+    if not pid:
+        return None
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
 def this_process() -> tuple[int, int]:
     pid = os.getpid()
     return pid, process_start_time(pid) or 0

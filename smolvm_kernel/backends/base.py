@@ -67,6 +67,10 @@ class VMSpec:
     #: through by a snapshot's template VM, mapped copy-on-write by its forks.
     ram_file: Path | None = None
     ram_shared: bool = False
+    #: Anonymous guest RAM under the name a file-backed one has (a VM forked
+    #: from a snapshot and then paused to disk resumes with it: a saved state
+    #: loads only into RAM of the name it was saved from).
+    ram_named: bool = False
     #: The VMM's own cgroup (memory, CPU and pids limits); None where the host has none.
     cgroup: VMGroup | None = None
 

@@ -63,6 +63,9 @@ def qemu_argv(spec: VMSpec, binary: str, *, extra_cmdline: tuple[str, ...] = (),
         machine += ",memory-backend=ram0"
         ram = ["-object", f"memory-backend-file,id=ram0,size={spec.mem_mib}M,mem-path={spec.ram_file},"
                           f"share={'on' if spec.ram_shared else 'off'}"]
+    elif spec.ram_named:
+        machine += ",memory-backend=ram0"
+        ram = ["-object", f"memory-backend-ram,id=ram0,size={spec.mem_mib}M"]
     argv = [
         binary,
         *add_fds,
@@ -136,6 +139,8 @@ class QemuBackend(Backend):
     With ``restore`` (a :class:`~smolvm_kernel.snapshot.Snapshot`) the VM is
     not booted but loaded from the saved state (``-incoming``), with its own
     copy of the snapshot's scratch disk; the device command line is the same.
+    A restore whose ``scratch`` is None (a VM paused to disk, pause.py) keeps
+    the disk already in the VM's folder.
     """
 
     name = "qemu"
@@ -157,7 +162,7 @@ class QemuBackend(Backend):
         runas = unprivileged_user() if self.drop_privileges else None
         if self.restore is None:
             await asyncio.to_thread(create_scratch_disk, self.spec.scratch_disk, self.spec.disk_mib)
-        else:
+        elif self.restore.scratch is not None:
             from smolvm_kernel.snapshot import copy_sparse
 
             await asyncio.to_thread(copy_sparse, self.restore.scratch, self.spec.scratch_disk)
@@ -166,7 +171,7 @@ class QemuBackend(Backend):
                "scratch_ro": os.open(self.spec.scratch_disk, os.O_RDONLY)}
         if self.spec.seed is not None:
             fds["seed"] = os.open(self.spec.seed, os.O_RDONLY)
-        file_ram = self.restore is not None and self.spec.ram_file is not None
+        file_ram = self.restore is not None and self._ignore_shared()
         if self.restore is not None and not file_ram:
             fds["state"] = os.open(self.restore.state, os.O_RDONLY)
         try:
@@ -185,6 +190,12 @@ class QemuBackend(Backend):
                 os.close(fd)
         if self.restore is not None:
             await asyncio.to_thread(self._resume_after_load)
+
+    def _ignore_shared(self) -> bool:
+        """Whether the stream being loaded was saved with x-ignore-shared: a
+        snapshot's (its RAM is a file), and a paused fork's (its VMM had the
+        capability on from its own load, and a stream carries it)."""
+        return self.spec.ram_file is not None or bool(getattr(self.restore, "ignore_shared", False))
 
     def _resume_after_load(self, timeout: float = 30.0) -> None:
         """The template was paused when saved; run the loaded VM once it is in."""
@@ -216,7 +227,7 @@ class QemuBackend(Backend):
                 # this wait is a ms of every restore.
                 time.sleep(0.002)
         with qmp:
-            if self.spec.ram_file is not None:
+            if self._ignore_shared():
                 # The RAM file is not in the stream; and say when the load ends,
                 # instead of being polled for it.
                 qmp.enable_migration("x-ignore-shared", "events")

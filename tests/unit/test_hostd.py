@@ -128,3 +128,16 @@ def test_a_missing_service_says_what_to_do(tmp_path):
 
     with pytest.raises(SmolVMError, match=r"the host.s admission service .* is not answering .* \(smolvm-kernel hostd\)"):
         HostClient(str(tmp_path / "none.sock"))
+
+
+def test_ls_shows_each_grants_vm_and_whether_it_is_paused(service):
+    client = HostClient(service.path)
+    client.admit(1, 256, kernel_id="k1")
+    assert client.list()[0]["state"] == "starting"
+    client.event("start", vm_id="abc123")
+    assert [(g["vm_id"], g["state"]) for g in client.list()] == [("abc123", "running")]
+    client.event("pause", vm_id="abc123", state_bytes=1)
+    assert client.list()[0]["state"] == "paused"
+    client.event("resume", vm_id="abc123")
+    assert client.list()[0]["state"] == "running"
+    client.close()

@@ -1,0 +1,257 @@
+"""Idle VMs paused to disk, and resumed on their next use, state intact.
+
+A VM that has run no cell, sent no output and received nothing for
+``SandboxConfig.pause_after`` seconds is saved to a file in its own run folder
+with the QEMU migration the ready snapshots use (snapshot.py), and its VMM
+ends: the host gets the VM's memory back, and keeps only the state file, the
+VM's disk and the relaying kernel. The next message for the guest (a cell, a
+widget event, a file transfer) loads it into a fresh VMM of the same shape,
+reconnects the channel under the same key, and then goes through; the cell
+gets a line saying how long the resume took.
+
+What is not paused: a VM with a NIC or an SSH/vsock link (their TAP and link
+belong to the VMM that ends), a Firecracker VM, and a VM whose owner says it
+is busy (a running cell; see ``Sandbox.busy``). A VM paused mid-computation
+in a background thread simply continues where it stopped.
+
+A paused VM keeps its place in the host's budget (hostd.py): its student can
+always come back to it, and the memory it gave back is the host's reserve.
+
+All of this runs on the Sandbox's event loop; the Sandbox's messaging
+methods hand frames here while the VM is paused (see :meth:`Pauser.hold`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from smolvm_guest.wire import Channel
+from smolvm_kernel.errors import GuestDied, SmolVMError
+from smolvm_kernel.state import rss_kib as state_rss_kib
+
+if TYPE_CHECKING:
+    from smolvm_kernel.sandbox import Sandbox
+
+log = logging.getLogger("smolvm_kernel.pause")
+
+#: The state file's name in the VM's run folder.
+STATE_FILE = "paused.state"
+
+
+@dataclasses.dataclass(frozen=True)
+class PausedState:
+    """What a resumed VMM loads (the backend's ``restore``): the saved state,
+    and no disk to copy (the VM's own disk stays in its folder)."""
+
+    state: Path
+    #: Saved by a VMM that loaded a snapshot with x-ignore-shared: the
+    #: capability stays on in it, and the stream says so.
+    ignore_shared: bool = False
+    scratch: None = None
+
+
+def pause_due(now: float, last_active: float, pause_after: float, busy: bool) -> bool:
+    """Whether a VM idle since ``last_active`` should be paused now."""
+    return pause_after > 0 and not busy and now - last_active >= pause_after
+
+
+def why_not_pausable(sandbox: Sandbox) -> str | None:
+    """Why this VM cannot be paused to disk, or None when it can."""
+    if sandbox.backend is None or sandbox.backend.name != "qemu":
+        return "only QEMU VMs are paused to disk"
+    if sandbox.transport != "serial":
+        return f"a VM reached over {sandbox.transport} is not paused (its link ends with its VMM)"
+    if sandbox.config.network != "none":
+        return "a VM with a network is not paused (its TAP ends with its VMM)"
+    return None
+
+
+class Pauser:
+    """Pause one Sandbox's VM to disk when idle; resume it when it is needed."""
+
+    def __init__(self, sandbox: Sandbox) -> None:
+        self.sb = sandbox
+        #: Frames sent while the VM is paused (or pausing), in order: they go
+        #: to the guest once it is back.
+        self._held: list[tuple[Channel, bytes]] = []
+        self._pausing: asyncio.Task | None = None
+        self._resuming: asyncio.Task | None = None
+        self.paused_at: float | None = None      # time.monotonic()
+        self.idle_s: float | None = None          # how long the VM was idle when paused
+        self.state_bytes: int | None = None
+        #: The last pause and resume, for the panel and benchmarks.
+        self.last_pause_s: float | None = None
+        self.last_resume_s: float | None = None
+        self.pauses = 0
+
+    @property
+    def paused(self) -> bool:
+        return self.paused_at is not None
+
+    @property
+    def in_progress(self) -> bool:
+        return self.paused or (self._pausing is not None and not self._pausing.done())
+
+    def forget(self) -> None:
+        """The VM is gone (stopped or dead): nothing is paused any more."""
+        self._held.clear()
+        self.paused_at = None
+        for task in (self._pausing, self._resuming):
+            if task is not None and not task.done() and task is not asyncio.current_task():
+                task.cancel()
+        self._pausing = self._resuming = None
+
+    # -- messaging while paused (loop thread)
+
+    def hold(self, chan: Channel, body: bytes) -> bool:
+        """Keep a frame for the guest while the VM is paused; True if it was kept
+        (and the resume has started)."""
+        if not self.in_progress:
+            return False
+        self._held.append((chan, body))
+        self.wake()
+        return True
+
+    def wake(self) -> asyncio.Task | None:
+        """Start the resume (if paused or pausing); the task, or None if running."""
+        if not self.in_progress:
+            return None
+        if self._resuming is None or self._resuming.done():
+            self._resuming = asyncio.get_running_loop().create_task(self._resume_after_pause())
+        return self._resuming
+
+    # -- pause
+
+    def maybe_pause(self) -> asyncio.Task | None:
+        """Called by the heartbeat every second while the VM runs."""
+        sb = self.sb
+        busy = bool(sb._pending) or (sb.busy is not None and sb.busy())
+        if not pause_due(time.monotonic(), sb.last_active, sb.config.pause_after, busy):
+            return None
+        why = why_not_pausable(sb)
+        if why is not None:
+            if sb.pause_note != why:
+                sb.pause_note = why
+                log.info("not pausing idle VM %s: %s", sb.vm_id, why)
+            return None
+        self._pausing = asyncio.get_running_loop().create_task(self.pause())
+        return self._pausing
+
+    async def pause(self) -> None:
+        """Save the VM to its folder and end its VMM; on failure it goes on running."""
+        from smolvm_kernel.sandbox import SandboxState
+        from smolvm_kernel.snapshot import _save
+
+        sb = self.sb
+        chan, backend, vm_id = sb._channel, sb.backend, sb.vm_id
+        if chan is None or backend is None or sb.state != SandboxState.READY or self._held:
+            return      # gone, busy, or already wanted again
+        t0 = time.monotonic()
+        idle_s = t0 - sb.last_active
+        rss_kib = state_rss_kib(backend.pid)
+        sb.state = SandboxState.PAUSED
+        try:
+            # Dropped caches and zeroed free pages keep the state file small.
+            await chan.request("quiesce", timeout=30)
+            state = backend.spec.run_dir / STATE_FILE
+            size = await asyncio.to_thread(_save, backend.spec.run_dir / "qmp.sock", state)
+        except (SmolVMError, OSError, asyncio.TimeoutError, TimeoutError, ValueError) as exc:
+            log.warning("pausing VM %s failed, it goes on running: %s", vm_id, exc)
+            sb.pause_note = f"the last pause failed: {exc}"
+            await asyncio.to_thread(_cont, backend)
+            if sb.vm_id == vm_id and sb.state == SandboxState.PAUSED:
+                sb.state = SandboxState.READY
+                sb.last_active = time.monotonic()
+            self._resume_held()
+            return
+        self.paused_at = time.monotonic()
+        sb._channel = None
+        await chan.close()
+        await backend.kill()
+        self.idle_s, self.state_bytes = idle_s, size
+        self.last_pause_s = time.monotonic() - t0
+        self.pauses += 1
+        sb.record_audit("pause", vm_id=vm_id, **sb.audit_context, idle_s=round(idle_s, 1),
+                        state_bytes=size, pause_s=round(self.last_pause_s, 3), vmm_rss_kib=rss_kib)
+        log.info("paused idle VM %s to disk (%d MiB) in %.2f s", vm_id, size >> 20, self.last_pause_s)
+        if self._held:
+            self.wake()     # something came in while it was being saved
+
+    def _resume_held(self) -> None:
+        held, self._held = self._held, []
+        chan = self.sb._channel
+        for c, body in held:
+            if chan is not None:
+                chan.send(c, body)
+
+    # -- resume
+
+    async def _resume_after_pause(self) -> None:
+        pausing = self._pausing
+        if pausing is not None and not pausing.done():
+            await asyncio.shield(pausing)
+        if not self.paused:
+            self._resume_held()      # the pause failed: the VM never stopped
+            return
+        try:
+            await self.resume()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            error = exc if isinstance(exc, SmolVMError) else SmolVMError(f"{type(exc).__name__}: {exc}")
+            self._held.clear()
+            self.paused_at = None
+            self.sb._die(GuestDied(f"the paused microVM could not be resumed from disk: {error}",
+                                   "a fresh VM starts on the next cell (reset() with the Python API); "
+                                   "the paused state is lost"), self.sb.vm_id)
+
+    async def resume(self) -> None:
+        """Load the saved VM into a new VMM, reconnect, send what waited."""
+        from smolvm_kernel.backends.qemu import QemuBackend
+        from smolvm_kernel.sandbox import SandboxState
+
+        sb = self.sb
+        old = sb.backend
+        t0 = time.monotonic()
+        paused_s = t0 - (self.paused_at or t0)
+        forked = old.spec.ram_file is not None or old.spec.ram_named
+        spec = dataclasses.replace(old.spec, ram_file=None, ram_shared=False, ram_named=forked)
+        state = spec.run_dir / STATE_FILE
+        backend = QemuBackend(spec, old.binary, restore=PausedState(state, ignore_shared=forked))
+        sb.backend = backend
+        await backend.launch()
+        sb._registry.set_vmm(sb.vm_id, backend.pid)
+        await sb._connect(time.monotonic(), min(sb.config.boot_timeout, 30.0), resume=True)
+        state.unlink(missing_ok=True)
+        self.paused_at = None
+        self.last_resume_s = time.monotonic() - t0
+        sb.state = SandboxState.READY
+        sb.last_active = time.monotonic()
+        sb.record_audit("resume", vm_id=sb.vm_id, **sb.audit_context, paused_s=round(paused_s, 1),
+                        resume_s=round(self.last_resume_s, 3))
+        sb._notice(f"[smolvm] this microVM was idle for {_human(self.idle_s or 0)} and was paused to disk; "
+                   f"resumed in {self.last_resume_s:.2f} s\n")
+        sb._start_heartbeat()
+        self._resume_held()
+
+
+def _cont(backend) -> None:
+    """Let a VM whose save failed run again."""
+    from smolvm_kernel.backends.qmp import QMP
+
+    try:
+        with QMP(backend.spec.run_dir / "qmp.sock") as qmp:
+            qmp.execute("cont")
+    except (OSError, SmolVMError, ValueError) as exc:
+        log.warning("could not let VM run again after a failed pause: %s", exc)
+
+
+def _human(seconds: float) -> str:
+    if seconds >= 90:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds:.0f} s"
