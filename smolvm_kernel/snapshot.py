@@ -75,8 +75,12 @@ def snapshot_key(image: Image, backend: str, accel: str, vcpus: int, mem_mib: in
 class SnapshotCache:
     """Find, build and drop ready snapshots."""
 
-    def __init__(self, root: Path | None = None) -> None:
-        self.root = root or (paths.cache_dir() / "snapshots")
+    def __init__(self, root: Path | None = None, seeds: Path | None = None) -> None:
+        self.root = root or paths.snapshot_dir()
+        #: A read-only folder of snapshots to copy from instead of building
+        #: (a classroom's shared cache: a fork's QEMU must be able to open the
+        #: RAM file for writing, so each user forks from a copy of their own).
+        self.seeds = seeds if root else paths.snapshot_seed_dir()
 
     def path(self, image: Image, key: str) -> Path:
         return self.root / f"{image.profile}-{key[:16]}"
@@ -86,7 +90,31 @@ class SnapshotCache:
         snap = Snapshot(key, d)
         if snap.manifest().get("key") == key and all(p.exists() for p in (snap.state, snap.scratch, snap.ram)):
             return snap
+        if self.seeds is not None:
+            return self._copy_seed(image, key)
         return None
+
+    def _copy_seed(self, image: Image, key: str) -> Snapshot | None:
+        seed = SnapshotCache(self.seeds).get(image, key)
+        if seed is None:
+            return None
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".seed-", dir=self.root))
+        try:
+            for part in ("state.bin", "scratch.img", "ram.bin", "manifest.json"):
+                copy_sparse(seed.directory / part, tmp / part)
+            final = self.path(image, key)
+            if final.exists():
+                shutil.rmtree(tmp)
+            else:
+                os.rename(tmp, final)
+            log.info("copied the ready snapshot %s from %s", final.name, self.seeds)
+        except (OSError, SmolVMError) as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            log.warning("cannot copy the ready snapshot from %s: %s", self.seeds, exc)
+            return None
+        snap = Snapshot(key, final)
+        return snap if snap.manifest().get("key") == key else None
 
     def list(self) -> list[Snapshot]:
         """Every complete snapshot in the cache (current or not), by name."""

@@ -54,3 +54,33 @@ def test_list_shows_complete_snapshots_only(tmp_path):
     (tmp_path / ".base-1.lock").write_text("")
     assert [s.key for s in cache.list()] == ["k1"]
     assert SnapshotCache(tmp_path / "missing").list() == []
+
+
+def test_a_user_of_a_read_only_shared_cache_forks_from_a_copy_of_its_own(tmp_path):
+    shared, own = SnapshotCache(tmp_path / "shared"), SnapshotCache(tmp_path / "own", seeds=tmp_path / "shared")
+    image = _image()
+    key = snapshot_key(image, **BASE)
+    assert own.get(image, key) is None               # nothing to copy yet
+    d = shared.path(image, key)
+    d.mkdir(parents=True)
+    (d / "manifest.json").write_text(json.dumps({"key": key}))
+    for part in ("state.bin", "scratch.img", "ram.bin"):
+        (d / part).write_bytes(part.encode())
+    snap = own.get(image, key)
+    assert snap.directory.parent == tmp_path / "own" and snap.ram.read_bytes() == b"ram.bin"
+    assert not [p for p in (tmp_path / "own").iterdir() if p.name.startswith(".seed-")]
+
+
+def test_snapshots_go_to_the_users_own_cache_when_the_shared_one_is_read_only(tmp_path, monkeypatch):
+    import os
+
+    from smolvm_kernel import paths
+
+    monkeypatch.delenv("SMOLVM_SNAPSHOT_DIR", raising=False)
+    monkeypatch.setenv("SMOLVM_CACHE_DIR", str(tmp_path / "shared"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home-cache"))
+    (tmp_path / "shared" / "snapshots").mkdir(parents=True)
+    assert paths.snapshot_dir() == tmp_path / "shared" / "snapshots" and paths.snapshot_seed_dir() is None
+    monkeypatch.setattr(os, "access", lambda p, mode: False)     # as a student sees root's cache
+    assert paths.snapshot_dir() == tmp_path / "home-cache" / "smolvm-kernel" / "snapshots"
+    assert paths.snapshot_seed_dir() == tmp_path / "shared" / "snapshots"
