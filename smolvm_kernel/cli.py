@@ -126,6 +126,24 @@ def cmd_hostd(args) -> int:
     return hostd.serve(args.socket or hostd.SOCKET_PATH)
 
 
+def cmd_classroom(args) -> int:
+    from smolvm_kernel import classroom
+
+    folder = Path(args.dir or classroom.DEFAULT_DIR)
+    if args.action in ("up", "setup"):
+        hub = classroom.setup(folder, args.students, port=args.port, prefix=args.prefix,
+                              cull_idle_timeout=args.cull_idle_timeout)
+        print(f"classroom written to {folder} (hub config {hub.name}); student accounts and passwords "
+              f"in {folder / 'students.csv'} (root only)")
+    if args.action in ("up", "run"):
+        print(f"JupyterHub on http://127.0.0.1:{args.port}/ (Ctrl-C stops it)", flush=True)
+        return classroom.run(folder)
+    if args.action == "down":
+        removed = classroom.down(folder)
+        print(f"removed {len(removed)} student accounts: {' '.join(removed) or '-'}")
+    return 0
+
+
 def cmd_cleanup(args) -> int:
     from smolvm_kernel.state import Registry
 
@@ -346,6 +364,17 @@ def build_parser() -> argparse.ArgumentParser:
     hd = sub.add_parser("hostd", help="run the host's admission service (quotas, budget, audit log; as root)")
     hd.add_argument("--socket", help="where to listen (default /run/smolvm/hostd.sock)")
     hd.set_defaults(func=cmd_hostd)
+    cr = sub.add_parser("classroom", help="JupyterHub with one microVM per student (as root; see README)")
+    cr.add_argument("action", choices=["up", "setup", "run", "down"],
+                    help="up = setup then run; setup writes the deployment and creates the students; "
+                         "run starts the hub; down removes the students it created")
+    cr.add_argument("--dir", default=None, help="the deployment's folder (default /var/lib/smolvm-classroom)")
+    cr.add_argument("--students", type=int, default=3, help="how many student accounts to create")
+    cr.add_argument("--prefix", default="student", help="student account names: <prefix>1, <prefix>2, ...")
+    cr.add_argument("--port", type=int, default=8000, help="the hub's port on 127.0.0.1")
+    cr.add_argument("--cull-idle-timeout", type=int, default=3600,
+                    help="seconds before Jupyter Server shuts an idle kernel (and its VM) down")
+    cr.set_defaults(func=cmd_classroom)
     c = sub.add_parser("cleanup", help="kill VMs whose owner died and remove their files")
     c.add_argument("--all", action="store_true", help="also VMs whose owner is alive")
     c.set_defaults(func=cmd_cleanup)
