@@ -61,6 +61,7 @@ audit_log = "{audit}"
 STUDENT_SERVER_CONFIG = """\
 # Written by smolvm-kernel classroom: the students' Jupyter Server settings.
 # Student code runs only in microVMs: nothing here may run it on the host.
+c.ServerApp.kernel_spec_manager_class = "smolvm_kernel.classroom.ClassroomKernelSpecManager"
 c.KernelSpecManager.allowed_kernelspecs = {kernelspecs!r}
 c.KernelSpecManager.ensure_native_kernel = False      # no host Python kernel
 c.ServerApp.terminals_enabled = False                 # a terminal is a host shell
@@ -369,6 +370,35 @@ try:
     from jupyter_server.services.kernels.kernelmanager import AsyncMappingKernelManager
 except ImportError:      # pragma: no cover - jupyter_server comes with the test and classroom extras
     AsyncMappingKernelManager = object
+
+
+from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel  # noqa: E402
+from traitlets import default  # noqa: E402
+
+
+class ClassroomKernelSpecManager(KernelSpecManager):
+    """Only the allowed kernelspecs, and only from folders the student cannot write.
+
+    jupyter_client's own ``allowed_kernelspecs`` filters the list a frontend
+    shows, but a kernel started by name through the REST API is looked up
+    without it (the host's "python3" starts), and a student's own data folder
+    (~/.local/share/jupyter/kernels) comes first in the search, where a
+    kernel.json named smolvm-python would shadow the real one.
+    """
+
+    @default("kernel_dirs")
+    def _only_shared_kernel_dirs(self) -> list[str]:
+        from jupyter_core.paths import jupyter_data_dir
+
+        own = os.path.realpath(jupyter_data_dir())
+        home = os.path.realpath(os.path.expanduser("~"))
+        return [d for d in super()._kernel_dirs_default()
+                if not os.path.realpath(d).startswith((own, home + os.sep))]
+
+    def get_kernel_spec(self, kernel_name: str):
+        if self.allowed_kernelspecs and kernel_name.lower() not in {k.lower() for k in self.allowed_kernelspecs}:
+            raise NoSuchKernel(kernel_name)
+        return super().get_kernel_spec(kernel_name)
 
 
 class CullingKernelManager(AsyncMappingKernelManager):

@@ -34,6 +34,21 @@ def confine(root: str | os.PathLike, path: str) -> Path:
     return full
 
 
+def confine_writable(root: str | os.PathLike, path: Path) -> Path:
+    """A pull's destination: under ``root`` and in no hidden folder or file.
+    Hidden places in a home folder hold what runs on the host (kernelspecs in
+    ~/.local/share/jupyter, ~/.jupyter config, shell start-up files): a file
+    out of the VM must not land there, as Jupyter's contents API refuses them
+    too (ContentsManager.allow_hidden)."""
+    base = Path(root).resolve()
+    rel = path.relative_to(base)
+    if any(part.startswith(".") for part in rel.parts):
+        raise TransferError(f"{str(rel)!r} is or is in a hidden file or folder; a file from the VM is not "
+                            f"written there (such places hold configuration the host runs): pull to "
+                            f"another name")
+    return path
+
+
 def push(sandbox, root: str | os.PathLike, local: str, remote: str | None, limit: int) -> str:
     """Copy ``local`` (under ``root``) into the VM; returns a one-line summary."""
     src = confine(root, local)
@@ -59,6 +74,7 @@ def pull(sandbox, root: str | os.PathLike, remote: str, local: str | None, limit
     dest = confine(root, local or name)
     if dest.is_dir():
         dest = confine(root, str(dest / name))
+    confine_writable(root, dest)
     if dest.exists() and not overwrite:
         raise TransferError(f"{dest} exists; pull to another name or add --force to replace it")
     try:

@@ -1,0 +1,288 @@
+"""The classroom on loopback: JupyterHub, three real Unix students, their
+JupyterLab servers, one microVM each, the instructor's policy, quotas, idle
+pause and culling, and the audit log that says what happened.
+
+Run as root (it creates Unix accounts and removes them afterwards); CI does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import pwd
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="creates Unix accounts for its students: run as root")
+
+POLICY = """
+max_vcpus = 1
+max_mem_mib = 512
+max_exec_timeout = 120
+network = ["none"]
+profiles = ["base"]
+pause_after = 6
+max_vms_per_user = 1
+host_max_vms = 6
+hostd = "{dir}/hostd.sock"
+audit_log = "{dir}/audit.jsonl"
+"""
+CULL_S = 40
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Classroom:
+    def __init__(self, folder: Path, port: int, students: list[tuple[str, str]], hub: subprocess.Popen):
+        self.folder, self.port, self.students, self.hub = folder, port, students, hub
+        self.base = f"http://127.0.0.1:{port}"
+        self.clients: dict[str, object] = {}
+
+    def audit(self) -> list[dict]:
+        path = self.folder / "audit.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+    def student(self, i: int):
+        from smolvm_kernel.hubclient import HubStudent
+
+        name, password = self.students[i]
+        if name not in self.clients:
+            client = HubStudent(self.base, name, password)
+            client.login()
+            client.start_server()
+            self.clients[name] = client
+        return self.clients[name]
+
+
+@pytest.fixture(scope="module")
+def classroom():
+    from smolvm_kernel import classroom as cr
+
+    folder = Path(tempfile.mkdtemp(prefix="smolvm-classroom-", dir="/tmp"))
+    os.chmod(folder, 0o755)
+    prefix = f"smvt{secrets.token_hex(2)}s"
+    port = _free_port()
+    hub = None
+    try:
+        cr.setup(folder, 3, port=port, prefix=prefix, cull_idle_timeout=CULL_S,
+                 policy_text=POLICY.format(dir=folder))
+        students = cr.read_students(folder)
+        log = open(folder / "hub.log", "wb")
+        hub = subprocess.Popen(cr.hub_command(folder), cwd=folder, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 90
+        room = Classroom(folder, port, students, hub)
+        while True:
+            code, _ = _probe(room.base + "/hub/api/")
+            if code == 200:
+                break
+            assert hub.poll() is None and time.monotonic() < deadline, (folder / "hub.log").read_text()[-3000:]
+            time.sleep(0.5)
+        yield room
+    finally:
+        if hub is not None:
+            hub.terminate()
+            try:
+                hub.wait(30)
+            except subprocess.TimeoutExpired:
+                hub.kill()
+        for name, _ in (cr.read_students(folder) if (folder / "students.csv").exists() else []):
+            subprocess.run(["pkill", "-KILL", "-u", name], capture_output=True)
+        time.sleep(0.5)
+        if (folder / "students.csv").exists():
+            cr.down(folder)
+        subprocess.run(["pkill", "-f", f"hostd --socket {folder}"], capture_output=True)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _probe(url: str) -> tuple[int, bytes]:
+    import urllib.error
+    import urllib.request
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, b""
+    except OSError:
+        return 0, b""
+
+
+def _run(student, code: str, kernel_id: str | None = None):
+    async def go():
+        ks = student.open_kernel(kernel_id)
+        await ks.connect()
+        try:
+            return await ks.execute(code, timeout=180)
+        finally:
+            ks.close()
+    return asyncio.run(go())
+
+
+def _qemus_of(uid: int) -> list[int]:
+    pids = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            if "qemu-system" not in (d / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace"):
+                continue
+            status = (d / "status").read_text()
+        except OSError:
+            continue
+        if any(line.split()[1] == str(uid) for line in status.splitlines() if line.startswith("Uid:")):
+            pids.append(int(d.name))
+    return pids
+
+
+def test_students_log_in_and_get_only_smolvm_kernels_and_no_host_shell(classroom):
+    s = classroom.student(0)
+    assert set(s.server("GET", "/api/kernelspecs")["kernelspecs"]) == {"smolvm-python"}
+    code, _ = s.request("POST", f"/user/{s.name}/api/terminals")
+    assert code == 404                                      # terminals are off
+    code, _ = s.request("PUT", f"/user/{s.name}/api/contents/.jupyter/jupyter_server_config.py",
+                        {"type": "file", "format": "text", "content": "c.ServerApp.terminals_enabled = True"})
+    assert code >= 400                                      # no hidden files through the contents API
+    code, _ = s.request("POST", f"/user/{s.name}/api/kernels", {"name": "python3"})
+    assert code >= 400                                      # no host Python kernel
+    # A wrong password does not get in.
+    from smolvm_kernel.hubclient import HubError, HubStudent
+    with pytest.raises(HubError):
+        HubStudent(classroom.base, s.name, "wrong-" + secrets.token_hex(4)).login()
+
+
+def test_each_student_runs_in_a_microvm_of_their_own(classroom):
+    kernels = {}
+    for i in range(3):
+        s = classroom.student(i)
+        kernels[s.name] = s.start_kernel()
+        r = _run(s, "import platform, os\nplatform.release(), os.getuid()", kernels[s.name])
+        assert r.status == "ok", r.text
+        assert "cloud-amd64" in r.text and platform_release() not in r.text
+    owners = {}
+    for name in kernels:
+        uid = pwd.getpwnam(name).pw_uid
+        (pid,) = _qemus_of(uid)                             # one VM each, run as the student
+        owners[name] = pid
+    assert len(set(owners.values())) == 3
+    classroom.kernels = kernels
+    classroom.vmm_pids = owners
+
+
+def platform_release() -> str:
+    return os.uname().release
+
+
+PROBE = r"""
+import json, os, socket, sys
+home, pid = sys.argv[1], int(sys.argv[2])
+out = {}
+state = os.path.join(home, ".local/state/smolvm-kernel")
+try:
+    os.listdir(state); out["list_state"] = "allowed"
+except OSError as exc:
+    out["list_state"] = type(exc).__name__
+try:
+    open(f"/proc/{pid}/environ", "rb").read(); out["environ"] = "allowed"
+except OSError as exc:
+    out["environ"] = type(exc).__name__
+try:
+    os.kill(pid, 0); out["signal"] = "allowed"
+except OSError as exc:
+    out["signal"] = type(exc).__name__
+vms = os.path.join(state, "vms")
+try:
+    (vm,) = os.listdir(vms)
+    s = socket.socket(socket.AF_UNIX); s.connect(os.path.join(vms, vm, "qmp.sock")); out["qmp"] = "allowed"
+except (OSError, ValueError) as exc:
+    out["qmp"] = type(exc).__name__
+print(json.dumps(out))
+"""
+
+
+def test_a_student_cannot_reach_another_students_vm(classroom):
+    owner, other = classroom.students[0][0], classroom.students[1][0]
+    home = pwd.getpwnam(owner).pw_dir
+    pid = classroom.vmm_pids[owner]
+    other_pw = pwd.getpwnam(other)
+    probe = subprocess.run(
+        ["setpriv", f"--reuid={other_pw.pw_uid}", f"--regid={other_pw.pw_gid}", "--init-groups",
+         "/usr/bin/python3", "-I", "-c", PROBE, home, str(pid)],
+        capture_output=True, text=True, timeout=30)
+    seen = json.loads(probe.stdout)
+    assert seen == {"list_state": "PermissionError", "environ": "PermissionError", "signal": "PermissionError",
+                    "qmp": "PermissionError"}, seen
+    # The same probe as the owner reaches everything: the probe itself works.
+    own_pw = pwd.getpwnam(owner)
+    mine = json.loads(subprocess.run(
+        ["setpriv", f"--reuid={own_pw.pw_uid}", f"--regid={own_pw.pw_gid}", "--init-groups",
+         "/usr/bin/python3", "-I", "-c", PROBE, home, str(pid)], capture_output=True, text=True, timeout=30).stdout)
+    assert mine["list_state"] == "allowed" and mine["signal"] == "allowed"
+
+
+def test_a_student_cannot_raise_a_cap_or_turn_networking_on(classroom):
+    s = classroom.student(0)
+    kid = classroom.kernels[s.name]
+    r = _run(s, "%smolvm config --network nat", kid)
+    assert r.status == "error" and "not allowed by the instructor's policy" in r.text
+    r = _run(s, "%smolvm config --mem 4096", kid)
+    assert r.status == "error" and "cap of 512 MiB" in r.text
+    refused = [e for e in classroom.audit() if e["event"] == "refused" and e.get("user") == s.name]
+    assert {e["what"] for e in refused} >= {"network nat", "memory 4096 MiB"}
+
+
+def test_a_quota_refusal_reaches_the_notebook_with_its_message(classroom):
+    s = classroom.student(0)
+    second = s.start_kernel()
+    r = _run(s, "1 + 1", second)
+    assert r.status == "error", r.text
+    assert f"{s.name} has 1 microVM running" in r.text and "close another notebook" in r.text, r.text
+    s.server("DELETE", f"/api/kernels/{second}")
+    assert any(e["event"] == "refused" and e.get("user") == s.name and "has 1 microVM" in e.get("why", "")
+               for e in classroom.audit())
+
+
+def test_an_idle_vm_is_paused_to_disk_and_resumed_by_the_next_cell(classroom):
+    s = classroom.student(1)
+    kid = classroom.kernels[s.name]
+    assert _run(s, "kept = 'state'", kid).status == "ok"
+    deadline = time.monotonic() + 60
+    while not any(e["event"] == "pause" and e.get("user") == s.name and e.get("kernel_id") == kid
+                  for e in classroom.audit()):
+        assert time.monotonic() < deadline, "the idle VM was not paused"
+        time.sleep(1)
+    assert _qemus_of(pwd.getpwnam(s.name).pw_uid) == []            # its VMM and memory are gone
+    r = _run(s, "kept", kid)
+    assert r.status == "ok" and "'state'" in r.text and "resumed in" in r.text, r.text
+    assert any(e["event"] == "resume" and e.get("user") == s.name for e in classroom.audit())
+
+
+def test_an_idle_kernel_is_culled_with_its_vm_and_the_log_says_so(classroom):
+    s = classroom.student(2)
+    kid = classroom.kernels[s.name]
+    uid = pwd.getpwnam(s.name).pw_uid
+    deadline = time.monotonic() + CULL_S * 4
+    while any(k["id"] == kid for k in s.server("GET", "/api/kernels")):
+        assert time.monotonic() < deadline, "the idle kernel was not culled"
+        time.sleep(2)
+    end = time.monotonic() + 15
+    while _qemus_of(uid) and time.monotonic() < end:
+        time.sleep(0.5)
+    assert _qemus_of(uid) == []
+    mine = [e for e in classroom.audit() if e.get("user") == s.name]
+    events = [e["event"] for e in mine]
+    assert "culled" in events and "start" in events, events
+    start = next(e for e in mine if e["event"] == "start")
+    assert start["profile"] == "base" and start["vcpus"] == 1 and start["network"] == "none"
+    assert start["kernel_id"] == kid and start["vm_id"]
