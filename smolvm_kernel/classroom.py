@@ -361,6 +361,11 @@ def down(folder: Path) -> list[str]:
     for name, _ in read_students(folder):
         if subprocess.run(["userdel", "--remove", name], capture_output=True).returncode == 0:
             done.append(name)
+    try:
+        if not grp.getgrnam(GROUP).gr_mem:
+            subprocess.run(["groupdel", GROUP], capture_output=True)
+    except KeyError:
+        pass
     return done
 
 

@@ -30,7 +30,7 @@ max_mem_mib = 512
 max_exec_timeout = 120
 network = ["none"]
 profiles = ["base"]
-pause_after = 6
+pause_after = 20
 max_vms_per_user = 1
 host_max_vms = 6
 hostd = "{dir}/hostd.sock"
@@ -163,21 +163,18 @@ def test_students_log_in_and_get_only_smolvm_kernels_and_no_host_shell(classroom
 
 
 def test_each_student_runs_in_a_microvm_of_their_own(classroom):
-    kernels = {}
+    kernels, owners = {}, {}
     for i in range(3):
         s = classroom.student(i)
         kernels[s.name] = s.start_kernel()
         r = _run(s, "import platform, os\nplatform.release(), os.getuid()", kernels[s.name])
         assert r.status == "ok", r.text
         assert "cloud-amd64" in r.text and platform_release() not in r.text
-    owners = {}
-    for name in kernels:
-        uid = pwd.getpwnam(name).pw_uid
-        (pid,) = _qemus_of(uid)                             # one VM each, run as the student
-        owners[name] = pid
+        # One VM each, its VMM run as the student (looked at before it idles long
+        # enough to be paused).
+        (owners[s.name],) = _qemus_of(pwd.getpwnam(s.name).pw_uid)
     assert len(set(owners.values())) == 3
     classroom.kernels = kernels
-    classroom.vmm_pids = owners
 
 
 def platform_release() -> str:
@@ -214,7 +211,8 @@ print(json.dumps(out))
 def test_a_student_cannot_reach_another_students_vm(classroom):
     owner, other = classroom.students[0][0], classroom.students[1][0]
     home = pwd.getpwnam(owner).pw_dir
-    pid = classroom.vmm_pids[owner]
+    _run(classroom.student(0), "1", classroom.kernels[owner])      # awake (not paused) for the probe
+    (pid,) = _qemus_of(pwd.getpwnam(owner).pw_uid)
     other_pw = pwd.getpwnam(other)
     probe = subprocess.run(
         ["setpriv", f"--reuid={other_pw.pw_uid}", f"--regid={other_pw.pw_gid}", "--init-groups",
@@ -286,3 +284,52 @@ def test_an_idle_kernel_is_culled_with_its_vm_and_the_log_says_so(classroom):
     start = next(e for e in mine if e["event"] == "start")
     assert start["profile"] == "base" and start["vcpus"] == 1 and start["network"] == "none"
     assert start["kernel_id"] == kid and start["vm_id"]
+
+
+@pytest.mark.timeout(600)
+def test_a_student_logs_in_through_the_hub_in_a_real_browser_and_runs_a_cell(classroom):
+    """Chromium (Debian's, through Playwright): the hub's login form, the
+    student's JupyterLab, a notebook on SmolVM Python, a cell that runs in the VM."""
+    from playwright.sync_api import expect, sync_playwright
+
+    from test_browser_e2e import CHROMIUM, CHROMIUM_FLAGS
+
+    if not Path(CHROMIUM).exists():
+        pytest.fail("Debian's chromium is missing: scripts/install-system-deps --test installs it")
+    s = classroom.student(2)          # its earlier kernel was culled: within its quota of one VM
+    nb = {"cells": [{"cell_type": "code", "metadata": {}, "source": "import platform; platform.release()",
+                     "outputs": [], "execution_count": None}],
+          "metadata": {"kernelspec": {"name": "smolvm-python", "display_name": "SmolVM Python",
+                                      "language": "python"}},
+          "nbformat": 4, "nbformat_minor": 5}
+    s.server("PUT", "/api/contents/hello.ipynb", {"type": "notebook", "format": "json", "content": nb})
+    name, password = classroom.students[2]
+    shots = classroom.folder / "shots"
+    shots.mkdir(exist_ok=True)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS)
+        page = browser.new_page(viewport={"width": 1300, "height": 900})
+        page.set_default_timeout(60_000)
+        try:
+            page.goto(f"{classroom.base}/hub/login")
+            page.fill("#username_input", name)
+            page.fill("#password_input", password)
+            page.click("#login_submit")
+            page.wait_for_url(f"**/user/{name}/lab**", timeout=120_000)
+            page.goto(f"{classroom.base}/user/{name}/lab/tree/hello.ipynb")
+            page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=120_000)
+            page.wait_for_function(
+                "() => [...document.querySelectorAll('.jp-Toolbar-kernelName')]"
+                ".some(e => e.textContent.includes('SmolVM'))", timeout=120_000)
+            page.locator(".jp-CodeCell .jp-InputArea-editor").first.click()
+            page.keyboard.press("Shift+Enter")
+            expect(page.locator(".jp-OutputArea-output").first).to_contain_text("cloud-amd64", timeout=180_000)
+            page.screenshot(path=str(shots / "hub-student-cell.png"))
+        except BaseException:
+            page.screenshot(path=str(shots / "hub-failure.png"))
+            print((classroom.folder / "hub.log").read_text()[-3000:])
+            raise
+        finally:
+            browser.close()
+    starts = [e for e in classroom.audit() if e["event"] == "start" and e.get("user") == name]
+    assert len(starts) == 2          # the culled kernel's VM, then this notebook's
