@@ -393,9 +393,12 @@ class SmolVMKernel(ConfigActions):
             return
         if now - self._vmm_stopped_since >= 1.0:
             self._vmm_stopped_since = None
-            self.relay.fail_inflight(GuestDied(
+            error = GuestDied(
                 f"the microVM's VMM (pid {pid}) is stopped (SIGSTOP or a debugger) and runs no guest",
-                "the VM was destroyed; the next cell starts a fresh one"))
+                "the VM was destroyed; the next cell starts a fresh one")
+            self.sandbox.record_audit("death", vm_id=self.sandbox.vm_id, **self.sandbox.audit_context,
+                                      cause=str(error).splitlines()[0])
+            self.relay.fail_inflight(error)
             self._shutdown_vm()     # SIGKILL reaches a stopped process
 
     def _enforce_timeout(self, now: float) -> None:
@@ -413,6 +416,9 @@ class SmolVMKernel(ConfigActions):
                 self.interrupt_guest()
             elif now - req.interrupted_at > INTERRUPT_GRACE_S:
                 # The guest did not come back: replace the VM.
+                self.sandbox.record_audit("death", vm_id=self.sandbox.vm_id, **self.sandbox.audit_context,
+                                          cause=f"timeout: a cell ran past exec_timeout={limit:g} s and did "
+                                                f"not stop when interrupted; the VM was destroyed")
                 self.relay.fail_inflight(ExecutionTimeout(limit, reset=True))
                 # Synchronous (about a second): the next cell must find the
                 # VM stopped, so that it boots a fresh one.

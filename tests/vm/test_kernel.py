@@ -212,6 +212,9 @@ def test_per_cell_timeout_interrupts_then_resets(kernelspec):
         assert "VM was reset" in reply["evalue"]
         reply, outs = run(kc, "print('marker' in globals())", timeout=120)
         assert stdout(outs).strip().endswith("False")                    # a fresh VM
+        from smolvm_kernel.audit import AuditLog, default_path
+        assert any(e["event"] == "death" and e.get("cause", "").startswith("timeout: a cell ran past exec_timeout=3 s")
+                   for e in AuditLog(default_path()).read())              # the audit log says why
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=False)
