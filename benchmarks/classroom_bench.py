@@ -210,14 +210,15 @@ def main() -> int:
         base = f"http://127.0.0.1:{port}"
         students = [HubStudent(base, n, p, timeout=600) for n, p in accounts]
         deadline = time.monotonic() + 90
-        while True:
+        while True:     # the proxy answers 404 until the hub has added its route
             try:
-                students[0].request("GET", "/hub/api/")
-                break
+                if students[0].request("GET", "/hub/api/")[0] == 200:
+                    break
             except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.5)
+                pass
+            if time.monotonic() > deadline or hub.poll() is not None:
+                raise SystemExit(f"the hub did not come up: {(folder / 'hub.log').read_text()[-2000:]}")
+            time.sleep(0.5)
         t = time.monotonic()
         with ThreadPoolExecutor(args.concurrency) as pool:
             list(pool.map(lambda s: (s.login(), s.start_server()), students))
@@ -258,7 +259,9 @@ def main() -> int:
         time.sleep(1)
         if (folder / "students.csv").exists():
             cr.down(folder)
+        # The hub stops its proxy and services on a clean exit; not after a kill.
         subprocess.run(["pkill", "-f", f"hostd --socket {folder}"], capture_output=True)
+        subprocess.run(["pkill", "-f", f"{folder}/proxy/"], capture_output=True)
         shutil.rmtree(folder, ignore_errors=True)
 
     refused = [r for r in results.values() if "error" in r]

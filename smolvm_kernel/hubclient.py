@@ -35,6 +35,11 @@ class CellResult:
         return "".join(parts)
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):
+        return None
+
+
 class HubStudent:
     """One student's session at the hub on ``base`` (http://127.0.0.1:PORT)."""
 
@@ -42,6 +47,10 @@ class HubStudent:
         self.base, self.name, self.password, self.timeout = base.rstrip("/"), name, password, timeout
         self.jar = http.cookiejar.CookieJar()
         self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(self.jar))
+        # The login form answers with a redirect that would start the server
+        # (and wait for it): the client starts it itself, through the API.
+        self._no_redirect = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(self.jar),
+                                                        _NoRedirect())
         self.token: str | None = None
 
     # -- plain HTTP
@@ -50,7 +59,7 @@ class HubStudent:
         return next((c.value for c in self.jar if c.name == "_xsrf"), "")
 
     def request(self, method: str, path: str, body: dict | None = None, form: dict | None = None,
-                timeout: float | None = None) -> tuple[int, bytes]:
+                timeout: float | None = None, follow: bool = True) -> tuple[int, bytes]:
         headers = {}
         data = None
         if form is not None:
@@ -65,7 +74,7 @@ class HubStudent:
             headers["X-XSRFToken"] = self._xsrf()
         req = urllib.request.Request(self.base + path, data=data, method=method, headers=headers)
         try:
-            with self.opener.open(req, timeout=timeout or self.timeout) as resp:
+            with (self.opener if follow else self._no_redirect).open(req, timeout=timeout or self.timeout) as resp:
                 return resp.status, resp.read()
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read()
@@ -82,7 +91,7 @@ class HubStudent:
         """The login form with the Unix password (PAM), then an API token of one's own."""
         self.request("GET", "/hub/login")
         code, body = self.request("POST", "/hub/login?next=", form={
-            "username": self.name, "password": self.password, "_xsrf": self._xsrf()})
+            "username": self.name, "password": self.password, "_xsrf": self._xsrf()}, follow=False)
         if not any(c.name.startswith("jupyterhub-session-id") or c.name == "jupyterhub-hub-login"
                    for c in self.jar) or code >= 400:
             raise HubError(f"{self.name} could not log in: HTTP {code}: {body[:200]!r}")

@@ -103,7 +103,9 @@ def classroom():
         time.sleep(0.5)
         if (folder / "students.csv").exists():
             cr.down(folder)
+        # The hub stops its proxy and services on a clean exit; not after a kill.
         subprocess.run(["pkill", "-f", f"hostd --socket {folder}"], capture_output=True)
+        subprocess.run(["pkill", "-f", f"{folder}/proxy/"], capture_output=True)
         shutil.rmtree(folder, ignore_errors=True)
 
 
