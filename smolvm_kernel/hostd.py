@@ -17,6 +17,15 @@ Wire format: one JSON object per line each way; requests carry ``op``:
     {"op": "release", "grant": 3}                                 -> {"ok": true}
     {"op": "event", "event": "push", "fields": {...}}             -> (no answer)
     {"op": "ls"}                      -> {"ok": true, "grants": [...]} (root: all; others: their own)
+    {"op": "join", "grant": 3}        -> {"ok": true}   (from the VMM's process, before it execs)
+
+The VMM's cgroup: with a grant comes a cgroup the service made (memory, CPU
+and pids limits from the granted shape, root-owned: the student cannot raise
+them). A kernel that runs as a student cannot move a process into a cgroup
+it does not own (cgroup v2 also wants write access to the common ancestor),
+so the VMM's own process, between fork and exec, asks the service to move it:
+the service sees that process's pid and uid in its credentials and moves it
+only if it is the child of the process that holds the grant.
 
 Policy keys it reads (policy.py): max_vms_per_user, max_mem_mib_per_user,
 host_max_vms, host_max_guest_mem_mib, host_reserve_mib.
@@ -34,7 +43,9 @@ import pwd
 import socket
 import struct
 import time
+from pathlib import Path
 
+from smolvm_kernel import cgroups
 from smolvm_kernel import policy as policy_mod
 from smolvm_kernel.audit import AuditLog
 from smolvm_kernel.errors import SmolVMError
@@ -60,6 +71,10 @@ class Grant:
     mem_mib: int
     kernel_id: str
     since: float
+    #: The process holding the grant's connection (the kernel), and the VMM's
+    #: cgroup the service made for it (None: the host has no usable hierarchy).
+    holder_pid: int = 0
+    cgroup: object = dataclasses.field(default=None, repr=False, compare=False)
     #: What the holder's audit events said: its VM, and whether it is paused to disk.
     vm_id: str = ""
     state: str = "starting"
@@ -130,19 +145,38 @@ def _user_name(uid: int) -> str:
         return str(uid)
 
 
-def peer_uid(sock: socket.socket) -> int:
-    """The connecting process's uid, from the kernel (not from anything it sent)."""
+def peer_creds(sock: socket.socket) -> tuple[int, int]:
+    """The connecting process's pid and uid, from the kernel (not from anything it sent)."""
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    _pid, uid, _gid = struct.unpack("3i", creds)
-    return uid
+    pid, uid, _gid = struct.unpack("3i", creds)
+    return pid, uid
+
+
+def peer_uid(sock: socket.socket) -> int:
+    return peer_creds(sock)[1]
+
+
+def _parent_pid(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return int(fh.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+#: Host memory a VMM may use beyond its guest's RAM, in its cgroup (as
+#: SandboxConfig.vmm_overhead_mib's default; the student's own value is not used).
+VMM_OVERHEAD_MIB = 256
 
 
 class HostService:
     """The asyncio server: one connection per kernel, its grants die with it."""
 
     def __init__(self, path: str = SOCKET_PATH, pol: policy_mod.Policy | None = None,
-                 audit: AuditLog | None = None, host_available_mib=None) -> None:
+                 audit: AuditLog | None = None, host_available_mib=None, make_cgroups: bool = True) -> None:
         self.path = path
+        #: Make each grant's VMM cgroup (root only; unit tests of the protocol switch it off).
+        self.make_cgroups = make_cgroups
         self.admissions = Admissions(pol, host_available_mib)
         pol_log = pol.audit_log if pol is not None and pol.audit_log else None
         self.audit = audit or AuditLog(pol_log or "/var/log/smolvm/audit.jsonl")
@@ -163,7 +197,7 @@ class HostService:
             await self._server.wait_closed()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        uid = peer_uid(writer.get_extra_info("socket"))
+        pid, uid = peer_creds(writer.get_extra_info("socket"))
         user = _user_name(uid)
         held: set[int] = set()
         try:
@@ -175,7 +209,7 @@ class HostService:
                 if not line:
                     break
                 try:
-                    reply = self._handle(uid, user, held, line)
+                    reply = self._handle(uid, user, held, line, pid)
                 except Exception as exc:      # a bug here must not end the service
                     log.warning("hostd: a request failed: %s: %s", type(exc).__name__, exc)
                     reply = {"ok": False, "why": f"the service failed on it ({type(exc).__name__})"}
@@ -192,9 +226,11 @@ class HostService:
                     self.audit.record("release", user=user, uid=uid, grant=gid, kernel_id=grant.kernel_id,
                                       why="the kernel's connection closed")
                     self.admissions.release(gid)
+                    if grant.cgroup is not None:
+                        await asyncio.to_thread(grant.cgroup.remove)
             writer.close()
 
-    def _handle(self, uid: int, user: str, held: set[int], line: bytes) -> dict | None:
+    def _handle(self, uid: int, user: str, held: set[int], line: bytes, pid: int = 0) -> dict | None:
         try:
             req = json.loads(line)
         except ValueError:
@@ -214,9 +250,13 @@ class HostService:
                                   what=f"a microVM of {vcpus} vCPUs and {mem} MiB", why=str(exc))
                 return {"ok": False, "why": str(exc)}
             held.add(grant.id)
+            grant.holder_pid = pid
+            cgroup = self._make_cgroup(grant)
             self.audit.record("admit", user=user, uid=uid, grant=grant.id, kernel_id=kernel_id,
-                              vcpus=vcpus, mem_mib=mem)
-            return {"ok": True, "grant": grant.id}
+                              vcpus=vcpus, mem_mib=mem, cgroup=cgroup.get("limits", cgroup.get("none")))
+            return {"ok": True, "grant": grant.id, **cgroup}
+        if op == "join":
+            return self._join(uid, pid, req.get("grant"))
         if op == "release":
             gid = req.get("grant")
             if gid in held:
@@ -235,10 +275,40 @@ class HostService:
                               user=user, uid=uid)
             return None
         if op == "ls":
-            grants = [dataclasses.asdict(g) for g in self.admissions.grants.values() if uid == 0 or g.uid == uid]
+            grants = [{f.name: getattr(g, f.name) for f in dataclasses.fields(g) if f.name != "cgroup"}
+                      for g in self.admissions.grants.values() if uid == 0 or g.uid == uid]
             return {"ok": True, "grants": grants}
         return {"ok": False, "why": f"unknown op {str(op)[:40]!r}"}
 
+
+    def _make_cgroup(self, grant: Grant) -> dict:
+        """The grant's VMM cgroup, described for the kernel (its folders, to read
+        its OOM count; its limits), or why there is none."""
+        if not self.make_cgroups:
+            return {"none": "this service makes no cgroups"}
+        if os.geteuid() != 0:
+            return {"none": "the admission service does not run as root"}
+        limits = cgroups.Limits.for_shape(grant.mem_mib, grant.vcpus, VMM_OVERHEAD_MIB)
+        group = cgroups.create(f"hostd-{grant.id}-{os.getpid()}", limits)
+        if isinstance(group, str):
+            return {"none": group}
+        grant.cgroup = group
+        return {"cgroup_dirs": [str(d) for d in group.dirs], "cgroup_version": group.version,
+                "limits": limits.describe(), "memory_bytes": limits.memory_bytes,
+                "cpu_quota_us": limits.cpu_quota_us, "cpu_period_us": limits.cpu_period_us, "pids": limits.pids}
+
+    def _join(self, uid: int, pid: int, grant_id) -> dict:
+        grant = self.admissions.grants.get(grant_id) if isinstance(grant_id, int) else None
+        if grant is None or grant.uid != uid or grant.cgroup is None:
+            return {"ok": False, "why": "no such grant with a cgroup for this user"}
+        if _parent_pid(pid) != grant.holder_pid:
+            return {"ok": False, "why": "only a child of the process holding the grant may join its cgroup"}
+        try:
+            for d in grant.cgroup.dirs:
+                (d / "cgroup.procs").write_text(str(pid))
+        except OSError as exc:
+            return {"ok": False, "why": f"moving the VMM into its cgroup failed: {exc}"}
+        return {"ok": True}
 
     def _note_state(self, held: set[int], event: str, fields: dict) -> None:
         """The state `ls --all` shows, from this connection's own events (a
@@ -267,6 +337,9 @@ class HostClient:
                               f"to start it (smolvm-kernel hostd)") from None
         self._file = self.sock.makefile("rb")
         self.grant: int | None = None
+        #: The VMM cgroup that came with the grant (hostd made it), or why none.
+        self.cgroup: DelegatedGroup | None = None
+        self.cgroup_note = ""
 
     def _ask(self, req: dict) -> dict:
         self.sock.sendall(json.dumps(req).encode() + b"\n")
@@ -280,6 +353,13 @@ class HostClient:
         if not reply.get("ok"):
             raise AdmissionRefused(f"the host refused to start a microVM: {reply.get('why')}")
         self.grant = reply["grant"]
+        if isinstance(reply.get("cgroup_dirs"), list):
+            limits = cgroups.Limits(int(reply["memory_bytes"]), int(reply["cpu_quota_us"]),
+                                    int(reply["cpu_period_us"]), int(reply["pids"]))
+            self.cgroup = DelegatedGroup(f"grant-{self.grant}", [Path(d) for d in reply["cgroup_dirs"]],
+                                         limits, int(reply["cgroup_version"]), self.path, self.grant)
+        else:
+            self.cgroup_note = str(reply.get("none", ""))
         return self.grant
 
     def event(self, event: str, **fields) -> None:
@@ -299,6 +379,30 @@ class HostClient:
             self.sock.close()
         except OSError:
             pass
+
+
+class DelegatedGroup(cgroups.VMGroup):
+    """A VMM cgroup made by hostd: the VMM's process asks the service to move it
+    in (join, between fork and exec); hostd removes it with the grant."""
+
+    def __init__(self, vm_id, dirs, limits, version, socket_path: str, grant: int) -> None:
+        super().__init__(vm_id, dirs, limits, version)
+        self.socket_path, self.grant = socket_path, grant
+
+    def join(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(10)
+            sock.connect(self.socket_path)
+            sock.sendall(json.dumps({"op": "join", "grant": self.grant}).encode() + b"\n")
+            reply = json.loads(sock.makefile("rb").readline(_MAX_LINE) or b"{}")
+        finally:
+            sock.close()
+        if not reply.get("ok"):
+            raise OSError(f"hostd did not move the VMM into its cgroup: {reply.get('why')}")
+
+    def remove(self, wait: float = 2.0) -> bool:
+        return True       # the service's: it goes with the grant
 
 
 def serve(path: str = SOCKET_PATH) -> int:

@@ -370,7 +370,12 @@ class Sandbox:
         await self._connect(time.monotonic(), min(cfg.boot_timeout, 30.0) if restore else None)
 
     def _make_cgroup(self, spec: VMSpec):
-        """The VMM's cgroup with limits from the VM's shape, or None (and why, in the status)."""
+        """The VMM's cgroup with limits from the VM's shape, or None (and why, in
+        the status). Under an admission service the one it made for the grant."""
+        if self._hostd is not None and self._hostd.cgroup is not None:
+            group = self._hostd.cgroup
+            self.cgroup_note = f"{group.limits.describe()} (cgroup v{group.version}, made by hostd)"
+            return group
         limits = cgroups.Limits.for_shape(spec.mem_mib, spec.vcpus, self.config.vmm_overhead_mib,
                                           self.config.cpu_limit)
         group = cgroups.create(spec.vm_id, limits)

@@ -57,15 +57,15 @@ def test_without_a_policy_everything_is_admitted():
     assert [adm.admit(1000, "u", 64, 65536).id for _ in range(3)] == [1, 2, 3]
 
 
-@pytest.fixture
-def service(tmp_path):
+@pytest.fixture(params=[False])
+def service(tmp_path, request):
     """The service on a socket in tmp, on a loop thread of its own."""
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
     log = AuditLog(tmp_path / "audit.jsonl")
     svc = HostService(str(tmp_path / "hostd.sock"), _policy(max_vms_per_user=1), audit=log,
-                      host_available_mib=lambda: 100_000)
+                      host_available_mib=lambda: 100_000, make_cgroups=request.param)
     asyncio.run_coroutine_threadsafe(svc.start(), loop).result(5)
     yield svc
     asyncio.run_coroutine_threadsafe(svc.close(), loop).result(5)
@@ -141,3 +141,43 @@ def test_ls_shows_each_grants_vm_and_whether_it_is_paused(service):
     client.event("resume", vm_id="abc123")
     assert client.list()[0]["state"] == "running"
     client.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="making cgroups needs root")
+@pytest.mark.parametrize("service", [True], indirect=True)
+def test_a_grants_vmm_cgroup_takes_only_the_holders_child(service):
+    """The VMM's process, between fork and exec, asks hostd to move it into the
+    grant's cgroup: only a child of the grant's holder gets in, and the cgroup
+    goes with the grant."""
+    import subprocess
+    import sys
+
+    from smolvm_kernel import cgroups
+
+    if isinstance(cgroups.probe(), str):
+        pytest.skip(f"no cgroup hierarchy here: {cgroups.probe()}")
+    client = HostClient(service.path)
+    client.admit(1, 256, kernel_id="k1")
+    group = client.cgroup
+    assert group is not None and group.limits.memory_bytes == (256 + 256) * 2**20
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], preexec_fn=group.join)
+    try:
+        mine = open(f"/proc/{child.pid}/cgroup").read()
+        assert f"hostd-{client.grant}-" in mine
+        # A grandchild (not the holder's own child) is refused.
+        join = ("import sys, json, socket; s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); "
+                "s.sendall(json.dumps({'op': 'join', 'grant': int(sys.argv[2])}).encode() + bytes([10])); "
+                "print(s.makefile().readline())")
+        via = "import subprocess, sys; subprocess.run([sys.executable, '-c', sys.argv[1], *sys.argv[2:]])"
+        out = subprocess.run([sys.executable, "-c", via, join, service.path, str(client.grant)],
+                             capture_output=True, text=True, timeout=30)
+        assert "only a child of the process holding the grant" in out.stdout, out
+        direct = subprocess.run([sys.executable, "-c", join, service.path, str(client.grant)],
+                                capture_output=True, text=True, timeout=30)
+        assert '"ok": true' in direct.stdout, direct
+    finally:
+        child.kill()
+        child.wait()
+    dirs = list(group.dirs)
+    client.close()
+    assert _wait(lambda: not any(d.exists() for d in dirs)), dirs

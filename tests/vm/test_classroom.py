@@ -175,7 +175,11 @@ def test_each_student_runs_in_a_microvm_of_their_own(classroom):
         # One VM each, its VMM run as the student (looked at before it idles long
         # enough to be paused).
         (owners[s.name],) = _qemus_of(pwd.getpwnam(s.name).pw_uid)
+        # In the cgroup hostd made for its grant, with limits from the granted shape.
+        assert "hostd-" in Path(f"/proc/{owners[s.name]}/cgroup").read_text()
     assert len(set(owners.values())) == 3
+    r = _run(classroom.student(0), "%smolvm status", kernels[classroom.students[0][0]])
+    assert "memory 768 MiB, CPU 1 cores" in r.text and "made by hostd" in r.text, r.text
     classroom.kernels = kernels
 
 
