@@ -55,6 +55,7 @@ profiles = ["base"]
 pause_after = {pause_after}
 max_vms_per_user = 1
 host_reserve_mib = {reserve}
+{host_max_vms}
 hostd = "{dir}/hostd.sock"
 audit_log = "{dir}/audit.jsonl"
 """
@@ -188,6 +189,8 @@ def main() -> int:
     ap.add_argument("--pause-after", type=int, default=45, help="the policy's idle pause, in seconds")
     ap.add_argument("--reserve-mib", type=int, default=3072, help="host memory the budget never gives to VMs")
     ap.add_argument("--concurrency", type=int, default=8, help="logins and server starts at once")
+    ap.add_argument("--host-max-vms", type=int, default=None,
+                    help="the host budget's VM count (default: none; the memory reserve still holds)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("run as root: it creates the students' Unix accounts", file=sys.stderr)
@@ -201,7 +204,9 @@ def main() -> int:
     try:
         t = time.monotonic()
         cr.setup(folder, args.students, port=port, prefix=prefix, cull_idle_timeout=3600,
-                 policy_text=POLICY.format(dir=folder, pause_after=args.pause_after, reserve=args.reserve_mib))
+                 policy_text=POLICY.format(dir=folder, pause_after=args.pause_after, reserve=args.reserve_mib,
+                                           host_max_vms=f"host_max_vms = {args.host_max_vms}"
+                                           if args.host_max_vms else ""))
         setup_s = time.monotonic() - t
         accounts = cr.read_students(folder)
         uids = {int(subprocess.check_output(["id", "-u", n]).strip()) for n, _ in accounts}
@@ -269,7 +274,8 @@ def main() -> int:
     ends = [results[s.name]["end"] for s in served]
     n = len(served)
     hub_ms = [x for x in sampler.hub_ms if x != float("inf")]
-    print(f"\nclassroom_bench: {args.students} students, {platform.node()}, {os.cpu_count()} cores, "
+    budget = f"; host budget {args.host_max_vms} VMs" if args.host_max_vms else ""
+    print(f"\nclassroom_bench: {args.students} students{budget}, reserve {args.reserve_mib} MiB, {platform.node()}, {os.cpu_count()} cores, "
           f"{round(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30)} GiB, "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     print(f"set-up {setup_s:.0f} s; {args.students} logins + servers {servers_s:.0f} s "
