@@ -18,7 +18,6 @@ import asyncio
 import os
 import platform
 import secrets
-import shutil
 import socket
 import statistics
 import subprocess
@@ -253,21 +252,7 @@ def main() -> int:
         pauses = sum('"event": "pause"' in line for line in audit)
         local_first, local_end = local_reference()
     finally:
-        if hub is not None:
-            hub.terminate()
-            try:
-                hub.wait(60)
-            except subprocess.TimeoutExpired:
-                hub.kill()
-        for name, _ in (cr.read_students(folder) if (folder / "students.csv").exists() else []):
-            subprocess.run(["pkill", "-KILL", "-u", name], capture_output=True)
-        time.sleep(1)
-        if (folder / "students.csv").exists():
-            cr.down(folder)
-        # The hub stops its proxy and services on a clean exit; not after a kill.
-        subprocess.run(["pkill", "-f", f"hostd --socket {folder}"], capture_output=True)
-        subprocess.run(["pkill", "-f", f"{folder}/proxy/"], capture_output=True)
-        shutil.rmtree(folder, ignore_errors=True)
+        cr.teardown(folder, hub)
 
     refused = [r for r in results.values() if "error" in r]
     firsts = [results[s.name]["first"] for s in served]

@@ -30,6 +30,7 @@ import secrets
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from smolvm_kernel.errors import SmolVMError
@@ -352,6 +353,27 @@ def run(folder: Path) -> int:
     """Run the hub (and its proxy and hostd) in the foreground."""
     _need_root()
     return subprocess.call(hub_command(folder), cwd=folder)
+
+
+def teardown(folder: Path, hub: subprocess.Popen | None) -> None:
+    """End a classroom a test or benchmark set up: the hub, every student
+    process, the accounts, the proxy and hostd (which the hub stops on a clean
+    exit, not after a kill), and the folder."""
+    if hub is not None:
+        hub.terminate()
+        try:
+            hub.wait(60)
+        except subprocess.TimeoutExpired:
+            hub.kill()
+    students = read_students(folder) if (folder / "students.csv").exists() else []
+    for name, _ in students:
+        subprocess.run(["pkill", "-KILL", "-u", name], capture_output=True)
+    if students:
+        time.sleep(1)
+        down(folder)
+    subprocess.run(["pkill", "-f", f"hostd --socket {folder}"], capture_output=True)
+    subprocess.run(["pkill", "-f", f"{folder}/proxy/"], capture_output=True)
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def down(folder: Path) -> list[str]:

@@ -12,10 +12,8 @@ import json
 import os
 import pwd
 import secrets
-import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -92,21 +90,7 @@ def classroom():
             time.sleep(0.5)
         yield room
     finally:
-        if hub is not None:
-            hub.terminate()
-            try:
-                hub.wait(30)
-            except subprocess.TimeoutExpired:
-                hub.kill()
-        for name, _ in (cr.read_students(folder) if (folder / "students.csv").exists() else []):
-            subprocess.run(["pkill", "-KILL", "-u", name], capture_output=True)
-        time.sleep(0.5)
-        if (folder / "students.csv").exists():
-            cr.down(folder)
-        # The hub stops its proxy and services on a clean exit; not after a kill.
-        subprocess.run(["pkill", "-f", f"hostd --socket {folder}"], capture_output=True)
-        subprocess.run(["pkill", "-f", f"{folder}/proxy/"], capture_output=True)
-        shutil.rmtree(folder, ignore_errors=True)
+        cr.teardown(folder, hub)
 
 
 def _probe(url: str) -> tuple[int, bytes]:
