@@ -83,9 +83,9 @@ def oom_kills() -> int:
     return 0
 
 
-def pss_by_kind(uids: set[int]) -> dict[str, float]:
-    """Proportional set size (MiB) of the students' processes, by kind."""
-    out = {"VMM (QEMU)": 0.0, "SmolVM kernel": 0.0, "JupyterLab server": 0.0, "other": 0.0}
+def pss_by_kind(uids: set[int]) -> dict[str, list[float]]:
+    """Proportional set size (MiB) of each of the students' processes, by kind."""
+    out: dict[str, list[float]] = {"VMM (QEMU)": [], "SmolVM kernel": [], "JupyterLab server": [], "other": []}
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
             continue
@@ -101,7 +101,7 @@ def pss_by_kind(uids: set[int]) -> dict[str, float]:
             continue
         kind = ("VMM (QEMU)" if "qemu-system" in cmd else "SmolVM kernel" if "launch.py" in cmd
                 else "JupyterLab server" if "jupyterhub-singleuser" in cmd else "other")
-        out[kind] += pss / 1024
+        out[kind].append(pss / 1024)
     return out
 
 
@@ -274,11 +274,11 @@ def main() -> int:
         print(f"| kernel start -> end of notebook, p50 / p95 / max | {statistics.median(ends):.1f} / "
               f"{pct(ends, 95):.1f} / {max(ends):.1f} s | {local_end:.2f} s |")
     print(f"| host memory in use, peak (above the idle host) | {sampler.peak - base_mem:.0f} MiB | - |")
-    if n:
-        for label, mem, pss in (("running", running_mem, running_pss), ("paused", paused_mem, paused_pss)):
-            parts = ", ".join(f"{k} {v / n:.0f}" for k, v in pss.items() if v)
-            print(f"| per idle student, VM {label} | {(mem - base_mem) / n:.0f} MiB of host memory in use "
-                  f"(PSS: {parts} MiB) | - |")
+    students_n = len(students)
+    for label, mem, pss in (("running", running_mem, running_pss), ("paused", paused_mem, paused_pss)):
+        parts = ", ".join(f"{len(v)} {k} {statistics.mean(v):.0f}" for k, v in pss.items() if v)
+        print(f"| per idle student, VMs {label} | {(mem - base_mem) / students_n:.0f} MiB of host memory in use "
+              f"(PSS each: {parts} MiB) | - |")
     print(f"| VMs paused to disk while idle | {pauses} | - |")
     if resumes:
         print(f"| resume from disk on the next cell (n={len(resumes)}) | {statistics.median(resumes):.2f} s p50, "
