@@ -303,7 +303,8 @@ def cmd_install(args) -> int:
     path = kernelspec.install(args.name, args.display_name, user=args.user, prefix=prefix,
                               profile=args.profile, mem=args.mem, cpus=args.cpus,
                               timeout=args.timeout, backend=args.backend, network=args.network,
-                              transport=args.transport, output_policy=args.output_policy)
+                              transport=args.transport, output_policy=args.output_policy,
+                              gateway_hosts=[h for h in (args.gateway or "").split(",") if h] or None)
     print(f"installed kernelspec {args.name} in {path}")
     return 0
 
@@ -354,6 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "guest code run JavaScript in your browser: only for code you trust)")
     inst.add_argument("--transport", choices=["auto", "serial", "vsock", "ssh"],
                       help="host-guest channel (ssh needs --network nat)")
+    inst.add_argument("--gateway", metavar="HOST[,HOST...]",
+                      help="a kernelspec for a Jupyter gateway's DistributedProvisioner (gateway_provisioners), "
+                           "which starts the SmolVM kernel on one of these hosts over SSH (see README)")
     inst.set_defaults(func=cmd_install, profile_given=True)
 
     ls = sub.add_parser("ls", help="list live VMs")

@@ -117,14 +117,30 @@ class HubStudent:
 
     # -- the student's own server
 
+    @property
+    def server_path(self) -> str:
+        return f"/user/{self.name}"
+
     def server(self, method: str, path: str, body: dict | None = None, ok=(200, 201, 202, 204)):
-        return self.api(method, f"/user/{self.name}{path}", body, ok)
+        return self.api(method, f"{self.server_path}{path}", body, ok)
 
     def start_kernel(self, name: str = "smolvm-python") -> str:
         return self.server("POST", "/api/kernels", {"name": name})["id"]
 
     def open_kernel(self, kernel_id: str) -> KernelSocket:
         return KernelSocket(self, kernel_id)
+
+
+class ServerUser(HubStudent):
+    """The same client for a plain Jupyter Server (or a gateway) with a token."""
+
+    def __init__(self, base: str, token: str, timeout: float = 120.0) -> None:
+        super().__init__(base, "user", "", timeout)
+        self.token = token
+
+    @property
+    def server_path(self) -> str:
+        return ""
 
 
 class KernelSocket:
@@ -140,7 +156,7 @@ class KernelSocket:
         from tornado.websocket import websocket_connect
 
         s = self.student
-        url = (s.base.replace("http", "ws", 1) + f"/user/{s.name}/api/kernels/{self.kernel_id}/channels"
+        url = (s.base.replace("http", "ws", 1) + f"{s.server_path}/api/kernels/{self.kernel_id}/channels"
                f"?session_id={self.session}")
         self.ws = await websocket_connect(HTTPRequest(url, headers={"Authorization": f"token {s.token}"},
                                                       request_timeout=s.timeout), max_message_size=64 << 20)

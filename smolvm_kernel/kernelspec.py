@@ -35,8 +35,26 @@ def kernel_json(display_name: str = DEFAULT_DISPLAY, **options) -> dict:
     return spec
 
 
+def gateway_kernel_json(display_name: str, remote_hosts: list[str], launch_timeout: int = 60,
+                        provisioner: str = "distributed-provisioner", **options) -> dict:
+    """A kernelspec for a Jupyter gateway's kernel provisioner (gateway_provisioners'
+    DistributedProvisioner): the gateway fills in the launch values and runs the
+    argv on the host it picks, where gateway.py starts the SmolVM kernel and
+    answers by the provisioner's protocol. This file and Python must be at the
+    same paths on every host."""
+    spec = kernel_json(display_name, **options)
+    spec["argv"] = [sys.executable, str(Path(__file__).with_name("gateway.py")),
+                    "--kernel-id", "{kernel_id}", "--port-range", "{port_range}",
+                    "--response-address", "{response_address}", "--public-key", "{public_key}"]
+    spec["interrupt_mode"] = "signal"        # the provisioner's own signal goes through the comm port
+    spec["metadata"]["kernel_provisioner"] = {
+        "provisioner_name": provisioner,
+        "config": {"remote_hosts": list(remote_hosts), "launch_timeout": launch_timeout}}
+    return spec
+
+
 def install(name: str = DEFAULT_NAME, display_name: str | None = None, user: bool = False,
-            prefix: str | None = None, **options) -> str:
+            prefix: str | None = None, gateway_hosts: list[str] | None = None, **options) -> str:
     """Install the kernelspec; return the directory it went to."""
     from jupyter_client.kernelspec import KernelSpecManager
     from smolvm_kernel.config import SandboxConfig
@@ -58,7 +76,9 @@ def install(name: str = DEFAULT_NAME, display_name: str | None = None, user: boo
         display_name = DEFAULT_DISPLAY if name == DEFAULT_NAME else f"{DEFAULT_DISPLAY} ({name})"
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
-        (d / "kernel.json").write_text(json.dumps(kernel_json(display_name, **options), indent=2))
+        spec = (gateway_kernel_json(display_name, gateway_hosts, **options) if gateway_hosts
+                else kernel_json(display_name, **options))
+        (d / "kernel.json").write_text(json.dumps(spec, indent=2))
         assets = resources.files("smolvm_kernel._kernelspec")
         for logo in ("logo-32x32.png", "logo-64x64.png", "logo-svg.svg"):
             with resources.as_file(assets.joinpath(logo)) as src:
