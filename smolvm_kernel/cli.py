@@ -126,6 +126,26 @@ def cmd_hostd(args) -> int:
     return hostd.serve(args.socket or hostd.SOCKET_PATH)
 
 
+def cmd_admission(args) -> int:
+    """One line: "ok", or "refused: <why>" (exit 1), for a VM of the shape a kernel
+    here would get (this host's policy and SMOLVM_* settings)."""
+    from smolvm_kernel.config import SandboxConfig
+    from smolvm_kernel.hostd import HostClient
+
+    cfg = SandboxConfig().validated()
+    pol = cfg.policy
+    if pol is None or not pol.hostd:
+        print("ok (no admission service: every VM is admitted)")
+        return 0
+    client = HostClient(pol.hostd)
+    try:
+        why = client.check(cfg.vcpus, cfg.mem_mib)
+    finally:
+        client.close()
+    print("ok" if why is None else f"refused: {why}")
+    return 0 if why is None else 1
+
+
 def cmd_classroom(args) -> int:
     from smolvm_kernel import classroom
 
@@ -368,6 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
     hd = sub.add_parser("hostd", help="run the host's admission service (quotas, budget, audit log; as root)")
     hd.add_argument("--socket", help="where to listen (default /run/smolvm/hostd.sock)")
     hd.set_defaults(func=cmd_hostd)
+    ad = sub.add_parser("admission", help="whether this host would start a VM of the default shape now "
+                                          "(its policy and admission service; for placement across hosts)")
+    ad.set_defaults(func=cmd_admission)
     cr = sub.add_parser("classroom", help="JupyterHub with one microVM per student (as root; see README)")
     cr.add_argument("action", choices=["up", "setup", "run", "down"],
                     help="up = setup then run; setup writes the deployment and creates the students; "

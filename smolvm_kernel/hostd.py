@@ -126,6 +126,11 @@ class Admissions:
         self.grants[grant.id] = grant
         return grant
 
+    def check(self, uid: int, user: str, vcpus: int, mem_mib: int) -> None:
+        """AdmissionRefused if a VM of this shape would be refused now; grants nothing."""
+        grant = self.admit(uid, user, vcpus, mem_mib)
+        self.grants.pop(grant.id, None)
+
     def release(self, grant_id: int) -> Grant | None:
         return self.grants.pop(grant_id, None)
 
@@ -257,6 +262,15 @@ class HostService:
             return {"ok": True, "grant": grant.id, **cgroup}
         if op == "join":
             return self._join(uid, pid, req.get("grant"))
+        if op == "check":
+            vcpus, mem = req.get("vcpus"), req.get("mem_mib")
+            if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (vcpus, mem)):
+                return {"ok": False, "why": "check needs vcpus and mem_mib as positive whole numbers"}
+            try:
+                self.admissions.check(uid, user, vcpus, mem)
+            except AdmissionRefused as exc:
+                return {"ok": False, "why": str(exc)}
+            return {"ok": True}
         if op == "release":
             gid = req.get("grant")
             if gid in held:
@@ -361,6 +375,11 @@ class HostClient:
         else:
             self.cgroup_note = str(reply.get("none", ""))
         return self.grant
+
+    def check(self, vcpus: int, mem_mib: int) -> str | None:
+        """Why a VM of this shape would be refused now, or None (nothing is granted)."""
+        reply = self._ask({"op": "check", "vcpus": vcpus, "mem_mib": mem_mib})
+        return None if reply.get("ok") else str(reply.get("why"))
 
     def event(self, event: str, **fields) -> None:
         try:

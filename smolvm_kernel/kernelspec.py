@@ -36,11 +36,12 @@ def kernel_json(display_name: str = DEFAULT_DISPLAY, **options) -> dict:
 
 
 def gateway_kernel_json(display_name: str, remote_hosts: list[str], launch_timeout: int = 60,
-                        provisioner: str = "distributed-provisioner", **options) -> dict:
+                        provisioner: str = "smolvm-distributed-provisioner", **options) -> dict:
     """A kernelspec for a Jupyter gateway's kernel provisioner (gateway_provisioners'
-    DistributedProvisioner): the gateway fills in the launch values and runs the
-    argv on the host it picks, where gateway.py starts the SmolVM kernel and
-    answers by the provisioner's protocol. This file and Python must be at the
+    DistributedProvisioner, as placement.py extends it to skip hosts that are
+    down or full): the gateway fills in the launch values and runs the argv on
+    the host it picks, where gateway.py starts the SmolVM kernel and answers by
+    the provisioner's protocol. This file and Python must be at the
     same paths on every host."""
     spec = kernel_json(display_name, **options)
     spec["argv"] = [sys.executable, str(Path(__file__).with_name("gateway.py")),

@@ -181,3 +181,13 @@ def test_a_grants_vmm_cgroup_takes_only_the_holders_child(service):
     dirs = list(group.dirs)
     client.close()
     assert _wait(lambda: not any(d.exists() for d in dirs)), dirs
+
+
+def test_a_check_says_whether_a_start_would_be_refused_and_grants_nothing(service):
+    holder, asker = HostClient(service.path), HostClient(service.path)
+    assert asker.check(1, 256) is None and not service.admissions.grants
+    holder.admit(1, 256, kernel_id="k1")
+    assert "has 1 microVM running" in asker.check(1, 256)
+    assert len(service.admissions.grants) == 1
+    holder.close()
+    asker.close()

@@ -1,0 +1,80 @@
+"""Placing SmolVM kernels on hosts: gateway_provisioners' DistributedProvisioner,
+extended through its documented extension point (``_determine_next_host``).
+
+The provisioner's own round-robin picks a host without knowing whether it is
+up or has room. This one starts from the host round-robin picked and takes
+the first host, in the list's order, that
+
+* answers on its SSH port within 2 s (else "down"), and
+* says, over SSH, that its admission service would start a VM of the shape a
+  kernel there gets (``smolvm-kernel admission``: the host's own policy and
+  budget, hostd.py; else "full" with the host's words).
+
+Skipped hosts are logged with the reason; when no host can take the kernel,
+the start fails with every host's reason. Kernelspec:
+``"provisioner_name": "smolvm-distributed-provisioner"`` (``smolvm-kernel
+install --gateway HOSTS``).
+"""
+
+from __future__ import annotations
+
+import shlex
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from gateway_provisioners.config_mixin import ssh_port
+from gateway_provisioners.distributed import DistributedProvisioner
+
+#: Seconds a host's SSH port may take to answer before the host counts as down.
+PROBE_TIMEOUT_S = 2.0
+
+
+class SmolVMProvisioner(DistributedProvisioner):
+    """DistributedProvisioner that skips hosts that are down or full."""
+
+    def _determine_next_host(self, env_dict: dict) -> str:
+        first = super()._determine_next_host(env_dict)
+        if env_dict.get("KERNEL_REMOTE_HOST"):
+            return first            # the client asked for this host
+        hosts = list(self.remote_hosts)
+        start = hosts.index(first) if first in hosts else 0
+        skipped = []
+        for host in hosts[start:] + hosts[:start]:
+            why = self.host_problem(host)
+            if why is None:
+                if skipped:
+                    self.log.warning(f"SmolVM placement of kernel {self.kernel_id}: {'; '.join(skipped)}; "
+                                     f"placed on {host}")
+                return host
+            skipped.append(f"{host} skipped: {why}")
+        self.log_and_raise(RuntimeError("no host can take a SmolVM kernel now: " + "; ".join(skipped)))
+        raise AssertionError("unreachable")
+
+    def host_problem(self, host: str) -> str | None:
+        """Why ``host`` cannot take a kernel now, or None. This machine itself is
+        asked directly, as the provisioner launches on it without SSH."""
+        if self.ip_is_local(host):
+            proc = subprocess.run(["/bin/sh", "-c", admission_command()], capture_output=True, text=True,
+                                  timeout=60)
+            lines = proc.stdout.splitlines()
+        else:
+            try:
+                socket.create_connection((host, ssh_port), timeout=PROBE_TIMEOUT_S).close()
+            except OSError as exc:
+                return f"down (its SSH port {ssh_port} does not answer: {exc.strerror or exc})"
+            try:
+                lines = self._rsh(host, admission_command())
+            except Exception as exc:        # an SSH failure is the host's problem, not the start's
+                return f"unreachable over SSH ({exc})"
+        answer = (lines[-1] if lines else "").strip()
+        if answer.startswith("ok"):
+            return None
+        return f"full ({answer.removeprefix('refused: ') or 'no answer from smolvm-kernel admission'})"
+
+
+def admission_command() -> str:
+    """The remote command: this install's CLI, at the same path on every host."""
+    cli = Path(sys.executable).with_name("smolvm-kernel")
+    return f"{shlex.quote(str(cli))} admission 2>&1"
