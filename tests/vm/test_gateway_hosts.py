@@ -11,6 +11,7 @@ Run as root (namespaces, sshd); CI does.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import shutil
@@ -64,14 +65,16 @@ class Host:
         return pids
 
 
-@pytest.fixture(scope="module")
-def hosts(image, tmp_path_factory):
+@contextlib.contextmanager
+def two_hosts(folder: Path, host2_max_vms: int | None = 1):
+    """Two hosts in namespaces with sshd, and a Jupyter Server with
+    gateway_provisioners reaching them; yields (client, hosts). Everything is
+    removed on exit. Also used by benchmarks/gateway_bench.py."""
     from smolvm_kernel import kernelspec
     from smolvm_kernel.hubclient import ServerUser
 
     if not Path(SSHD).exists():
-        pytest.fail("openssh-server is missing: scripts/install-system-deps --test installs it")
-    folder = tmp_path_factory.mktemp("hosts")
+        raise RuntimeError("openssh-server is missing: scripts/install-system-deps --test installs it")
     tag = secrets.token_hex(2)
     home = folder / "home"
     (home / ".ssh").mkdir(parents=True)
@@ -95,11 +98,12 @@ def hosts(image, tmp_path_factory):
             if h.n != 1:    # the gateway's response address is on host 1's link
                 sh("ip", "netns", "exec", h.ns, "ip", "route", "add", "10.199.1.0/24", "via", h.gw_ip)
             sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(h.folder / "host_key"))
-            known.append(f"{h.ip} {(h.folder / 'host_key.pub').read_text().split(' ')[0]} "
-                         f"{(h.folder / 'host_key.pub').read_text().split(' ')[1]}")
+            kind, key = (h.folder / "host_key.pub").read_text().split(" ")[:2]
+            known.append(f"{h.ip} {kind} {key}")
             env = [f"SMOLVM_STATE_DIR={h.state}"]
-            if h.n == 2:     # host 2's budget: one VM at a time
-                (h.folder / "policy.toml").write_text(f'hostd = "{h.folder}/hostd.sock"\nhost_max_vms = 1\n'
+            if h.n == 2 and host2_max_vms:
+                (h.folder / "policy.toml").write_text(f'hostd = "{h.folder}/hostd.sock"\n'
+                                                      f"host_max_vms = {host2_max_vms}\n"
                                                       f'audit_log = "{h.folder}/audit.jsonl"\n')
                 env.append(f"SMOLVM_POLICY_FILE={h.folder}/policy.toml")
                 h.hostd = subprocess.Popen([str(Path(sys.executable).with_name("smolvm-kernel")), "hostd",
@@ -124,7 +128,8 @@ def hosts(image, tmp_path_factory):
                     socket.create_connection((h.ip, 22), timeout=1).close()
                     break
                 except OSError:
-                    assert time.monotonic() < deadline, (h.folder / "sshd.log").read_text()
+                    if time.monotonic() > deadline:
+                        raise RuntimeError((h.folder / "sshd.log").read_text()) from None
                     time.sleep(0.2)
         kernelspec.install("smolvm-hosts", prefix=str(folder), gateway_hosts=[h.ip for h in hs])
         port, token = _free_port(), secrets.token_hex(16)
@@ -145,9 +150,10 @@ def hosts(image, tmp_path_factory):
                     break
             except OSError:
                 pass
-            assert server.poll() is None and time.monotonic() < deadline, (folder / "server.log").read_text()[-3000:]
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError((folder / "server.log").read_text()[-3000:])
             time.sleep(0.5)
-        yield user, hs, folder
+        yield user, hs
     finally:
         if server is not None:
             server.terminate()
@@ -164,7 +170,14 @@ def hosts(image, tmp_path_factory):
                     proc.kill()
             subprocess.run(["ip", "link", "del", h.outer], capture_output=True)
             subprocess.run(["ip", "netns", "del", h.ns], capture_output=True)
-        shutil.rmtree(folder / "home", ignore_errors=True)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def hosts(image, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("hosts")
+    with two_hosts(folder) as (user, hs):
+        yield user, hs, folder
 
 
 def _cell(user, kid: str, code: str, timeout: float = 180):
