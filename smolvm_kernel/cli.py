@@ -176,6 +176,15 @@ def cmd_cleanup(args) -> int:
 
 
 def cmd_doctor(args) -> int:
+    if getattr(args, "hosts", None):
+        from smolvm_kernel.hosts import doctor_hosts
+        return doctor_hosts([h for h in args.hosts.split(",") if h], args.user)
+    if getattr(args, "json", False):
+        import json
+
+        from smolvm_kernel.hosts import summary
+        print(json.dumps(summary()))
+        return 0
     from smolvm_kernel.backends.accel import choose_accel, host_tsc_khz
     from smolvm_kernel.config import SandboxConfig
     from smolvm_kernel.images import ImageCache
@@ -408,6 +417,10 @@ def build_parser() -> argparse.ArgumentParser:
     doctor = sub.add_parser("doctor", help="show backend, accelerator and why, images, versions")
     doctor.add_argument("-v", "--verbose", action="store_true",
                         help="also the accelerator probe's raw evidence (e.g. QEMU's error)")
+    doctor.add_argument("--hosts", metavar="H1,H2", help="check each of a gateway's hosts over SSH, a line each "
+                                                         "(pinned host keys; the key in ~/.ssh)")
+    doctor.add_argument("--user", help="with --hosts: the SSH user (default: yours)")
+    doctor.add_argument("--json", action="store_true", help="this host's facts for doctor --hosts, as JSON")
     doctor.set_defaults(func=cmd_doctor)
     d = sub.add_parser("demo", help="execute the demo notebook in a microVM and show the results")
     d.add_argument("rest", nargs=argparse.REMAINDER)

@@ -130,6 +130,35 @@ class HubStudent:
     def open_kernel(self, kernel_id: str) -> KernelSocket:
         return KernelSocket(self, kernel_id)
 
+    def run_cell(self, kernel_id: str, code: str, timeout: float = 180.0) -> CellResult:
+        """One cell on its own websocket (blocking; not from inside an event loop)."""
+        import asyncio
+
+        async def go():
+            ks = self.open_kernel(kernel_id)
+            await ks.connect()
+            try:
+                return await ks.execute(code, timeout=timeout)
+            finally:
+                ks.close()
+        return asyncio.run(go())
+
+    def interrupt_cell(self, kernel_id: str, code: str = "while True: pass", after: float = 2.0) -> CellResult:
+        """Run ``code``, interrupt it through the server's REST API after ``after`` s."""
+        import asyncio
+
+        async def go():
+            ks = self.open_kernel(kernel_id)
+            await ks.connect()
+            try:
+                cell = asyncio.create_task(ks.execute(code, timeout=120))
+                await asyncio.sleep(after)
+                await asyncio.to_thread(self.server, "POST", f"/api/kernels/{kernel_id}/interrupt")
+                return await cell
+            finally:
+                ks.close()
+        return asyncio.run(go())
+
 
 class ServerUser(HubStudent):
     """The same client for a plain Jupyter Server (or a gateway) with a token."""

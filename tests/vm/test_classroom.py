@@ -7,7 +7,6 @@ Run as root (it creates Unix accounts and removes them afterwards); CI does.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import pwd
@@ -105,15 +104,6 @@ def _probe(url: str) -> tuple[int, bytes]:
         return 0, b""
 
 
-def _run(student, code: str, kernel_id: str | None = None):
-    async def go():
-        ks = student.open_kernel(kernel_id)
-        await ks.connect()
-        try:
-            return await ks.execute(code, timeout=180)
-        finally:
-            ks.close()
-    return asyncio.run(go())
 
 
 def _qemus_of(uid: int) -> list[int]:
@@ -153,7 +143,7 @@ def test_each_student_runs_in_a_microvm_of_their_own(classroom):
     for i in range(3):
         s = classroom.student(i)
         kernels[s.name] = s.start_kernel()
-        r = _run(s, "import platform, os\nplatform.release(), os.getuid()", kernels[s.name])
+        r = s.run_cell(kernels[s.name], "import platform, os\nplatform.release(), os.getuid()")
         assert r.status == "ok", r.text
         assert "cloud-amd64" in r.text and platform_release() not in r.text
         # One VM each, its VMM run as the student (looked at before it idles long
@@ -162,7 +152,7 @@ def test_each_student_runs_in_a_microvm_of_their_own(classroom):
         # In the cgroup hostd made for its grant, with limits from the granted shape.
         assert "hostd-" in Path(f"/proc/{owners[s.name]}/cgroup").read_text()
     assert len(set(owners.values())) == 3
-    r = _run(classroom.student(0), "%smolvm status", kernels[classroom.students[0][0]])
+    r = classroom.student(0).run_cell(kernels[classroom.students[0][0]], "%smolvm status")
     assert "memory 768 MiB, CPU 1 cores" in r.text and "made by hostd" in r.text, r.text
     classroom.kernels = kernels
 
@@ -201,7 +191,7 @@ print(json.dumps(out))
 def test_a_student_cannot_reach_another_students_vm(classroom):
     owner, other = classroom.students[0][0], classroom.students[1][0]
     home = pwd.getpwnam(owner).pw_dir
-    _run(classroom.student(0), "1", classroom.kernels[owner])      # awake (not paused) for the probe
+    classroom.student(0).run_cell(classroom.kernels[owner], "1")      # awake (not paused) for the probe
     (pid,) = _qemus_of(pwd.getpwnam(owner).pw_uid)
     other_pw = pwd.getpwnam(other)
     probe = subprocess.run(
@@ -222,9 +212,9 @@ def test_a_student_cannot_reach_another_students_vm(classroom):
 def test_a_student_cannot_raise_a_cap_or_turn_networking_on(classroom):
     s = classroom.student(0)
     kid = classroom.kernels[s.name]
-    r = _run(s, "%smolvm config --network nat", kid)
+    r = s.run_cell(kid, "%smolvm config --network nat")
     assert r.status == "error" and "not allowed by the instructor's policy" in r.text
-    r = _run(s, "%smolvm config --mem 4096", kid)
+    r = s.run_cell(kid, "%smolvm config --mem 4096")
     assert r.status == "error" and "cap of 512 MiB" in r.text
     refused = [e for e in classroom.audit() if e["event"] == "refused" and e.get("user") == s.name]
     assert {e["what"] for e in refused} >= {"network nat", "memory 4096 MiB"}
@@ -233,7 +223,7 @@ def test_a_student_cannot_raise_a_cap_or_turn_networking_on(classroom):
 def test_a_quota_refusal_reaches_the_notebook_with_its_message(classroom):
     s = classroom.student(0)
     second = s.start_kernel()
-    r = _run(s, "1 + 1", second)
+    r = s.run_cell(second, "1 + 1")
     assert r.status == "error", r.text
     assert f"{s.name} has 1 microVM running" in r.text and "close another notebook" in r.text, r.text
     s.server("DELETE", f"/api/kernels/{second}")
@@ -244,14 +234,14 @@ def test_a_quota_refusal_reaches_the_notebook_with_its_message(classroom):
 def test_an_idle_vm_is_paused_to_disk_and_resumed_by_the_next_cell(classroom):
     s = classroom.student(1)
     kid = classroom.kernels[s.name]
-    assert _run(s, "kept = 'state'", kid).status == "ok"
+    assert s.run_cell(kid, "kept = 'state'").status == "ok"
     deadline = time.monotonic() + 60
     while not any(e["event"] == "pause" and e.get("user") == s.name and e.get("kernel_id") == kid
                   for e in classroom.audit()):
         assert time.monotonic() < deadline, "the idle VM was not paused"
         time.sleep(1)
     assert _qemus_of(pwd.getpwnam(s.name).pw_uid) == []            # its VMM and memory are gone
-    r = _run(s, "kept", kid)
+    r = s.run_cell(kid, "kept")
     assert r.status == "ok" and "'state'" in r.text and "resumed in" in r.text, r.text
     assert any(e["event"] == "resume" and e.get("user") == s.name for e in classroom.audit())
 

@@ -10,9 +10,9 @@ Run as root (namespaces, sshd); CI does.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -180,15 +180,22 @@ def hosts(image, tmp_path_factory):
         yield user, hs, folder
 
 
-def _cell(user, kid: str, code: str, timeout: float = 180):
-    async def go():
-        ks = user.open_kernel(kid)
-        await ks.connect()
-        try:
-            return await ks.execute(code, timeout=timeout)
-        finally:
-            ks.close()
-    return asyncio.run(go())
+
+
+def _doctor(hs, folder: Path) -> str:
+    cli = Path(sys.executable).with_name("smolvm-kernel")
+    proc = subprocess.run([str(cli), "doctor", "--hosts", ",".join(h.ip for h in hs), "--user", "root"],
+                          env={**os.environ, "HOME": str(folder / "home")}, capture_output=True, text=True,
+                          timeout=180)
+    return proc.stdout + proc.stderr
+
+
+def _state(doctor: str, h) -> str | None:
+    for line in doctor.splitlines():
+        parts = line.split()
+        if parts[:1] == [h.ip]:
+            return parts[1]
+    return None
 
 
 def _where(hs) -> dict[int, list[int]]:
@@ -202,22 +209,12 @@ def test_kernels_are_placed_on_both_hosts_and_skip_a_full_or_dead_host(hosts):
     a = user.start_kernel("smolvm-hosts")
     b = user.start_kernel("smolvm-hosts")
     for kid in (a, b):
-        r = _cell(user, kid, "import platform\nplatform.release()")
+        r = user.run_cell(kid, "import platform\nplatform.release()")
         assert r.status == "ok" and "cloud-amd64" in r.text, r.text
     where = _where(hs)
     assert len(where[1]) == 1 and len(where[2]) == 1, where       # one VM in each host's namespace
     # An interrupt through the gateway reaches host 1's launcher over its veth link.
-    async def interrupt():
-        ks = user.open_kernel(a)
-        await ks.connect()
-        try:
-            cell = asyncio.create_task(ks.execute("while True: pass", timeout=120))
-            await asyncio.sleep(2)
-            await asyncio.to_thread(user.server, "POST", f"/api/kernels/{a}/interrupt")
-            return await cell
-        finally:
-            ks.close()
-    r = asyncio.run(interrupt())
+    r = user.interrupt_cell(a)
     assert any(o["content"].get("ename") == "KeyboardInterrupt" for o in r.outputs), r.outputs
     for h in hs:                                                  # and in that namespace's network stack
         assert os.stat(f"/proc/{h.vmms()[0]}/ns/net").st_ino == h.netns_inode()
@@ -227,8 +224,12 @@ def test_kernels_are_placed_on_both_hosts_and_skip_a_full_or_dead_host(hosts):
     c = user.start_kernel("smolvm-hosts")
     d = user.start_kernel("smolvm-hosts")
     for kid in (c, d):
-        assert _cell(user, kid, "1 + 1").text == "2"
+        assert user.run_cell(kid, "1 + 1").text == "2"
     assert len(_where(hs)[1]) == 3 and len(_where(hs)[2]) == 1
+    # doctor --hosts: a line per host, over the same pinned SSH.
+    doctor = _doctor(hs, folder)
+    assert _state(doctor, h1) == "ok" and _state(doctor, h2) == "FULL", doctor
+    assert "this host runs 1 microVMs" in doctor and re.search(r"accelerator (tcg|kvm|hvf)", doctor), doctor
     log = (folder / "server.log").read_text()
     assert f"{h2.ip} skipped: full (the host refused" in log or f"{h2.ip} skipped: full (this host runs 1" in log, \
         log[-3000:]
@@ -244,20 +245,22 @@ def test_kernels_are_placed_on_both_hosts_and_skip_a_full_or_dead_host(hosts):
     # gateway finds kernel b gone (its communication port is dead) and restarts
     # it, which places it on host 1; the next new kernel goes there too, and the
     # log says why host 2 was skipped.
-    assert _cell(user, b, "x = 'on host 2'").status == "ok"
+    assert user.run_cell(b, "x = 'on host 2'").status == "ok"
     for pid in subprocess.run(["ip", "netns", "pids", h2.ns], capture_output=True, text=True).stdout.split():
         subprocess.run(["kill", "-KILL", pid], capture_output=True)
     deadline = time.monotonic() + 120
     while len(_where(hs)[1]) != 3 and time.monotonic() < deadline:
         time.sleep(0.5)
     assert len(_where(hs)[1]) == 3 and _where(hs)[2] == [], _where(hs)
-    assert _cell(user, b, "'x' in globals()").text == "False"       # b runs again, in a fresh VM on host 1
+    assert user.run_cell(b, "'x' in globals()").text == "False"       # b runs again, in a fresh VM on host 1
     started = []
     while f"{h2.ip} skipped: down" not in (folder / "server.log").read_text() and len(started) < 2:
         # Until round-robin's turn comes to host 2 (the restart took one turn).
         started.append(user.start_kernel("smolvm-hosts"))
-        assert _cell(user, started[-1], "'placed'").text == "'placed'"
+        assert user.run_cell(started[-1], "'placed'").text == "'placed'"
     assert f"{h2.ip} skipped: down" in (folder / "server.log").read_text()
+    doctor = _doctor(hs, folder)
+    assert _state(doctor, h1) == "ok" and _state(doctor, h2) == "DOWN", doctor
     assert len(_where(hs)[1]) == 3 + len(started) and _where(hs)[2] == []
     for kid in (a, b, c, *started):
         user.server("DELETE", f"/api/kernels/{kid}")

@@ -11,7 +11,6 @@ the next step of issue 15.)
 
 from __future__ import annotations
 
-import asyncio
 import os
 import secrets
 import socket
@@ -73,15 +72,6 @@ def gateway(image, tmp_path_factory):
         server.kill()
 
 
-def _cell(user, kid: str, code: str, timeout: float = 120):
-    async def go():
-        ks = user.open_kernel(kid)
-        await ks.connect()
-        try:
-            return await ks.execute(code, timeout=timeout)
-        finally:
-            ks.close()
-    return asyncio.run(go())
 
 
 def test_a_kernel_through_the_distributed_provisioner_runs_interrupts_restarts_and_shuts_down(gateway):
@@ -91,26 +81,16 @@ def test_a_kernel_through_the_distributed_provisioner_runs_interrupts_restarts_a
     before = {r.vm_id for r in Registry().list()}
     kid = user.start_kernel("smolvm-gateway")
     (launcher,) = _launchers()
-    r = _cell(user, kid, "import platform\nx = 1\nplatform.release()")
+    r = user.run_cell(kid, "import platform\nx = 1\nplatform.release()")
     assert r.status == "ok" and "cloud-amd64" in r.text, r.text
     (vm,) = [v for v in Registry().list() if v.vm_id not in before]
 
-    async def interrupt():
-        ks = user.open_kernel(kid)
-        await ks.connect()
-        try:
-            cell = asyncio.create_task(ks.execute("while True: pass", timeout=120))
-            await asyncio.sleep(2)
-            await asyncio.to_thread(user.server, "POST", f"/api/kernels/{kid}/interrupt")
-            return await cell
-        finally:
-            ks.close()
-    r = asyncio.run(interrupt())
+    r = user.interrupt_cell(kid)
     assert r.status == "error" and any(o["content"].get("ename") == "KeyboardInterrupt" for o in r.outputs), r.outputs
-    assert _cell(user, kid, "x").text == "1"                                # the VM lived through it
+    assert user.run_cell(kid, "x").text == "1"                                # the VM lived through it
 
     user.server("POST", f"/api/kernels/{kid}/restart")
-    assert _cell(user, kid, "'x' in globals()").text == "False"             # a fresh VM
+    assert user.run_cell(kid, "'x' in globals()").text == "False"             # a fresh VM
     assert not Path(f"/proc/{vm.vmm_pid}").exists()
     (vm2,) = [v for v in Registry().list() if v.vm_id not in before]
 
