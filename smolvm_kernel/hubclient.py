@@ -171,6 +171,39 @@ class ServerUser(HubStudent):
     def server_path(self) -> str:
         return ""
 
+    @classmethod
+    def start(cls, folder, env: dict, timeout: float = 180.0) -> tuple[ServerUser, object]:
+        """A Jupyter Server on a free loopback port with a random token, its root and
+        log (server.log) in ``folder``; returns the client and the process once it answers."""
+        import os
+        import secrets
+        import socket
+        import subprocess
+        import sys
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        token = secrets.token_hex(16)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "jupyter_server", "--no-browser", "--ServerApp.ip=127.0.0.1",
+             f"--ServerApp.port={port}", f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={folder}",
+             *(["--allow-root"] if os.geteuid() == 0 else [])],
+            env=env, stdout=open(f"{folder}/server.log", "wb"), stderr=subprocess.STDOUT, cwd=folder)
+        user = cls(f"http://127.0.0.1:{port}", token, timeout)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if user.request("GET", "/api/status")[0] == 200:
+                    return user, proc
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                with open(f"{folder}/server.log", errors="replace") as fh:
+                    raise HubError("the Jupyter Server did not come up: " + fh.read()[-3000:])
+            time.sleep(0.5)
+
 
 class KernelSocket:
     """The kernel's websocket, as JupyterLab opens it (messages as JSON)."""

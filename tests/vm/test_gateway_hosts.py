@@ -132,27 +132,11 @@ def two_hosts(folder: Path, host2_max_vms: int | None = 1):
                         raise RuntimeError((h.folder / "sshd.log").read_text()) from None
                     time.sleep(0.2)
         kernelspec.install("smolvm-hosts", prefix=str(folder), gateway_hosts=[h.ip for h in hs])
-        port, token = _free_port(), secrets.token_hex(16)
         genv = {**os.environ, "HOME": str(home), "JUPYTER_PATH": str(folder / "share" / "jupyter"),
                 "GP_RESPONSE_IP": hs[0].gw_ip, "GP_RESPONSE_PORT": str(_free_port()),
                 "GP_KERNEL_LOG_DIR": str(folder), "GP_REMOTE_USER": "root",
                 "KERNEL_USERNAME": "smolvm-test", "JUPYTER_RUNTIME_DIR": str(folder / "runtime")}
-        server = subprocess.Popen(
-            [sys.executable, "-m", "jupyter_server", "--no-browser", "--ServerApp.ip=127.0.0.1",
-             f"--ServerApp.port={port}", f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={folder}",
-             "--allow-root"], env=genv, stdout=open(folder / "server.log", "wb"), stderr=subprocess.STDOUT,
-            cwd=folder)
-        user = ServerUser(f"http://127.0.0.1:{port}", token, timeout=180)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if user.request("GET", "/api/status")[0] == 200:
-                    break
-            except OSError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError((folder / "server.log").read_text()[-3000:])
-            time.sleep(0.5)
+        user, server = ServerUser.start(folder, genv)
         yield user, hs
     finally:
         if server is not None:

@@ -12,10 +12,8 @@ the next step of issue 15.)
 from __future__ import annotations
 
 import os
-import secrets
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -42,28 +40,13 @@ def gateway(image, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("gateway")
     kernelspec.install("smolvm-gateway", prefix=str(root), gateway_hosts=["127.0.0.1"])
-    port, token = _free_port(), secrets.token_hex(16)
     env = {**os.environ, "JUPYTER_PATH": str(root / "share" / "jupyter"),
            # The provisioner's response socket on loopback (not the host's first public address).
            "GP_RESPONSE_IP": "127.0.0.1", "GP_RESPONSE_PORT": str(_free_port()),
            "GP_KERNEL_LOG_DIR": str(root),
            # The provisioner refuses kernels for root; the user the kernel is for.
            "KERNEL_USERNAME": "smolvm-test", "JUPYTER_RUNTIME_DIR": str(root / "runtime")}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "jupyter_server", "--no-browser", "--ServerApp.ip=127.0.0.1",
-         f"--ServerApp.port={port}", f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
-         *(["--allow-root"] if os.geteuid() == 0 else [])],
-        env=env, stdout=open(root / "server.log", "wb"), stderr=subprocess.STDOUT, cwd=root)
-    user = ServerUser(f"http://127.0.0.1:{port}", token)
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if user.request("GET", "/api/status")[0] == 200:
-                break
-        except OSError:
-            pass
-        assert server.poll() is None and time.monotonic() < deadline, (root / "server.log").read_text()[-3000:]
-        time.sleep(0.5)
+    user, server = ServerUser.start(root, env)
     yield user, root
     server.terminate()
     try:
