@@ -84,3 +84,35 @@ def test_a_kernel_through_the_distributed_provisioner_runs_interrupts_restarts_a
     assert not _launchers() and not Path(f"/proc/{vm2.vmm_pid}").exists()
     assert not Path(vm2.run_dir).exists() and vm2.vm_id not in {v.vm_id for v in Registry().list()}
     assert not list(Path("/tmp").glob(f"smolvm-gateway-*/kernel-{kid}.json"))   # the connection file too
+
+
+def test_a_jupyter_server_with_gateway_url_runs_a_smolvm_kernel_through_the_gateway(gateway, tmp_path):
+    """The client side as users run it: a Jupyter Server (what JupyterLab and
+    Notebook serve from) configured with the gateway's URL (--gateway-url), whose
+    GatewayClient asks the gateway for the kernel; the cell runs in a VM the
+    gateway placed."""
+    from smolvm_kernel.hubclient import ServerUser
+
+    gw, _ = gateway
+    # The client server's own configuration: the gateway's URL and token, and the
+    # user name it passes on (the gateway refuses kernels for root).
+    (tmp_path / "jupyter_server_config.py").write_text(
+        f"c.GatewayClient.url = {gw.base!r}\nc.GatewayClient.auth_token = {gw.token!r}\n"
+        "c.GatewayClient.allowed_envs = 'KERNEL_USERNAME'\n")
+    env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"), "JUPYTER_CONFIG_DIR": str(tmp_path),
+           "KERNEL_USERNAME": "smolvm-client"}
+    client, proc = ServerUser.start(tmp_path, env)
+    try:
+        assert "smolvm-gateway" in client.server("GET", "/api/kernelspecs")["kernelspecs"]
+        kid = client.start_kernel("smolvm-gateway")
+        r = client.run_cell(kid, "import platform\nplatform.release()")
+        assert r.status == "ok" and "cloud-amd64" in r.text, r.text
+        assert any(k["id"] == kid for k in gw.server("GET", "/api/kernels"))    # the gateway holds it
+        client.server("DELETE", f"/api/kernels/{kid}")
+        assert not any(k["id"] == kid for k in gw.server("GET", "/api/kernels"))
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
