@@ -58,7 +58,7 @@ MAX_REQUEST = 4096
 def parse_args(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="smolvm-gateway-launch", description=__doc__.split("\n\n")[0])
     for name in ("kernel-id", "response-address", "public-key", "port-range", "spark-context-initialization-mode",
-                 "transport-encryption", "kernel-class-name", "cluster-type"):
+                 "transport-encryption", "kernel-class-name", "cluster-type", "notice-b64"):
         dest = name.replace("-", "_")
         ap.add_argument(f"--{name}", f"--RemoteProcessProxy.{name}", dest=dest, default=None)
     args = ap.parse_args(argv)
@@ -202,8 +202,15 @@ def main(argv: list[str] | None = None) -> int:
     for s in kernel_socks:
         s.close()        # the kernel's launcher binds them again at once (launch.py)
     launch = Path(__file__).with_name("launch.py")
+    env = {**os.environ, "KERNEL_ID": args.kernel_id}
+    if args.notice_b64:
+        # From SmolVM's placement: why this kernel is on this host (its last host died).
+        try:
+            env["SMOLVM_NOTICE"] = base64.b64decode(args.notice_b64, validate=True).decode()[:1000]
+        except ValueError:
+            pass
     kernel = subprocess.Popen([sys.executable, "-S", str(launch), "-f", str(conn_file)],
-                              stdin=subprocess.DEVNULL, env={**os.environ, "KERNEL_ID": args.kernel_id})
+                              stdin=subprocess.DEVNULL, env=env)
 
     def stop(signum, frame):
         if kernel.poll() is None:

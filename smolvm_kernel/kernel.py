@@ -94,6 +94,8 @@ class SmolVMKernel(ConfigActions):
         self.sandbox.busy = lambda: bool(self.relay.inflight or self.relay.backlog)
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="smolvm-vm")
         self._ops = _SerialThread("smolvm-ops")
+        #: Set by a gateway's placement when this kernel was restarted on another host.
+        self._placement_notice = os.environ.pop("SMOLVM_NOTICE", "")[:1000]
         self._booting = False
         self._stopping = False
         self._torn_down = False          # stopped on purpose; the next cell follows config.on_stopped
@@ -462,6 +464,9 @@ class SmolVMKernel(ConfigActions):
             return self._host_comm(msg)
         if name == "shell" and mtype == "execute_request":
             timeline.mark("first execute_request in")
+            notice, self._placement_notice = self._placement_notice, ""
+            if notice:     # once, in the first cell (placement.py: the last host died)
+                self.relay.publish("stream", {"name": "stderr", "text": notice}, header)
             code = msg["content"].get("code", "")
             if _is_host_line(code):
                 return self._host_line(idents, msg, code)

@@ -18,6 +18,7 @@ install --gateway HOSTS``).
 
 from __future__ import annotations
 
+import base64
 import shlex
 import socket
 import subprocess
@@ -32,7 +33,29 @@ PROBE_TIMEOUT_S = 2.0
 
 
 class SmolVMProvisioner(DistributedProvisioner):
-    """DistributedProvisioner that skips hosts that are down or full."""
+    """DistributedProvisioner that skips hosts that are down or full, and tells a
+    kernel restarted after its host died where it went."""
+
+    #: kernel id -> why its last host lost it, until the kernel starts again
+    #: (a restart may make a new provisioner; the kernel id stays).
+    lost: dict[str, str] = {}
+
+    async def poll(self) -> int | None:
+        code = await super().poll()
+        if code is not None and self.assigned_host and self.kernel_id not in SmolVMProvisioner.lost:
+            why = self.host_problem(self.assigned_host)
+            SmolVMProvisioner.lost[self.kernel_id] = (
+                f"{self.assigned_host} {why.split(' (')[0] if why else 'ended the kernel'}"
+                + (f" ({why.split(' (', 1)[1]}" if why and " (" in why else ""))
+        return code
+
+    def _launch_remote_process(self, cmd: list[str], **kwargs):
+        lost = SmolVMProvisioner.lost.pop(self.kernel_id, None)
+        if lost:
+            note = (f"[smolvm] this kernel's host {lost}; the restart placed it on {self.assigned_host}: "
+                    f"a fresh microVM, the earlier state is gone\n")
+            cmd = [*cmd, "--notice-b64", base64.b64encode(note.encode()).decode()]
+        return super()._launch_remote_process(cmd, **kwargs)
 
     def _determine_next_host(self, env_dict: dict) -> str:
         first = super()._determine_next_host(env_dict)
