@@ -222,7 +222,9 @@ class Pauser:
         forked = old.spec.ram_file is not None or old.spec.ram_named
         spec = dataclasses.replace(old.spec, ram_file=None, ram_shared=False, ram_named=forked)
         state = spec.run_dir / STATE_FILE
-        backend = QemuBackend(spec, old.binary, restore=PausedState(state, ignore_shared=forked))
+        # The save switched x-ignore-shared on (snapshot._save; a fork's VMM had it on
+        # already): the load must too. RAM that is not a shared file is in the stream.
+        backend = QemuBackend(spec, old.binary, restore=PausedState(state, ignore_shared=True))
         sb.backend = backend
         await backend.launch()
         sb._registry.set_vmm(sb.vm_id, backend.pid)

@@ -39,20 +39,35 @@ class SmolVMProvisioner(DistributedProvisioner):
     #: kernel id -> why its last host lost it, until the kernel starts again
     #: (a restart may make a new provisioner; the kernel id stays).
     lost: dict[str, str] = {}
+    #: Kernels being stopped on purpose (shutdown, restart): their end is no loss.
+    stopping: set[str] = set()
 
     async def poll(self) -> int | None:
         code = await super().poll()
-        if code is not None and self.assigned_host and self.kernel_id not in SmolVMProvisioner.lost:
+        if (code is not None and self.assigned_host and self.kernel_id not in SmolVMProvisioner.lost
+                and self.kernel_id not in SmolVMProvisioner.stopping):
             why = self.host_problem(self.assigned_host)
-            SmolVMProvisioner.lost[self.kernel_id] = (
-                f"{self.assigned_host} {why.split(' (')[0] if why else 'ended the kernel'}"
-                + (f" ({why.split(' (', 1)[1]}" if why and " (" in why else ""))
+            SmolVMProvisioner.lost[self.kernel_id] = (f"host {self.assigned_host} {why}" if why else
+                                                      f"kernel on {self.assigned_host} ended by itself")
         return code
 
+    async def shutdown_requested(self, restart: bool = False) -> None:
+        SmolVMProvisioner.stopping.add(self.kernel_id)
+        await super().shutdown_requested(restart)
+
+    async def kill(self, restart: bool = False) -> None:
+        SmolVMProvisioner.stopping.add(self.kernel_id)
+        await super().kill(restart)
+
+    async def terminate(self, restart: bool = False) -> None:
+        SmolVMProvisioner.stopping.add(self.kernel_id)
+        await super().terminate(restart)
+
     def _launch_remote_process(self, cmd: list[str], **kwargs):
+        SmolVMProvisioner.stopping.discard(self.kernel_id)
         lost = SmolVMProvisioner.lost.pop(self.kernel_id, None)
         if lost:
-            note = (f"[smolvm] this kernel's host {lost}; the restart placed it on {self.assigned_host}: "
+            note = (f"[smolvm] this kernel's {lost}; the restart placed it on {self.assigned_host}: "
                     f"a fresh microVM, the earlier state is gone\n")
             cmd = [*cmd, "--notice-b64", base64.b64encode(note.encode()).decode()]
         return super()._launch_remote_process(cmd, **kwargs)

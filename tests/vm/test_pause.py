@@ -97,3 +97,16 @@ def test_a_kernel_resumes_its_paused_vm_on_the_next_cell(kernelspec, monkeypatch
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=False)
+
+
+def test_a_cold_booted_vm_pauses_and_resumes_too(sandbox_factory):
+    """Not forked from a snapshot (none for its shape, or a restore that fell
+    back to a cold boot): its RAM is QEMU's own, and it resumes all the same."""
+    sb = sandbox_factory(pause_after=2, snapshot="off")
+    sb.start()
+    assert sb.started_from == "cold boot"
+    list(sb.execute("z = 'cold'"))
+    _wait_paused(sb)
+    outs = list(sb.execute("z"))
+    assert "resumed in" in outs[0].text and outs[-1].text == "'cold'", outs
+    sb.stop()
