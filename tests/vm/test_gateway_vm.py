@@ -5,8 +5,7 @@ interrupt, a restart (a fresh VM) and a shutdown (nothing left) through the
 server's REST and websocket APIs.
 
 The host is this machine, on loopback: the provisioner then starts the
-launcher without SSH. (Two hosts in network namespaces reached over SSH are
-the next step of issue 15.)
+launcher without SSH. Two hosts reached over SSH: test_gateway_hosts.py.
 """
 
 from __future__ import annotations
