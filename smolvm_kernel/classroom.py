@@ -202,7 +202,12 @@ def _share_cache(dest: Path, profiles: list[str]) -> None:
         target = dest / "images" / src.name
         if not target.exists():
             shutil.copytree(src, target, copy_function=lambda a, b: copy_sparse(Path(a), Path(b)))
-    for root, dirs, files in os.walk(dest):
+    _readable_by_all(dest)
+
+
+def _readable_by_all(tree: Path) -> None:
+    """Root's, readable by everyone, writable by root alone: folders 755, files 644."""
+    for root, dirs, files in os.walk(tree):
         os.chown(root, 0, 0)
         os.chmod(root, 0o755)
         for f in files:
@@ -239,10 +244,7 @@ def _build_shared_snapshots(cache: Path, profiles: list[str], policy_path: Path)
         if proc.returncode != 0:
             raise SmolVMError(f"building the students' {profile} snapshot failed: {proc.stderr.strip()[-800:]}")
     shutil.rmtree(cache.parent / "root-state", ignore_errors=True)
-    for root, dirs, files in os.walk(cache):
-        os.chmod(root, 0o755)
-        for f in files:
-            os.chmod(os.path.join(root, f), 0o644)
+    _readable_by_all(cache)
 
 
 def create_students(n: int, prefix: str, folder: Path) -> list[tuple[str, str]]:
