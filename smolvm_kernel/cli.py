@@ -129,21 +129,11 @@ def cmd_hostd(args) -> int:
 def cmd_admission(args) -> int:
     """One line: "ok", or "refused: <why>" (exit 1), for a VM of the shape a kernel
     here would get (this host's policy and SMOLVM_* settings)."""
-    from smolvm_kernel.config import SandboxConfig
-    from smolvm_kernel.hostd import HostClient
+    from smolvm_kernel.hostd import admission_answer
 
-    cfg = SandboxConfig().validated()
-    pol = cfg.policy
-    if pol is None or not pol.hostd:
-        print("ok (no admission service: every VM is admitted)")
-        return 0
-    client = HostClient(pol.hostd)
-    try:
-        why = client.check(cfg.vcpus, cfg.mem_mib)
-    finally:
-        client.close()
-    print("ok" if why is None else f"refused: {why}")
-    return 0 if why is None else 1
+    answer = admission_answer()
+    print(answer)
+    return 0 if answer.startswith("ok") else 1
 
 
 def cmd_classroom(args) -> int:

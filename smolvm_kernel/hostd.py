@@ -243,11 +243,12 @@ class HostService:
         if not isinstance(req, dict):
             return {"ok": False, "why": "not a JSON object"}
         op = req.get("op")
-        if op == "admit":
+        if op in ("admit", "check"):
             vcpus, mem = req.get("vcpus"), req.get("mem_mib")
-            kernel_id = str(req.get("kernel_id", ""))[:200]
             if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (vcpus, mem)):
-                return {"ok": False, "why": "admit needs vcpus and mem_mib as positive whole numbers"}
+                return {"ok": False, "why": f"{op} needs vcpus and mem_mib as positive whole numbers"}
+        if op == "admit":
+            kernel_id = str(req.get("kernel_id", ""))[:200]
             try:
                 grant = self.admissions.admit(uid, user, vcpus, mem, kernel_id)
             except AdmissionRefused as exc:
@@ -263,9 +264,6 @@ class HostService:
         if op == "join":
             return self._join(uid, pid, req.get("grant"))
         if op == "check":
-            vcpus, mem = req.get("vcpus"), req.get("mem_mib")
-            if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (vcpus, mem)):
-                return {"ok": False, "why": "check needs vcpus and mem_mib as positive whole numbers"}
             try:
                 self.admissions.check(uid, user, vcpus, mem)
             except AdmissionRefused as exc:
@@ -422,6 +420,23 @@ class DelegatedGroup(cgroups.VMGroup):
 
     def remove(self, wait: float = 2.0) -> bool:
         return True       # the service's: it goes with the grant
+
+
+def admission_answer() -> str:
+    """Whether this host would start a VM of the shape a kernel here gets, now:
+    "ok", "ok (no budget)" or "refused: <why>" (doctor --json, admission)."""
+    from smolvm_kernel.config import SandboxConfig
+
+    cfg = SandboxConfig().validated()
+    pol = cfg.policy
+    if pol is None or not pol.hostd:
+        return "ok (no budget)"
+    client = HostClient(pol.hostd)
+    try:
+        why = client.check(cfg.vcpus, cfg.mem_mib)
+    finally:
+        client.close()
+    return "ok" if why is None else f"refused: {why}"
 
 
 def serve(path: str = SOCKET_PATH) -> int:

@@ -25,6 +25,7 @@ def summary() -> dict:
     from smolvm_kernel.backends.qemu import find_qemu
     from smolvm_kernel.config import SandboxConfig
     from smolvm_kernel.errors import SmolVMError
+    from smolvm_kernel.hostd import admission_answer
     from smolvm_kernel.images import ImageCache
     from smolvm_kernel.snapshot import SnapshotCache
 
@@ -36,17 +37,7 @@ def summary() -> dict:
     try:
         cfg = SandboxConfig().validated()
         out["accel"] = choose_accel(cfg.accel, find_qemu(cfg.qemu_path), images[0]).name if images else None
-        pol = cfg.policy
-        if pol is not None and pol.hostd:
-            from smolvm_kernel.hostd import HostClient
-            client = HostClient(pol.hostd)
-            try:
-                why = client.check(cfg.vcpus, cfg.mem_mib)
-            finally:
-                client.close()
-            out["admission"] = "ok" if why is None else f"refused: {why}"
-        else:
-            out["admission"] = "ok (no budget)"
+        out["admission"] = admission_answer()
     except SmolVMError as exc:
         out["error"] = str(exc).splitlines()[0]
     return out

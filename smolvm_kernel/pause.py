@@ -49,9 +49,10 @@ class PausedState:
     and no disk to copy (the VM's own disk stays in its folder)."""
 
     state: Path
-    #: Saved by a VMM that loaded a snapshot with x-ignore-shared: the
-    #: capability stays on in it, and the stream says so.
-    ignore_shared: bool = False
+    #: A pause saves with x-ignore-shared on (snapshot._save; a fork's VMM had
+    #: it on already), so the load must have it too. RAM that is not a shared
+    #: file is in the stream either way.
+    ignore_shared: bool = True
     scratch: None = None
 
 
@@ -222,9 +223,7 @@ class Pauser:
         forked = old.spec.ram_file is not None or old.spec.ram_named
         spec = dataclasses.replace(old.spec, ram_file=None, ram_shared=False, ram_named=forked)
         state = spec.run_dir / STATE_FILE
-        # The save switched x-ignore-shared on (snapshot._save; a fork's VMM had it on
-        # already): the load must too. RAM that is not a shared file is in the stream.
-        backend = QemuBackend(spec, old.binary, restore=PausedState(state, ignore_shared=True))
+        backend = QemuBackend(spec, old.binary, restore=PausedState(state))
         sb.backend = backend
         await backend.launch()
         sb._registry.set_vmm(sb.vm_id, backend.pid)
@@ -236,10 +235,15 @@ class Pauser:
         sb.last_active = time.monotonic()
         sb.record_audit("resume", vm_id=sb.vm_id, **sb.audit_context, paused_s=round(paused_s, 1),
                         resume_s=round(self.last_resume_s, 3))
-        sb._notice(f"[smolvm] this microVM was idle for {_human(self.idle_s or 0)} and was paused to disk; "
-                   f"resumed in {self.last_resume_s:.2f} s\n")
+        sb._notice(self.resume_note())
         sb._start_heartbeat()
         self._resume_held()
+
+
+    def resume_note(self) -> str:
+        """The line a cell gets after the resume it waited for."""
+        return (f"[smolvm] this microVM was idle for {_human(self.idle_s or 0)} and was paused to disk; "
+                f"resumed in {self.last_resume_s or 0:.2f} s\n")
 
 
 def _cont(backend) -> None:

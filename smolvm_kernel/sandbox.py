@@ -760,18 +760,17 @@ class Sandbox:
 
     # ------------------------------------------------------------ messaging
 
-    def _require_running(self) -> float | None:
-        """Raise unless the VM can be used; a paused one is resumed first (the
-        resume's seconds are returned then)."""
+    def _require_running(self) -> bool:
+        """Raise unless the VM can be used; a paused one is resumed first (True then)."""
         if self.state == SandboxState.PAUSED:
             return self._wake()
         if self.state == SandboxState.DEAD:
             raise self._death or GuestDied("the microVM is gone")
         if self.state not in (SandboxState.READY, SandboxState.BUSY) or self._channel is None:
             raise SandboxStopped()
-        return None
+        return False
 
-    def _wake(self) -> float | None:
+    def _wake(self) -> bool:
         """Resume a paused VM and wait for it (any thread but the loop's)."""
         async def wake() -> None:
             task = self.pauser.wake()
@@ -780,7 +779,7 @@ class Sandbox:
         aio.run(wake(), self.config.boot_timeout + 60)
         if self.state not in (SandboxState.READY, SandboxState.BUSY):
             raise self._death or SandboxStopped()
-        return self.pauser.last_resume_s
+        return True
 
     def _send(self, chan: Channel, body: bytes) -> None:
         """On the loop: to the guest, or held while the VM is paused."""
@@ -835,7 +834,7 @@ class Sandbox:
         (HTML, SVG, JavaScript, ...), pass it through
         :func:`smolvm_kernel.safe_output`, which applies the safe output policy.
         """
-        resumed_s = self._require_running()
+        resumed = self._require_running()
         limit = self.config.exec_timeout if timeout is None else timeout
         msg = self._session.msg("execute_request", content={
             "code": code, "silent": silent, "store_history": store_history,
@@ -848,9 +847,8 @@ class Sandbox:
         got_reply = got_idle = False
         deadline = time.monotonic() + limit if limit else None
         try:
-            if resumed_s is not None:
-                yield Output("stream", {"name": "stderr", "text": f"[smolvm] this microVM was paused to disk "
-                                        f"while idle; resumed in {resumed_s:.2f} s\n"})
+            if resumed:     # the note the kernel's cells get (pause.py), before this cell's outputs
+                yield Output("stream", {"name": "stderr", "text": self.pauser.resume_note()})
             self.send_message(Channel.SHELL, msg)
             while not (got_reply and got_idle):
                 wait = None if deadline is None else deadline - time.monotonic()

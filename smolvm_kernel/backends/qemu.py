@@ -193,8 +193,8 @@ class QemuBackend(Backend):
 
     def _ignore_shared(self) -> bool:
         """Whether the stream being loaded was saved with x-ignore-shared: a
-        snapshot's (its RAM is a file), and a paused fork's (its VMM had the
-        capability on from its own load, and a stream carries it)."""
+        snapshot's (its RAM is a file), and a paused VM's (pause.PausedState:
+        a pause saves with it on, and a stream carries it)."""
         return self.spec.ram_file is not None or bool(getattr(self.restore, "ignore_shared", False))
 
     def _resume_after_load(self, timeout: float = 30.0) -> None:
