@@ -250,8 +250,12 @@ class ListenerLink:
     a root-only Unix socket that the SSH forced command bridges to."""
 
     reconnects_by_eof = False
+    #: Whether anyone but the host can connect (vsock: any host user can, so the
+    #: agent hears a connection only after a hello with the link secret).
+    needs_secret = False
 
-    def __init__(self, listener: socket.socket) -> None:
+    def __init__(self, listener: socket.socket, needs_secret: bool = False) -> None:
+        self.needs_secret = needs_secret
         self.listener = listener
         self.listener.listen(1)
         self.conn: socket.socket | None = None
@@ -261,7 +265,7 @@ class ListenerLink:
     def vsock(cls) -> ListenerLink:
         sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
         sock.bind((socket.VMADDR_CID_ANY, VSOCK_PORT))
-        return cls(sock)
+        return cls(sock, needs_secret=True)
 
     @classmethod
     def unix(cls, path: str = AGENT_SOCKET) -> ListenerLink:
@@ -592,9 +596,12 @@ class Agent:
         self.shutting_down = False
         #: With a secret (vsock: any host user can connect), a connection is
         #: heard only after a hello that carries it, and one that does not
-        #: send it within AUTH_TIMEOUT_S is hung up on.
+        #: send it within AUTH_TIMEOUT_S is hung up on. A link that needs one
+        #: and has none (a lost or unreadable seed) hears no one: fail closed.
         self.secret = _read_secret(seed.LINK_SECRET_FILE)
-        self.authenticated = self.secret is None
+        if self.secret is None and getattr(link, "needs_secret", False):
+            log("this link needs a secret and the seed carried none: every connection will be refused")
+        self.authenticated = self._open_without_secret()
         self._accepted_at = time.monotonic()
         self._reject = False
 
@@ -768,6 +775,12 @@ class Agent:
             else:
                 log(f"dropping a {chan.name} message: no kernel yet")
 
+    def _open_without_secret(self) -> bool:
+        """Whether a new connection is heard without a hello carrying the secret:
+        only on a link no one but the host can reach (virtio-serial, the SSH
+        transport's root-only socket) and with no secret set."""
+        return self.secret is None and not getattr(self.link, "needs_secret", False)
+
     def _authenticate(self, chan: Channel, body: bytes) -> None:
         """The first frame of a connection must be a hello with the link secret;
         anything else gets the connection hung up (see run)."""
@@ -776,7 +789,8 @@ class Agent:
         except wire.FrameError:
             req = {}
         given = req.get("secret") if req.get("op") == "hello" else None
-        if isinstance(given, str) and hmac.compare_digest(given.encode(), self.secret):
+        if (self.secret is not None and isinstance(given, str)
+                and hmac.compare_digest(given.encode(), self.secret)):
             self.authenticated = True
             return
         log("a connection without the link secret: hung up")
@@ -902,7 +916,7 @@ class Agent:
                         poller.unregister(fd)
                         link_registered = False
                         self.decoder.reset()
-                        self.authenticated = self.secret is None
+                        self.authenticated = self._open_without_secret()
                         self._accepted_at = time.monotonic()
                         continue
                     except OSError as exc:
@@ -922,7 +936,7 @@ class Agent:
                     if self.link.reconnects_by_eof:
                         self._link_paused_until = time.monotonic() + LINK_RETRY_S
                     self._reject = False
-                    self.authenticated = self.secret is None
+                    self.authenticated = self._open_without_secret()
             for chan in list(registered):
                 sock = self.kernel.sockets[chan]
                 if sock in events:

@@ -432,3 +432,29 @@ def test_with_a_link_secret_only_a_hello_carrying_it_is_heard(tmp_path, monkeypa
     finally:
         agent.shutting_down = True
         thread.join(2)
+
+
+def test_a_link_that_needs_a_secret_and_has_none_hears_no_one(tmp_path, monkeypatch):
+    """Fail closed: on vsock (any host user can connect) a seed that carried no
+    link secret must not open the agent to everyone. Every hello is hung up on,
+    with or without a secret; the same agent on a host-only link answers (the
+    control: the helper below really reaches a listening agent)."""
+    monkeypatch.setattr(agent_mod, "GuestKernel", FakeKernel)
+    monkeypatch.setattr(agent_mod, "AUTH_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(agent_mod.seed, "LINK_SECRET_FILE", str(tmp_path / "no-secret"))
+    for needs_secret, heard in ((True, False), (False, True)):
+        path = str(tmp_path / f"agent-{needs_secret}.sock")
+        link = agent_mod.ListenerLink.unix(path)
+        link.needs_secret = needs_secret
+        agent = agent_mod.Agent(link)
+        thread = threading.Thread(target=agent.run, daemon=True)
+        thread.start()
+        try:
+            replies = [_hello_over(path, {}), _hello_over(path, {"secret": "5" * 64})]
+            if heard:
+                assert replies[0] is not None and replies[0]["ok"]
+            else:
+                assert replies == [None, None]
+        finally:
+            agent.shutting_down = True
+            thread.join(2)
