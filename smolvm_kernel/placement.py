@@ -19,6 +19,8 @@ install --gateway HOSTS``).
 from __future__ import annotations
 
 import base64
+import os
+import re
 import shlex
 import socket
 import subprocess
@@ -26,10 +28,12 @@ import sys
 from pathlib import Path
 
 from gateway_provisioners.config_mixin import ssh_port
-from gateway_provisioners.distributed import DistributedProvisioner
+from gateway_provisioners.distributed import DistributedProvisioner, kernel_log_dir
 
 #: Seconds a host's SSH port may take to answer before the host counts as down.
 PROBE_TIMEOUT_S = 2.0
+#: A kernel id names a log file on the remote host: a UUID's letters only.
+_KERNEL_ID = re.compile(r"^[0-9A-Za-z-]{1,64}$")
 
 
 class SmolVMProvisioner(DistributedProvisioner):
@@ -71,6 +75,30 @@ class SmolVMProvisioner(DistributedProvisioner):
                     f"a fresh microVM, the earlier state is gone\n")
             cmd = [*cmd, "--notice-b64", base64.b64encode(note.encode()).decode()]
         return super()._launch_remote_process(cmd, **kwargs)
+
+    def _build_startup_command(self, cmd: list[str], **kwargs) -> list[str] | str:
+        """The remote shell command, every value quoted.
+
+        gateway_provisioners 0.5.0 writes ``export KERNEL_USERNAME="{value}"``
+        and the argv unquoted into the command it runs over SSH, and under a
+        Kernel Gateway ``KERNEL_*`` values come from the client: a username such
+        as ``x";touch /tmp/p;"`` was a shell on every host as the remote user.
+        Here each value is one shell word (shlex.quote), and a kernel id, which
+        also names the remote log file, must look like one."""
+        env_dict = kwargs["env"]
+        kid = env_dict.get("KERNEL_ID")
+        if kid is not None and not _KERNEL_ID.match(str(kid)):
+            self.log_and_raise(ValueError(f"kernel id {str(kid)[:80]!r} is not a kernel id (letters, digits, '-')"))
+        self.kernel_log = os.path.join(kernel_log_dir, f"kernel-{kid}.log")
+        if self.ip_is_local(self.ip):
+            return cmd           # an argv list, run without a shell
+        exports = {"KERNEL_ID": kid, "KERNEL_USERNAME": env_dict.get("KERNEL_USERNAME"),
+                   "GP_IMPERSONATION_ENABLED": env_dict.get("GP_IMPERSONATION_ENABLED"),
+                   **self.kernel_spec.env}
+        words = [f"export {key}={shlex.quote(str(value))};" for key, value in exports.items()
+                 if value and re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key)]
+        return ("".join(words) + "nohup " + " ".join(shlex.quote(str(a)) for a in cmd)
+                + f" >> {shlex.quote(self.kernel_log)} 2>&1 & echo $!")
 
     def _determine_next_host(self, env_dict: dict) -> str:
         first = super()._determine_next_host(env_dict)

@@ -5,8 +5,10 @@ port answers the provisioner's requests."""
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -74,3 +76,56 @@ def test_the_communication_port_signals_the_kernel_and_ends_on_shutdown():
     finally:
         kernel.kill()
         kernel.wait()
+
+
+def test_the_remote_command_quotes_every_value_a_client_can_choose(tmp_path, monkeypatch):
+    """Under a Kernel Gateway the client sets KERNEL_USERNAME (and other KERNEL_*
+    values): the command run over SSH must keep each one a single word. The
+    built command is run by /bin/sh here, as sshd would; the control runs
+    gateway_provisioners' own builder with the same values and shows the
+    injection working, so this test can fail."""
+    from types import SimpleNamespace
+
+    import gateway_provisioners.distributed as dist
+
+    from smolvm_kernel import placement
+
+    monkeypatch.setattr(dist, "kernel_log_dir", str(tmp_path))
+    monkeypatch.setattr(placement, "kernel_log_dir", str(tmp_path))
+    marker = tmp_path / "pwned"
+    hostile = f'x";touch {marker};"'
+    env = {"KERNEL_ID": "0b4c2c1e-1111-4222-8333-444455556666", "KERNEL_USERNAME": hostile,
+           "GP_IMPERSONATION_ENABLED": "False"}
+    argv = ["/bin/echo", f"$(touch {marker}-argv)", "{port_range}"]
+
+    def raise_(exc, chained=None):
+        raise exc
+
+    def fake(spec_env):
+        # The builder's inputs only (a provisioner proper needs a kernel manager).
+        return SimpleNamespace(ip="192.0.2.10", kernel_spec=SimpleNamespace(env=spec_env), kernel_log=None,
+                               ip_is_local=dist.DistributedProvisioner.ip_is_local, log_and_raise=raise_)
+
+    def built(cls):
+        # 192.0.2.10 (documentation range) is never contacted: only the command is built.
+        return cls._build_startup_command(fake({"SMOLVM_PROFILE": "base"}), list(argv), env=dict(env))
+
+    def run(command: str) -> None:
+        subprocess.run(["/bin/sh", "-c", command], cwd=tmp_path, timeout=10, capture_output=True)
+        time.sleep(0.2)                    # the nohup'd echo is in the background
+
+    run(built(dist.DistributedProvisioner))
+    assert marker.exists(), "control: gateway_provisioners' own command should run the injected touch"
+    marker.unlink()
+    (tmp_path / "pwned-argv").unlink(missing_ok=True)
+
+    command = built(placement.SmolVMProvisioner)
+    run(command)
+    assert not marker.exists() and not (tmp_path / "pwned-argv").exists()
+    log = (tmp_path / f"kernel-{env['KERNEL_ID']}.log").read_text()
+    assert f"$(touch {marker}-argv) {{port_range}}" in log       # the argv arrived as written
+    assert f"export KERNEL_USERNAME={shlex.quote(hostile)};" in command
+
+    env["KERNEL_ID"] = "../../etc/x"
+    with pytest.raises(ValueError, match="is not a kernel id"):
+        placement.SmolVMProvisioner._build_startup_command(fake({}), list(argv), env=dict(env))
