@@ -33,3 +33,34 @@ def pytest_unconfigure(config):
 @pytest.fixture(scope="session")
 def state_dir() -> str:
     return os.environ["SMOLVM_STATE_DIR"]
+
+
+# -- under CI, a skip is a failure
+
+#: Test files that may skip under CI, and why no CI machine of this project can
+#: run them: everything else (root, network namespaces, cgroups, the browser,
+#: the classroom's hub) is installed and run by .ci/run, so a skip there hides
+#: an area that was never tested.
+MAY_SKIP_IN_CI = {
+    "tests/vm/test_firecracker_vm.py": "needs a usable KVM and a firecracker binary (neither here)",
+    "tests/vm/test_vsock_vm.py": "needs /dev/vhost-vsock (absent here)",
+}
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").lower() == "true"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if not (_in_ci() and report.skipped) or hasattr(report, "wasxfail"):
+        return
+    path = item.nodeid.split("::")[0]
+    if path in MAY_SKIP_IN_CI:
+        return
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    report.outcome = "failed"
+    report.longrepr = (f"skipped under CI ({reason}): CI must run this area; install or enable what it "
+                       f"needs in .ci/run, or add the file to MAY_SKIP_IN_CI in tests/conftest.py with why")

@@ -56,28 +56,20 @@ def _shared_sandbox(sandbox_factory) -> Sandbox:
     return sandbox_factory()
 
 
-#: Deaths of the shared VM that no test caused (seen between tests), for the summary.
-_UNEXPECTED_DEATHS: list[str] = []
-
-
 @pytest.fixture
 def sandbox(_shared_sandbox, request) -> Sandbox:
-    """One VM shared by the tests that do not destroy it. Should it be found dead
-    before a test (a death no test asked for), that is said in the session's
-    summary and the VM is reset, so one death does not fail every later test."""
+    """One VM shared by the tests that do not destroy it. Found dead before a
+    test (a death no test asked for), it fails that test with the death and the
+    guest console: an unexplained death is a finding, not noise. The VM is reset
+    first, so the tests after it still run."""
     from smolvm_kernel.sandbox import SandboxState
 
     if _shared_sandbox.state == SandboxState.DEAD:
-        _UNEXPECTED_DEATHS.append(f"found dead before {request.node.nodeid}: {_shared_sandbox._death}\n"
-                                  + (_shared_sandbox.backend.console_tail(3000) if _shared_sandbox.backend else ""))
+        found = (f"the shared test VM was found dead before {request.node.nodeid}: {_shared_sandbox._death}\n"
+                 + (_shared_sandbox.backend.console_tail(3000) if _shared_sandbox.backend else ""))
         _shared_sandbox.reset()
+        pytest.fail(found, pytrace=False)
     return _shared_sandbox
-
-
-def pytest_terminal_summary(terminalreporter):
-    for text in _UNEXPECTED_DEATHS:
-        terminalreporter.write_sep("!", "the shared test VM died outside any test (reset for the next)")
-        terminalreporter.write_line(text)
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -23,5 +23,6 @@ def test_start_stop_restart_and_reset_cycles_leave_nothing(kernelspec, tmp_path)
     print(proc.stdout)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| 5 ")]
-    assert len(rows) == 17, proc.stdout       # the table has every count, for all three runs
-    assert all(f"'{what}': 0" in proc.stdout for what in ("QEMU processes", "VM registry rows", "VM cgroups"))
+    assert len(rows) == 20, proc.stdout       # the table has every count, for all three runs
+    assert all(f"'{what}': 0" in proc.stdout for what in ("QEMU processes", "zombie QEMU processes", "VM registry rows",
+                                                         "VM cgroups"))
