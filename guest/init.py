@@ -116,7 +116,9 @@ def main() -> None:
     os.environ.update(env)
     essential = {}
     sshd = _apply_seed()
-    agent = subprocess.Popen([sys.executable, "-u", "-m", "smolvm_guest.agent"], env=env)
+    # faulthandler: a crash of the agent (SIGSEGV, SIGABRT) prints every thread's Python
+    # stack on the console, which the host attaches to the death it reports.
+    agent = subprocess.Popen([sys.executable, "-u", "-X", "faulthandler", "-m", "smolvm_guest.agent"], env=env)
     essential[agent.pid] = "agent"
     if sshd:
         essential[subprocess.Popen(sshd, env=env).pid] = "dropbear"
