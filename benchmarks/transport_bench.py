@@ -13,12 +13,12 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
-import statistics
 import sys
 import tempfile
 import time
 
 from jupyter_client.manager import start_new_kernel
+from _stats import median, percentile
 from kernel_bench import _round_trips
 
 
@@ -43,8 +43,8 @@ def measure(kernel_name: str, rounds: int, mib: int) -> dict:
         kc.execute_interactive(_stdout_code(mib), timeout=900, output_hook=count)
         flood = time.perf_counter() - t
         times.sort()
-        return {"ready": ready, "p50": statistics.median(times) * 1000,
-                "p99": times[int(len(times) * 0.99) - 1] * 1000, "flood": flood,
+        return {"ready": ready, "p50": median(times) * 1000,
+                "p99": percentile(times, 99) * 1000, "flood": flood,
                 "bytes": received[0]}
     finally:
         kc.stop_channels()

@@ -40,6 +40,8 @@ def main() -> int:
             time.sleep(15)
             if sb.state == SandboxState.DEAD:
                 print(f"DEAD at {time.monotonic() - t0:.0f} s: {sb._death}", flush=True)
+                # faulthandler (guest/init.py) prints the agent's Python stacks here.
+                print(sb.backend.console_tail(20000) if sb.backend else "(no console)", flush=True)
                 return 1
         out = "".join(o.text for o in sb.execute("print('ok')") if o.type == "stream")
         print(f"alive after {time.monotonic() - t0:.0f} s: {out.strip()}")
