@@ -62,6 +62,7 @@ audit_log = "{audit}"
 STUDENT_SERVER_CONFIG = """\
 # Written by smolvm-kernel classroom: the students' Jupyter Server settings.
 # Student code runs only in microVMs: nothing here may run it on the host.
+import os
 c.ServerApp.kernel_spec_manager_class = "smolvm_kernel.classroom.ClassroomKernelSpecManager"
 c.KernelSpecManager.allowed_kernelspecs = {kernelspecs!r}
 c.KernelSpecManager.ensure_native_kernel = False      # no host Python kernel
@@ -71,6 +72,22 @@ c.ServerApp.kernel_manager_class = "smolvm_kernel.classroom.CullingKernelManager
 c.MappingKernelManager.cull_idle_timeout = {cull}
 c.MappingKernelManager.cull_interval = {cull_interval}
 c.MappingKernelManager.cull_connected = True          # a forgotten open tab is idle too
+# The notebooks are the home; the process runs in a root-owned folder (the
+# spawner's), so nothing that searches the working directory finds a student's file.
+c.ServerApp.root_dir = os.path.expanduser("~")
+# nbconvert's templates (unsandboxed Jinja) and their conf.json (which names
+# preprocessor classes to import) are searched in the working directory and in
+# the Jupyter data folders: only the installed ones, never the student's.
+c.TemplateExporter.extra_template_basedirs = []
+c.TemplateExporter.extra_template_paths = []
+# JUPYTER_DATA_DIR is root's (see the hub's config): the notebook-trust database
+# (which outputs the browser may show unsanitized) stays the student's own.
+c.NotebookNotary.data_dir = os.path.expanduser("~/.local/share/jupyter")
+# JupyterLab's extension manager would pip-install into the server's Python.
+c.LabApp.extension_manager = "readonly"
+# Language servers would run on the host over the student's files (and read
+# their project configuration, some of which loads plugins).
+c.ServerApp.jpserver_extensions = {{"jupyter_lsp": False}}
 """
 
 HUB_CONFIG = """\
@@ -90,7 +107,15 @@ c.JupyterHub.authenticator_class = "pam"
 c.Authenticator.allowed_groups = {{{group!r}}}
 c.PAMAuthenticator.open_sessions = False
 c.Authenticator.admin_users = set()
-c.JupyterHub.spawner_class = "jupyterhub.spawner.LocalProcessSpawner"
+# Each student's server starts in a root-made cgroup of their own, in a
+# root-owned working directory, with their home as the notebooks' folder.
+c.JupyterHub.spawner_class = "smolvm_kernel.classroom.ClassroomSpawner"
+c.ClassroomSpawner.student_mem_mib = {mem_mib}
+c.ClassroomSpawner.student_cpus = {cpus}
+c.ClassroomSpawner.student_tasks = {tasks}
+c.ClassroomSpawner.workdir = "{dir}/server-cwd"
+c.Spawner.notebook_dir = "~"
+c.Spawner.disable_user_config = True
 c.Spawner.cmd = [{singleuser!r}]
 c.Spawner.default_url = "/lab"
 c.Spawner.start_timeout = 120
@@ -100,6 +125,7 @@ c.Spawner.env_keep = ["LANG", "LC_ALL"]
 c.Spawner.environment = {{
     "PATH": {path!r},
     "JUPYTER_CONFIG_DIR": "{dir}/jupyter",
+    "JUPYTER_DATA_DIR": "{dir}/jupyter-data",      # not ~/.local/share/jupyter (templates, extensions)
     "JUPYTER_PATH": {jupyter_path!r},
     "PYTHONNOUSERSITE": "1",
     "SMOLVM_CACHE_DIR": "{dir}/cache",
@@ -110,6 +136,11 @@ c.JupyterHub.services = [{{
     "name": "smolvm-hostd",
     "command": [{smolvm!r}, "hostd", "--socket", "{hostd}"],
     "environment": {{{policy_env_inline}}},
+}}, {{
+    # Moves any process of a student that is outside their cgroup into it.
+    "name": "smolvm-confine",
+    "command": [{smolvm!r}, "classroom", "confine", "--dir", "{dir}", "--student-mem-mib", "{mem_mib}",
+                "--student-cpus", "{cpus}", "--student-tasks", "{tasks}"],
 }}]
 {extra}
 """
@@ -293,11 +324,24 @@ def read_students(folder: Path) -> list[tuple[str, str]]:
 
 
 def setup(folder: Path, students: int, port: int = 8000, prefix: str = "student",
-          cull_idle_timeout: int = 3600, policy_text: str | None = None, extra_hub_config: str = "") -> Path:
-    """Write the deployment into ``folder`` and create the students; returns the hub config."""
+          cull_idle_timeout: int = 3600, policy_text: str | None = None, extra_hub_config: str = "",
+          student_mem_mib: int | None = None, student_cpus: float | None = None,
+          student_tasks: int | None = None) -> Path:
+    """Write the deployment into ``folder`` and create the students; returns the hub config.
+
+    ``student_*`` size each student's cgroup, which holds all their processes
+    on the host but their VMMs (confine.py; defaults there)."""
+    from smolvm_kernel import confine
     from smolvm_kernel import policy as policy_mod
 
     _need_root()
+    limits = confine.StudentLimits(
+        mem_mib=student_mem_mib or confine.DEFAULT_MEM_MIB, cpus=student_cpus or confine.DEFAULT_CPUS,
+        tasks=student_tasks or confine.DEFAULT_TASKS)
+    if limits.mem_mib < 256 or limits.cpus <= 0 or limits.tasks < 64:
+        raise SmolVMError(f"a student's server needs more than {limits.describe()} (at least 256 MiB, "
+                          f"some CPU, 64 tasks)")
+    confine.parents()      # no classroom without the students' cgroups
     folder = folder.resolve()
     folder.mkdir(parents=True, exist_ok=True)
     os.chmod(folder, 0o755)
@@ -329,6 +373,11 @@ def setup(folder: Path, students: int, port: int = 8000, prefix: str = "student"
     # jupyter_core marks a config folder as migrated from IPython's by writing
     # this file; a student's server cannot write here, so it is written now.
     (conf / "migrated").write_text("")
+    # The servers' working directory and Jupyter data folder: root's, empty.
+    for sub in ("server-cwd", "jupyter-data"):
+        (folder / sub).mkdir(exist_ok=True)
+        os.chown(folder / sub, 0, 0)
+        os.chmod(folder / sub, 0o755)
     create_students(students, prefix, folder)
     bin_dir = students_python(folder, profiles)
     policy_env = {} if system_policy else {"SMOLVM_POLICY_FILE": str(policy_path)}
@@ -341,6 +390,7 @@ def setup(folder: Path, students: int, port: int = 8000, prefix: str = "student"
         hostd=(pol.hostd if pol and pol.hostd else hostd_sock),
         policy_env="".join(f"    {k!r}: {v!r},\n" for k, v in policy_env.items()),
         policy_env_inline=", ".join(f"{k!r}: {v!r}" for k, v in policy_env.items()),
+        mem_mib=limits.mem_mib, cpus=limits.cpus, tasks=limits.tasks,
         extra=extra_hub_config))
     os.chmod(hub, 0o600)
     return hub
@@ -380,11 +430,14 @@ def teardown(folder: Path, hub: subprocess.Popen | None) -> None:
 
 def down(folder: Path) -> list[str]:
     """Remove the students listed in ``folder/students.csv`` (home folders too)."""
+    from smolvm_kernel import confine
+
     _need_root()
     done = []
     for name, _ in read_students(folder):
         if subprocess.run(["userdel", "--remove", name], capture_output=True).returncode == 0:
             done.append(name)
+        confine.remove(name)
     try:
         if not grp.getgrnam(GROUP).gr_mem:
             subprocess.run(["groupdel", GROUP], capture_output=True)
@@ -430,15 +483,108 @@ class ClassroomKernelSpecManager(KernelSpecManager):
         return super().get_kernel_spec(kernel_name)
 
 
+def kernel_path_refusal(root_dir: str, path: str) -> str | None:
+    """Why a kernel may not start with ``path`` (an API path, relative to the
+    server's root: the student's home) as its working directory, or None.
+
+    A kernel's working directory is where ``%smolvm push`` reads from and
+    ``pull`` writes to, confined to it, and never to a hidden name below it:
+    so it must itself be inside the home and not hidden (~/.local, ~/.jupyter
+    hold what runs on the host)."""
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        return f"a kernel's folder must be inside your home: {path!r} is not"
+    if any(p.startswith(".") for p in parts):
+        return f"a kernel's folder may not be hidden: {path!r}"
+    root = os.path.realpath(root_dir)
+    real = os.path.realpath(os.path.join(root, *parts))
+    if real != root and not real.startswith(root + os.sep):
+        return f"a kernel's folder must be inside your home: {path!r} leads out of it"
+    if any(p.startswith(".") for p in os.path.relpath(real, root).split(os.sep) if p != "."):
+        return f"a kernel's folder may not be hidden: {path!r} leads to one"
+    return None
+
+
 class CullingKernelManager(AsyncMappingKernelManager):
     """Jupyter Server's kernel manager, saying in the audit log when it culls an
-    idle kernel (the kernel itself only sees a shutdown request)."""
+    idle kernel (the kernel itself only sees a shutdown request), starting
+    kernels only in the student's home and never in a hidden folder
+    (:func:`kernel_path_refusal`: HTTP 403), and answering a kernel name
+    outside the allowed set with 404."""
+
+    async def start_kernel(self, *, kernel_id: str | None = None, path: str | None = None, **kwargs):
+        from tornado import web
+
+        why = kernel_path_refusal(self.root_dir, path) if path is not None else None
+        if why:
+            self.log.warning("refused a kernel in %r: %s", path, why)
+            raise web.HTTPError(403, why)
+        try:
+            return await super().start_kernel(kernel_id=kernel_id, path=path, **kwargs)
+        except NoSuchKernel as exc:
+            class Missing(web.HTTPError, NoSuchKernel):
+                """404 through /api/kernels (which would answer 500 to a bare
+                NoSuchKernel), 501 "not available" through /api/sessions."""
+            raise Missing(404, f"no such kernel: {exc}".replace("%", "%%")) from None
 
     async def cull_kernel_if_idle(self, kernel_id: str) -> None:
         had = kernel_id in self
         await super().cull_kernel_if_idle(kernel_id)
         if had and kernel_id not in self:
             record_event("culled", kernel_id=kernel_id, idle_timeout_s=self.cull_idle_timeout)
+
+
+# -- in the hub (as root)
+
+try:
+    from jupyterhub.spawner import LocalProcessSpawner, set_user_setuid
+except ImportError:      # pragma: no cover - jupyterhub comes with the classroom extra
+    LocalProcessSpawner, set_user_setuid = object, None
+
+from traitlets import Float, Integer, Unicode  # noqa: E402
+
+
+class ClassroomSpawner(LocalProcessSpawner):
+    """LocalProcessSpawner, with each student's server in a cgroup of their own.
+
+    The hub (root) makes the student's cgroup (confine.py) before the spawn;
+    the child moves itself in while still root, then drops to the student and
+    changes to a root-owned working directory (not the home, which nbconvert
+    and others search for templates and configuration). Everything the server
+    starts is inside from then on; only hostd moves a kernel's VMM out, into
+    the cgroup of its grant. The notebooks' folder stays the home
+    (``Spawner.notebook_dir``, ``ServerApp.root_dir``).
+    """
+
+    student_mem_mib = Integer(1024, config=True, help="memory of all a student's host processes, MiB")
+    student_cpus = Float(1.0, config=True, help="CPU cores all a student's host processes may use")
+    student_tasks = Integer(512, config=True, help="processes and threads a student may have on the host")
+    workdir = Unicode("/", config=True, help="the servers' working directory (root's)")
+
+    def make_preexec_fn(self, name):
+        from smolvm_kernel import confine
+
+        limits = confine.StudentLimits(self.student_mem_mib, self.student_cpus, self.student_tasks)
+        dirs = confine.ensure(name, limits)          # in the hub, as root; raises if it cannot
+        self.log.info("%s's server goes into cgroup %s (%s)", name, dirs[0], limits.describe())
+        drop = set_user_setuid(name, chdir=False)
+        workdir = self.workdir
+
+        def preexec():
+            confine.join(dirs)       # still root: the student could not do this later
+            drop()
+            os.chdir(workdir)
+        return preexec
+
+    def user_env(self, env):
+        """The student's own runtime files, and JupyterLab's settings and workspaces
+        (JSON the frontend reads, no code) in the home; JUPYTER_DATA_DIR is root's."""
+        env = super().user_env(env)
+        home = env.get("HOME") or pwd.getpwnam(self.user.name).pw_dir
+        env["JUPYTER_RUNTIME_DIR"] = f"{home}/.local/share/jupyter/runtime"
+        env["JUPYTERLAB_SETTINGS_DIR"] = f"{home}/.jupyter/lab/user-settings"
+        env["JUPYTERLAB_WORKSPACES_DIR"] = f"{home}/.jupyter/lab/workspaces"
+        return env
 
 
 def record_event(event: str, **fields) -> None:

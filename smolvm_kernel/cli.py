@@ -142,12 +142,18 @@ def cmd_classroom(args) -> int:
     folder = Path(args.dir or classroom.DEFAULT_DIR)
     if args.action in ("up", "setup"):
         hub = classroom.setup(folder, args.students, port=args.port, prefix=args.prefix,
-                              cull_idle_timeout=args.cull_idle_timeout)
+                              cull_idle_timeout=args.cull_idle_timeout, student_mem_mib=args.student_mem_mib,
+                              student_cpus=args.student_cpus, student_tasks=args.student_tasks)
         print(f"classroom written to {folder} (hub config {hub.name}); student accounts and passwords "
               f"in {folder / 'students.csv'} (root only)")
     if args.action in ("up", "run"):
         print(f"JupyterHub on http://127.0.0.1:{args.port}/ (Ctrl-C stops it)", flush=True)
         return classroom.run(folder)
+    if args.action == "confine":
+        from smolvm_kernel import confine
+        return confine.serve(confine.StudentLimits(args.student_mem_mib or confine.DEFAULT_MEM_MIB,
+                                                   args.student_cpus or confine.DEFAULT_CPUS,
+                                                   args.student_tasks or confine.DEFAULT_TASKS))
     if args.action == "down":
         removed = classroom.down(folder)
         print(f"removed {len(removed)} student accounts: {' '.join(removed) or '-'}")
@@ -391,15 +397,20 @@ def build_parser() -> argparse.ArgumentParser:
                                           "(its policy and admission service; for placement across hosts)")
     ad.set_defaults(func=cmd_admission)
     cr = sub.add_parser("classroom", help="JupyterHub with one microVM per student (as root; see README)")
-    cr.add_argument("action", choices=["up", "setup", "run", "down"],
+    cr.add_argument("action", choices=["up", "setup", "run", "down", "confine"],
                     help="up = setup then run; setup writes the deployment and creates the students; "
-                         "run starts the hub; down removes the students it created")
+                         "run starts the hub; down removes the students it created; confine keeps every "
+                         "student process in its student's cgroup (the hub runs it)")
     cr.add_argument("--dir", default=None, help="the deployment's folder (default /var/lib/smolvm-classroom)")
     cr.add_argument("--students", type=int, default=3, help="how many student accounts to create")
     cr.add_argument("--prefix", default="student", help="student account names: <prefix>1, <prefix>2, ...")
     cr.add_argument("--port", type=int, default=8000, help="the hub's port on 127.0.0.1")
     cr.add_argument("--cull-idle-timeout", type=int, default=3600,
                     help="seconds before Jupyter Server shuts an idle kernel (and its VM) down")
+    cr.add_argument("--student-mem-mib", type=int, default=None,
+                    help="memory for all of a student's host processes, VMMs apart (default 1024)")
+    cr.add_argument("--student-cpus", type=float, default=None, help="their CPU cores (default 1)")
+    cr.add_argument("--student-tasks", type=int, default=None, help="their processes and threads (default 512)")
     cr.set_defaults(func=cmd_classroom)
     c = sub.add_parser("cleanup", help="kill VMs whose owner died and remove their files")
     c.add_argument("--all", action="store_true", help="also VMs whose owner is alive")

@@ -2,7 +2,14 @@
 JupyterLab servers, one microVM each, the instructor's policy, quotas, idle
 pause and culling, and the audit log that says what happened.
 
-Run as root (it creates Unix accounts and removes them afterwards); CI does.
+Run as root (it creates Unix accounts and removes them afterwards); CI does,
+and under CI=true a run that is not root fails instead of skipping.
+
+It also assumes a student's server may be talked into running code on the host
+(docs/classroom.md): the routes found so far (nbconvert templates and their
+conf.json from the home, kernels started in any folder) are tried and must
+fail, and every process of a student, however started, must sit in their
+root-made cgroup.
 """
 
 from __future__ import annotations
@@ -10,8 +17,10 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import re
 import secrets
 import socket
+import statistics
 import subprocess
 import tempfile
 import time
@@ -19,7 +28,16 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="creates Unix accounts for its students: run as root")
+_NOT_ROOT = os.geteuid() != 0
+# Skipped when not root, except under CI, where a skip would hide that nothing ran.
+pytestmark = pytest.mark.skipif(_NOT_ROOT and os.environ.get("CI") != "true",
+                                reason="creates Unix accounts for its students: run as root")
+
+
+@pytest.fixture(autouse=True)
+def _root_under_ci():
+    if _NOT_ROOT:
+        pytest.fail("CI=true and not root: the classroom test must run (as root), not be skipped")
 
 POLICY = """
 max_vcpus = 1
@@ -122,20 +140,165 @@ def _qemus_of(uid: int) -> list[int]:
     return pids
 
 
+def _procs_of(uid: int) -> dict[int, str]:
+    """pid -> command line of every process whose real or effective uid is ``uid``."""
+    out = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            status = (d / "status").read_text()
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue
+        uids = next(line.split()[1:3] for line in status.splitlines() if line.startswith("Uid:"))
+        if str(uid) in uids and cmd:
+            out[int(d.name)] = cmd
+    return out
+
+
+def _cgroups_of(pid: int) -> dict[str, str]:
+    """controller -> cgroup path (v2: the "" entry) of a process."""
+    out = {}
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, ctls, path = line.split(":", 2)
+        for ctl in ctls.split(",") if ctls else [""]:
+            out[ctl] = path
+    return out
+
+
+def _in_group(pid: int, pattern: str) -> bool:
+    """Whether the memory, cpu and pids cgroups (v2: the one) of ``pid`` all match ``pattern``."""
+    groups = _cgroups_of(pid)
+    ctls = ["memory", "cpu", "pids"] if "memory" in groups else [""]
+    return all(re.search(pattern, groups.get(ctl, "")) for ctl in ctls)
+
+
+def _student_group(name: str) -> str:
+    return rf"/smolvm-students/{re.escape(name)}$"
+
+
+def _as(name: str, argv: list[str], **kw) -> subprocess.Popen:
+    """A process started as the student directly by root (as su, ssh or cron would):
+    not through the hub, so in no cgroup of theirs to begin with."""
+    pw = pwd.getpwnam(name)
+    return subprocess.Popen(["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--init-groups", *argv],
+                            cwd="/", **kw)
+
+
+def _wait(pred, seconds: float) -> bool:
+    end = time.monotonic() + seconds
+    while not pred():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+def _host_ipykernels(uid: int) -> list[str]:
+    return [c for c in _procs_of(uid).values() if "ipykernel" in c]
+
+
+def _server_pid(uid: int) -> int:
+    (pid,) = [p for p, c in _procs_of(uid).items() if "jupyterhub-singleuser" in c]
+    return pid
+
+
 def test_students_log_in_and_get_only_smolvm_kernels_and_no_host_shell(classroom):
     s = classroom.student(0)
+    uid = pwd.getpwnam(s.name).pw_uid
     assert set(s.server("GET", "/api/kernelspecs")["kernelspecs"]) == {"smolvm-python"}
     code, _ = s.request("POST", f"/user/{s.name}/api/terminals")
     assert code == 404                                      # terminals are off
-    code, _ = s.request("PUT", f"/user/{s.name}/api/contents/.jupyter/jupyter_server_config.py",
-                        {"type": "file", "format": "text", "content": "c.ServerApp.terminals_enabled = True"})
-    assert code >= 400                                      # no hidden files through the contents API
-    code, _ = s.request("POST", f"/user/{s.name}/api/kernels", {"name": "python3"})
-    assert code >= 400                                      # no host Python kernel
+    code, body = s.request("PUT", f"/user/{s.name}/api/contents/.jupyter/jupyter_server_config.py",
+                           {"type": "file", "format": "text", "content": "c.ServerApp.terminals_enabled = True"})
+    assert code == 400, (code, body[:300])                  # no hidden files through the contents API
+    assert not Path(pwd.getpwnam(s.name).pw_dir, ".jupyter/jupyter_server_config.py").exists()
+    code, body = s.request("POST", f"/user/{s.name}/api/kernels", {"name": "python3"})
+    assert code == 404, (code, body[:300])                  # no host Python kernel: no such kernel
+    code, body = s.request("POST", f"/user/{s.name}/api/sessions", {
+        "path": "x.ipynb", "type": "notebook", "name": "x.ipynb", "kernel": {"name": "python3"}})
+    assert code == 501, (code, body[:300])                  # the sessions API: "not available"
+    assert _host_ipykernels(uid) == []                      # and none started under the student's uid
     # A wrong password does not get in.
     from smolvm_kernel.hubclient import HubError, HubStudent
     with pytest.raises(HubError):
         HubStudent(classroom.base, s.name, "wrong-" + secrets.token_hex(4)).login()
+
+
+NOTEBOOK = {"cells": [{"cell_type": "markdown", "metadata": {}, "source": "# hello"}], "metadata": {},
+            "nbformat": 4, "nbformat_minor": 5}
+
+
+def _put(s, path: str, content: str | None = None) -> None:
+    model = ({"type": "directory"} if content is None else
+             {"type": "file", "format": "text", "content": content})
+    s.server("PUT", f"/api/contents/{path}", model)
+
+
+def test_nbconvert_runs_no_template_or_preprocessor_from_a_students_files(classroom):
+    """nbconvert searches templates (Jinja, unsandboxed) in its working directory,
+    which LocalProcessSpawner made the home, and a template folder's conf.json
+    names preprocessor classes it imports and builds: both would run on the host."""
+    s = classroom.student(0)
+    home = Path(pwd.getpwnam(s.name).pw_dir)
+    by_template, by_preprocessor = home / "ran-by-template", home / "ran-by-preprocessor"
+    s.server("PUT", "/api/contents/x.ipynb", {"type": "notebook", "format": "json", "content": NOTEBOOK})
+    _put(s, "lab")
+    _put(s, "lab/index.html.j2", "{{ cycler.__init__.__globals__.os.system('touch %s') }}" % by_template)
+    _put(s, "markdown")
+    _put(s, "markdown/conf.json", json.dumps(
+        {"preprocessors": {"00-x": {"type": "subprocess.Popen", "args": ["touch", str(by_preprocessor)]}}}))
+    html_code, html = s.request("GET", f"/user/{s.name}/nbconvert/html/x.ipynb?download=false")
+    md_code, md = s.request("GET", f"/user/{s.name}/nbconvert/markdown/x.ipynb?download=false")
+    time.sleep(2)
+    ran = [p.name for p in (by_template, by_preprocessor) if p.exists()]
+    assert ran == [], f"ran on the host: {ran} (html {html_code}, markdown {md_code})"
+    # Plain exports with the installed templates.
+    assert html_code == 200 and b"<html" in html.lower() and b"hello" in html, (html_code, html[:300])
+    assert md_code == 200 and b"# hello" in md, (md_code, md[:300])
+
+
+def test_a_students_server_searches_nothing_in_their_home_for_code(classroom):
+    """The server's working directory is root's, and the Jupyter data path (templates,
+    kernelspecs, lab extensions) has nothing under the home."""
+    s = classroom.student(0)
+    pw = pwd.getpwnam(s.name)
+    pid = _server_pid(pw.pw_uid)
+    cwd = os.readlink(f"/proc/{pid}/cwd")
+    assert os.stat(cwd).st_uid == 0 and not (cwd + "/").startswith(pw.pw_dir + "/"), cwd
+    env = dict(kv.split("=", 1) for kv in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in kv)
+    python = str(Path(env["PATH"].split(":")[0]) / "python")
+    out = subprocess.run(
+        ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--init-groups", python, "-c",
+         "import json; from jupyter_core.paths import jupyter_path, jupyter_config_path; "
+         "print(json.dumps(jupyter_path() + jupyter_config_path()))"],
+        env=env, cwd=cwd, capture_output=True, text=True, timeout=60)
+    paths = json.loads(out.stdout)
+    assert [p for p in paths if (os.path.realpath(p) + "/").startswith(pw.pw_dir + "/")] == [], paths
+    assert all(os.stat(p).st_uid == 0 for p in paths if os.path.exists(p)), paths
+
+
+def test_a_kernel_cannot_start_outside_the_home_or_in_a_hidden_folder(classroom):
+    """A kernel's working directory is where pushes land and pulls come from."""
+    s = classroom.student(0)
+    answers = {}
+    for path in ("../../", ".local/share/jupyter", "lab/../.."):
+        code, body = s.request("POST", f"/user/{s.name}/api/kernels", {"name": "smolvm-python", "path": path})
+        if code == 201:
+            s.server("DELETE", f"/api/kernels/{json.loads(body)['id']}")
+        answers[path] = code
+    code, body = s.request("POST", f"/user/{s.name}/api/sessions", {
+        "path": ".local/x.ipynb", "type": "notebook", "name": "x.ipynb", "kernel": {"name": "smolvm-python"}})
+    if code == 201:
+        s.server("DELETE", f"/api/sessions/{json.loads(body)['id']}")
+    answers["session in .local"] = code
+    # The sessions API answers 500 to any error but a missing kernel (jupyter_server's
+    # handler), with the refusal's reason.
+    assert answers == {"../../": 403, ".local/share/jupyter": 403, "lab/../..": 403,
+                       "session in .local": 500}, answers
+    assert b"may not be hidden" in body, body[:300]
+    assert s.server("GET", "/api/kernels") == []
 
 
 def test_each_student_runs_in_a_microvm_of_their_own(classroom):
@@ -155,6 +318,29 @@ def test_each_student_runs_in_a_microvm_of_their_own(classroom):
     r = classroom.student(0).run_cell(kernels[classroom.students[0][0]], "%smolvm status")
     assert "memory 768 MiB, CPU 1 cores" in r.text and "made by hostd" in r.text, r.text
     classroom.kernels = kernels
+
+
+def test_every_process_of_a_student_is_in_their_cgroup_however_started(classroom):
+    """The server and its kernels from the spawn on; a VMM in the cgroup hostd made
+    for its grant; a process started as the student by another route, within seconds."""
+    for name, _ in classroom.students:
+        classroom.student(classroom.students.index((name, _)))
+        uid = pwd.getpwnam(name).pw_uid
+        vmms = set(_qemus_of(uid))
+        procs = _procs_of(uid)
+        assert any("jupyterhub-singleuser" in c for c in procs.values()), procs
+        for pid, cmd in procs.items():
+            if pid in vmms:
+                assert _in_group(pid, r"/hostd-[^/]+$"), (pid, cmd, _cgroups_of(pid))
+            else:
+                assert _in_group(pid, _student_group(name)), (pid, cmd, _cgroups_of(pid))
+    name = classroom.students[0][0]
+    stray = _as(name, ["sleep", "60"])
+    try:
+        assert _wait(lambda: _in_group(stray.pid, _student_group(name)), 5), _cgroups_of(stray.pid)
+    finally:
+        stray.kill()
+        stray.wait()
 
 
 def platform_release() -> str:
@@ -313,3 +499,64 @@ def test_a_student_logs_in_through_the_hub_in_a_real_browser_and_runs_a_cell(cla
             browser.close()
     starts = [e for e in classroom.audit() if e["event"] == "start" and e.get("user") == name]
     assert len(starts) == 2          # the culled kernel's VM, then this notebook's
+
+
+HOG = r"""
+import sys, time
+for _ in range(100):                    # allocate only once inside the student's group
+    if "/smolvm-students/" + sys.argv[1] in open("/proc/self/cgroup").read():
+        break
+    time.sleep(0.1)
+else:
+    sys.exit(3)
+chunks = []
+while True:
+    chunks.append(b"x" * (32 << 20))
+"""
+
+
+def _oom_kills(name: str) -> int:
+    groups = _cgroups_of(os.getpid())
+    if "memory" in groups:
+        (mount,) = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()
+                    if " - cgroup " in line and "memory" in line.split(" - ")[1].split()[2].split(",")]
+        found = list(Path(mount).rglob(f"smolvm-students/{name}/memory.oom_control"))
+    else:
+        found = list(Path("/sys/fs/cgroup").rglob(f"smolvm-students/{name}/memory.events"))
+    text = found[0].read_text()
+    return int(re.search(r"^oom_kill (\d+)$", text, re.M).group(1))
+
+
+def test_a_students_cpu_spinners_and_memory_hog_stay_in_their_cgroup(classroom):
+    """Student 1 spins two CPUs and allocates without bound, as themselves on the
+    host (started by root as an su would, then swept into their group): student
+    0's `pass` stays under 3x its unloaded round trip plus 1 s, and the hog is
+    killed by its group's memory limit (1024 MiB by default), not the host's."""
+    s = classroom.student(0)
+    kid = getattr(classroom, "kernels", {}).get(s.name)
+    if kid is None or not any(k["id"] == kid for k in s.server("GET", "/api/kernels")):
+        kid = s.start_kernel()
+    for _ in range(2):
+        assert s.run_cell(kid, "pass").status == "ok"          # awake (resumed if paused)
+    base = statistics.median(s.run_cell(kid, "pass").seconds for _ in range(5))
+    other = classroom.students[1][0]
+    kills = _oom_kills(other) if list(Path("/sys/fs/cgroup").rglob(f"smolvm-students/{other}")) else 0
+    spin = [_as(other, ["/usr/bin/python3", "-c", "while True: pass"]) for _ in range(2)]
+    hog = _as(other, ["/usr/bin/python3", "-c", HOG, other])
+    try:
+        assert _wait(lambda: all(_in_group(p.pid, _student_group(other)) for p in spin), 5)
+        loaded = []
+        for _ in range(5):
+            r = s.run_cell(kid, "pass")
+            assert r.status == "ok"
+            loaded.append(r.seconds)
+        code = hog.wait(120)
+        assert code == -9, f"the hog ended with {code} (3: never moved into its group)"
+        assert _oom_kills(other) > kills
+        assert all(p.poll() is None for p in spin)                  # the spinners run on, confined
+        assert classroom.hub.poll() is None
+        assert max(loaded) < 3 * base + 1, (base, loaded)
+    finally:
+        for p in [*spin, hog]:
+            p.kill()
+            p.wait()

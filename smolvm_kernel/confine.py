@@ -1,0 +1,242 @@
+"""A root-made cgroup for each student of a classroom, and the sweeper that keeps
+every process of theirs in it.
+
+The classroom assumes a student may run code on the host as themselves one day
+(their Jupyter server is a large program that reads files they control; see
+docs/classroom.md). What then holds is that every process of theirs sits in a
+cgroup root made, with CPU, memory and task limits the instructor chose, that
+the student cannot leave (only root writes its ``cgroup.procs``):
+
+* the hub's spawner (classroom.ClassroomSpawner) makes the student's group
+  and moves the single-user server into it between fork and exec, before it
+  drops privileges, so the server and everything it starts are inside from
+  their first instruction;
+* the VMMs of the student's kernels leave it for the cgroup hostd made for
+  their grant (hostd.py), sized by the instructor's policy: those stay;
+* anything of a student's uid that is in neither (a process started by some
+  other route: su, ssh, cron, a setuid helper) is moved in by
+  ``smolvm-kernel classroom confine``, a root service the hub runs, within
+  about a second (:func:`sweep`).
+
+Where the groups live: the same hierarchy cgroups.py uses for VMs, in a sibling
+folder ``smolvm-students/<name>`` (v1: under this process's own cgroup in the
+memory, cpu and pids hierarchies; v2: under the root). With systemd, the same
+role is played by the user's slice (pam_systemd's ``user-<uid>.slice``, sized
+with ``systemctl set-property``) and SystemdSpawner's per-server scope.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import grp
+import os
+import pwd
+import re
+import time
+from pathlib import Path
+
+from smolvm_kernel import cgroups
+from smolvm_kernel.errors import SmolVMError
+
+PARENT = "smolvm-students"
+#: Defaults: JupyterLab (~150 MiB), a few kernels' host processes (~80 MiB each),
+#: headroom for a pip or nbconvert run; one core; enough tasks for the server's
+#: and kernels' threads, never a fork bomb.
+DEFAULT_MEM_MIB = 1024
+DEFAULT_CPUS = 1.0
+DEFAULT_TASKS = 512
+_HOSTD_GROUP = re.compile(r"/" + re.escape(cgroups.PARENT) + r"/hostd-[^/]+$")
+_NAME = re.compile(r"^[a-z_][a-z0-9_-]*[$]?$")
+
+
+@dataclasses.dataclass(frozen=True)
+class StudentLimits:
+    mem_mib: int = DEFAULT_MEM_MIB
+    cpus: float = DEFAULT_CPUS
+    tasks: int = DEFAULT_TASKS
+
+    def describe(self) -> str:
+        return f"memory {self.mem_mib} MiB, CPU {self.cpus:g} cores, {self.tasks} tasks"
+
+
+def parents() -> tuple[int, dict[str, Path]]:
+    """(cgroup version, controller -> the folder holding the students' groups)."""
+    where = cgroups.probe()
+    if isinstance(where, str):
+        raise SmolVMError(f"no cgroup for the students' processes: {where}")
+    return where.version, {ctl: p.parent / PARENT for ctl, p in where.parents.items()}
+
+
+def group_dirs(name: str) -> list[Path]:
+    if not _NAME.match(name):
+        raise SmolVMError(f"not a user name: {name!r}")
+    version, found = parents()
+    return sorted({p / name for p in found.values()})
+
+
+def ensure(name: str, limits: StudentLimits) -> list[Path]:
+    """Make (or update) ``name``'s group with ``limits``; its folders. Root only."""
+    version, found = parents()
+    for parent in sorted(set(found.values())):
+        cgroups._make_parent(version, parent)
+    dirs = group_dirs(name)
+    for d in dirs:
+        d.mkdir(exist_ok=True)
+    mem = found["memory"] / name
+    cpu = found.get("cpu")
+    pids = found.get("pids")
+    quota = max(1000, round(limits.cpus * cgroups.CPU_PERIOD_US))
+    if version == 2:
+        (mem / "memory.max").write_text(str(limits.mem_mib * 2**20))
+        cgroups._write_if_present(mem / "memory.swap.max", "0")
+        cgroups._write_if_present(mem / "cpu.max", f"{quota} {cgroups.CPU_PERIOD_US}")
+        cgroups._write_if_present(mem / "pids.max", str(limits.tasks))
+        return dirs
+    limit = str(limits.mem_mib * 2**20)
+    # v1 refuses a memory limit above memsw's and memsw below memory's: order by direction.
+    try:
+        current = int((mem / "memory.limit_in_bytes").read_text())
+    except (OSError, ValueError):
+        current = 0
+    order = ["memory.limit_in_bytes", "memory.memsw.limit_in_bytes"]
+    for f in (order if limits.mem_mib * 2**20 <= current else order[::-1]):
+        cgroups._write_if_present(mem / f, limit)
+    # A process moved in later (by the sweeper) brings its memory with it, where
+    # the kernel still can (deprecated in Linux 6.x, which refuses it).
+    try:
+        cgroups._write_if_present(mem / "memory.move_charge_at_immigrate", "3")
+    except OSError:
+        pass
+    if cpu is not None:
+        (cpu / name / "cpu.cfs_period_us").write_text(str(cgroups.CPU_PERIOD_US))
+        (cpu / name / "cpu.cfs_quota_us").write_text(str(quota))
+    if pids is not None:
+        (pids / name / "pids.max").write_text(str(limits.tasks))
+    return dirs
+
+
+def join(dirs: list[Path]) -> None:
+    """Move the calling process into the group (between fork and exec: writes only)."""
+    pid = str(os.getpid()).encode()
+    for d in dirs:
+        fd = os.open(d / "cgroup.procs", os.O_WRONLY)
+        try:
+            os.write(fd, pid)
+        finally:
+            os.close(fd)
+
+
+def remove(name: str) -> None:
+    """Remove ``name``'s group once its processes are gone."""
+    try:
+        dirs = group_dirs(name)
+    except SmolVMError:
+        return
+    for d in dirs:
+        for _ in range(50):
+            try:
+                d.rmdir()
+                break
+            except FileNotFoundError:
+                break
+            except OSError as exc:
+                if exc.errno != errno.EBUSY:
+                    break
+                time.sleep(0.1)
+
+
+def students() -> dict[int, str]:
+    """uid -> name of every member of the classroom's group."""
+    from smolvm_kernel.classroom import GROUP
+
+    try:
+        members = grp.getgrnam(GROUP).gr_mem
+    except KeyError:
+        return {}
+    out = {}
+    for name in members:
+        try:
+            out[pwd.getpwnam(name).pw_uid] = name
+        except KeyError:
+            pass
+    return out
+
+
+def _uids(status: str) -> set[int]:
+    for line in status.splitlines():
+        if line.startswith("Uid:"):
+            return {int(x) for x in line.split()[1:3]}     # real and effective
+    return set()
+
+
+def placed(proc_cgroup: str, name: str, version: int) -> dict[str, bool]:
+    """Controller -> whether a process with this /proc/<pid>/cgroup is where a
+    process of student ``name`` may be: their own group, or a VMM group hostd made."""
+    paths = cgroups._own_paths(proc_cgroup)
+    ctls = [""] if version == 2 else ["memory", "cpu", "pids"]
+    out = {}
+    for ctl in ctls:
+        p = paths.get(ctl)
+        if p is None:
+            continue
+        out[ctl] = p.rstrip("/").endswith(f"/{PARENT}/{name}") or bool(_HOSTD_GROUP.search(p))
+    return out
+
+
+def sweep(limits: StudentLimits, known: dict[int, str] | None = None) -> list[str]:
+    """Move every process of a student that is outside their group (and outside
+    hostd's VMM groups) into it; a line for each process moved."""
+    known = students() if known is None else known
+    if not known:
+        return []
+    version, found = parents()
+    done, made = [], set()
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            uids = _uids((d / "status").read_text())
+            where = (d / "cgroup").read_text()
+        except OSError:
+            continue
+        mine = [known[u] for u in uids if u in known]
+        if not mine:
+            continue
+        name = mine[0]
+        outside = [ctl for ctl, ok in placed(where, name, version).items() if not ok]
+        if not outside:
+            continue
+        if name not in made:
+            ensure(name, limits)
+            made.add(name)
+        moved = []
+        for ctl in outside:
+            target = (found["memory"] if version == 2 else found.get(ctl))
+            if target is None:
+                continue
+            try:
+                (target / name / "cgroup.procs").write_text(d.name)
+                moved.append(ctl or "unified")
+            except OSError:
+                pass        # it exited, or is a zombie
+        if moved:
+            done.append(f"moved pid {d.name} of {name} into its group ({', '.join(moved)})")
+    return done
+
+
+def serve(limits: StudentLimits, interval: float = 1.0) -> int:
+    """The sweeper: :func:`sweep` every ``interval`` seconds, forever (root)."""
+    import sys
+
+    if os.geteuid() != 0:
+        raise SmolVMError("the students' cgroup sweeper moves their processes: run it as root")
+    parents()     # fail now, not in the loop, on a host without a hierarchy
+    print(f"confining students' processes ({limits.describe()} each), every {interval:g} s", flush=True)
+    while True:
+        try:
+            for line in sweep(limits):
+                print(line, flush=True)
+        except Exception as exc:  # noqa: BLE001 - keep sweeping; say what went wrong
+            print(f"sweep failed: {exc}", file=sys.stderr, flush=True)
+        time.sleep(interval)
