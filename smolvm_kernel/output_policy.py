@@ -393,9 +393,11 @@ class OutputPolicy:
             self.other_comms.add(comm_id)
             return content
         data = content.get("data")
+        if isinstance(data, dict) and "state" not in data and "buffer_paths" not in data:
+            return content     # no model can be made of it (a frontend fails on data.state)
         state = data.get("state") if isinstance(data, dict) else None
         if not isinstance(state, dict):
-            return self._refuse("a widget without a state")
+            return self._refuse("a widget with a malformed state")
         error = self._names_error(state, None)
         record = None
         if error is None:
@@ -462,6 +464,11 @@ class OutputPolicy:
         if not isinstance(widget_id, str) or not isinstance(st, dict):
             return "a malformed widget in update_states"
         outer = {k: entry.get(k) for k in ("model_module", "model_name", "model_module_version")}
+        record = self.widgets.get(widget_id)
+        if all(k not in entry for k in outer) and "_model_module" not in st and "_model_name" not in st:
+            # No module, no model: a frontend makes no model of it, and sets the
+            # state of one it has (whose record is checked against the state).
+            return None if record is None else self._names_error(st, record) or self._state_error(st, record)
         if not all(isinstance(v, str) for v in outer.values()):
             return "a widget in update_states whose model_module/model_name/version is not a string"
         if outer["model_module"] not in self.widget_modules:
@@ -471,7 +478,6 @@ class OutputPolicy:
         for key in ("model_module", "model_name", "model_module_version"):
             if f"_{key}" in st and st[f"_{key}"] != outer[key]:
                 return f"a widget in update_states whose {key} and state._{key} differ"
-        record = self.widgets.get(widget_id)
         if record is not None:
             if (record["_model_module"], record["_model_name"]) != (outer["model_module"], outer["model_name"]):
                 return "a change of a widget's model in update_states"

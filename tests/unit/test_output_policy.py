@@ -287,8 +287,9 @@ def test_update_states_checks_the_outer_module_the_frontend_loads(policy):
     out = policy.content("comm_msg", _states({
         "evil_outer": evil_outer, "mismatch": mismatch, "no_outer": no_outer, "listy": listy,
         "ok": _entry(CONTROLS, "IntSliderModel", value=3),
-        "html": _entry(CONTROLS, "LabelModel", _view_name="HTMLView", value=XSS)}))
-    assert sorted(out["data"]["states"]) == ["html", "ok"]
+        "html": _entry(CONTROLS, "LabelModel", _view_name="HTMLView", value=XSS),
+        "nothing": {"state": {"value": XSS}}}))     # no module, no model: a frontend can make nothing of it
+    assert sorted(out["data"]["states"]) == ["html", "nothing", "ok"]
     assert "onerror" not in out["data"]["states"]["html"]["state"]["value"]
     assert any("attacker.example" in n for n in policy.notes)
 

