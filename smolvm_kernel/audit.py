@@ -12,9 +12,17 @@ rotated by size, so it never fills a disk.
      "network": "none", "backend": "qemu", "accel": "tcg", "boot_s": 0.61}
 
 Events: ``start``, ``stop``, ``death`` (``cause``), ``reset``, ``push`` and
-``pull`` (``path``, ``bytes``), ``refused`` (``what``, ``why``). Writing
-never raises into the caller: an audit log that cannot be written is
-reported once on the logger, and the VM goes on.
+``pull`` (``path``, ``bytes``), ``refused`` (``what``, ``why``), ``pause``,
+``resume``, ``culled``. Writing never raises into the caller: an audit log
+that cannot be written is reported once on the logger, and the VM goes on.
+
+Under the host's admission service (hostd.py) the kernels' events reach the
+log through it: it writes them with the uid it saw and ``"by": "user"``, only
+the names and fields above, size-capped and rate-limited; its own entries
+(``admit``, ``release``, ``refused`` for an admission, ``events_dropped``)
+say ``"by": "hostd"`` and are also written to ``<name>-hostd.jsonl`` beside
+the log (audit-hostd.jsonl), which no user's event reaches: users cannot
+rotate them away.
 """
 
 from __future__ import annotations

@@ -39,6 +39,12 @@ log = logging.getLogger("smolvm_kernel.cgroups")
 
 #: Name of the folder that holds one cgroup per VM.
 PARENT = "smolvm"
+#: The folder of the admission service's cgroups (hostd.py): every grant's
+#: cgroup (``hostd-<grant>-<pid>``) goes in it, and hostd puts the host-wide caps
+#: on it (:func:`set_parent_limits`). It is the VMs' folder itself, so that what
+#: knows a VMM's group by ``/smolvm/hostd-*`` (the classroom's sweeper,
+#: confine.py) still does; a kernel's own VM cgroups there (no hostd) share the caps.
+HOSTD_PARENT = PARENT
 #: Threads a VMM may have: QEMU runs a vCPU thread each, its main loop, RCU,
 #: and a pool of up to 64 I/O workers; it never forks (its seccomp filter denies it).
 PIDS_BASE = 96
@@ -176,7 +182,7 @@ def _own_paths(proc_cgroup: str) -> dict[str, str]:
     return paths
 
 
-def find_hierarchy(mountinfo: str, proc_cgroup: str) -> Hierarchy | str:
+def find_hierarchy(mountinfo: str, proc_cgroup: str, parent_name: str = PARENT) -> Hierarchy | str:
     """The hierarchy VM cgroups go in, or why there is none (pure: unit-tested)."""
     mounts = _mounts(mountinfo)
     own = _own_paths(proc_cgroup)
@@ -188,7 +194,7 @@ def find_hierarchy(mountinfo: str, proc_cgroup: str) -> Hierarchy | str:
         except OSError:
             continue
         if "memory" in controllers:
-            parent = Path(point, PARENT)
+            parent = Path(point, parent_name)
             return Hierarchy(2, {c: parent for c in ("memory", "cpu", "pids")})
     parents: dict[str, Path] = {}
     for point, fstype, opts in mounts:
@@ -196,18 +202,18 @@ def find_hierarchy(mountinfo: str, proc_cgroup: str) -> Hierarchy | str:
             continue
         for ctl in ("memory", "cpu", "pids"):
             if ctl in opts and ctl not in parents and ctl in own:
-                parents[ctl] = Path(point + own[ctl].rstrip("/"), PARENT)
+                parents[ctl] = Path(point + own[ctl].rstrip("/"), parent_name)
     if "memory" in parents:
         return Hierarchy(1, parents)
     return "no cgroup hierarchy with the memory controller is mounted"
 
 
-@functools.lru_cache(maxsize=1)
-def probe() -> Hierarchy | str:
+@functools.lru_cache(maxsize=4)
+def probe(parent_name: str = PARENT) -> Hierarchy | str:
     """This host's hierarchy if VM cgroups can be made in it, else the reason."""
     try:
         found = find_hierarchy(Path("/proc/self/mountinfo").read_text(),
-                               Path("/proc/self/cgroup").read_text())
+                               Path("/proc/self/cgroup").read_text(), parent_name)
     except OSError as exc:
         return f"cannot read this process's cgroups ({exc})"
     if isinstance(found, str):
@@ -231,9 +237,9 @@ def _make_parent(version: int, parent: Path) -> None:
                 (d / "cgroup.subtree_control").write_text(" ".join(f"+{c}" for c in sorted(want - have)))
 
 
-def create(vm_id: str, limits: Limits) -> VMGroup | str:
+def create(vm_id: str, limits: Limits, parent_name: str = PARENT) -> VMGroup | str:
     """A cgroup for one VM with ``limits`` set, or why there is none."""
-    where = probe()
+    where = probe(parent_name)
     if isinstance(where, str):
         return where
     dirs: list[Path] = []
@@ -250,8 +256,30 @@ def create(vm_id: str, limits: Limits) -> VMGroup | str:
     return group
 
 
+def set_parent_limits(parent_name: str, limits: Limits) -> Hierarchy | str:
+    """Cap the folder that holds the VMs' cgroups as a whole (hostd's host-wide
+    caps: every VMM in it together gets at most ``limits``); the hierarchy, or why not."""
+    where = probe(parent_name)
+    if isinstance(where, str):
+        return where
+    if where.version == 1:
+        # Children are charged to this folder too (always so on recent kernels;
+        # writable only while the folder has no children).
+        try:
+            (where.parents["memory"] / "memory.use_hierarchy").write_text("1")
+        except OSError:
+            pass
+        # memory+swap may never be below memory: lift it first (a restart with a higher cap).
+        _write_if_present(where.parents["memory"] / "memory.memsw.limit_in_bytes", "-1")
+    try:
+        _write_limits(where, "", limits)
+    except OSError as exc:
+        return f"could not cap {parent_name} ({exc})"
+    return where
+
+
 def _write_limits(where: Hierarchy, vm_id: str, limits: Limits) -> None:
-    mem, cpu, pids = (where.parents[c] / vm_id if c in where.parents else None
+    mem, cpu, pids = ((where.parents[c] / vm_id if vm_id else where.parents[c]) if c in where.parents else None
                       for c in ("memory", "cpu", "pids"))
     if where.version == 2:
         (mem / "memory.max").write_text(str(limits.memory_bytes))
@@ -274,6 +302,36 @@ def _write_if_present(path: Path, value: str) -> None:
         path.write_text(value)
     except FileNotFoundError:
         pass   # the controller is not enabled here: the others still hold
+
+
+def _mount_of(d: Path, mounts: list[tuple[str, str, set[str]]]) -> tuple[str, str, set[str]] | None:
+    best = None
+    for m in mounts:
+        point = m[0].rstrip("/") or "/"
+        if (str(d) == point or str(d).startswith(point + "/")) and (best is None or len(point) > len(best[0])):
+            best = m
+    return best
+
+
+def folders_of(pid: int, dirs: list[Path]) -> list[Path] | None:
+    """The folders ``pid`` is in, in the hierarchies of ``dirs`` (one each, same
+    order): where to move it back to. None if that cannot be read."""
+    try:
+        mounts = _mounts(Path("/proc/self/mountinfo").read_text())
+        own = _own_paths(Path(f"/proc/{pid}/cgroup").read_text())
+    except OSError:
+        return None
+    out = []
+    for d in dirs:
+        m = _mount_of(d, mounts)
+        if m is None:
+            return None
+        point, fstype, opts = m
+        key = "" if fstype == "cgroup2" else next((c for c in ("memory", "cpu", "pids") if c in opts), None)
+        if key is None or key not in own:
+            return None
+        out.append(Path(point.rstrip("/") + own[key].rstrip("/") or "/"))
+    return out
 
 
 def sweep(is_live) -> list[str]:

@@ -113,11 +113,31 @@ def _ls_host(socket_path: str | None) -> int:
         print("no VMs granted")
         return 0
     now = time.time()
-    _print_table([[g["user"], str(g["uid"]), str(g["id"]), g.get("vm_id") or "-", g.get("state", "-"),
-                   g["kernel_id"] or "-", f"{g['vcpus']}/{g['mem_mib']}M", f"{now - g['since']:.0f}s"]
-                  for g in sorted(grants, key=lambda g: (g["user"], g["id"]))],
+
+    def since(g) -> str:
+        try:
+            return f"{now - float(g['since']):.0f}s"
+        except (KeyError, TypeError, ValueError):
+            return "-"
+
+    # Every cell may have come from a user (a kernel id, a VM id, a name): escaped.
+    rows = [[_escape(g.get(k)) for k in ("user", "uid", "id", "vm_id", "state", "kernel_id")]
+            + [f"{_escape(g.get('vcpus'))}/{_escape(g.get('mem_mib'))}M", since(g)]
+            for g in grants if isinstance(g, dict)]
+    _print_table(sorted(rows, key=lambda r: (r[0], r[2].zfill(20))),
                  ["USER", "UID", "GRANT", "VM", "STATE", "KERNEL", "CPU/MEM", "AGE"])
     return 0
+
+
+def _escape(value, limit: int = 80) -> str:
+    """A value for one cell of a terminal table: control characters (ANSI
+    escapes, newlines, bidi overrides) shown as escapes, cut at ``limit``; "-" if empty."""
+    text = "" if value is None else str(value)
+    out = "".join(c if c.isprintable() and c != "\\" else c.encode("unicode_escape").decode("ascii")
+                  for c in text)
+    if len(out) > limit:
+        out = out[:limit - 1] + "…"
+    return out or "-"
 
 
 def cmd_hostd(args) -> int:

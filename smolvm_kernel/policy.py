@@ -17,10 +17,19 @@ these caps; a value beyond one is refused with the cap and whose it is.
     pause_after = 600          # an idle VM is paused to disk after at most this many seconds
     audit_log = "/var/log/smolvm/audit.jsonl"   # one audit log for the host (audit.py)
     hostd = "/run/smolvm/hostd.sock"   # every VM needs a grant from this service (hostd.py),
-    max_vms_per_user = 2               # which enforces these four
+    max_vms_per_user = 2               # which enforces these, and the per-VM caps above again
     max_mem_mib_per_user = 2048
     host_max_vms = 40
+    host_max_guest_mem_mib = 32768     # all VMs' guest memory together
     host_reserve_mib = 2048            # host memory never given to VMs
+
+Under ``hostd``, the root service checks each VM's shape itself, from this
+file as it read it, and does not trust the kernel's own check: vCPUs against
+max_vcpus (and the host's cores), memory against max_mem_mib, and the disk,
+profile and network a kernel must then send against max_disk_mib, profiles and
+network (a request that leaves one out is refused while the policy sets that
+key). host_max_guest_mem_mib, host_max_vms and host_reserve_mib also size the
+one cgroup all of hostd's VMMs share (hostd.host_limits).
 
 Every key is optional; an unknown key or a wrong type is an error (a typo
 must not drop a cap), and so is a file that someone other than root can

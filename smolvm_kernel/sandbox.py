@@ -268,7 +268,8 @@ class Sandbox:
                 # The host's quotas and budget: a grant held for this VM's life (hostd.py).
                 self._hostd = await asyncio.to_thread(HostClient, pol.hostd)
                 await asyncio.to_thread(self._hostd.admit, cfg.vcpus, cfg.mem_mib,
-                                        str(self.audit_context.get("kernel_id", "")))
+                                        str(self.audit_context.get("kernel_id", "")),
+                                        cfg.disk_mib, cfg.profile, cfg.network)
             cache = ImageCache()
             if cfg.auto_build:
                 self.image = await asyncio.to_thread(cache.ensure, cfg.profile, self._progress)

@@ -52,9 +52,48 @@ def test_the_host_budget_and_its_reserve_hold_across_users():
         adm.admit(1004, "dan", 1, 256)
 
 
-def test_without_a_policy_everything_is_admitted():
-    adm = Admissions(None, lambda: 0)
+def test_without_a_policy_everything_the_host_can_hold_is_admitted():
+    adm = Admissions(None, lambda: 0, host_cores=64, host_total_mib=100_000)
     assert [adm.admit(1000, "u", 64, 65536).id for _ in range(3)] == [1, 2, 3]
+    with pytest.raises(AdmissionRefused, match="vcpus=65 is more than this host's 64 CPU cores"):
+        adm.admit(1000, "u", 65, 512)
+    with pytest.raises(AdmissionRefused, match="mem_mib=200000 is more than this host's 100000 MiB"):
+        adm.admit(1000, "u", 1, 200_000)
+    with pytest.raises(AdmissionRefused, match="disk_mib=2000000 is above the 1048576 MiB"):
+        adm.admit(1000, "u", 1, 512, disk_mib=2_000_000)
+
+
+def test_each_per_vm_cap_of_the_policy_is_hostds_own_check():
+    adm = Admissions(_policy(max_vcpus=1, max_mem_mib=512, max_disk_mib=2048, profiles=("base",),
+                             network=("none",)), lambda: 100_000, host_cores=64, host_total_mib=100_000)
+    ok = {"disk_mib": 2048, "profile": "base", "network": "none"}
+    where = r"the instructor's policy \(/etc/smolvm/policy.toml\)"
+    for shape, words in (((64, 512, ok), f"vcpus=64 is above the cap of 1 vCPUs per microVM \\(max_vcpus\\) set by {where}"),
+                         ((1, 4096, ok), f"mem_mib=4096 is above the cap of 512 MiB per microVM \\(max_mem_mib\\) set by {where}"),
+                         ((1, 512, {**ok, "disk_mib": 4096}), "disk_mib=4096 is above the cap of 2048 MiB"),
+                         ((1, 512, {**ok, "profile": "gpu"}), "profile='gpu' is not allowed by .* \\(profiles\\)"),
+                         ((1, 512, {**ok, "network": "nat"}), "network='nat' is not allowed by .* \\(network\\)"),
+                         ((1, 512, {"profile": "base", "network": "none"}), "does not say its disk size \\(disk_mib\\)"),
+                         ((1, 512, {"disk_mib": 1, "network": "none"}), "does not say its profile"),
+                         ((1, 512, {"disk_mib": 1, "profile": "base"}), "does not say its network")):
+        vcpus, mem, extra = shape
+        with pytest.raises(AdmissionRefused, match=words):
+            adm.admit(1001, "ana", vcpus, mem, **extra)
+        with pytest.raises(AdmissionRefused, match=words):
+            adm.check(1001, "ana", vcpus, mem, **extra)
+    assert not adm.grants
+    adm.admit(1001, "ana", 1, 512, **ok)
+
+
+def test_the_host_wide_caps_of_the_grants_cgroup_folder():
+    from smolvm_kernel.hostd import VMM_OVERHEAD_MIB, host_limits
+
+    lim = host_limits(_policy(host_max_guest_mem_mib=4096, host_max_vms=4, host_reserve_mib=2048), 8, 32_768)
+    assert lim.memory_bytes == (4096 + 4 * VMM_OVERHEAD_MIB) * 2**20
+    assert lim.cpu_quota_us == 8 * lim.cpu_period_us and lim.pids == 4 * (96 + 16)
+    lim = host_limits(_policy(host_reserve_mib=30_000), 2, 32_768)           # the reserve binds
+    assert lim.memory_bytes == 2768 * 2**20
+    assert host_limits(None, 2, 10_000).memory_bytes == 9000 * 2**20          # no policy: keep a tenth
 
 
 @pytest.fixture(params=[False])
@@ -65,12 +104,29 @@ def service(tmp_path, request):
     thread.start()
     log = AuditLog(tmp_path / "audit.jsonl")
     svc = HostService(str(tmp_path / "hostd.sock"), _policy(max_vms_per_user=1), audit=log,
-                      host_available_mib=lambda: 100_000, make_cgroups=request.param)
+                      host_available_mib=lambda: 100_000, make_cgroups=request.param,
+                      cgroup_parent=f"smolvm-hostd-test-{os.getpid()}")
     asyncio.run_coroutine_threadsafe(svc.start(), loop).result(5)
     yield svc
     asyncio.run_coroutine_threadsafe(svc.close(), loop).result(5)
     loop.call_soon_threadsafe(loop.stop)
     thread.join(5)
+    if request.param:
+        _remove_test_parent(svc.cgroup_parent)
+
+
+def _remove_test_parent(name: str) -> None:
+    from smolvm_kernel import cgroups
+
+    where = cgroups.probe(name)
+    if not isinstance(where, str):
+        for d in set(where.parents.values()):
+            for child in [c for c in d.iterdir() if c.is_dir()] + [d]:
+                try:
+                    child.rmdir()
+                except OSError:
+                    pass
+    cgroups.probe.cache_clear()
 
 
 def _wait(pred, timeout=5.0):
@@ -101,10 +157,14 @@ def test_a_grant_lasts_as_long_as_its_connection(service):
 
 def test_the_service_writes_events_under_the_uid_it_sees_not_the_one_claimed(service):
     client = HostClient(service.path)
-    client.event("push", path="a.csv", bytes=3, uid=0, user="root-claimed")
+    client.event("push", path="a.csv", bytes=3, uid=0, user="root-claimed", by="hostd", extra="x")
+    client.event("admit", grant=1)                        # the service's own: never from a user
     client.list()                                         # the event is in before the answer
     (entry,) = [e for e in service.audit.read() if e["event"] == "push"]
     assert entry["uid"] == os.geteuid() and entry["user"] != "root-claimed" and entry["bytes"] == 3
+    assert entry["by"] == "user" and "extra" not in entry
+    assert not [e for e in service.audit.read() if e["event"] == "admit"]
+    assert not [e for e in service.own_audit.read() if e["event"] == "push"]
     client.close()
 
 
@@ -147,8 +207,8 @@ def test_ls_shows_each_grants_vm_and_whether_it_is_paused(service):
 @pytest.mark.parametrize("service", [True], indirect=True)
 def test_a_grants_vmm_cgroup_takes_only_the_holders_child(service):
     """The VMM's process, between fork and exec, asks hostd to move it into the
-    grant's cgroup: only a child of the grant's holder gets in, and the cgroup
-    goes with the grant."""
+    grant's cgroup: only a child of the grant's holder gets in, one at a time,
+    and the cgroup goes with the grant."""
     import subprocess
     import sys
 
@@ -174,10 +234,14 @@ def test_a_grants_vmm_cgroup_takes_only_the_holders_child(service):
         assert "only a child of the process holding the grant" in out.stdout, out
         direct = subprocess.run([sys.executable, "-c", join, service.path, str(client.grant)],
                                 capture_output=True, text=True, timeout=30)
-        assert '"ok": true' in direct.stdout, direct
+        assert "is in its cgroup already: one VMM per grant" in direct.stdout, direct
     finally:
         child.kill()
         child.wait()
+    # Once that VMM has exited, the next one (a paused VM's resume) may join.
+    direct = subprocess.run([sys.executable, "-c", join, service.path, str(client.grant)],
+                            capture_output=True, text=True, timeout=30)
+    assert '"ok": true' in direct.stdout, direct
     dirs = list(group.dirs)
     client.close()
     assert _wait(lambda: not any(d.exists() for d in dirs)), dirs

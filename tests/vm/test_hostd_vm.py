@@ -1,6 +1,7 @@
 """The host's admission service with real VMs: a user's second VM over the
 quota is refused with the reason, the first one's stop gives its place back,
-and the host's audit log has it all, written by the service."""
+and the host's audit log has it all, written by the service: the kernels'
+events marked as theirs, the service's own also in a log no user writes."""
 
 from __future__ import annotations
 
@@ -32,12 +33,24 @@ def host(tmp_path, monkeypatch, image):
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
-    svc = HostService(str(sock), policy.load(), audit=AuditLog(audit))
+    svc = HostService(str(sock), policy.load(), audit=AuditLog(audit),
+                      cgroup_parent=f"smolvm-hostd-test-{os.getpid()}")     # not the host's own folder
     asyncio.run_coroutine_threadsafe(svc.start(), loop).result(5)
     yield svc
     asyncio.run_coroutine_threadsafe(svc.close(), loop).result(5)
     loop.call_soon_threadsafe(loop.stop)
     thread.join(5)
+    from smolvm_kernel import cgroups
+
+    where = cgroups.probe(svc.cgroup_parent)
+    if not isinstance(where, str):
+        for d in set(where.parents.values()):
+            for child in [c for c in d.iterdir() if c.is_dir()] + [d]:
+                try:
+                    child.rmdir()
+                except OSError:
+                    pass
+    cgroups.probe.cache_clear()
 
 
 def test_a_second_vm_over_the_users_quota_is_refused_until_the_first_stops(host):
@@ -70,3 +83,8 @@ def test_a_second_vm_over_the_users_quota_is_refused_until_the_first_stops(host)
     assert ("stop", "first") in events and ("admit", "second") in events and ("start", "second") in events
     assert events.index(("stop", "first")) < events.index(("admit", "second"))
     assert events[-1][0] == "release"
+    assert all(e["by"] == ("hostd" if e["event"] in ("admit", "release") else "user") for e in host.audit.read()
+               if e["event"] != "refused")
+    own = [(e["event"], e.get("kernel_id"), e["by"]) for e in host.own_audit.read()]
+    assert own[:2] == [("admit", "first", "hostd"), ("refused", "second", "hostd")], own
+    assert not [e for e in own if e[0] in ("start", "stop")]
