@@ -783,11 +783,12 @@ class HostClient:
 
     def __init__(self, path: str, timeout: float = 10.0) -> None:
         self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             self.sock.settimeout(timeout)
             self.sock.connect(path)
         except OSError as exc:
+            self.sock.close()
             raise SmolVMError(f"the host's admission service ({path}) is not answering ({exc}); the "
                               f"instructor's policy needs it to start a microVM: ask the instructor "
                               f"to start it (smolvm-kernel hostd)") from None

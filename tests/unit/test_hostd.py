@@ -8,6 +8,7 @@ import json
 import os
 import socket
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -111,6 +112,7 @@ def service(tmp_path, request):
     asyncio.run_coroutine_threadsafe(svc.close(), loop).result(5)
     loop.call_soon_threadsafe(loop.stop)
     thread.join(5)
+    loop.close()
     if request.param:
         _remove_test_parent(svc.cgroup_parent)
 
@@ -222,7 +224,7 @@ def test_a_grants_vmm_cgroup_takes_only_the_holders_child(service):
     assert group is not None and group.limits.memory_bytes == (256 + 256) * 2**20
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], preexec_fn=group.join)
     try:
-        mine = open(f"/proc/{child.pid}/cgroup").read()
+        mine = Path(f"/proc/{child.pid}/cgroup").read_text()
         assert f"hostd-{client.grant}-" in mine
         # A grandchild (not the holder's own child) is refused.
         join = ("import sys, json, socket; s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); "

@@ -88,6 +88,7 @@ def start(folder):
         asyncio.run_coroutine_threadsafe(svc.close(), loop).result(5)
     loop.call_soon_threadsafe(loop.stop)
     thread.join(5)
+    loop.close()
 
 
 @pytest.fixture
@@ -183,7 +184,12 @@ def test_vcpus_beyond_the_hosts_cores_are_refused_without_a_policy(start):
 
 
 def test_a_thousand_idle_connections_of_one_uid_do_not_stop_another_uid(start):
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(1024, hard), hard))
     svc = start(_policy(max_vms_per_user=1))
+    assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == hard      # hostd raised its own soft limit
     flood = _as(NOBODY, """
         held = [conn() for _ in range(32)]
         out(first=[ask(c, {"op": "ls"})["ok"] for c in held])      # all 32 served
@@ -213,6 +219,7 @@ def test_a_thousand_idle_connections_of_one_uid_do_not_stop_another_uid(start):
     finally:
         flood.stdin.close()
         flood.wait(30)
+        flood.stdout.close()
     assert _wait(lambda: not svc.connections.get(NOBODY))
 
 
@@ -324,6 +331,7 @@ def test_only_the_holders_own_child_joins_once_and_no_other_process(cgroup_paren
     finally:
         holder.stdin.close()
         holder.wait(30)
+        holder.stdout.close()
     assert _wait(lambda: not svc.admissions.grants)
     assert _wait(lambda: not any(d.exists() for d in dirs)), dirs
 
@@ -434,6 +442,7 @@ def test_ls_all_escapes_what_users_wrote(start, capsys):
     finally:
         caller.stdin.close()
         caller.wait(30)
+        caller.stdout.close()
     shown = capsys.readouterr().out
     assert "\x1b" not in shown and "\x07" not in shown and "\u202e" not in shown, shown
     assert len(shown.splitlines()) == 2, shown                  # the header and one grant

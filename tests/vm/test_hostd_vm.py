@@ -40,6 +40,7 @@ def host(tmp_path, monkeypatch, image):
     asyncio.run_coroutine_threadsafe(svc.close(), loop).result(5)
     loop.call_soon_threadsafe(loop.stop)
     thread.join(5)
+    loop.close()
     from smolvm_kernel import cgroups
 
     where = cgroups.probe(svc.cgroup_parent)
