@@ -312,7 +312,9 @@ class Sandbox:
                     # this start falls back to a cold boot.
                     self._say(f"snapshot restore failed ({exc.__class__.__name__}); cold boot instead")
                     log.warning("snapshot restore failed, cold boot instead: %s", exc)
-                    await self._stop()
+                    # The grant stays: the cold boot is the same VM's start (giving
+                    # it back here let a failed restore boot with no grant at all).
+                    await self._stop(keep_grant=True)
                     self.state = SandboxState.BOOTING
                     self._death = None
                     self._snapshots.drop(snap, str(exc).splitlines()[0])
@@ -608,7 +610,10 @@ class Sandbox:
             except Exception:   # the channel closed: that path reports the death
                 return
 
-    async def _stop(self) -> None:
+    async def _stop(self, keep_grant: bool = False) -> None:
+        """Stop the VM and free what it held; ``keep_grant`` keeps the host's
+        admission grant (and its cgroup) for a start that goes on (a cold boot
+        after a failed restore)."""
         self.pauser.forget()
         task, self._heartbeat_task = self._heartbeat_task, None
         if task is not None:
@@ -637,9 +642,10 @@ class Sandbox:
         self.backend = None
         self.vm_id = None
         self.state = SandboxState.STOPPED
-        hostd, self._hostd = self._hostd, None
-        if hostd is not None:
-            hostd.close()      # the grant goes back, after the stop is on record
+        if not keep_grant:
+            hostd, self._hostd = self._hostd, None
+            if hostd is not None:
+                hostd.close()      # the grant goes back, after the stop is on record
         self._fail_pending(SandboxStopped())
 
     # ------------------------------------------------------------ guest events

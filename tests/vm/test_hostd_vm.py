@@ -89,3 +89,31 @@ def test_a_second_vm_over_the_users_quota_is_refused_until_the_first_stops(host)
     own = [(e["event"], e.get("kernel_id"), e["by"]) for e in host.own_audit.read()]
     assert own[:2] == [("admit", "first", "hostd"), ("refused", "second", "hostd")], own
     assert not [e for e in own if e[0] in ("start", "stop")]
+
+
+def test_a_cold_boot_after_a_failed_restore_keeps_its_grant(host, monkeypatch):
+    """A snapshot restore that fails falls back to a cold boot, and that boot is
+    still under the grant (the fallback used to give the grant back first, so
+    a student who broke their own snapshot cache booted with no grant at all)."""
+    from smolvm_kernel.errors import SmolVMError
+
+    real_launch = Sandbox._launch
+
+    async def failing_restore(self, backend_cls, binary, shape, restore):
+        if restore is not None:
+            raise SmolVMError("a restore made to fail by the test")
+        return await real_launch(self, backend_cls, binary, shape, restore)
+
+    monkeypatch.setattr(Sandbox, "_launch", failing_restore)
+    first, second = Sandbox(backend="qemu"), Sandbox(backend="qemu")
+    # The shared ready snapshot is not this test's to drop.
+    first._snapshots.drop = second._snapshots.drop = lambda *a, **k: None
+    try:
+        first.start()
+        assert first.started_from == "cold boot"
+        assert [g.uid for g in host.admissions.grants.values()] == [os.getuid()]
+        with pytest.raises(AdmissionRefused, match="has 1 microVM running"):
+            second.start()
+    finally:
+        first.stop()
+        second.stop()
