@@ -424,6 +424,7 @@ def teardown(folder: Path, hub: subprocess.Popen | None) -> None:
         time.sleep(1)
         down(folder)
     subprocess.run(["pkill", "-f", f"hostd --socket {folder}"], capture_output=True)
+    subprocess.run(["pkill", "-f", f"classroom confine --dir {folder}"], capture_output=True)
     subprocess.run(["pkill", "-f", f"{folder}/proxy/"], capture_output=True)
     shutil.rmtree(folder, ignore_errors=True)
 

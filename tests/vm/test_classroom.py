@@ -107,6 +107,8 @@ def classroom():
             time.sleep(0.5)
         yield room
     finally:
+        if os.environ.get("SMOLVM_CLASSROOM_LOG") and (folder / "hub.log").exists():
+            (folder / "hub.log").replace(os.environ["SMOLVM_CLASSROOM_LOG"])   # the hub's log, kept
         cr.teardown(folder, hub)
 
 
@@ -220,6 +222,9 @@ def test_students_log_in_and_get_only_smolvm_kernels_and_no_host_shell(classroom
         "path": "x.ipynb", "type": "notebook", "name": "x.ipynb", "kernel": {"name": "python3"}})
     assert code == 501, (code, body[:300])                  # the sessions API: "not available"
     assert _host_ipykernels(uid) == []                      # and none started under the student's uid
+    code, body = s.request("POST", f"/user/{s.name}/lab/api/extensions",
+                           {"cmd": "install", "extension_name": "jupyterlab-night"})
+    assert code == 422 and b"was blocked" in body, (code, body[:300])   # read-only manager: no pip install
     # A wrong password does not get in.
     from smolvm_kernel.hubclient import HubError, HubStudent
     with pytest.raises(HubError):
@@ -275,6 +280,11 @@ def test_a_students_server_searches_nothing_in_their_home_for_code(classroom):
          "print(json.dumps(jupyter_path() + jupyter_config_path()))"],
         env=env, cwd=cwd, capture_output=True, text=True, timeout=60)
     paths = json.loads(out.stdout)
+    # JupyterLab's settings (JSON the frontend reads) stay the student's own.
+    s.server("PUT", "/lab/api/settings/@jupyterlab/apputils-extension:themes",
+             {"raw": '{"theme": "JupyterLab Dark"}'})
+    assert (Path(pw.pw_dir) / ".jupyter/lab/user-settings/@jupyterlab/apputils-extension"
+            / "themes.jupyterlab-settings").exists()
     assert [p for p in paths if (os.path.realpath(p) + "/").startswith(pw.pw_dir + "/")] == [], paths
     assert all(os.stat(p).st_uid == 0 for p in paths if os.path.exists(p)), paths
 
@@ -555,6 +565,8 @@ def test_a_students_cpu_spinners_and_memory_hog_stay_in_their_cgroup(classroom):
         assert _oom_kills(other) > kills
         assert all(p.poll() is None for p in spin)                  # the spinners run on, confined
         assert classroom.hub.poll() is None
+        print(f"`pass` round trip: unloaded median {base:.3f} s; beside the spinners and the hog "
+              f"{', '.join(f'{x:.3f}' for x in loaded)} s (bound {3 * base + 1:.3f} s)")
         assert max(loaded) < 3 * base + 1, (base, loaded)
     finally:
         for p in [*spin, hog]:
