@@ -13,9 +13,15 @@ removes the students it created. What it writes:
   hidden files through the contents API, idle kernels culled.
 - ``cache/``: the guest images and ready snapshots, readable by students,
   writable by root alone (students fork from copies of the snapshots).
+- ``server-cwd/``, ``jupyter-data/``: empty, root-owned: the servers' working
+  directory and ``JUPYTER_DATA_DIR``, so nothing that searches either (nbconvert's
+  templates, kernelspecs, lab extensions) finds a student's file.
 - ``jupyterhub_config.py``: PAM login of the students' Unix accounts,
-  LocalProcessSpawner, the hub on loopback, and ``smolvm-kernel hostd`` as a
-  hub-managed service (quotas, budget, audit log: hostd.py).
+  ClassroomSpawner (LocalProcessSpawner with a root-made cgroup per student:
+  confine.py), the hub on loopback, and as hub-managed services
+  ``smolvm-kernel hostd`` (quotas, budget, audit log: hostd.py) and
+  ``smolvm-kernel classroom confine`` (moves any stray process of a student
+  into their cgroup).
 - ``students.csv``: the accounts created and their passwords (root only).
 """
 

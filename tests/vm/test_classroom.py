@@ -34,7 +34,7 @@ pytestmark = pytest.mark.skipif(_NOT_ROOT and os.environ.get("CI") != "true",
                                 reason="creates Unix accounts for its students: run as root")
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="module")
 def _root_under_ci():
     if _NOT_ROOT:
         pytest.fail("CI=true and not root: the classroom test must run (as root), not be skipped")
