@@ -41,7 +41,7 @@ from pathlib import Path
 
 from smolvm_kernel.errors import SmolVMError
 
-GROUP = "smolvm-students"
+from smolvm_kernel.confine import GROUP  # noqa: E402  (the students' Unix group; confine.py needs it too)
 DEFAULT_DIR = "/var/lib/smolvm-classroom"
 #: Every kernelspec a student may use; the policy's profiles pick among them.
 KERNELSPECS = {"base": "smolvm-python", "scipy": "smolvm-scipy"}

@@ -39,6 +39,9 @@ from pathlib import Path
 from smolvm_kernel import cgroups
 from smolvm_kernel.errors import SmolVMError
 
+#: The Unix group of a classroom's students (classroom.py makes it).
+GROUP = "smolvm-students"
+
 PARENT = "smolvm-students"
 #: Defaults: JupyterLab (~150 MiB), a few kernels' host processes (~80 MiB each),
 #: headroom for a pip or nbconvert run; one core; enough tasks for the server's
@@ -148,8 +151,6 @@ def remove(name: str) -> None:
 
 def students() -> dict[int, str]:
     """uid -> name of every member of the classroom's group."""
-    from smolvm_kernel.classroom import GROUP
-
     try:
         members = grp.getgrnam(GROUP).gr_mem
     except KeyError:
