@@ -17,14 +17,14 @@ import sys
 import time
 import uuid
 
-from smolvm_kernel import aio
 from smolvm_kernel.backends.accel import choose_accel, host_tsc_khz
 from smolvm_kernel.backends.base import VMSpec
 from smolvm_kernel.backends.qemu import QemuBackend, find_qemu
 from smolvm_kernel.channel.stream import GuestChannel
+from smolvm_kernel.host.registry import Registry
 from smolvm_kernel.images import ImageCache
-from smolvm_kernel.sandbox import Sandbox
-from smolvm_kernel.state import Registry
+from smolvm_kernel.vm import aio
+from smolvm_kernel.vm.sandbox import Sandbox
 
 
 async def boot_to_agent(image, accel: str, timeout: float) -> tuple[float, str]:

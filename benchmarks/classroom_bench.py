@@ -30,8 +30,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from smolvm_kernel import classroom as cr  # noqa: E402
-from smolvm_kernel.hubclient import HubStudent  # noqa: E402
+from smolvm_kernel.classroom import deploy as cr  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "vm"))
+from hubclient import HubStudent  # noqa: E402  (a student over REST and websocket: test support)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _stats import percentile  # noqa: E402
 

@@ -158,7 +158,7 @@ def bench_kernel(name: str, rounds: int) -> dict:
 
 def bench_direct(rounds: int) -> dict:
     """The same `pass` round trip through the Sandbox API (channel, no relay)."""
-    from smolvm_kernel.sandbox import Sandbox
+    from smolvm_kernel.vm.sandbox import Sandbox
 
     with Sandbox(backend="qemu") as sb:
         for _ in range(20):
@@ -176,7 +176,7 @@ def relay_cpu_per_message(n: int = 20000) -> float:
     from jupyter_client.session import Session
 
     from smolvm_guest.wire import Channel
-    from smolvm_kernel.relay import Relay
+    from smolvm_kernel.jupyter.relay import Relay
 
     class Guest:
         guest_key = b"g" * 64

@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 
 def _vm_cgroup_dirs() -> set[str]:
-    from smolvm_kernel import cgroups
+    from smolvm_kernel.host import cgroups
 
     where = cgroups.probe()
     if isinstance(where, str):
@@ -73,7 +72,7 @@ _OTHER_CGROUPS: set[str] = set()
 
 def counts(kernel_pid: int | None = None) -> dict[str, int]:
     from smolvm_kernel import paths
-    from smolvm_kernel.state import Registry
+    from smolvm_kernel.host.registry import Registry
 
     state = paths.state_dir()
     out = {
@@ -95,7 +94,7 @@ def counts(kernel_pid: int | None = None) -> dict[str, int]:
 
 
 def sandbox_cycles(n: int) -> float:
-    from smolvm_kernel.sandbox import Sandbox
+    from smolvm_kernel.vm.sandbox import Sandbox
 
     t = time.monotonic()
     for i in range(n):

@@ -22,8 +22,8 @@ from pathlib import Path
 
 from jupyter_client.manager import start_new_kernel
 
-from smolvm_kernel.snapshot import SnapshotCache
-from smolvm_kernel.state import Registry
+from smolvm_kernel.host.registry import Registry
+from smolvm_kernel.vm.snapshot import SnapshotCache
 
 
 def first_result(kernel_name: str, env: dict | None = None):
@@ -64,7 +64,7 @@ def build_row() -> tuple[str, str, str, str]:
     own, and report what that build took (not a manifest left by an earlier run)."""
     import tempfile
 
-    from smolvm_kernel.sandbox import Sandbox
+    from smolvm_kernel.vm.sandbox import Sandbox
 
     with tempfile.TemporaryDirectory(prefix="smolvm-bench-snap-") as folder:
         old = os.environ.get("SMOLVM_SNAPSHOT_DIR")

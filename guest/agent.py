@@ -27,11 +27,9 @@ import uuid
 import zmq
 
 from smolvm_guest import files, limits, seed, wire
-from smolvm_guest.wire import Channel
+from smolvm_guest.wire import SERIAL_PORT_NAME, SYNC_MAGIC, VSOCK_PORT, Channel
 
 AGENT_VERSION = "0.1.0"
-SERIAL_PORT_NAME = "org.smolvm.agent.0"
-VSOCK_PORT = 1024
 RUN_DIR = "/run/smolvm"
 #: With the SSH transport the agent listens here; only root (the SSH forced
 #: command) can connect.
@@ -95,7 +93,6 @@ def _smolvm_write(self, string):
 iostream.OutStream.write = _smolvm_write
 kernelapp.launch_new_instance()
 """
-SYNC_MAGIC = b"\x00\xffSMOLVM-SYNC\xff\x00"
 #: While no host is connected, a virtio-serial port reads EOF at once (and
 #: polls ready): the agent looks again after this pause.
 LINK_RETRY_S = 0.05

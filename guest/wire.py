@@ -16,6 +16,14 @@ import struct
 #: Host and guest exchange it in ``hello`` and refuse to talk across versions.
 PROTOCOL_VERSION = 1
 
+#: The virtio-serial port the agent listens on (QEMU's ``virtserialport name=``).
+SERIAL_PORT_NAME = "org.smolvm.agent.0"
+#: The agent's AF_VSOCK port (Firecracker's hybrid vsock, QEMU vhost-vsock).
+VSOCK_PORT = 1024
+#: Written by the agent (with the hello's nonce) right before its hello reply,
+#: so the host can skip any stale bytes a previous connection left behind.
+SYNC_MAGIC = b"\x00\xffSMOLVM-SYNC\xff\x00"
+
 HEADER = struct.Struct("!IB")
 #: Hard cap on one frame body. Anything larger is a protocol violation: the
 #: agent refuses to send it (it reports a drop instead) and the host closes a

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from smolvm_kernel.sandbox import Sandbox, SandboxState
+from smolvm_kernel.vm.sandbox import Sandbox, SandboxState
 
 WORKLOAD = [
     "import os\nwhile True:\n    os.fork()",

@@ -10,20 +10,20 @@ Example::
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from smolvm_kernel._version import __version__
 
 __all__ = ["Sandbox", "SandboxConfig", "Output", "safe_output", "__version__"]
 
 
 def load_ipython_extension(ipython) -> None:
     """``%load_ext smolvm_kernel``: register the %%smolvm / %smolvm magics."""
-    from smolvm_kernel.magics import load_ipython_extension as load
+    from smolvm_kernel.jupyter.magics import load_ipython_extension as load
 
     load(ipython)
 
 
 def unload_ipython_extension(ipython) -> None:
-    from smolvm_kernel.magics import unload_ipython_extension as unload
+    from smolvm_kernel.jupyter.magics import unload_ipython_extension as unload
 
     unload(ipython)
 
@@ -32,10 +32,10 @@ def __getattr__(name: str):
     # Lazy: `python -m smolvm_kernel` and the CLI should not pay for imports
     # they do not use.
     if name in ("Sandbox", "Output"):
-        from smolvm_kernel import sandbox
+        from smolvm_kernel.vm import sandbox
         return getattr(sandbox, name)
     if name == "safe_output":
-        from smolvm_kernel.output_policy import safe_output
+        from smolvm_kernel.jupyter.output_policy import safe_output
         return safe_output
     if name == "SandboxConfig":
         from smolvm_kernel.config import SandboxConfig

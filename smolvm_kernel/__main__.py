@@ -13,6 +13,6 @@ from smolvm_kernel.launch import without_folder
 # nothing the kernel imports on the host may come from there.
 sys.path[:] = without_folder(sys.path, os.getcwd())
 
-from smolvm_kernel.kernel import main  # noqa: E402
+from smolvm_kernel.jupyter.kernel import main  # noqa: E402
 
 sys.exit(main())

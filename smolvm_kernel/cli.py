@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from smolvm_kernel import __version__
+from smolvm_kernel._version import __version__
 from smolvm_kernel.errors import SmolVMError
 
 
@@ -23,7 +23,7 @@ def _print_table(rows: list[list[str]], header: list[str]) -> None:
 
 def cmd_image_build(args) -> int:
     from smolvm_kernel.images import ImageCache
-    from smolvm_kernel.snapshot import SnapshotCache
+    from smolvm_kernel.vm.snapshot import SnapshotCache
 
     cache = ImageCache()
     for profile in args.profile:
@@ -51,7 +51,7 @@ def cmd_image_ls(args) -> int:
                      ["PROFILE", "HASH", "KERNEL", "SIZE", "PATH"])
     else:
         print("no images; build one with `smolvm-kernel image build`")
-    from smolvm_kernel.snapshot import SNAPSHOT_FORMAT, SnapshotCache
+    from smolvm_kernel.vm.snapshot import SNAPSHOT_FORMAT, SnapshotCache
 
     current = {i.key for i in images}
     rows = []
@@ -82,7 +82,7 @@ def cmd_image_rm(args) -> int:
 
 
 def cmd_ls(args) -> int:
-    from smolvm_kernel.state import Registry
+    from smolvm_kernel.host.registry import Registry
 
     if args.all:
         return _ls_host(args.socket)
@@ -100,11 +100,12 @@ def cmd_ls(args) -> int:
 
 def _ls_host(socket_path: str | None) -> int:
     """Every VM the host's admission service has granted, by user (root sees all)."""
-    from smolvm_kernel import hostd, policy
+    from smolvm_kernel.host import policy
+    from smolvm_kernel.host.admission import SOCKET_PATH, HostClient
 
     pol = policy.load()
-    path = socket_path or (pol.hostd if pol and pol.hostd else hostd.SOCKET_PATH)
-    client = hostd.HostClient(path)
+    path = socket_path or (pol.hostd if pol and pol.hostd else SOCKET_PATH)
+    client = HostClient(path)
     try:
         grants = client.list()
     finally:
@@ -141,23 +142,25 @@ def _escape(value, limit: int = 80) -> str:
 
 
 def cmd_hostd(args) -> int:
-    from smolvm_kernel import hostd
+    from smolvm_kernel.classroom import hostd
+    from smolvm_kernel.host.admission import SOCKET_PATH
 
-    return hostd.serve(args.socket or hostd.SOCKET_PATH)
+    return hostd.serve(args.socket or SOCKET_PATH)
 
 
 def cmd_admission(args) -> int:
     """One line: "ok", or "refused: <why>" (exit 1), for a VM of the shape a kernel
     here would get (this host's policy and SMOLVM_* settings)."""
-    from smolvm_kernel.hostd import admission_answer
+    from smolvm_kernel.config import SandboxConfig
+    from smolvm_kernel.host.admission import admission_answer
 
-    answer = admission_answer()
+    answer = admission_answer(SandboxConfig().validated())
     print(answer)
     return 0 if answer.startswith("ok") else 1
 
 
 def cmd_classroom(args) -> int:
-    from smolvm_kernel import classroom
+    from smolvm_kernel.classroom import deploy as classroom
 
     folder = Path(args.dir or classroom.DEFAULT_DIR)
     if args.action in ("up", "setup"):
@@ -170,7 +173,7 @@ def cmd_classroom(args) -> int:
         print(f"JupyterHub on http://127.0.0.1:{args.port}/ (Ctrl-C stops it)", flush=True)
         return classroom.run(folder)
     if args.action == "confine":
-        from smolvm_kernel import confine
+        from smolvm_kernel.classroom import confine
         return confine.serve(confine.StudentLimits(args.student_mem_mib or confine.DEFAULT_MEM_MIB,
                                                    args.student_cpus or confine.DEFAULT_CPUS,
                                                    args.student_tasks or confine.DEFAULT_TASKS))
@@ -181,7 +184,7 @@ def cmd_classroom(args) -> int:
 
 
 def cmd_cleanup(args) -> int:
-    from smolvm_kernel.state import Registry
+    from smolvm_kernel.host.registry import Registry
 
     lines = Registry().cleanup(everything=args.all)
     for line in lines:
@@ -193,12 +196,12 @@ def cmd_cleanup(args) -> int:
 
 def cmd_doctor(args) -> int:
     if getattr(args, "hosts", None):
-        from smolvm_kernel.hosts import doctor_hosts
+        from smolvm_kernel.remote.doctor import doctor_hosts
         return doctor_hosts([h for h in args.hosts.split(",") if h], args.user)
     if getattr(args, "json", False):
         import json
 
-        from smolvm_kernel.hosts import summary
+        from smolvm_kernel.remote.doctor import summary
         print(json.dumps(summary()))
         return 0
     from smolvm_kernel.backends.accel import choose_accel, host_tsc_khz
@@ -242,7 +245,7 @@ def cmd_doctor(args) -> int:
                 line("", f"probe: {choice.detail}")
         except SmolVMError as exc:
             line("accelerator", str(exc), False)
-    from smolvm_kernel.snapshot import SnapshotCache
+    from smolvm_kernel.vm.snapshot import SnapshotCache
 
     snaps = [d for d in SnapshotCache().root.glob("*") if not d.name.startswith(".")] \
         if SnapshotCache().root.is_dir() else []
@@ -255,15 +258,15 @@ def cmd_doctor(args) -> int:
              "would also merge identical pages they write")
     except OSError:
         pass
-    from smolvm_kernel import cgroups
+    from smolvm_kernel.host import cgroups
 
     where = cgroups.probe()
     # Not a fault: VMs still run, only without host limits of their own.
     line("cgroups", f"each VMM in its own ({where.describe()}); a {cfg.mem_mib} MiB VM's VMM may use "
                     f"{cfg.mem_mib + cfg.vmm_overhead_mib} MiB" if not isinstance(where, str) else
          f"none: {where}; VMMs run without memory/CPU/pids limits of their own")
-    from smolvm_kernel.net import NetworkError, check_host
-    from smolvm_kernel.sandbox import qemu_vsock_available
+    from smolvm_kernel.host.net import NetworkError, check_host
+    from smolvm_kernel.vm.sandbox import qemu_vsock_available
 
     line("transport", "vsock (/dev/vhost-vsock)" if qemu_vsock_available() and backend == "qemu" else
          ("vsock" if backend == "firecracker" else "virtio-serial (no /dev/vhost-vsock)")
@@ -284,8 +287,8 @@ def cmd_doctor(args) -> int:
 
 def cmd_setup(args) -> int:
     """Build the image(s), register a kernelspec per profile, then run doctor."""
-    from smolvm_kernel import kernelspec
     from smolvm_kernel.images import ImageCache
+    from smolvm_kernel.jupyter import kernelspec
 
     _compile_own_modules()
     cache = ImageCache()
@@ -308,10 +311,10 @@ def _compile_own_modules() -> None:
     then compile ~5000 lines (~20 ms) before answering its frontend.
     """
     import compileall
+    import importlib.util
 
-    import smolvm_guest
-
-    for package in (Path(__file__).parent, Path(smolvm_guest.__file__).parent):
+    guest = importlib.util.find_spec("smolvm_guest")      # its folder, without importing it
+    for package in (Path(__file__).parent, Path(guest.origin).parent):
         compileall.compile_dir(str(package), quiet=1)
 
 
@@ -322,7 +325,7 @@ def _prepare_snapshot(profile: str, boot_anyway: bool = True) -> None:
     boots only with ``boot_anyway`` (setup's check that a VM starts).
     """
     from smolvm_kernel.config import SandboxConfig
-    from smolvm_kernel.sandbox import Sandbox
+    from smolvm_kernel.vm.sandbox import Sandbox
 
     cfg = SandboxConfig()
     if cfg.snapshot == "off":
@@ -342,7 +345,7 @@ def _prepare_snapshot(profile: str, boot_anyway: bool = True) -> None:
 
 
 def cmd_install(args) -> int:
-    from smolvm_kernel import kernelspec
+    from smolvm_kernel.jupyter import kernelspec
 
     prefix = sys.prefix if args.sys_prefix else args.prefix
     path = kernelspec.install(args.name, args.display_name, user=args.user, prefix=prefix,
@@ -355,7 +358,7 @@ def cmd_install(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from smolvm_kernel.demo import main as demo_main
+    from smolvm_kernel.jupyter.demo import main as demo_main
 
     return demo_main(args.rest)
 

@@ -64,7 +64,7 @@ def _env_float(name: str, fallback: float) -> float:
 class SandboxConfig(Configurable):
     """Size, image, backend and limits of one microVM."""
 
-    #: The instructor's policy in force (smolvm_kernel.policy), read by validated().
+    #: The instructor's policy in force (smolvm_kernel.host.policy), read by validated().
     policy = None
 
     def __init__(self, **kwargs) -> None:
@@ -337,7 +337,7 @@ class SandboxConfig(Configurable):
     @validate("egress_allow")
     def _check_allow(self, proposal):
         from smolvm_kernel.errors import ConfigError
-        from smolvm_kernel.net import Allow
+        from smolvm_kernel.host.net import Allow
 
         for entry in proposal["value"]:
             try:
@@ -429,8 +429,8 @@ class SandboxConfig(Configurable):
             cfg.disk_mib = min(cfg.disk_mib, cfg.max_disk_mib)
         finally:
             _IGNORE_ENV.reset(token)
-        from smolvm_kernel import policy
         from smolvm_kernel.errors import ConfigError
+        from smolvm_kernel.host import policy
 
         try:
             cfg.policy = policy.load()
@@ -462,8 +462,8 @@ class SandboxConfig(Configurable):
         Raises ConfigError naming the value and the fix when a value is out of
         range, above a host limit, or at odds with another setting.
         """
-        from smolvm_kernel import policy
         from smolvm_kernel.errors import ConfigError
+        from smolvm_kernel.host import policy
 
         chosen = {name for name, env in _SHAPE_ENV.items() if name in self._given or _env(env) is not None}
         try:

@@ -118,7 +118,7 @@ def main() -> int:
 
     site.main()
     from smolvm_kernel import timeline
-    from smolvm_kernel.kernel import main as kernel_main
+    from smolvm_kernel.jupyter.kernel import main as kernel_main
 
     timeline.mark("launcher exec", _EXEC_AT)
     timeline.mark("ports listening", listening_at)

@@ -20,12 +20,14 @@ import subprocess
 from pathlib import Path
 from typing import ClassVar
 
-from smolvm_kernel.cgroups import VMGroup
+from smolvm_guest import wire
+from smolvm_kernel.errors import SmolVMError
+from smolvm_kernel.host.cgroups import VMGroup
 from smolvm_kernel.images import Image
 
 _PR_SET_PDEATHSIG = 1
-#: The guest agent's AF_VSOCK listener (guest/agent.py VSOCK_PORT).
-AGENT_VSOCK_PORT = 1024
+#: The guest agent's AF_VSOCK listener.
+AGENT_VSOCK_PORT = wire.VSOCK_PORT
 #: The console and VMM logs in a VM's run folder are cut back to their last
 #: LOG_KEEP_BYTES once they pass LOG_CAP_BYTES (see Backend.cap_logs): root in
 #: the guest can print to its console without end.
@@ -344,3 +346,11 @@ async def connect_unix(path: Path, timeout: float, proc_alive) -> tuple[asyncio.
             last = exc
             await asyncio.sleep(0.01)
     raise ConnectionError(f"could not connect to {path}: {last}")
+
+
+def copy_sparse(src: Path, dst: Path) -> None:
+    """Copy a disk image keeping holes (and sharing extents where the FS can)."""
+    proc = subprocess.run(["cp", "--sparse=always", "--reflink=auto", str(src), str(dst)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SmolVMError(f"copying the snapshot disk failed: {proc.stderr.strip()}")

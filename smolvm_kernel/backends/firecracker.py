@@ -428,7 +428,7 @@ def firecracker_available(binary: str) -> tuple[bool, str]:
 class FirecrackerBackend(Backend):
     """A Firecracker process configured over its API socket, with a hybrid-vsock channel.
 
-    With ``restore`` (a :class:`~smolvm_kernel.snapshot.Snapshot` whose folder
+    With ``restore`` (a :class:`~smolvm_kernel.vm.snapshot.Snapshot` whose folder
     holds ``state.bin``, ``scratch.img`` and ``memory.bin``, the last two
     written by :func:`save_snapshot`) the VM is not booted: the scratch disk
     is copied from the snapshot and a fresh Firecracker gets only PUT
@@ -495,7 +495,7 @@ class FirecrackerBackend(Backend):
             await asyncio.to_thread(create_scratch_disk, self.spec.scratch_disk, self.spec.disk_mib)
             requests = boot_requests(self.spec, run)
         else:
-            from smolvm_kernel.snapshot import copy_sparse
+            from smolvm_kernel.backends.base import copy_sparse
 
             # The snapshot reopens the drive paths the template had: this copy
             # must land where the template's scratch disk was (class docstring).

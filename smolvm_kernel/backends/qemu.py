@@ -13,12 +13,12 @@ import pwd
 import shutil
 import sys
 
+from smolvm_guest import wire
 from smolvm_kernel import timeline
 from smolvm_kernel.backends.base import (AGENT_VSOCK_PORT, Backend, VMSpec, connect_unix, connect_vsock,
                                          create_scratch_disk)
 from smolvm_kernel.errors import ToolNotFound
 
-SERIAL_PORT_NAME = "org.smolvm.agent.0"
 
 
 def qemu_argv(spec: VMSpec, binary: str, *, extra_cmdline: tuple[str, ...] = (),
@@ -87,7 +87,7 @@ def qemu_argv(spec: VMSpec, binary: str, *, extra_cmdline: tuple[str, ...] = (),
         "-device", "virtio-balloon-device",
         "-device", "virtio-serial-device",
         "-chardev", f"socket,id=agent,path={run / 'agent.sock'},server=on,wait=off",
-        "-device", f"virtserialport,chardev=agent,name={SERIAL_PORT_NAME}",
+        "-device", f"virtserialport,chardev=agent,name={wire.SERIAL_PORT_NAME}",
         "-qmp", f"unix:{run / 'qmp.sock'},server=on,wait=off",
     ]
     if spec.seed is not None:
@@ -136,7 +136,7 @@ def unprivileged_user() -> str | None:
 class QemuBackend(Backend):
     """A QEMU microvm process with a virtio-serial agent channel.
 
-    With ``restore`` (a :class:`~smolvm_kernel.snapshot.Snapshot`) the VM is
+    With ``restore`` (a :class:`~smolvm_kernel.vm.snapshot.Snapshot`) the VM is
     not booted but loaded from the saved state (``-incoming``), with its own
     copy of the snapshot's scratch disk; the device command line is the same.
     A restore whose ``scratch`` is None (a VM paused to disk, pause.py) keeps
@@ -163,7 +163,7 @@ class QemuBackend(Backend):
         if self.restore is None:
             await asyncio.to_thread(create_scratch_disk, self.spec.scratch_disk, self.spec.disk_mib)
         elif self.restore.scratch is not None:
-            from smolvm_kernel.snapshot import copy_sparse
+            from smolvm_kernel.backends.base import copy_sparse
 
             await asyncio.to_thread(copy_sparse, self.restore.scratch, self.spec.scratch_disk)
         fds = {"base": os.open(self.spec.image.rootfs, os.O_RDONLY),

@@ -102,7 +102,7 @@ def connect(ip: str, keys: SSHKeys, *, port: int = SSH_PORT, netns: str = "",
     """Log in (retrying while the guest's server comes up); returns (client, channel)."""
     import paramiko
 
-    from smolvm_kernel.net import in_netns
+    from smolvm_kernel.host.net import in_netns
 
     deadline = time.monotonic() + timeout
     last: Exception | None = None

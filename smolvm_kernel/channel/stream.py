@@ -18,12 +18,9 @@ import time
 from collections.abc import Callable
 
 from smolvm_guest import wire
-from smolvm_guest.wire import Channel
+from smolvm_guest.wire import SYNC_MAGIC, Channel
 from smolvm_kernel.errors import GuestDied, ProtocolError, ProtocolMismatch
 
-#: Written by the agent (with the hello's nonce) right before its hello reply,
-#: so the host can skip any stale bytes a previous connection left behind.
-SYNC_MAGIC = b"\x00\xffSMOLVM-SYNC\xff\x00"
 #: Stale bytes we are willing to skip while looking for the sync marker.
 MAX_RESYNC_BYTES = 64 * 1024 * 1024
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from smolvm_kernel.errors import CommandFailed, ImageBuildError, ToolNotFound
 from smolvm_kernel.images import recipe
-from smolvm_kernel.images.cache import Image, ImageCache
+from smolvm_kernel.images.image import Image
 
 _TOOLS = {
     "mmdebstrap": "mmdebstrap (Debian: apt-get install mmdebstrap)",
@@ -40,9 +40,13 @@ _LZ4_LEGACY_MAGIC = b"\x02\x21\x4c\x18"
 
 
 class ImageBuilder:
-    """Build one profile's image into an :class:`ImageCache`, atomically."""
+    """Build one profile's image into an image cache, atomically.
 
-    def __init__(self, cache: ImageCache, profile: recipe.Profile,
+    ``cache`` is the :class:`~smolvm_kernel.images.cache.ImageCache` that asks
+    (its folders, ``get`` and ``prune_stale``); the cache imports the builder,
+    never the other way round."""
+
+    def __init__(self, cache, profile: recipe.Profile,
                  progress: Callable[[str], None] | None = None) -> None:
         self.cache = cache
         self.profile = profile

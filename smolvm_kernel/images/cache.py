@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -10,36 +9,7 @@ from pathlib import Path
 from smolvm_kernel import paths
 from smolvm_kernel.errors import ConfigError, ImageNotFound
 from smolvm_kernel.images import recipe
-
-
-@dataclasses.dataclass(frozen=True)
-class Image:
-    """A built guest image: kernel, initramfs and read-only root file system."""
-
-    profile: str
-    key: str
-    directory: Path
-    kernel_release: str
-
-    @property
-    def vmlinuz(self) -> Path:
-        return self.directory / "vmlinuz"
-
-    @property
-    def vmlinux(self) -> Path:
-        """Uncompressed ELF kernel (Firecracker; PVH boot under QEMU)."""
-        return self.directory / "vmlinux"
-
-    @property
-    def initramfs(self) -> Path:
-        return self.directory / "initramfs.cpio"
-
-    @property
-    def rootfs(self) -> Path:
-        return self.directory / "rootfs.sqfs"
-
-    def size_bytes(self) -> int:
-        return sum(p.stat().st_size for p in self.directory.iterdir() if p.is_file())
+from smolvm_kernel.images.image import Image
 
 
 class ImageCache:

@@ -15,8 +15,8 @@ import types
 
 import pytest
 
-import smolvm_guest.agent as agent_mod
 from smolvm_guest import wire
+import smolvm_guest.agent as agent_mod
 from smolvm_guest.wire import Channel
 from smolvm_kernel.channel.stream import GuestChannel
 from smolvm_kernel.errors import ProtocolError, ProtocolMismatch

@@ -9,8 +9,8 @@ import queue
 
 import pytest
 
-from smolvm_kernel.guest_news import guest_figures
-from smolvm_kernel.sandbox import Sandbox
+from smolvm_kernel.vm.guest_news import guest_figures
+from smolvm_kernel.vm.sandbox import Sandbox
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import json
 import multiprocessing
 import os
 
-from smolvm_kernel.audit import AuditLog
+from smolvm_kernel.host.audit import AuditLog
 
 
 def test_an_event_is_one_json_line_with_who_and_when(tmp_path):

@@ -9,8 +9,8 @@ import threading
 
 from smolvm_guest import wire
 from smolvm_guest.wire import Channel
-from smolvm_kernel.backpressure import ByteGate
 from smolvm_kernel.channel.stream import GuestChannel
+from smolvm_kernel.jupyter.backpressure import ByteGate
 
 
 def test_the_gate_pauses_past_high_and_resumes_at_half():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from smolvm_kernel import cgroups
+from smolvm_kernel.host import cgroups
 
 V1_MOUNTS = """\
 30 25 0:26 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from jupyter_client.kernelspec import NoSuchKernel
 
-from smolvm_kernel.classroom import ClassroomKernelSpecManager
-from smolvm_kernel.transfer import TransferError, confine, confine_writable
+from smolvm_kernel.classroom.deploy import ClassroomKernelSpecManager
+from smolvm_kernel.jupyter.transfer import TransferError, confine, confine_writable
 
 
 def _spec(folder: Path, name: str, argv: list[str]) -> None:
@@ -43,7 +43,7 @@ def test_a_pull_never_writes_into_a_hidden_place(tmp_path):
 
 
 def test_a_kernel_starts_only_in_the_home_and_never_in_a_hidden_folder(tmp_path):
-    from smolvm_kernel.classroom import kernel_path_refusal
+    from smolvm_kernel.classroom.deploy import kernel_path_refusal
 
     home = tmp_path / "home"
     (home / "lab").mkdir(parents=True)
@@ -57,7 +57,7 @@ def test_a_kernel_starts_only_in_the_home_and_never_in_a_hidden_folder(tmp_path)
 
 
 def test_a_student_process_is_placed_only_in_its_own_group_or_a_vmm_group():
-    from smolvm_kernel.confine import placed
+    from smolvm_kernel.classroom.confine import placed
 
     v1 = "9:pids:/smolvm-students/{n}\n4:memory:/x/smolvm-students/{n}\n1:cpu,cpuacct:{cpu}\n0::/\n"
     assert placed(v1.format(n="s1", cpu="/smolvm-students/s1"), "s1", 1) == {"memory": True, "cpu": True,
@@ -71,11 +71,11 @@ def test_a_student_process_is_placed_only_in_its_own_group_or_a_vmm_group():
 
 
 def test_the_students_servers_are_written_without_the_routes_to_the_host():
-    from smolvm_kernel.classroom import HUB_CONFIG, STUDENT_SERVER_CONFIG
+    from smolvm_kernel.classroom.deploy import HUB_CONFIG, STUDENT_SERVER_CONFIG
 
     for line in ("c.TemplateExporter.extra_template_basedirs = []", 'c.LabApp.extension_manager = "readonly"',
                  'c.ServerApp.root_dir = os.path.expanduser("~")', "c.ServerApp.terminals_enabled = False"):
         assert line in STUDENT_SERVER_CONFIG
-    for needle in ('"smolvm_kernel.classroom.ClassroomSpawner"', '"JUPYTER_DATA_DIR"', '"classroom", "confine"',
+    for needle in ('"smolvm_kernel.classroom.deploy.ClassroomSpawner"', '"JUPYTER_DATA_DIR"', '"classroom", "confine"',
                    'c.ClassroomSpawner.workdir = "{dir}/server-cwd"'):
         assert needle in HUB_CONFIG

@@ -6,7 +6,7 @@ import pytest
 
 from smolvm_kernel.config import SandboxConfig
 from smolvm_kernel.errors import ConfigError
-from smolvm_kernel.sandbox import Sandbox
+from smolvm_kernel.vm.sandbox import Sandbox
 
 
 def test_defaults():

@@ -18,7 +18,7 @@ from smolvm_kernel.backends.firecracker import (FirecrackerAPIError, Firecracker
                                                 snapshot_load_body, vsock_connect)
 from smolvm_kernel.errors import ProtocolError, SmolVMError
 from smolvm_kernel.images import Image
-from smolvm_kernel.snapshot import Snapshot
+from smolvm_kernel.vm.snapshot import Snapshot
 
 import smolvm_kernel.backends.firecracker as firecracker_module
 

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from smolvm_kernel import gateway
+from smolvm_kernel.remote import launcher as gateway
 
 
 def _manager(monkeypatch):
@@ -88,7 +88,7 @@ def test_the_remote_command_quotes_every_value_a_client_can_choose(tmp_path, mon
 
     import gateway_provisioners.distributed as dist
 
-    from smolvm_kernel import placement
+    from smolvm_kernel.remote import placement
 
     monkeypatch.setattr(dist, "kernel_log_dir", str(tmp_path))
     monkeypatch.setattr(placement, "kernel_log_dir", str(tmp_path))

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from smolvm_kernel import policy
-from smolvm_kernel.audit import AuditLog
-from smolvm_kernel.hostd import AdmissionRefused, Admissions, HostClient, HostService
+from smolvm_kernel.classroom.hostd import Admissions, HostService
+from smolvm_kernel.host import policy
+from smolvm_kernel.host.admission import AdmissionRefused, HostClient
+from smolvm_kernel.host.audit import AuditLog
 
 
 def _policy(**caps) -> policy.Policy:
@@ -87,7 +88,7 @@ def test_each_per_vm_cap_of_the_policy_is_hostds_own_check():
 
 
 def test_the_host_wide_caps_of_the_grants_cgroup_folder():
-    from smolvm_kernel.hostd import VMM_OVERHEAD_MIB, host_limits
+    from smolvm_kernel.classroom.hostd import VMM_OVERHEAD_MIB, host_limits
 
     lim = host_limits(_policy(host_max_guest_mem_mib=4096, host_max_vms=4, host_reserve_mib=2048), 8, 32_768)
     assert lim.memory_bytes == (4096 + 4 * VMM_OVERHEAD_MIB) * 2**20
@@ -118,7 +119,7 @@ def service(tmp_path, request):
 
 
 def _remove_test_parent(name: str) -> None:
-    from smolvm_kernel import cgroups
+    from smolvm_kernel.host import cgroups
 
     where = cgroups.probe(name)
     if not isinstance(where, str):
@@ -214,7 +215,7 @@ def test_a_grants_vmm_cgroup_takes_only_the_holders_child(service):
     import subprocess
     import sys
 
-    from smolvm_kernel import cgroups
+    from smolvm_kernel.host import cgroups
 
     if isinstance(cgroups.probe(), str):
         pytest.skip(f"no cgroup hierarchy here: {cgroups.probe()}")

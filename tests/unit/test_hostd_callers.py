@@ -24,9 +24,10 @@ from pathlib import Path
 
 import pytest
 
-from smolvm_kernel import policy
-from smolvm_kernel.audit import AuditLog
-from smolvm_kernel.hostd import HostClient, HostService
+from smolvm_kernel.classroom.hostd import HostService
+from smolvm_kernel.host import policy
+from smolvm_kernel.host.admission import HostClient
+from smolvm_kernel.host.audit import AuditLog
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="setuid() to nobody needs root")
 
@@ -94,7 +95,7 @@ def start(folder):
 @pytest.fixture
 def cgroup_parent():
     """A folder of this test's own for the grants' cgroups (hostd caps it: not the host's)."""
-    from smolvm_kernel import cgroups
+    from smolvm_kernel.host import cgroups
 
     name = f"smolvm-hostd-test-{os.getpid()}"
     if isinstance(cgroups.probe(name), str):
@@ -337,7 +338,8 @@ def test_only_the_holders_own_child_joins_once_and_no_other_process(cgroup_paren
 
 
 def test_the_grants_cgroups_sit_in_one_folder_with_the_hosts_caps(cgroup_parent, start):
-    from smolvm_kernel import cgroups, hostd
+    from smolvm_kernel.classroom import hostd
+    from smolvm_kernel.host import cgroups
 
     parent = cgroup_parent
     pol = _policy(host_max_guest_mem_mib=1024, host_max_vms=2, host_reserve_mib=512)
@@ -366,7 +368,8 @@ def test_the_grants_cgroups_sit_in_one_folder_with_the_hosts_caps(cgroup_parent,
 def test_the_start_time_check_refuses_a_reused_pid(tmp_path, monkeypatch):
     """The pid races, with /proc faked: the holder's pid now someone else's, and
     the joiner's pid reused while it was being moved in (moved back)."""
-    from smolvm_kernel import cgroups, hostd
+    from smolvm_kernel.classroom import hostd
+    from smolvm_kernel.host import cgroups
 
     sleepers = [subprocess.Popen(["sleep", "60"]) for _ in range(3)]
     holder_fd, joiner_fd, other_fd = (os.pidfd_open(p.pid) for p in sleepers)

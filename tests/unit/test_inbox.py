@@ -7,11 +7,11 @@ from __future__ import annotations
 from smolvm_guest import wire
 from smolvm_guest.wire import Channel
 from smolvm_kernel.config import SandboxConfig
-from smolvm_kernel.inbox import Inbox
-from smolvm_kernel.sandbox import Sandbox
+from smolvm_kernel.vm.inbox import Inbox
+from smolvm_kernel.vm.sandbox import Sandbox
 from jupyter_client.session import Session as GuestSession
 
-from smolvm_kernel.session import Session
+from smolvm_kernel.vm.session import Session
 
 KEY = b"k" * 64
 

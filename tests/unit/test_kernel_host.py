@@ -19,9 +19,9 @@ from jupyter_client.connect import write_connection_file
 from jupyter_client.session import Session
 
 from smolvm_guest.wire import Channel
-from smolvm_kernel.audit import AuditLog
 from smolvm_kernel.config import SandboxConfig
-from smolvm_kernel.kernel import SmolVMKernel
+from smolvm_kernel.host.audit import AuditLog
+from smolvm_kernel.jupyter.kernel import SmolVMKernel
 
 GUEST_KEY = b"k" * 64
 
@@ -30,7 +30,7 @@ class FakeSandbox:
     """Sandbox-shaped: answers execute_request at once, or when released."""
 
     def __init__(self, config, progress=None) -> None:
-        from smolvm_kernel.sandbox import SandboxState
+        from smolvm_kernel.vm.sandbox import SandboxState
 
         self.config = config
         self.States = SandboxState
@@ -399,7 +399,7 @@ def test_boot_progress_leaves_nothing_in_the_saved_outputs(running, slow):
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the policy file must be root's: run as root")
 def test_config_line_shows_the_instructors_caps_and_refuses_beyond_them(running, tmp_path, monkeypatch):
-    from smolvm_kernel import policy
+    from smolvm_kernel.host import policy
 
     monkeypatch.setattr(policy, "POLICY_FILE", str(tmp_path / "no-such-policy.toml"))
     path = tmp_path / "policy.toml"

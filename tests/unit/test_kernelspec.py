@@ -8,9 +8,9 @@ import sys
 import pytest
 from jupyter_client.kernelspec import KernelSpecManager
 
-from smolvm_kernel import kernelspec
 from smolvm_kernel.config import load_config
 from smolvm_kernel.errors import ConfigError
+from smolvm_kernel.jupyter import kernelspec
 
 
 def test_install_registers_smolvm_python_with_logos(tmp_path, monkeypatch):

@@ -113,7 +113,7 @@ def test_a_wrong_setting_is_named_in_the_notebook_and_the_kernel_stays_up(tmp_pa
     """The kernel process started from its kernelspec, no VM: every cell says what to fix."""
     from jupyter_client.manager import start_new_kernel
 
-    from smolvm_kernel import kernelspec
+    from smolvm_kernel.jupyter import kernelspec
 
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "share" / "jupyter"))
     kernelspec.install("smolvm-test", prefix=str(tmp_path))

@@ -13,7 +13,7 @@ import pytest
 
 from smolvm_kernel.config import SandboxConfig
 from smolvm_kernel.errors import ConfigError
-from smolvm_kernel.net import Allow, Lease, LeaseBook, NetworkError, has_net_admin, render_rules
+from smolvm_kernel.host.net import Allow, Lease, LeaseBook, NetworkError, has_net_admin, render_rules
 
 
 @pytest.fixture
@@ -108,7 +108,7 @@ def test_forwarding_goes_on_for_smolvm_taps_only_and_off_with_the_last():
 
     from pyroute2 import IPRoute, netns
 
-    from smolvm_kernel.net import GUARD_TABLE, enable_forwarding, in_netns, release_forwarding
+    from smolvm_kernel.host.net import GUARD_TABLE, enable_forwarding, in_netns, release_forwarding
 
     name = f"smvu{secrets.token_hex(3)}"
     nft = shutil.which("nft")
@@ -147,7 +147,7 @@ def test_a_namespace_that_forwarded_already_is_left_as_it_was():
 
     from pyroute2 import netns
 
-    from smolvm_kernel.net import GUARD_TABLE, enable_forwarding, in_netns, release_forwarding
+    from smolvm_kernel.host.net import GUARD_TABLE, enable_forwarding, in_netns, release_forwarding
 
     name = f"smvu{secrets.token_hex(3)}"
     nft = shutil.which("nft")
@@ -198,7 +198,7 @@ def test_allowlist_rules_end_in_a_drop():
 @pytest.mark.skipif(shutil.which("nft") is None, reason="nft not installed")
 def test_rendered_rules_parse_with_nft(tmp_path):
     # --check parses and resolves the ruleset without loading it.
-    from smolvm_kernel.net import render_guard
+    from smolvm_kernel.host.net import render_guard
 
     for allow, dns in (([], []), ([Allow.parse("198.18.0.2/32:8080")], []), ([], ["10.0.0.2", "192.0.2.53"])):
         proc = subprocess.run(["nft", "--check", "-f", "-"], input=render_rules(_lease(), allow, dns),
@@ -234,7 +234,7 @@ def test_pool_must_be_a_private_range(pool):
 
 
 def test_transport_choice(monkeypatch):
-    from smolvm_kernel import sandbox
+    from smolvm_kernel.vm import sandbox
 
     monkeypatch.setattr(sandbox, "qemu_vsock_available", lambda: False)
     assert sandbox.pick_transport(SandboxConfig(), "qemu") == "serial"
@@ -294,7 +294,7 @@ def test_ssh_keys_are_fresh_and_never_printed():
 
 
 def test_no_net_admin_message_says_what_is_needed(monkeypatch):
-    from smolvm_kernel import net
+    from smolvm_kernel.host import net
 
     monkeypatch.setattr(net, "has_net_admin", lambda: False)
     with pytest.raises(NetworkError) as err:
@@ -310,8 +310,8 @@ def test_pool_subnets_are_in_the_pool(book):
 def test_cleanup_keeps_a_lease_made_while_it_runs(tmp_path, monkeypatch):
     # The race a precomputed live set had: a VM's record and lease both appear
     # after cleanup looked at the records but before it read the leases.
-    from smolvm_kernel import net
-    from smolvm_kernel.state import Registry, VMRecord
+    from smolvm_kernel.host import net
+    from smolvm_kernel.host.registry import Registry, VMRecord
 
     registry = Registry(tmp_path)
     removed = []
@@ -333,7 +333,7 @@ def test_cleanup_keeps_a_lease_made_while_it_runs(tmp_path, monkeypatch):
 
 
 def test_name_servers_are_a_deliberate_choice(tmp_path):
-    from smolvm_kernel.net import guest_name_servers, host_name_servers
+    from smolvm_kernel.host.net import guest_name_servers, host_name_servers
 
     resolv = tmp_path / "resolv.conf"
     resolv.write_text("nameserver 127.0.0.53\nnameserver 192.0.2.53\nnameserver ::1\nsearch lan\n")
@@ -348,7 +348,7 @@ def test_name_servers_are_a_deliberate_choice(tmp_path):
 
 
 def test_an_allowlist_decides_which_name_servers_a_guest_gets():
-    from smolvm_kernel.net import guest_name_servers
+    from smolvm_kernel.host.net import guest_name_servers
 
     allow = [Allow.parse("192.0.2.53/32:53"), Allow.parse("198.51.100.0/24:443")]
     servers, notes = guest_name_servers(["192.0.2.53", "198.51.100.9"], allow)

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from smolvm_kernel.output_policy import OutputPolicy, safe_output, sanitize_html, sanitize_markdown
+from smolvm_kernel.jupyter.output_policy import OutputPolicy, safe_output, sanitize_html, sanitize_markdown
 
 
 @pytest.fixture
@@ -162,7 +162,7 @@ def test_malformed_content_does_not_raise(policy):
 
 
 def test_safe_output_for_sandbox_callers():
-    from smolvm_kernel.sandbox import Output
+    from smolvm_kernel.vm.sandbox import Output
 
     out = safe_output(Output("display_data", {"data": {"text/html": "<script>x</script><i>ok</i>"}, "metadata": {}}))
     assert out.content["data"]["text/html"] == "<i>ok</i>"

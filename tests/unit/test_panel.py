@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from smolvm_kernel.config import USER_SETTINGS, SandboxConfig
-from smolvm_kernel.panel import ControlPanel, render_details
+from smolvm_kernel.jupyter.panel import ControlPanel, render_details
 
 
 class FakeActions:
@@ -98,7 +98,7 @@ def test_network_toggle_asks_to_restart_with_nat(panel):
 
 
 def test_network_refusal_from_the_host_shows_in_the_panel(panel):
-    from smolvm_kernel.net import NetworkError
+    from smolvm_kernel.host.net import NetworkError
 
     p, actions = panel
 
@@ -168,7 +168,7 @@ def test_actions_decide_what_needs_a_restart(panel):
 
 
 def test_needs_restart_asks_the_sandbox_about_memory():
-    from smolvm_kernel.panel import needs_restart
+    from smolvm_kernel.jupyter.panel import needs_restart
 
     class Box:
         def can_resize_live(self, mib):

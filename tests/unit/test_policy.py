@@ -6,9 +6,9 @@ import os
 
 import pytest
 
-from smolvm_kernel import policy
 from smolvm_kernel.config import SandboxConfig
 from smolvm_kernel.errors import ConfigError
+from smolvm_kernel.host import policy
 
 POLICY = """
 max_vcpus = 1

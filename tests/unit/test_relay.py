@@ -9,7 +9,7 @@ from jupyter_client.session import Session
 
 from smolvm_guest.wire import Channel
 from smolvm_kernel.errors import GuestDied
-from smolvm_kernel.relay import DELIM, Relay
+from smolvm_kernel.jupyter.relay import DELIM, Relay
 
 HOST_KEY = b"host-key-never-seen-by-the-guest"
 GUEST_KEY = b"g" * 64
@@ -108,7 +108,7 @@ def test_message_signed_with_another_key_is_dropped(setup):
 
 
 def test_forged_host_comm_messages_are_dropped(setup):
-    from smolvm_kernel.hostcomm import HostComms
+    from smolvm_kernel.jupyter.host_comms import HostComms
 
     relay, guest, frontend, sent = setup
     published = []
@@ -214,7 +214,7 @@ def _signed(frames: list[bytes]) -> list[bytes]:
 def test_correctly_signed_malformed_messages_never_raise(setup, chan, header, parent, content):
     """Confirmed on a real VM before: a list as parent msg_id, or a header nested
     5,000 deep, raised out of the relay and ended the host kernel."""
-    from smolvm_kernel.hostcomm import HostComms
+    from smolvm_kernel.jupyter.host_comms import HostComms
 
     relay, guest, frontend, sent = setup
     relay.host_comms = HostComms(lambda *a: None)
@@ -230,7 +230,7 @@ def test_correctly_signed_malformed_messages_never_raise(setup, chan, header, pa
 
 
 def test_host_comm_named_through_a_json_escape_is_dropped(setup):
-    from smolvm_kernel.hostcomm import HostComms
+    from smolvm_kernel.jupyter.host_comms import HostComms
 
     relay, guest, frontend, sent = setup
     relay.host_comms = HostComms(lambda *a: None)
@@ -330,7 +330,7 @@ def test_output_policy_applies_to_what_the_guest_displays(setup):
 
 
 def test_trusted_policy_passes_outputs_unchanged(setup):
-    from smolvm_kernel.output_policy import OutputPolicy
+    from smolvm_kernel.jupyter.output_policy import OutputPolicy
 
     relay, guest, frontend, sent = setup
     relay.policy = OutputPolicy("trusted")

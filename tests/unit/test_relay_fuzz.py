@@ -16,8 +16,8 @@ import random
 from jupyter_client.session import Session
 
 from smolvm_guest.wire import Channel
-from smolvm_kernel.hostcomm import HostComms
-from smolvm_kernel.relay import DELIM, Relay
+from smolvm_kernel.jupyter.host_comms import HostComms
+from smolvm_kernel.jupyter.relay import DELIM, Relay
 
 HOST_KEY = b"h" * 32
 GUEST_KEY = b"g" * 64

@@ -7,7 +7,7 @@ import json
 import pytest
 from jupyter_client.session import Session as ClientSession
 
-from smolvm_kernel.session import DELIM, Session
+from smolvm_kernel.vm.session import DELIM, Session
 
 KEY = b"k" * 32
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from smolvm_kernel.images import Image
-from smolvm_kernel.snapshot import SnapshotCache, snapshot_key
+from smolvm_kernel.vm.snapshot import SnapshotCache, snapshot_key
 
 BASE = dict(backend="qemu", accel="tcg", vcpus=2, mem_mib=512, disk_mib=2048, vmm="qemu|1|2",
             tsc_khz=2600000)

@@ -7,7 +7,8 @@ import subprocess
 import sys
 import threading
 
-from smolvm_kernel.state import Registry, VMRecord, process_start_time, this_process
+from smolvm_kernel.host.procs import process_start_time, this_process
+from smolvm_kernel.host.registry import Registry, VMRecord
 
 
 def _record(reg: Registry, vm_id: str, owner: int, owner_start: int) -> VMRecord:

@@ -80,5 +80,7 @@ def test_host_and_guest_agree_on_the_protocol():
 
     assert agent.wire is wire
     assert stream.wire is wire
-    assert agent.SYNC_MAGIC == stream.SYNC_MAGIC
+    for name in ("SYNC_MAGIC", "SERIAL_PORT_NAME", "VSOCK_PORT"):     # defined once, in the wire module
+        assert getattr(agent, name) is getattr(wire, name)
+    assert stream.SYNC_MAGIC is wire.SYNC_MAGIC
     assert isinstance(wire.PROTOCOL_VERSION, int) and wire.PROTOCOL_VERSION >= 1

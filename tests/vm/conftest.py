@@ -12,7 +12,7 @@ import shutil
 import pytest
 
 from smolvm_kernel.images import ImageCache
-from smolvm_kernel.sandbox import Sandbox
+from smolvm_kernel.vm.sandbox import Sandbox
 
 
 def pytest_collection_modifyitems(items):
@@ -62,7 +62,7 @@ def sandbox(_shared_sandbox, request) -> Sandbox:
     test (a death no test asked for), it fails that test with the death and the
     guest console: an unexplained death is a finding, not noise. The VM is reset
     first, so the tests after it still run."""
-    from smolvm_kernel.sandbox import SandboxState
+    from smolvm_kernel.vm.sandbox import SandboxState
 
     if _shared_sandbox.state == SandboxState.DEAD:
         found = (f"the shared test VM was found dead before {request.node.nodeid}: {_shared_sandbox._death}\n"
@@ -92,7 +92,7 @@ def kernelspec(image):
     """Install smolvm-python (and a scipy variant) into the test's Jupyter path."""
     import os
 
-    from smolvm_kernel import kernelspec as ks
+    from smolvm_kernel.jupyter import kernelspec as ks
 
     prefix = os.environ["SMOLVM_TEST_PREFIX"]
     ks.install("smolvm-python", prefix=prefix, backend="qemu")

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from smolvm_kernel.sandbox import HEARTBEAT_IDLE_S, HEARTBEAT_TIMEOUT_S, Sandbox, SandboxState
+from smolvm_kernel.vm.sandbox import HEARTBEAT_IDLE_S, HEARTBEAT_TIMEOUT_S, Sandbox, SandboxState
 
 
 @pytest.fixture(scope="module")

@@ -40,8 +40,8 @@ def lab(image, tmp_path_factory):
     if not os.path.exists(CHROMIUM):
         pytest.skip("Debian's chromium is not installed (apt-get install chromium chromium-driver)")
     pytest.importorskip("playwright.sync_api", reason="pip install playwright (no browser download needed)")
-    from smolvm_kernel import kernelspec
     from smolvm_kernel.images import ImageCache
+    from smolvm_kernel.jupyter import kernelspec
 
     ImageCache().ensure("scipy")
     kernelspec.install("smolvm-scipy", prefix=os.environ["SMOLVM_TEST_PREFIX"], profile="scipy", backend="qemu")
@@ -356,7 +356,7 @@ def test_hostile_outputs_do_not_run_in_the_browser(lab, page, exfil_server):
 
     from playwright.sync_api import expect
 
-    from smolvm_kernel import kernelspec
+    from smolvm_kernel.jupyter import kernelspec
 
     base, token, root = lab
     port, fetched = exfil_server

@@ -71,7 +71,7 @@ class Classroom:
         return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
     def student(self, i: int):
-        from smolvm_kernel.hubclient import HubStudent
+        from hubclient import HubStudent
 
         name, password = self.students[i]
         if name not in self.clients:
@@ -84,7 +84,7 @@ class Classroom:
 
 @pytest.fixture(scope="module")
 def classroom():
-    from smolvm_kernel import classroom as cr
+    from smolvm_kernel.classroom import deploy as cr
 
     folder = Path(tempfile.mkdtemp(prefix="smolvm-classroom-", dir="/tmp"))
     os.chmod(folder, 0o755)
@@ -226,7 +226,7 @@ def test_students_log_in_and_get_only_smolvm_kernels_and_no_host_shell(classroom
                            {"cmd": "install", "extension_name": "jupyterlab-night"})
     assert code == 422 and b"was blocked" in body, (code, body[:300])   # read-only manager: no pip install
     # A wrong password does not get in.
-    from smolvm_kernel.hubclient import HubError, HubStudent
+    from hubclient import HubError, HubStudent
     with pytest.raises(HubError):
         HubStudent(classroom.base, s.name, "wrong-" + secrets.token_hex(4)).login()
 

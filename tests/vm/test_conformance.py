@@ -39,7 +39,7 @@ class SmolVMKernelConformance(jupyter_kernel_test.KernelTests):
 
     @classmethod
     def setUpClass(cls) -> None:
-        from smolvm_kernel import kernelspec
+        from smolvm_kernel.jupyter import kernelspec
 
         kernelspec.install(cls.kernel_name, prefix=os.environ["SMOLVM_TEST_PREFIX"], backend="qemu")
         super().setUpClass()
@@ -68,8 +68,8 @@ class SmolVMKernelOverSSH(SmolVMKernelConformance):
 
         from pyroute2 import netns
 
-        from smolvm_kernel import kernelspec
-        from smolvm_kernel.net import has_net_admin
+        from smolvm_kernel.host.net import has_net_admin
+        from smolvm_kernel.jupyter import kernelspec
 
         if not has_net_admin():
             raise unittest.SkipTest("needs CAP_NET_ADMIN (root) for the namespace, TAP and nftables")

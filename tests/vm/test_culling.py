@@ -13,7 +13,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from smolvm_kernel.state import Registry
+from smolvm_kernel.host.registry import Registry
 
 
 def _free_port() -> int:

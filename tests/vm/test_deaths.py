@@ -16,7 +16,7 @@ import time
 import pytest
 
 from smolvm_kernel.errors import GuestDied
-from smolvm_kernel.sandbox import HEARTBEAT_IDLE_S, HEARTBEAT_TIMEOUT_S, Sandbox, SandboxState
+from smolvm_kernel.vm.sandbox import HEARTBEAT_IDLE_S, HEARTBEAT_TIMEOUT_S, Sandbox, SandboxState
 
 
 def _alive(pid: int) -> bool:
@@ -138,7 +138,7 @@ def _fault(vm: Sandbox, what: str) -> None:
     """Send the agent's fault op without waiting for an answer (none comes)."""
     from smolvm_guest import wire
     from smolvm_guest.wire import Channel
-    from smolvm_kernel import aio
+    from smolvm_kernel.vm import aio
 
     body = wire.encode_json({"op": "fault", "id": 999_999, "what": what})
     aio.loop().call_soon_threadsafe(vm._channel.send, Channel.AGENT, body)   # noqa: SLF001

@@ -17,7 +17,7 @@ def test_firecracker_sandbox_runs_a_cell() -> None:
     if not ok:
         pytest.skip(f"Firecracker backend unavailable: {why}")
     # Imported here: a broken sandbox.py must not stop the skip above from being reported.
-    from smolvm_kernel.sandbox import Sandbox
+    from smolvm_kernel.vm.sandbox import Sandbox
 
     with Sandbox(backend="firecracker", firecracker_path=binary, vcpus=1, mem_mib=512) as sb:
         assert sb.backend is not None and sb.backend.name == "firecracker"

@@ -70,8 +70,8 @@ def two_hosts(folder: Path, host2_max_vms: int | None = 1):
     """Two hosts in namespaces with sshd, and a Jupyter Server with
     gateway_provisioners reaching them; yields (client, hosts). Everything is
     removed on exit. Also used by benchmarks/gateway_bench.py."""
-    from smolvm_kernel import kernelspec
-    from smolvm_kernel.hubclient import ServerUser
+    from smolvm_kernel.jupyter import kernelspec
+    from hubclient import ServerUser
 
     if not Path(SSHD).exists():
         raise RuntimeError("openssh-server is missing: scripts/install-system-deps --test installs it")

@@ -34,8 +34,8 @@ def _launchers() -> list[int]:
 
 @pytest.fixture(scope="module")
 def gateway(image, tmp_path_factory):
-    from smolvm_kernel import kernelspec
-    from smolvm_kernel.hubclient import ServerUser
+    from smolvm_kernel.jupyter import kernelspec
+    from hubclient import ServerUser
 
     root = tmp_path_factory.mktemp("gateway")
     kernelspec.install("smolvm-gateway", prefix=str(root), gateway_hosts=["127.0.0.1"])
@@ -57,7 +57,7 @@ def gateway(image, tmp_path_factory):
 
 
 def test_a_kernel_through_the_distributed_provisioner_runs_interrupts_restarts_and_shuts_down(gateway):
-    from smolvm_kernel.state import Registry
+    from smolvm_kernel.host.registry import Registry
 
     user, root = gateway
     before = {r.vm_id for r in Registry().list()}
@@ -91,7 +91,7 @@ def test_a_jupyter_server_with_gateway_url_runs_a_smolvm_kernel_through_the_gate
     Notebook serve from) configured with the gateway's URL (--gateway-url), whose
     GatewayClient asks the gateway for the kernel; the cell runs in a VM the
     gateway placed."""
-    from smolvm_kernel.hubclient import ServerUser
+    from hubclient import ServerUser
 
     gw, _ = gateway
     # The client server's own configuration: the gateway's URL and token, and the

@@ -14,10 +14,11 @@ import time
 
 import pytest
 
-from smolvm_kernel import policy
-from smolvm_kernel.audit import AuditLog
-from smolvm_kernel.hostd import AdmissionRefused, HostService
-from smolvm_kernel.sandbox import Sandbox
+from smolvm_kernel.classroom.hostd import HostService
+from smolvm_kernel.host import policy
+from smolvm_kernel.host.admission import AdmissionRefused
+from smolvm_kernel.host.audit import AuditLog
+from smolvm_kernel.vm.sandbox import Sandbox
 
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the policy file must be root's: run as root")
@@ -41,7 +42,7 @@ def host(tmp_path, monkeypatch, image):
     loop.call_soon_threadsafe(loop.stop)
     thread.join(5)
     loop.close()
-    from smolvm_kernel import cgroups
+    from smolvm_kernel.host import cgroups
 
     where = cgroups.probe(svc.cgroup_parent)
     if not isinstance(where, str):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from jupyter_client.manager import start_new_kernel
 
-from smolvm_kernel.state import Registry
+from smolvm_kernel.host.registry import Registry
 
 
 def run(kc, code, timeout=120, **kw):
@@ -194,7 +194,7 @@ def test_restart_gives_a_brand_new_vm_and_shutdown_leaves_nothing(kernelspec):
 
 def test_per_cell_timeout_interrupts_then_resets(kernelspec):
     """A kernelspec with --timeout: a slow cell is interrupted; one that ignores SIGINT gets a fresh VM."""
-    from smolvm_kernel import kernelspec as ks
+    from smolvm_kernel.jupyter import kernelspec as ks
 
     ks.install("smolvm-timeout", prefix=os.environ["SMOLVM_TEST_PREFIX"], backend="qemu", timeout=3)
     km, kc = start_new_kernel(kernel_name="smolvm-timeout", startup_timeout=60)
@@ -212,7 +212,7 @@ def test_per_cell_timeout_interrupts_then_resets(kernelspec):
         assert "VM was reset" in reply["evalue"]
         reply, outs = run(kc, "print('marker' in globals())", timeout=120)
         assert stdout(outs).strip().endswith("False")                    # a fresh VM
-        from smolvm_kernel.audit import AuditLog, default_path
+        from smolvm_kernel.host.audit import AuditLog, default_path
         assert any(e["event"] == "death" and e.get("cause", "").startswith("timeout: a cell ran past exec_timeout=3 s")
                    for e in AuditLog(default_path()).read())              # the audit log says why
     finally:

@@ -26,7 +26,7 @@ import threading
 
 import pytest
 
-from smolvm_kernel.net import has_net_admin, in_netns
+from smolvm_kernel.host.net import has_net_admin, in_netns
 
 pytestmark = pytest.mark.skipif(not has_net_admin(), reason="needs CAP_NET_ADMIN (root) for netns/TAP/nft")
 
@@ -117,7 +117,7 @@ def lab(image):
 
 
 def _vm(lab, **kw):
-    from smolvm_kernel.sandbox import Sandbox
+    from smolvm_kernel.vm.sandbox import Sandbox
 
     sb = Sandbox(network="nat", netns=lab[0], backend="qemu", dns=[SILENT_DNS], **kw)
     return sb
@@ -344,7 +344,7 @@ def _ns_has(netns, tap, table) -> tuple[bool, bool]:
 
 
 def test_stop_removes_tap_rules_and_lease(lab):
-    from smolvm_kernel.net import LeaseBook
+    from smolvm_kernel.host.net import LeaseBook
 
     sb = _vm(lab)
     sb.start()
@@ -357,7 +357,7 @@ def test_stop_removes_tap_rules_and_lease(lab):
 
 OWNER = """
 import sys, time
-from smolvm_kernel.sandbox import Sandbox
+from smolvm_kernel.vm.sandbox import Sandbox
 sb = Sandbox(network="nat", netns=sys.argv[1], backend="qemu", dns=[])
 sb.start()
 lease = sb._net.lease
@@ -367,8 +367,8 @@ time.sleep(600)
 
 
 def test_cleanup_after_the_owner_is_killed(lab):
-    from smolvm_kernel.net import LeaseBook
-    from smolvm_kernel.state import Registry
+    from smolvm_kernel.host.net import LeaseBook
+    from smolvm_kernel.host.registry import Registry
 
     proc = subprocess.Popen([sys.executable, "-c", OWNER, lab[0]], stdout=subprocess.PIPE, text=True,
                             env=os.environ.copy())

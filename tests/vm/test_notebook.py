@@ -7,15 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from smolvm_kernel import kernelspec
 from smolvm_kernel.images import ImageCache
+from smolvm_kernel.jupyter import kernelspec
 
 NOTEBOOK = Path(__file__).resolve().parents[2] / "notebooks" / "demo.ipynb"
 
 
 @pytest.fixture(scope="module")
 def executed(image, tmp_path_factory):
-    from smolvm_kernel.demo import run_notebook
+    from smolvm_kernel.jupyter.demo import run_notebook
 
     ImageCache().ensure("scipy")
     kernelspec.install("smolvm-scipy", prefix=os.environ["SMOLVM_TEST_PREFIX"], profile="scipy",

@@ -130,7 +130,7 @@ def test_teardown_then_the_next_cell_starts_a_fresh_vm(panel_kernel):
     client.run("z = 3")
     client.confirm("Teardown")
     client.pump(lambda: client.state() == "stopped", timeout=60)
-    from smolvm_kernel.state import Registry
+    from smolvm_kernel.host.registry import Registry
     pid = km.provisioner.process.pid
     assert [r for r in Registry().list() if r.owner_pid == pid] == []
     content, outs = client.run("print('z' in dir())")

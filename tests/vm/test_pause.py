@@ -7,9 +7,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from smolvm_kernel.pause import STATE_FILE
-from smolvm_kernel.sandbox import SandboxState
-from smolvm_kernel.state import Registry
+from smolvm_kernel.host.registry import Registry
+from smolvm_kernel.vm.pause import STATE_FILE
+from smolvm_kernel.vm.sandbox import SandboxState
 
 
 def _wait_paused(sb, timeout: float = 60.0) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from smolvm_kernel.errors import ExecutionTimeout, GuestDied, GuestFileError
-from smolvm_kernel.sandbox import SandboxState
+from smolvm_kernel.vm.sandbox import SandboxState
 
 
 def run(sb, code, **kw):
@@ -177,7 +177,7 @@ def test_file_put_and_get(sandbox):
 def test_pull_is_limited_and_writes_whole_files_only(sandbox, tmp_path):
     """A pull over its limit writes nothing (not even a partial file); one
     within it lands whole, under its name, through a temporary file."""
-    from smolvm_kernel import transfer
+    from smolvm_kernel.jupyter import transfer
 
     payload = os.urandom(2 * 1024 * 1024 + 5)
     sandbox.put_file(payload, "pull/big.bin")
@@ -200,7 +200,7 @@ def test_the_vmm_runs_unprivileged(sandbox):
         assert set(uids) == {str(pwd.getpwnam("nobody").pw_uid)}, uids
     else:
         assert set(uids) == {str(os.geteuid())}, uids
-    from smolvm_kernel import cgroups
+    from smolvm_kernel.host import cgroups
 
     if not isinstance(cgroups.probe(), str):      # a writable hierarchy: the VMM is in it
         assert "/smolvm/" in Path(f"/proc/{sandbox.backend.pid}/cgroup").read_text()
@@ -301,7 +301,7 @@ def test_killed_owner_leaves_no_vmm_and_cleanup_leaves_nothing(image, state_dir)
 
 def test_boot_timeout_reports_the_console_and_leaves_nothing(image, state_dir):
     from smolvm_kernel.errors import BootTimeout
-    from smolvm_kernel.sandbox import Sandbox
+    from smolvm_kernel.vm.sandbox import Sandbox
 
     before = set(Path(state_dir, "vms").iterdir())
     sb = Sandbox(backend="qemu", boot_timeout=5, snapshot="off")
@@ -315,7 +315,7 @@ def test_boot_timeout_reports_the_console_and_leaves_nothing(image, state_dir):
 
 def test_missing_qemu_says_what_to_install(image):
     from smolvm_kernel.errors import ToolNotFound
-    from smolvm_kernel.sandbox import Sandbox
+    from smolvm_kernel.vm.sandbox import Sandbox
 
     with pytest.raises(ToolNotFound, match="qemu-system-x86 .Debian.*SMOLVM_QEMU"):
         Sandbox(backend="qemu", qemu_path="/nonexistent/qemu-system-x86_64").start()

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from smolvm_kernel.sandbox import Sandbox
-from smolvm_kernel.snapshot import SnapshotCache
+from smolvm_kernel.vm.sandbox import Sandbox
+from smolvm_kernel.vm.snapshot import SnapshotCache
 
 FINGERPRINT = ("import os, random, uuid\n"
                "print(os.urandom(16).hex(), random.random(), uuid.uuid4(),"

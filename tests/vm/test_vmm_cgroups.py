@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from smolvm_kernel import cgroups
 from smolvm_kernel.errors import GuestDied
-from smolvm_kernel.sandbox import Sandbox
+from smolvm_kernel.host import cgroups
+from smolvm_kernel.vm.sandbox import Sandbox
 
 
 @pytest.fixture(autouse=True)

@@ -20,7 +20,7 @@ from collections.abc import Callable
 import comm
 from comm.base_comm import BaseComm, CommManager
 
-log = logging.getLogger("smolvm_kernel.hostcomm")
+log = logging.getLogger("smolvm_kernel.jupyter.host_comms")
 HOST_COMM_PREFIX = "smolvmhost"
 _HOST_ID = re.compile(r"smolvmhost[0-9a-f]{32}")
 

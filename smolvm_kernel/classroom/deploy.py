@@ -41,7 +41,7 @@ from pathlib import Path
 
 from smolvm_kernel.errors import SmolVMError
 
-from smolvm_kernel.confine import GROUP  # noqa: E402  (the students' Unix group; confine.py needs it too)
+from smolvm_kernel.classroom.confine import GROUP  # noqa: E402  (the students' Unix group; confine.py needs it too)
 DEFAULT_DIR = "/var/lib/smolvm-classroom"
 #: Every kernelspec a student may use; the policy's profiles pick among them.
 KERNELSPECS = {"base": "smolvm-python", "scipy": "smolvm-scipy"}
@@ -69,12 +69,12 @@ STUDENT_SERVER_CONFIG = """\
 # Written by smolvm-kernel classroom: the students' Jupyter Server settings.
 # Student code runs only in microVMs: nothing here may run it on the host.
 import os
-c.ServerApp.kernel_spec_manager_class = "smolvm_kernel.classroom.ClassroomKernelSpecManager"
+c.ServerApp.kernel_spec_manager_class = "smolvm_kernel.classroom.deploy.ClassroomKernelSpecManager"
 c.KernelSpecManager.allowed_kernelspecs = {kernelspecs!r}
 c.KernelSpecManager.ensure_native_kernel = False      # no host Python kernel
 c.ServerApp.terminals_enabled = False                 # a terminal is a host shell
 c.ContentsManager.allow_hidden = False                # no ~/.jupyter, ~/.local uploads
-c.ServerApp.kernel_manager_class = "smolvm_kernel.classroom.CullingKernelManager"
+c.ServerApp.kernel_manager_class = "smolvm_kernel.classroom.deploy.CullingKernelManager"
 c.MappingKernelManager.cull_idle_timeout = {cull}
 c.MappingKernelManager.cull_interval = {cull_interval}
 c.MappingKernelManager.cull_connected = True          # a forgotten open tab is idle too
@@ -115,7 +115,7 @@ c.PAMAuthenticator.open_sessions = False
 c.Authenticator.admin_users = set()
 # Each student's server starts in a root-made cgroup of their own, in a
 # root-owned working directory, with their home as the notebooks' folder.
-c.JupyterHub.spawner_class = "smolvm_kernel.classroom.ClassroomSpawner"
+c.JupyterHub.spawner_class = "smolvm_kernel.classroom.deploy.ClassroomSpawner"
 c.ClassroomSpawner.student_mem_mib = {mem_mib}
 c.ClassroomSpawner.student_cpus = {cpus}
 c.ClassroomSpawner.student_tasks = {tasks}
@@ -202,8 +202,8 @@ def students_python(folder: Path, profiles: list[str]) -> Path:
                               f"python3 they can: apt-get install python3-venv")
         print(f"making a Python environment students can run, in {venv} (a minute)", flush=True)
         subprocess.run([base, "-m", "venv", str(venv)], check=True)
-        src = Path(__file__).resolve().parent.parent
-        from smolvm_kernel import __version__
+        src = Path(__file__).resolve().parents[2]
+        from smolvm_kernel._version import __version__
         target = f"{src}[classroom]" if (src / "pyproject.toml").exists() else f"smolvm-kernel[classroom]=={__version__}"
         proc = subprocess.run([str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check", target],
                               capture_output=True, text=True)
@@ -224,8 +224,8 @@ def students_python(folder: Path, profiles: list[str]) -> Path:
 def _share_cache(dest: Path, profiles: list[str]) -> None:
     """Copy this host's images where students can read them (the snapshots of
     their shape are built there next: _build_shared_snapshots)."""
+    from smolvm_kernel.backends.base import copy_sparse
     from smolvm_kernel.images import ImageCache
-    from smolvm_kernel.snapshot import copy_sparse
 
     images = ImageCache()
     for sub in ("images", "snapshots"):
@@ -255,7 +255,7 @@ def _readable_by_all(tree: Path) -> None:
 _SNAPSHOT_SCRIPT = """
 import sys
 from smolvm_kernel.config import SandboxConfig
-from smolvm_kernel.sandbox import Sandbox
+from smolvm_kernel.vm.sandbox import Sandbox
 cfg = SandboxConfig().validated()        # the shape a student gets under the policy
 shape = dict(vcpus=cfg.vcpus, mem_mib=cfg.mem_mib, disk_mib=cfg.disk_mib)
 import os
@@ -337,8 +337,8 @@ def setup(folder: Path, students: int, port: int = 8000, prefix: str = "student"
 
     ``student_*`` size each student's cgroup, which holds all their processes
     on the host but their VMMs (confine.py; defaults there)."""
-    from smolvm_kernel import confine
-    from smolvm_kernel import policy as policy_mod
+    from smolvm_kernel.classroom import confine
+    from smolvm_kernel.host import policy as policy_mod
 
     _need_root()
     limits = confine.StudentLimits(
@@ -437,7 +437,7 @@ def teardown(folder: Path, hub: subprocess.Popen | None) -> None:
 
 def down(folder: Path) -> list[str]:
     """Remove the students listed in ``folder/students.csv`` (home folders too)."""
-    from smolvm_kernel import confine
+    from smolvm_kernel.classroom import confine
 
     _need_root()
     done = []
@@ -569,7 +569,7 @@ class ClassroomSpawner(LocalProcessSpawner):
     workdir = Unicode("/", config=True, help="the servers' working directory (root's)")
 
     def make_preexec_fn(self, name):
-        from smolvm_kernel import confine
+        from smolvm_kernel.classroom import confine
 
         limits = confine.StudentLimits(self.student_mem_mib, self.student_cpus, self.student_tasks)
         dirs = confine.ensure(name, limits)          # in the hub, as root; raises if it cannot
@@ -597,9 +597,9 @@ class ClassroomSpawner(LocalProcessSpawner):
 def record_event(event: str, **fields) -> None:
     """An audit entry from a student's server: through hostd (which writes it with
     the uid it sees), else to the log directly. Never raises."""
-    from smolvm_kernel import policy as policy_mod
-    from smolvm_kernel.audit import AuditLog
-    from smolvm_kernel.hostd import HostClient
+    from smolvm_kernel.host import policy as policy_mod
+    from smolvm_kernel.host.admission import HostClient
+    from smolvm_kernel.host.audit import AuditLog
 
     try:
         pol = policy_mod.load()

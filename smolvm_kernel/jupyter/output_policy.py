@@ -525,10 +525,10 @@ def _renders_html(record: dict) -> bool:
 
 
 def safe_output(output, policy: OutputPolicy | None = None):
-    """An :class:`~smolvm_kernel.sandbox.Output` fit to display: what
+    """An :class:`~smolvm_kernel.vm.sandbox.Output` fit to display: what
     ``Sandbox.execute`` returns is the guest's, untrusted; this applies the
     safe output policy to it (a new Output; streams and errors are text)."""
-    from smolvm_kernel.sandbox import Output
+    from smolvm_kernel.vm.sandbox import Output
 
     policy = policy or OutputPolicy()
     content = dict(output.content)

@@ -20,14 +20,14 @@ SSH_TIMEOUT_S = 5.0
 
 def summary() -> dict:
     """This host's facts for a gateway (``doctor --json``)."""
-    from smolvm_kernel import __version__
+    from smolvm_kernel._version import __version__
     from smolvm_kernel.backends.accel import choose_accel
     from smolvm_kernel.backends.qemu import find_qemu
     from smolvm_kernel.config import SandboxConfig
     from smolvm_kernel.errors import SmolVMError
-    from smolvm_kernel.hostd import admission_answer
+    from smolvm_kernel.host.admission import admission_answer
     from smolvm_kernel.images import ImageCache
-    from smolvm_kernel.snapshot import SnapshotCache
+    from smolvm_kernel.vm.snapshot import SnapshotCache
 
     out: dict = {"version": __version__}
     images = ImageCache().list()
@@ -37,7 +37,7 @@ def summary() -> dict:
     try:
         cfg = SandboxConfig().validated()
         out["accel"] = choose_accel(cfg.accel, find_qemu(cfg.qemu_path), images[0]).name if images else None
-        out["admission"] = admission_answer()
+        out["admission"] = admission_answer(SandboxConfig().validated())
     except SmolVMError as exc:
         out["error"] = str(exc).splitlines()[0]
     return out

@@ -21,12 +21,12 @@ from collections.abc import Callable
 
 from smolvm_guest.wire import Channel
 from smolvm_kernel import timeline
-from smolvm_kernel.budget import OutputBudget, size_label
 from smolvm_kernel.errors import SmolVMError
-from smolvm_kernel.output_policy import OutputPolicy
-from smolvm_kernel.session import DELIM, Session, sign
+from smolvm_kernel.jupyter.output_policy import OutputPolicy
+from smolvm_kernel.vm.budget import OutputBudget, size_label
+from smolvm_kernel.vm.session import DELIM, Session, sign
 
-log = logging.getLogger("smolvm_kernel.relay")
+log = logging.getLogger("smolvm_kernel.jupyter.relay")
 
 
 @dataclasses.dataclass
@@ -49,7 +49,7 @@ class Relay:
     """The message logic, apart from sockets and threads (unit-testable).
 
     ``send_frontend(socket_name, frames)`` delivers to the frontend;
-    ``sandbox`` is a :class:`~smolvm_kernel.sandbox.Sandbox` (or a fake in tests).
+    ``sandbox`` is a :class:`~smolvm_kernel.vm.sandbox.Sandbox` (or a fake in tests).
     """
 
     def __init__(self, session: Session, sandbox, send_frontend: Callable[[str, list[bytes]], None],

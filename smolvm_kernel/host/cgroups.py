@@ -35,7 +35,7 @@ import re
 import time
 from pathlib import Path
 
-log = logging.getLogger("smolvm_kernel.cgroups")
+log = logging.getLogger("smolvm_kernel.host.cgroups")
 
 #: Name of the folder that holds one cgroup per VM.
 PARENT = "smolvm"

@@ -88,15 +88,13 @@ import struct
 import time
 from pathlib import Path
 
-from smolvm_kernel import cgroups
-from smolvm_kernel import policy as policy_mod
-from smolvm_kernel.audit import AuditLog
-from smolvm_kernel.errors import SmolVMError
+from smolvm_kernel.host import cgroups
+from smolvm_kernel.host import policy as policy_mod
+from smolvm_kernel.host.admission import _MAX_LINE, SOCKET_PATH, AdmissionRefused
+from smolvm_kernel.host.audit import AuditLog
 
-log = logging.getLogger("smolvm_kernel.hostd")
+log = logging.getLogger("smolvm_kernel.classroom.hostd")
 
-SOCKET_PATH = "/run/smolvm/hostd.sock"
-_MAX_LINE = 64 * 1024
 #: The events users' kernels and servers may write (what sandbox.py, kernel.py,
 #: pause.py and classroom.py send today). Never admit, release, join or
 #: events_dropped: those are the service's own.
@@ -121,10 +119,6 @@ ADMIT_BURST, ADMIT_RATE = 30, 0.2
 MAX_DISK_MIB = 1 << 20
 #: Linux's SO_PEERPIDFD (6.5+): a pidfd of the very process that connected.
 SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)
-
-
-class AdmissionRefused(SmolVMError):
-    """The host's admission service said no; the message says who is over what."""
 
 
 @dataclasses.dataclass
@@ -776,122 +770,6 @@ def _close_grant_fds(grant: Grant) -> None:
             except OSError:
                 pass
             setattr(grant, name, None)
-
-
-class HostClient:
-    """A Sandbox's connection to hostd: holds its VM's grant while it is open."""
-
-    def __init__(self, path: str, timeout: float = 10.0) -> None:
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            self.sock.settimeout(timeout)
-            self.sock.connect(path)
-        except OSError as exc:
-            self.sock.close()
-            raise SmolVMError(f"the host's admission service ({path}) is not answering ({exc}); the "
-                              f"instructor's policy needs it to start a microVM: ask the instructor "
-                              f"to start it (smolvm-kernel hostd)") from None
-        self._file = self.sock.makefile("rb")
-        self.grant: int | None = None
-        #: The VMM cgroup that came with the grant (hostd made it), or why none.
-        self.cgroup: DelegatedGroup | None = None
-        self.cgroup_note = ""
-
-    def _ask(self, req: dict) -> dict:
-        self.sock.sendall(json.dumps(req).encode() + b"\n")
-        line = self._file.readline(_MAX_LINE)
-        if not line:
-            raise SmolVMError(f"the host's admission service ({self.path}) closed the connection")
-        return json.loads(line)
-
-    def admit(self, vcpus: int, mem_mib: int, kernel_id: str = "", disk_mib: int | None = None,
-              profile: str | None = None, network: str | None = None) -> int:
-        """A grant for a VM of this shape (disk_mib, profile and network: the service
-        refuses a request without one its policy caps), or AdmissionRefused."""
-        reply = self._ask({"op": "admit", "vcpus": vcpus, "mem_mib": mem_mib, "kernel_id": kernel_id,
-                           **_present(disk_mib=disk_mib, profile=profile, network=network)})
-        if not reply.get("ok"):
-            raise AdmissionRefused(f"the host refused to start a microVM: {reply.get('why')}")
-        self.grant = reply["grant"]
-        if isinstance(reply.get("cgroup_dirs"), list):
-            limits = cgroups.Limits(int(reply["memory_bytes"]), int(reply["cpu_quota_us"]),
-                                    int(reply["cpu_period_us"]), int(reply["pids"]))
-            self.cgroup = DelegatedGroup(f"grant-{self.grant}", [Path(d) for d in reply["cgroup_dirs"]],
-                                         limits, int(reply["cgroup_version"]), self.path, self.grant)
-        else:
-            self.cgroup_note = str(reply.get("none", ""))
-        return self.grant
-
-    def check(self, vcpus: int, mem_mib: int, disk_mib: int | None = None, profile: str | None = None,
-              network: str | None = None) -> str | None:
-        """Why a VM of this shape would be refused now, or None (nothing is granted)."""
-        reply = self._ask({"op": "check", "vcpus": vcpus, "mem_mib": mem_mib,
-                           **_present(disk_mib=disk_mib, profile=profile, network=network)})
-        return None if reply.get("ok") else str(reply.get("why"))
-
-    def event(self, event: str, **fields) -> None:
-        try:
-            self.sock.sendall(json.dumps({"op": "event", "event": event, "fields": fields},
-                                         default=str).encode() + b"\n")
-        except OSError as exc:
-            log.warning("cannot send an audit event to hostd: %s", exc)
-
-    def list(self) -> list[dict]:
-        return self._ask({"op": "ls"}).get("grants", [])
-
-    def close(self) -> None:
-        """Give the grant back (closing is enough: the service releases what a connection held)."""
-        try:
-            self._file.close()
-            self.sock.close()
-        except OSError:
-            pass
-
-
-def _present(**fields) -> dict:
-    return {k: v for k, v in fields.items() if v is not None}
-
-
-class DelegatedGroup(cgroups.VMGroup):
-    """A VMM cgroup made by hostd: the VMM's process asks the service to move it
-    in (join, between fork and exec); hostd removes it with the grant."""
-
-    def __init__(self, vm_id, dirs, limits, version, socket_path: str, grant: int) -> None:
-        super().__init__(vm_id, dirs, limits, version)
-        self.socket_path, self.grant = socket_path, grant
-
-    def join(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(10)
-            sock.connect(self.socket_path)
-            sock.sendall(json.dumps({"op": "join", "grant": self.grant}).encode() + b"\n")
-            reply = json.loads(sock.makefile("rb").readline(_MAX_LINE) or b"{}")
-        finally:
-            sock.close()
-        if not reply.get("ok"):
-            raise OSError(f"hostd did not move the VMM into its cgroup: {reply.get('why')}")
-
-    def remove(self, wait: float = 2.0) -> bool:
-        return True       # the service's: it goes with the grant
-
-
-def admission_answer() -> str:
-    """Whether this host would start a VM of the shape a kernel here gets, now:
-    "ok", "ok (no budget)" or "refused: <why>" (doctor --json, admission)."""
-    from smolvm_kernel.config import SandboxConfig
-
-    cfg = SandboxConfig().validated()
-    pol = cfg.policy
-    if pol is None or not pol.hostd:
-        return "ok (no budget)"
-    client = HostClient(pol.hostd)
-    try:
-        why = client.check(cfg.vcpus, cfg.mem_mib, cfg.disk_mib, cfg.profile, cfg.network)
-    finally:
-        client.close()
-    return "ok" if why is None else f"refused: {why}"
 
 
 def serve(path: str = SOCKET_PATH) -> int:

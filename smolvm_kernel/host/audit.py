@@ -37,7 +37,7 @@ import socket
 import threading
 from pathlib import Path
 
-log = logging.getLogger("smolvm_kernel.audit")
+log = logging.getLogger("smolvm_kernel.host.audit")
 
 #: Past this size the log is rotated (audit.jsonl -> audit.jsonl.1 -> ... .N).
 MAX_BYTES = 16 * 1024 * 1024

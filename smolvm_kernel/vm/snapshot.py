@@ -19,17 +19,16 @@ import logging
 import os
 import secrets
 import shutil
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 from smolvm_kernel import paths
-from smolvm_kernel.backends.base import VMSpec
+from smolvm_kernel.backends.base import VMSpec, copy_sparse
 from smolvm_kernel.errors import SmolVMError
 from smolvm_kernel.images import Image
 
-log = logging.getLogger("smolvm_kernel.snapshot")
+log = logging.getLogger("smolvm_kernel.vm.snapshot")
 #: Bump when what a snapshot holds changes in a way the key does not capture.
 SNAPSHOT_FORMAT = 4     # 4: guest RAM in its own file, mapped copy-on-write by forks
 
@@ -268,11 +267,3 @@ def _save(qmp_path: Path, state: Path) -> int:
 
     with QMP(qmp_path) as qmp:
         return qmp.migrate_to_file(state, ignore_shared=True)
-
-
-def copy_sparse(src: Path, dst: Path) -> None:
-    """Copy a disk image keeping holes (and sharing extents where the FS can)."""
-    proc = subprocess.run(["cp", "--sparse=always", "--reflink=auto", str(src), str(dst)],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SmolVMError(f"copying the snapshot disk failed: {proc.stderr.strip()}")

@@ -11,14 +11,14 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEFAULT_NOTEBOOK = REPO / "notebooks" / "demo.ipynb"
 
 
 def ensure_kernelspec(name: str, **options) -> None:
     from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 
-    from smolvm_kernel import kernelspec
+    from smolvm_kernel.jupyter import kernelspec
 
     try:
         KernelSpecManager().get_kernel_spec(name)

@@ -36,8 +36,8 @@ import re
 import time
 from pathlib import Path
 
-from smolvm_kernel import cgroups
 from smolvm_kernel.errors import SmolVMError
+from smolvm_kernel.host import cgroups
 
 #: The Unix group of a classroom's students (classroom.py makes it).
 GROUP = "smolvm-students"

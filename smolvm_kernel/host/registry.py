@@ -14,11 +14,11 @@ import shutil
 import signal
 import sqlite3
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from smolvm_kernel import paths
+from smolvm_kernel.host.db import transaction
+from smolvm_kernel.host.procs import process_alive, process_start_time
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS vms (
@@ -37,66 +37,6 @@ CREATE TABLE IF NOT EXISTS vms (
     extra TEXT NOT NULL DEFAULT '{}'
 )
 """
-
-
-@contextmanager
-def transaction(db_path, *schemas: str) -> Iterator[sqlite3.Connection]:
-    """One write transaction on the state DB: one writer at a time, across processes."""
-    con = sqlite3.connect(db_path, timeout=30, isolation_level=None)
-    try:
-        _use_wal(con, time.monotonic() + 30)
-        for schema in schemas:
-            con.execute(schema)
-        con.execute("BEGIN IMMEDIATE")
-        yield con
-        con.execute("COMMIT")
-    except BaseException:
-        if con.in_transaction:
-            con.execute("ROLLBACK")
-        raise
-    finally:
-        con.close()
-
-
-def _use_wal(con: sqlite3.Connection, deadline: float) -> None:
-    """Switch a new database to WAL. Unlike other statements, the switch does not
-    wait for a lock held by a concurrent first user: retry it (seen with four
-    processes creating the database at once)."""
-    while True:
-        try:
-            if con.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
-                con.execute("PRAGMA journal_mode=WAL")
-            return
-        except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) or time.monotonic() > deadline:
-                raise
-            time.sleep(0.01)
-
-
-def _stat_fields(pid: int) -> list[str] | None:
-    """/proc/PID/stat after the command name (field 3 on), or None if it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # The command name may contain spaces and parentheses: split after the last ')'.
-    return stat[stat.rindex(")") + 2:].split()
-
-
-def process_start_time(pid: int) -> int | None:
-    """Clock ticks since boot at which ``pid`` started, or None if it is gone."""
-    fields = _stat_fields(pid)
-    return int(fields[19]) if fields else None
-
-
-def process_state(pid: int) -> str | None:
-    """The state letter of ``pid`` (R, S, D, T ...), or None if it is gone."""
-    fields = _stat_fields(pid)
-    return fields[0] if fields else None
-
-
-def process_alive(pid: int | None, start: int | None) -> bool:
-    return pid is not None and start is not None and process_start_time(pid) == start
 
 
 @dataclasses.dataclass
@@ -196,10 +136,10 @@ class Registry:
             self.remove(rec.vm_id)
             done.append(f"forgot VM {rec.vm_id} (owner pid {rec.owner_pid})")
         # Network leases (TAP, nftables table, address) of VMs that are gone.
-        from smolvm_kernel.net import cleanup_leases
+        from smolvm_kernel.host.net import cleanup_leases
         done += cleanup_leases(self.db_path, self.has)
         # Cgroups of VMMs that are gone (the watchdog removes them too, when it can).
-        from smolvm_kernel import cgroups
+        from smolvm_kernel.host import cgroups
         done += cgroups.sweep(self.has)
         # Folders with no record: a crash between mkdir and the insert.
         for d in self.vms_dir.iterdir():
@@ -207,22 +147,3 @@ class Registry:
                 shutil.rmtree(d, ignore_errors=True)
                 done.append(f"removed stray {d}")
         return done
-
-
-def rss_kib(pid: int | None) -> int | None:
-    """A process's resident memory in KiB, or None when it is gone."""
-    if not pid:
-        return None
-    try:
-        with open(f"/proc/{pid}/status") as fh:
-            for line in fh:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def this_process() -> tuple[int, int]:
-    pid = os.getpid()
-    return pid, process_start_time(pid) or 0

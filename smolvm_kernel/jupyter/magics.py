@@ -30,7 +30,7 @@ import time
 import weakref
 
 from smolvm_kernel.errors import SmolVMError
-from smolvm_kernel.panel import ConfigActions
+from smolvm_kernel.jupyter.panel import ConfigActions
 
 _sandboxes: dict = {}
 _panels: dict = {}
@@ -101,7 +101,7 @@ def _parser(cell: bool) -> argparse.ArgumentParser:
 
 
 def _get_sandbox(args, create: bool = True):
-    from smolvm_kernel.sandbox import Sandbox
+    from smolvm_kernel.vm.sandbox import Sandbox
 
     sb = _sandboxes.get(args.name)
     wanted = {k: v for k, v in (("vcpus", args.cpus), ("mem_mib", args.mem),
@@ -165,7 +165,7 @@ def smolvm_cell(line: str, cell: str):
             sb.start()
         print(f"[smolvm] ready in {time.monotonic() - t0:.1f} s "
               f"({sb.backend.name}/{sb.backend.spec.accel})", file=sys.stderr, flush=True)
-    from smolvm_kernel.output_policy import OutputPolicy
+    from smolvm_kernel.jupyter.output_policy import OutputPolicy
 
     policy = OutputPolicy.from_config(sb.config)
     for out in sb.execute(cell, timeout=args.timeout, stdin=_stdin):
@@ -212,7 +212,7 @@ def smolvm_line(line: str):
 
 
 def _transfer(sb, args) -> str:
-    from smolvm_kernel import transfer
+    from smolvm_kernel.jupyter import transfer
 
     if not 1 <= len(args.paths) <= 2:
         raise SmolVMError(LINE_USAGE)
@@ -245,7 +245,7 @@ class SandboxActions(ConfigActions):
         return self.sandbox.config
 
     def apply(self, changes: dict) -> str:
-        from smolvm_kernel.panel import _describe, apply_live, check_changes
+        from smolvm_kernel.jupyter.panel import _describe, apply_live, check_changes
 
         new = check_changes(self.sandbox.config, changes)
         running = self.sandbox.state.value in ("ready", "busy", "booting")
@@ -259,7 +259,7 @@ class SandboxActions(ConfigActions):
         return f"restarting the VM with {_describe(changes)}; its previous state is gone"
 
     def needs_restart(self, changes: dict) -> bool:
-        from smolvm_kernel.panel import needs_restart
+        from smolvm_kernel.jupyter.panel import needs_restart
 
         return needs_restart(changes, self.sandbox)
 
@@ -299,7 +299,7 @@ def show_panel(name: str, sandbox) -> None:
     """Display the control panel of sandbox ``name`` (one panel per sandbox, shown again on request)."""
     from IPython.display import display
 
-    from smolvm_kernel.panel import REFRESH_SECONDS, ControlPanel
+    from smolvm_kernel.jupyter.panel import REFRESH_SECONDS, ControlPanel
 
     panel = _panels.get(name)
     if panel is None or panel.actions.sandbox is not sandbox:

@@ -9,6 +9,9 @@ import tempfile
 from importlib import resources
 from pathlib import Path
 
+#: Where the kernelspecs' entry points live (launch.py, gateway.py): at the
+#: package's top, at the paths every earlier version wrote into kernel.json.
+ENTRY = Path(__file__).resolve().parents[1]
 DEFAULT_NAME = "smolvm-python"
 DEFAULT_DISPLAY = "SmolVM Python"
 #: Options that can be baked into a kernelspec, as SMOLVM_* environment.
@@ -23,7 +26,7 @@ def kernel_json(display_name: str = DEFAULT_DISPLAY, **options) -> dict:
     env = {OPTION_ENV[k]: str(v) for k, v in options.items() if v is not None}
     spec = {
         # -S: the launcher listens on the ports before the site import (launch.py).
-        "argv": [sys.executable, "-S", str(Path(__file__).with_name("launch.py")), "-f", "{connection_file}"],
+        "argv": [sys.executable, "-S", str(ENTRY / "launch.py"), "-f", "{connection_file}"],
         "display_name": display_name,
         "language": "python",
         # Either mode works; "message" avoids signalling the kernel process.
@@ -44,7 +47,7 @@ def gateway_kernel_json(display_name: str, remote_hosts: list[str], launch_timeo
     the provisioner's protocol. This file and Python must be at the
     same paths on every host."""
     spec = kernel_json(display_name, **options)
-    spec["argv"] = [sys.executable, str(Path(__file__).with_name("gateway.py")),
+    spec["argv"] = [sys.executable, str(ENTRY / "gateway.py"),
                     "--kernel-id", "{kernel_id}", "--port-range", "{port_range}",
                     "--response-address", "{response_address}", "--public-key", "{public_key}"]
     spec["interrupt_mode"] = "signal"        # the provisioner's own signal goes through the comm port

@@ -199,7 +199,7 @@ class LeaseBook:
         self.db_path = db_path
 
     def _db(self):
-        from smolvm_kernel.state import transaction
+        from smolvm_kernel.host.db import transaction
 
         return transaction(self.db_path, _LEASES)
 

@@ -28,16 +28,17 @@ from concurrent.futures import ThreadPoolExecutor
 import zmq
 
 from smolvm_guest.wire import Channel
-from smolvm_kernel import __version__, timeline
-from smolvm_kernel.backpressure import ByteGate
+from smolvm_kernel import timeline
+from smolvm_kernel._version import __version__
 from smolvm_kernel.config import SandboxConfig
 from smolvm_kernel.errors import SmolVMError
-from smolvm_kernel.output_policy import OutputPolicy
-from smolvm_kernel.relay import Relay
-from smolvm_kernel.panel import REFRESH_SECONDS, ConfigActions
-from smolvm_kernel.session import DELIM, PROTOCOL_VERSION, Session
+from smolvm_kernel.jupyter.backpressure import ByteGate
+from smolvm_kernel.jupyter.output_policy import OutputPolicy
+from smolvm_kernel.jupyter.panel import REFRESH_SECONDS, ConfigActions
+from smolvm_kernel.jupyter.relay import Relay
+from smolvm_kernel.vm.session import DELIM, PROTOCOL_VERSION, Session
 
-log = logging.getLogger("smolvm_kernel.kernel")
+log = logging.getLogger("smolvm_kernel.jupyter.kernel")
 
 #: A start that takes longer than this shows a progress line in the cell
 #: (cleared once the VM is ready); a restore from a ready snapshot shows nothing.
@@ -59,7 +60,7 @@ class SmolVMKernel(ConfigActions):
     def __init__(self, connection_info: dict, config: SandboxConfig | None = None,
                  sandbox_factory=None, workdir: str | None = None,
                  listening: dict[str, int] | None = None, config_error: SmolVMError | None = None) -> None:
-        from smolvm_kernel.sandbox import Sandbox
+        from smolvm_kernel.vm.sandbox import Sandbox
 
         self.info = connection_info
         self.config = config or SandboxConfig()
@@ -156,7 +157,7 @@ class SmolVMKernel(ConfigActions):
     # -- the VM's life: every start and stop runs in the worker, in order
 
     def _guest_ready(self) -> bool:
-        from smolvm_kernel.sandbox import SandboxState
+        from smolvm_kernel.vm.sandbox import SandboxState
 
         # A paused VM counts: the sandbox holds what is sent and resumes it (pause.py).
         return (self.sandbox.state in (SandboxState.READY, SandboxState.BUSY, SandboxState.PAUSED)
@@ -180,7 +181,7 @@ class SmolVMKernel(ConfigActions):
         self._start_vm(restart=False)
 
     def _start_vm(self, restart: bool) -> None:
-        from smolvm_kernel.sandbox import SandboxState
+        from smolvm_kernel.vm.sandbox import SandboxState
 
         self._booting = True
         self._torn_down = False
@@ -383,7 +384,7 @@ class SmolVMKernel(ConfigActions):
         """A VMM that is stopped (SIGSTOP, a debugger) runs no guest: the cells
         waiting on it would wait forever. Report it and replace the VM."""
         from smolvm_kernel.errors import GuestDied
-        from smolvm_kernel.state import process_state
+        from smolvm_kernel.host.procs import process_state
 
         pid = self.sandbox.backend.pid if self.sandbox.backend is not None else None
         if pid is None or process_state(pid) not in ("T", "t"):
@@ -406,7 +407,7 @@ class SmolVMKernel(ConfigActions):
     def _enforce_timeout(self, now: float) -> None:
         """Interrupt a cell past exec_timeout; reset the VM if it ignores that."""
         from smolvm_kernel.errors import ExecutionTimeout
-        from smolvm_kernel.sandbox import INTERRUPT_GRACE_S
+        from smolvm_kernel.vm.sandbox import INTERRUPT_GRACE_S
 
         limit = self.config.exec_timeout
         for req in self.relay.overdue(limit, now):
@@ -636,8 +637,8 @@ class SmolVMKernel(ConfigActions):
 
     def run_line(self, line: str):
         """Run one ``%smolvm`` line: a text to print, or a callable for the ops thread."""
-        from smolvm_kernel import transfer
-        from smolvm_kernel.magics import format_status
+        from smolvm_kernel.jupyter import transfer
+        from smolvm_kernel.jupyter.magics import format_status
 
         try:
             words = shlex.split(line)
@@ -741,7 +742,7 @@ class SmolVMKernel(ConfigActions):
 
     def apply(self, changes: dict) -> str:
         """Validate and apply; restart the VM unless only live settings changed."""
-        from smolvm_kernel.panel import _describe, apply_live, check_changes
+        from smolvm_kernel.jupyter.panel import _describe, apply_live, check_changes
 
         try:
             new = check_changes(self.config, changes)
@@ -765,7 +766,7 @@ class SmolVMKernel(ConfigActions):
         return f"restarting the VM with {_describe(changes)}; its previous state is gone"
 
     def needs_restart(self, changes: dict) -> bool:
-        from smolvm_kernel.panel import needs_restart
+        from smolvm_kernel.jupyter.panel import needs_restart
 
         return needs_restart(changes, self.sandbox if self._guest_ready() else None)
 
@@ -780,8 +781,8 @@ class SmolVMKernel(ConfigActions):
     def show_panel(self) -> None:
         """Display the control panel (made on first use) in the current cell."""
         if self.panel is None:
-            from smolvm_kernel.hostcomm import HostComms
-            from smolvm_kernel.panel import ControlPanel
+            from smolvm_kernel.jupyter.host_comms import HostComms
+            from smolvm_kernel.jupyter.panel import ControlPanel
 
             if self.relay.host_comms is None:
                 self.relay.host_comms = HostComms(self._publish_comm)

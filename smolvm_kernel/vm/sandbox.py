@@ -12,7 +12,7 @@ Example::
 The kernel, the magic and the widgets are front ends over this class; none
 of them talks to a backend or a transport directly. The public methods are
 synchronous and thread-safe; the work happens on one background asyncio loop
-(:mod:`smolvm_kernel.aio`).
+(:mod:`smolvm_kernel.vm.aio`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import asyncio
 import atexit
 import base64
 import dataclasses
-import enum
 import logging
 import os
 import queue
@@ -38,21 +37,26 @@ from traitlets import TraitError
 
 from smolvm_guest import wire
 from smolvm_guest.wire import Channel
-from smolvm_kernel import aio, cgroups, guest_news, timeline
-from smolvm_kernel.audit import AuditLog
-from smolvm_kernel.hostd import HostClient
-from smolvm_kernel.audit import default_path as audit_default_path
+from smolvm_kernel import timeline
 from smolvm_kernel.backends.base import Backend, VMSpec
 from smolvm_kernel.channel.stream import GuestChannel
 from smolvm_kernel.config import SandboxConfig
 from smolvm_kernel.errors import (BootTimeout, ConfigError, ExecutionTimeout, GuestDied,
                                   GuestFileError, ProtocolError, SandboxStopped, SmolVMError)
+from smolvm_kernel.host import cgroups
+from smolvm_kernel.host.admission import HostClient
+from smolvm_kernel.host.audit import AuditLog
+from smolvm_kernel.host.audit import default_path as audit_default_path
+from smolvm_kernel.host.procs import rss_kib, this_process
+from smolvm_kernel.host.registry import Registry, VMRecord
 from smolvm_kernel.images import Image, ImageCache
-from smolvm_kernel.inbox import Inbox
-from smolvm_kernel.pause import Pauser
-from smolvm_kernel.session import Session
-from smolvm_kernel.snapshot import SnapshotCache
-from smolvm_kernel.state import Registry, VMRecord, rss_kib, this_process
+from smolvm_kernel.vm import aio
+from smolvm_kernel.vm import guest_news
+from smolvm_kernel.vm.inbox import Inbox
+from smolvm_kernel.vm.lifecycle import SandboxState
+from smolvm_kernel.vm.pause import Pauser
+from smolvm_kernel.vm.session import Session
+from smolvm_kernel.vm.snapshot import SnapshotCache
 
 log = logging.getLogger("smolvm_kernel")
 
@@ -80,15 +84,6 @@ def _stop_live_sandboxes() -> None:
         except Exception:  # exiting anyway; cleanup will catch what is left
             pass
 
-
-class SandboxState(enum.Enum):
-    STOPPED = "stopped"
-    BOOTING = "booting"
-    READY = "ready"
-    BUSY = "busy"
-    #: Saved to disk while idle, its VMM gone; resumed by its next use (pause.py).
-    PAUSED = "paused"
-    DEAD = "dead"
 
 #: The states in which the VM can be used: a paused one resumes on its own.
 _USABLE = (SandboxState.READY, SandboxState.BUSY, SandboxState.PAUSED)
@@ -394,7 +389,7 @@ class Sandbox:
         cfg = self.config
         seed: dict = {}
         if cfg.network != "none":
-            from smolvm_kernel.net import LeaseBook, VMNetwork
+            from smolvm_kernel.host.net import LeaseBook, VMNetwork
 
             if self.backend_name == "firecracker" and cfg.netns:
                 raise ConfigError("netns", cfg.netns, "Firecracker opens its TAP by name in its own "
@@ -430,7 +425,7 @@ class Sandbox:
 
     async def _ready_snapshot(self, binary: str, shape: dict):
         """The snapshot for this shape, built first (once, under a lock) if missing."""
-        from smolvm_kernel.snapshot import qemu_identity, snapshot_key
+        from smolvm_kernel.vm.snapshot import qemu_identity, snapshot_key
 
         key = snapshot_key(self.image, "qemu", shape["accel"], shape["vcpus"], shape["mem_mib"],
                            shape["disk_mib"], qemu_identity(binary), shape["tsc_khz"])

@@ -54,7 +54,7 @@ def check_changes(config, changes: dict):
     """
     new = config.changed(**changes)
     if "network" in changes and new.network != "none":
-        from smolvm_kernel.net import check_host
+        from smolvm_kernel.host.net import check_host
         check_host(new.netns)
     return new
 

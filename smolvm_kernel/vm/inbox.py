@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import queue
 
-from smolvm_kernel.budget import OutputBudget, size_label
+from smolvm_kernel.vm.budget import OutputBudget, size_label
 
 class Inbox(queue.Queue):
     """A queue of guest messages (dicts) and host notes for one request."""

@@ -28,16 +28,13 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from smolvm_guest.wire import Channel
 from smolvm_kernel.errors import GuestDied, SmolVMError
-from smolvm_kernel.state import rss_kib as state_rss_kib
+from smolvm_kernel.host.procs import rss_kib as state_rss_kib
+from smolvm_kernel.vm.lifecycle import SandboxState
 
-if TYPE_CHECKING:
-    from smolvm_kernel.sandbox import Sandbox
-
-log = logging.getLogger("smolvm_kernel.pause")
+log = logging.getLogger("smolvm_kernel.vm.pause")
 
 #: The state file's name in the VM's run folder.
 STATE_FILE = "paused.state"
@@ -61,7 +58,7 @@ def pause_due(now: float, last_active: float, pause_after: float, busy: bool) ->
     return pause_after > 0 and not busy and now - last_active >= pause_after
 
 
-def why_not_pausable(sandbox: Sandbox) -> str | None:
+def why_not_pausable(sandbox) -> str | None:
     """Why this VM cannot be paused to disk, or None when it can."""
     if sandbox.backend is None or sandbox.backend.name != "qemu":
         return "only QEMU VMs are paused to disk"
@@ -75,7 +72,7 @@ def why_not_pausable(sandbox: Sandbox) -> str | None:
 class Pauser:
     """Pause one Sandbox's VM to disk when idle; resume it when it is needed."""
 
-    def __init__(self, sandbox: Sandbox) -> None:
+    def __init__(self, sandbox) -> None:
         self.sb = sandbox
         #: Frames sent while the VM is paused (or pausing), in order: they go
         #: to the guest once it is back.
@@ -145,8 +142,7 @@ class Pauser:
 
     async def pause(self) -> None:
         """Save the VM to its folder and end its VMM; on failure it goes on running."""
-        from smolvm_kernel.sandbox import SandboxState
-        from smolvm_kernel.snapshot import _save
+        from smolvm_kernel.vm.snapshot import _save
 
         sb = self.sb
         chan, backend, vm_id = sb._channel, sb.backend, sb.vm_id
@@ -214,7 +210,6 @@ class Pauser:
     async def resume(self) -> None:
         """Load the saved VM into a new VMM, reconnect, send what waited."""
         from smolvm_kernel.backends.qemu import QemuBackend
-        from smolvm_kernel.sandbox import SandboxState
 
         sb = self.sb
         old = sb.backend

@@ -1,0 +1,1 @@
+"""Many students on one host: hostd (the root broker), the hub deployment, confinement."""

@@ -1,0 +1,1 @@
+"""What one host keeps: the VM registry, cgroups, network, audit log, policy."""

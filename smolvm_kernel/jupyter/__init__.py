@@ -1,0 +1,1 @@
+"""The relaying kernel, its output policy, %smolvm lines, magics, panel, kernelspecs."""

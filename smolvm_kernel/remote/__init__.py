@@ -1,0 +1,1 @@
+"""Kernels on other hosts through a Jupyter gateway: launcher, placement, doctor."""

@@ -1,0 +1,1 @@
+"""The Sandbox API and one running VM: start, pause, snapshot, messages."""
