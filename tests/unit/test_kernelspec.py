@@ -52,3 +52,46 @@ def test_bad_config_file_value_names_it(tmp_path, monkeypatch):
     (tmp_path / "jupyter_smolvm_config.py").write_text("c.SandboxConfig.profile = 'huge'\n")
     with pytest.raises(ConfigError, match="profile='huge'"):
         load_config()
+
+
+#: kernel.json as the flat layout (before the rooms) wrote it, paths made from the package's folder.
+def _previous_layout_spec(package) -> dict:
+    return {"argv": [sys.executable, "-S", str(package / "launch.py"), "-f", "{connection_file}"],
+            "display_name": "SmolVM Python", "language": "python", "interrupt_mode": "message",
+            "metadata": {"debugger": False, "smolvm": {"options": {}}}}
+
+
+def test_a_kernelspec_written_by_the_previous_layout_still_starts_a_kernel(tmp_path, monkeypatch):
+    """An upgrade leaves users' kernel.json files as they were: the launcher's
+    path must still be there and start the kernel (which answers before any VM)."""
+    from pathlib import Path
+
+    from jupyter_client.manager import start_new_kernel
+
+    import smolvm_kernel
+
+    package = Path(smolvm_kernel.__file__).parent
+    folder = tmp_path / "share" / "jupyter" / "kernels" / "smolvm-old"
+    folder.mkdir(parents=True)
+    (folder / "kernel.json").write_text(json.dumps(_previous_layout_spec(package)))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "share" / "jupyter"))
+    assert kernelspec.kernel_json()["argv"] == _previous_layout_spec(package)["argv"]
+    km, kc = start_new_kernel(kernel_name="smolvm-old", startup_timeout=60, cwd=str(tmp_path))
+    try:
+        assert kc.kernel_info(reply=True, timeout=30)["content"]["implementation"] == "smolvm-kernel"
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+
+
+def test_a_gateway_kernelspec_of_the_previous_layout_finds_its_launcher():
+    """`install --gateway` specs name smolvm_kernel/gateway.py on every host."""
+    import subprocess
+    from pathlib import Path
+
+    import smolvm_kernel
+
+    entry = Path(smolvm_kernel.__file__).parent / "gateway.py"
+    assert kernelspec.gateway_kernel_json("SmolVM", ["h1"])["argv"][1] == str(entry)
+    proc = subprocess.run([sys.executable, str(entry), "--help"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "--response-address" in proc.stdout, proc.stderr
