@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import queue
-import shlex
 import signal
 import sys
 import threading
@@ -637,57 +636,42 @@ class SmolVMKernel(ConfigActions):
 
     def run_line(self, line: str):
         """Run one ``%smolvm`` line: a text to print, or a callable for the ops thread."""
-        from smolvm_kernel.jupyter import transfer
-        from smolvm_kernel.jupyter.magics import format_status
+        from smolvm_kernel.jupyter import hostline, transfer
 
-        try:
-            words = shlex.split(line)
-        except ValueError as exc:
-            raise SmolVMError(f"cannot parse {line!r}: {exc}") from None
-        cmd, args = (words[0], words[1:]) if words else ("help", [])
-        if cmd == "help":
-            return HOST_HELP
-        if cmd == "status":
+        cmd = hostline.parse(line, hostline.KERNEL)
+        if cmd.command == "help":
+            return hostline.help_text(hostline.KERNEL)
+        if cmd.command == "status":
             def status():
-                return format_status(self.status())
+                return hostline.format_status(self.status())
             return status
-        if cmd == "reset":
+        if cmd.command == "reset":
             self.restart_vm("the VM was reset by %smolvm reset")
             return "resetting: a fresh microVM is starting; the next cell runs in it"
-        if cmd == "start":
+        if cmd.command == "start":
             if self._guest_ready() or self._booting:
                 return "the microVM is already running"
             self._ensure_vm()
             return "starting a fresh microVM; the next cell runs in it"
-        if cmd == "stop":
+        if cmd.command == "stop":
             self.stop_vm("the VM was stopped by %smolvm stop")
             return "microVM stopped; " + self._after_stop_hint()
-        if cmd == "config":
-            return self._config_line(args)
-        if cmd == "panel":
+        if cmd.command == "config":
+            if not cmd.settings:
+                return hostline.describe_config(self.config)
+            changes = hostline.config_changes(cmd, self.config)
+            return self.apply(changes) if changes else "nothing to change"
+        if cmd.command == "panel":
             self.show_panel()
             return ""
-        if cmd in ("push", "pull"):
-            force = "--force" in args
-            paths = [a for a in args if a != "--force"]
-            if not 1 <= len(paths) <= 2 or any(p.startswith("--") for p in paths):
-                raise SmolVMError(f"usage: %smolvm push LOCAL [REMOTE] | %smolvm pull REMOTE [LOCAL] "
-                                  f"[--force]; got {line!r}")
-            limit = self.config.max_transfer_mib * 2**20
-            first, second = paths[0], (paths[1] if len(paths) > 1 else None)
-            if cmd == "push":
-                transfer.confine(self.workdir, first)   # refuse before waiting on the VM
-            else:
-                transfer.confine(self.workdir, second or os.path.basename(first.rstrip("/")) or ".")
-            self._ensure_vm()
+        # push / pull: the host path is checked before waiting on the VM
+        transfer.check(self.workdir, cmd)
+        self._ensure_vm()
 
-            def move():
-                self._wait_ready()
-                if cmd == "push":
-                    return transfer.push(self.sandbox, self.workdir, first, second, limit)
-                return transfer.pull(self.sandbox, self.workdir, first, second, limit, overwrite=force)
-            return move
-        raise SmolVMError(f"unknown %smolvm command {cmd!r}; try %smolvm help")
+        def move():
+            self._wait_ready()
+            return transfer.run(self.sandbox, self.workdir, cmd, self.config.max_transfer_mib * 2**20)
+        return move
 
     def _wait_ready(self) -> None:
         from smolvm_kernel.errors import SandboxStopped
@@ -701,38 +685,6 @@ class SmolVMKernel(ConfigActions):
         if self.config.on_stopped == "error":
             return "run %smolvm start to start a fresh one"
         return "the next cell starts a fresh one"
-
-    def _config_line(self, args: list[str]) -> str:
-        import argparse
-
-        p = argparse.ArgumentParser(prog="%smolvm config", add_help=False, exit_on_error=False)
-        p.add_argument("--cpus", type=int, dest="vcpus")
-        p.add_argument("--mem", type=int, dest="mem_mib")
-        p.add_argument("--disk", type=int, dest="disk_mib")
-        p.add_argument("--timeout", type=float, dest="exec_timeout")
-        p.add_argument("--network", dest="network")
-        try:
-            ns, extra = p.parse_known_args(args)
-        except (argparse.ArgumentError, SystemExit) as exc:
-            raise SmolVMError(f"{exc}; usage: %smolvm config [--cpus N] [--mem MiB] [--disk MiB] "
-                              f"[--timeout S] [--network none]") from None
-        if extra:
-            raise SmolVMError(f"unknown %smolvm config arguments {' '.join(extra)!r}; "
-                              f"use --cpus --mem --disk --timeout --network")
-        wanted = {k: v for k, v in vars(ns).items() if v is not None}
-        changes = {k: v for k, v in wanted.items() if getattr(self.config, k) != v}
-        if not wanted:
-            c = self.config
-            return (f"vCPUs {c.vcpus} (limit {c.max_vcpus})   memory {c.mem_mib} MiB (limit {c.max_mem_mib})"
-                    f"   disk {c.disk_mib} MiB (limit {c.max_disk_mib})\n"
-                    f"cell timeout {c.exec_timeout:g} s (0 = none)   network {c.network}   "
-                    f"profile {c.profile}   after a stop: {c.on_stopped}"
-                    + (f"\ncaps from {c.policy.whose}: "
-                       + ", ".join(f"{k}={'/'.join(v) if isinstance(v, tuple) else v}"
-                                   for k, v in c.policy.caps().items()) if c.policy else ""))
-        if not changes:
-            return "nothing to change"
-        return self.apply(changes)
 
     # -- settings and the control panel (PanelActions)
 
@@ -831,22 +783,6 @@ class SmolVMKernel(ConfigActions):
                         "disk_used_bytes", "vcpus", "vm_uptime_s"):
                 merged.pop(key, None)
         self.panel.refresh(merged)
-
-
-HOST_HELP = """\
-%smolvm status                 the VM: state, backend/accelerator, vCPUs, memory, CPU, disk, uptime
-%smolvm panel                  a control panel: live status, resources, Reset, Teardown
-%smolvm config                 show the settings and this host's limits
-%smolvm config --cpus N --mem MiB --disk MiB --timeout S
-                               change them (a new VM; a timeout, or less memory, applies live)
-%smolvm reset                  replace the VM with a fresh one (all its state is lost)
-%smolvm stop                   destroy the VM
-%smolvm start                  start a VM after a stop
-%smolvm push LOCAL [REMOTE]    copy a file from the notebook's folder into the VM (home or /tmp)
-%smolvm pull REMOTE [LOCAL]    copy a file out of the VM into the notebook's folder (--force replaces)
-%smolvm help                   this text
-Only these lines run on the host; everything else in a cell runs inside the microVM."""
-
 
 
 def _is_host_line(code: str) -> bool:

@@ -11,7 +11,11 @@ Example::
     %smolvm panel --name scratch         a control panel: live status, resources, Reset, Teardown
     %smolvm push data.csv --name scratch copy a file from this folder into the VM
     %smolvm pull out.png --name scratch  copy a file out of the VM into this folder
+    %smolvm config --name scratch --mem 2048   show or change its settings
     %smolvm reset|stop|list|help
+
+The lines are the SmolVM kernel's (one grammar: hostline.py), each with
+``--name``.
 
 Each ``--name`` gets its own microVM that lives as long as the host kernel.
 Guest code never touches the host kernel's namespace: only its outputs come
@@ -20,55 +24,19 @@ back, as rich display, streams and errors.
 
 from __future__ import annotations
 
-import argparse
 import getpass
 import os
-import shlex
 import sys
 import threading
 import time
 import weakref
 
 from smolvm_kernel.errors import SmolVMError
+from smolvm_kernel.jupyter import hostline, transfer
 from smolvm_kernel.jupyter.panel import ConfigActions
 
 _sandboxes: dict = {}
 _panels: dict = {}
-
-
-def format_status(stats: dict) -> str:
-    """Render Sandbox.stats() as a few readable lines."""
-    def mib(kib):
-        return f"{kib / 1024:.0f} MiB" if kib else "?"
-
-    lines = [f"state      {stats.get('state')}  (vm {stats.get('vm_id') or '-'})",
-             f"backend    {stats.get('backend') or '-'} / {stats.get('accel') or '-'}"
-             f"  transport {stats.get('transport') or '-'}  network {stats.get('network')}"]
-    if stats.get("accel_reason"):
-        lines.append(f"           {stats['accel_reason']}")
-    if "mem_total_kib" in stats:
-        used = stats["mem_total_kib"] - stats.get("mem_available_kib", 0)
-        lines += [
-            f"vCPUs      {stats.get('vcpus')}   CPU {stats.get('cpu_percent') or 0:.0f}%",
-            f"memory     {mib(used)} used of {mib(stats['mem_total_kib'])}",
-            f"disk       {stats.get('disk_used_bytes', 0) / 2**20:.0f} MiB used of "
-            f"{stats.get('disk_total_bytes', 0) / 2**20:.0f} MiB",
-            f"uptime     {stats.get('vm_uptime_s') or stats.get('uptime_s', 0):.0f} s   "
-            f"started in {stats.get('boot_seconds') or 0:.1f} s ({stats.get('started_from') or '-'})",
-        ]
-    else:
-        lines.append(f"vCPUs      {stats.get('configured_vcpus')}   memory "
-                     f"{stats.get('configured_mem_mib')} MiB (configured)")
-    if stats.get("cgroup"):
-        lines.append(f"host limit {stats['cgroup']}")
-    if stats.get("paused_state_bytes"):
-        lines.append(f"paused     to disk while idle ({stats['paused_state_bytes'] / 2**20:.0f} MiB, saved in "
-                     f"{stats.get('last_pause_s') or 0:.1f} s); the next cell resumes it")
-    elif stats.get("pause_after_s"):
-        lines.append(f"idle pause after {stats['pause_after_s']:g} s idle"
-                     + (f" (off: {stats['pause_note']})" if stats.get("pause_note") else "")
-                     + (f"; last resume {stats['last_resume_s']:.2f} s" if stats.get("last_resume_s") else ""))
-    return "\n".join(lines)
 
 
 class GuestError(Exception):
@@ -85,27 +53,14 @@ class GuestError(Exception):
         return [str(self)]
 
 
-def _parser(cell: bool) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="%%smolvm" if cell else "%smolvm", add_help=False)
-    p.add_argument("--name", default="default")
-    p.add_argument("--cpus", type=int)
-    p.add_argument("--mem", type=int)
-    p.add_argument("--timeout", type=float)
-    p.add_argument("--profile")
-    if not cell:
-        p.add_argument("command", nargs="?", default="help",
-                       choices=["status", "reset", "stop", "list", "panel", "push", "pull", "help"])
-        p.add_argument("paths", nargs="*")
-        p.add_argument("--force", action="store_true")
-    return p
-
-
-def _get_sandbox(args, create: bool = True):
+def _get_sandbox(line: hostline.HostLine, create: bool = True):
     from smolvm_kernel.vm.sandbox import Sandbox
 
-    sb = _sandboxes.get(args.name)
-    wanted = {k: v for k, v in (("vcpus", args.cpus), ("mem_mib", args.mem),
-                                ("profile", args.profile)) if v is not None}
+    sb = _sandboxes.get(line.name)
+    if line.command == "config":     # a config line changes the sandbox's settings, it does not remake it
+        wanted = {}
+    else:
+        wanted = {k: v for k, v in line.settings.items() if k in ("vcpus", "mem_mib", "profile")}
     if sb is not None and wanted and any(getattr(sb.config, k) != v for k, v in wanted.items()):
         sb.stop()      # new resources: a new VM
         sb = None
@@ -113,7 +68,7 @@ def _get_sandbox(args, create: bool = True):
         if not create:
             return None
         sb = Sandbox(**wanted)
-        _sandboxes[args.name] = sb
+        _sandboxes[line.name] = sb
     return sb
 
 
@@ -150,11 +105,7 @@ def _stdin(prompt: str, password: bool) -> str:
 
 def smolvm_cell(line: str, cell: str):
     """Run the cell body in the named microVM (started on first use)."""
-    try:
-        args = _parser(cell=True).parse_args(shlex.split(line))
-    except SystemExit:
-        raise SmolVMError(f"usage: %%smolvm [--name N] [--cpus N] [--mem MiB] [--timeout S] "
-                          f"[--profile base|scipy]; got {line!r}") from None
+    args = hostline.parse(line, hostline.CELL)
     sb = _get_sandbox(args)
     if sb.state.value in ("stopped", "dead"):
         t0 = time.monotonic()
@@ -168,24 +119,17 @@ def smolvm_cell(line: str, cell: str):
     from smolvm_kernel.jupyter.output_policy import OutputPolicy
 
     policy = OutputPolicy.from_config(sb.config)
-    for out in sb.execute(cell, timeout=args.timeout, stdin=_stdin):
+    for out in sb.execute(cell, timeout=args.settings.get("exec_timeout"), stdin=_stdin):
         if out.type == "error":
             raise GuestError(out.content)
         _show(out, policy)
 
 
-LINE_USAGE = ("usage: %smolvm status|reset|stop|list|panel|help [--name N] | "
-              "%smolvm push LOCAL [REMOTE] [--name N] | %smolvm pull REMOTE [LOCAL] [--force] [--name N]")
-
-
 def smolvm_line(line: str):
-    """``%smolvm status|reset|stop|list|panel|push|pull|help [--name N]``."""
-    try:
-        args = _parser(cell=False).parse_args(shlex.split(line))
-    except SystemExit:
-        raise SmolVMError(f"{LINE_USAGE}; got {line!r}") from None
+    """``%smolvm status|config|reset|stop|list|panel|push|pull|help [--name N]``."""
+    args = hostline.parse(line, hostline.MAGIC)
     if args.command == "help":
-        print(__doc__)
+        print(hostline.help_text(hostline.MAGIC))
         return
     if args.command == "list":
         if not _sandboxes:
@@ -195,12 +139,20 @@ def smolvm_line(line: str):
         return
     if args.command == "panel":
         return show_panel(args.name, _get_sandbox(args))
+    if args.command == "config":
+        sb = _get_sandbox(args)
+        if not args.settings:
+            print(hostline.describe_config(sb.config))
+            return
+        changes = hostline.config_changes(args, sb.config)
+        print(_actions(args.name, sb).apply(changes) if changes else "nothing to change")
+        return
     sb = _get_sandbox(args, create=False)
     if sb is None:
         print(f"no sandbox named {args.name!r}; run a %%smolvm --name {args.name} cell first")
         return
     if args.command == "status":
-        print(format_status(sb.stats()))
+        print(hostline.format_status(sb.stats()))
     elif args.command == "reset":
         sb.reset()
         print(f"sandbox {args.name!r}: fresh microVM ready in {sb.boot_seconds:.1f} s")
@@ -208,21 +160,18 @@ def smolvm_line(line: str):
         sb.stop()
         print(f"sandbox {args.name!r} stopped")
     elif args.command in ("push", "pull"):
-        print(_transfer(sb, args))
+        if sb.state.value not in ("ready", "busy"):
+            raise SmolVMError(f"sandbox {args.name!r} is {sb.state.value}; run a %%smolvm cell to start it")
+        transfer.check(os.getcwd(), args)
+        print(transfer.run(sb, os.getcwd(), args, sb.config.max_transfer_mib * 2**20))
 
 
-def _transfer(sb, args) -> str:
-    from smolvm_kernel.jupyter import transfer
-
-    if not 1 <= len(args.paths) <= 2:
-        raise SmolVMError(LINE_USAGE)
-    if sb.state.value not in ("ready", "busy"):
-        raise SmolVMError(f"sandbox {args.name!r} is {sb.state.value}; run a %%smolvm cell to start it")
-    limit = sb.config.max_transfer_mib * 2**20
-    first, second = args.paths[0], (args.paths[1] if len(args.paths) > 1 else None)
-    if args.command == "push":
-        return transfer.push(sb, os.getcwd(), first, second, limit)
-    return transfer.pull(sb, os.getcwd(), first, second, limit, overwrite=args.force)
+def _actions(name: str, sandbox) -> SandboxActions:
+    """The panel's actions over ``sandbox`` (its panel's, if one is shown)."""
+    panel = _panels.get(name)
+    if panel is not None and panel.actions.sandbox is sandbox:
+        return panel.actions
+    return SandboxActions(name, sandbox)
 
 
 class SandboxActions(ConfigActions):
@@ -247,7 +196,13 @@ class SandboxActions(ConfigActions):
     def apply(self, changes: dict) -> str:
         from smolvm_kernel.jupyter.panel import _describe, apply_live, check_changes
 
-        new = check_changes(self.sandbox.config, changes)
+        try:
+            new = check_changes(self.sandbox.config, changes)
+        except SmolVMError as exc:
+            # On record, as the SmolVM kernel's own refusals are (audit log).
+            self.sandbox.record_audit("refused", **self.sandbox.audit_context, what=_describe(changes),
+                                      why=str(exc))
+            raise
         running = self.sandbox.state.value in ("ready", "busy", "booting")
         restart = self.needs_restart(changes)
         self.sandbox.config = new

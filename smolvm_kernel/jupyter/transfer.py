@@ -97,6 +97,21 @@ def pull(sandbox, root: str | os.PathLike, remote: str, local: str | None, limit
     return f"pulled {_guest_display(remote)} ({_size(len(data))}) to {dest}"
 
 
+def check(root: str | os.PathLike, line) -> Path:
+    """The host path of a push or pull line (a hostline.HostLine), confined to
+    ``root``, checked before anything waits on the VM."""
+    if line.command == "push":
+        return confine(root, line.source)
+    return confine(root, line.destination or os.path.basename(line.source.rstrip("/")) or ".")
+
+
+def run(sandbox, root: str | os.PathLike, line, limit: int) -> str:
+    """Carry out a push or pull line between ``root`` and ``sandbox``; what to print."""
+    if line.command == "push":
+        return push(sandbox, root, line.source, line.destination, limit)
+    return pull(sandbox, root, line.source, line.destination, limit, overwrite=line.force)
+
+
 def _guest_display(path: str) -> str:
     return path if path.startswith(("/", "~")) else f"~/{path}"
 

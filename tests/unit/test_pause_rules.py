@@ -9,7 +9,7 @@ import pytest
 
 from smolvm_kernel.config import SandboxConfig
 from smolvm_kernel.errors import ConfigError
-from smolvm_kernel.jupyter.magics import format_status
+from smolvm_kernel.jupyter.hostline import format_status
 from smolvm_kernel.vm.pause import pause_due, why_not_pausable
 from tests.unit.test_policy import needs_root, with_policy  # noqa: F401 (a fixture)
 

@@ -34,6 +34,22 @@ def test_guest_errors_show_the_guest_traceback(shell, capsys):
     assert "from the guest" in str(result.error_in_exec)
 
 
+def test_config_lines_are_the_kernels_grammar_and_refusals_are_on_record(shell, capsys):
+    """`%smolvm config` reads as in the SmolVM kernel (one parser) and applies
+    through the panel's actions; a refused value is written to the audit log."""
+    from smolvm_kernel.jupyter import magics
+
+    shell.run_line_magic("smolvm", "config --name a")
+    assert "cell timeout" in capsys.readouterr().out
+    shell.run_line_magic("smolvm", "config --name a --timeout 30")
+    assert "without a restart" in capsys.readouterr().out
+    assert magics._sandboxes["a"].config.exec_timeout == 30
+    with pytest.raises(Exception, match="limit of"):
+        shell.run_line_magic("smolvm", "config --name a --mem 999999")
+    refused = [e for e in magics._sandboxes["a"].audit.read() if e["event"] == "refused"]
+    assert refused and refused[-1]["what"] == "memory 999999 MiB"
+
+
 def test_status_and_list(shell, capsys):
     shell.run_line_magic("smolvm", "status --name a")
     assert "state      ready" in capsys.readouterr().out
