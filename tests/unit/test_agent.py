@@ -17,6 +17,8 @@ import pytest
 
 from smolvm_guest import wire
 import smolvm_guest.agent as agent_mod
+import smolvm_guest.kernel as guest_kernel
+import smolvm_guest.link as guest_link
 from smolvm_guest.wire import Channel
 from smolvm_kernel.channel.stream import GuestChannel
 from smolvm_kernel.errors import ProtocolError, ProtocolMismatch
@@ -272,7 +274,7 @@ def test_control_frames_jump_the_queue():
 
 def test_messages_naming_the_agent_are_parsed_or_dropped_never_fatal():
     is_own = agent_mod.GuestKernel.is_own
-    prefix = agent_mod._AGENT_MSG_PREFIX
+    prefix = guest_kernel.AGENT_MSG_PREFIX
 
     def msg(header: bytes, parent: bytes, content: bytes) -> list[bytes]:
         return [b"<IDS|MSG>", b"sig", header, parent, b"{}", content]
@@ -316,7 +318,7 @@ def _run_warmup(key_r: int, ack_w: int, killed_file: str = "/nonexistent/killed-
     events = types.SimpleNamespace(register=lambda name, fn: hooks.append((name, fn)))
     shell = types.SimpleNamespace(kernel=types.SimpleNamespace(session=session), run_cell=run_cell,
                                   events=events)
-    exec(agent_mod._WARMUP.format(key_fd=key_r, ack_fd=ack_w, killed_file=killed_file),
+    exec(guest_kernel.WARMUP.format(key_fd=key_r, ack_fd=ack_w, killed_file=killed_file),
          {"get_ipython": lambda: shell})
     assert [name for name, _ in hooks] == ["post_run_cell"]
     session.reap_killed = hooks[0][1]
@@ -414,7 +416,7 @@ def test_with_a_link_secret_only_a_hello_carrying_it_is_heard(tmp_path, monkeypa
     monkeypatch.setattr(agent_mod, "GuestKernel", FakeKernel)
     monkeypatch.setattr(agent_mod, "AUTH_TIMEOUT_S", 0.5)
     path = str(tmp_path / "agent.sock")
-    agent = agent_mod.Agent(agent_mod.ListenerLink.unix(path))
+    agent = agent_mod.Agent(guest_link.ListenerLink.unix(path))
     agent.secret, agent.authenticated = b"5" * 64, False
     thread = threading.Thread(target=agent.run, daemon=True)
     thread.start()
@@ -444,7 +446,7 @@ def test_a_link_that_needs_a_secret_and_has_none_hears_no_one(tmp_path, monkeypa
     monkeypatch.setattr(agent_mod.seed, "LINK_SECRET_FILE", str(tmp_path / "no-secret"))
     for needs_secret, heard in ((True, False), (False, True)):
         path = str(tmp_path / f"agent-{needs_secret}.sock")
-        link = agent_mod.ListenerLink.unix(path)
+        link = guest_link.ListenerLink.unix(path)
         link.needs_secret = needs_secret
         agent = agent_mod.Agent(link)
         thread = threading.Thread(target=agent.run, daemon=True)
