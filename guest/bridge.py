@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 
-from smolvm_guest.agent import AGENT_SOCKET
+from smolvm_guest.link import AGENT_SOCKET
 
 
 def _connect(deadline: float) -> socket.socket:

@@ -133,7 +133,10 @@ def _cached_probe(qemu: str, image: Image) -> tuple[bool, str, str]:
     except (OSError, ValueError, KeyError):
         pass
     ok, reason, detail = probe_kvm(qemu, image)
-    tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"key": key, "ok": ok, "reason": reason, "detail": detail}))
+    # A temporary file of its own: VMs started at once in one process (threads)
+    # probe at once, and a name made from the pid alone was shared by them.
+    fd, tmp = tempfile.mkstemp(prefix="accel-probe.", suffix=".tmp", dir=cache.parent)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(json.dumps({"key": key, "ok": ok, "reason": reason, "detail": detail}))
     os.replace(tmp, cache)
     return ok, reason, detail
