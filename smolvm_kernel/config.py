@@ -537,14 +537,9 @@ class SandboxConfig(Configurable):
 
 
 def _host_mem_mib() -> int:
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) // 1024
-    except OSError:
-        pass
-    return 4096
+    from smolvm_kernel.host.procs import meminfo_mib
+
+    return meminfo_mib("MemTotal", 4096)
 
 
 #: Settings a user may change on a running kernel (panel, %smolvm config).

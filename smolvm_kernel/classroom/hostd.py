@@ -90,6 +90,7 @@ from pathlib import Path
 
 from smolvm_kernel.host import cgroups
 from smolvm_kernel.host import policy as policy_mod
+from smolvm_kernel.host import procs
 from smolvm_kernel.host.admission import _MAX_LINE, SOCKET_PATH, AdmissionRefused
 from smolvm_kernel.host.audit import AuditLog
 
@@ -259,20 +260,12 @@ class Admissions:
         return self.grants.pop(grant_id, None)
 
 
-def _meminfo_mib(key: str) -> int:
-    with open("/proc/meminfo") as fh:
-        for line in fh:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) // 1024
-    return 0
-
-
 def _mem_available_mib() -> int:
-    return _meminfo_mib("MemAvailable")
+    return procs.meminfo_mib("MemAvailable")
 
 
 def _mem_total_mib() -> int:
-    return _meminfo_mib("MemTotal")
+    return procs.meminfo_mib("MemTotal")
 
 
 def _host_cores() -> int:
@@ -323,12 +316,7 @@ class Proc:
 
     def stat(self, pid: int) -> tuple[int, int] | None:
         """(parent pid, start time in clock ticks: fields 4 and 22 of /proc/<pid>/stat), or None."""
-        try:
-            with open(f"/proc/{pid}/stat") as fh:
-                rest = fh.read().rsplit(")", 1)[1].split()
-            return int(rest[1]), int(rest[19])
-        except (OSError, ValueError, IndexError):
-            return None
+        return procs.parent_and_start(pid)
 
     def uid(self, pid: int) -> int | None:
         """The process's real uid, or None."""

@@ -26,6 +26,15 @@ def process_start_time(pid: int) -> int | None:
     return int(fields[19]) if fields else None
 
 
+def parent_and_start(pid: int) -> tuple[int, int] | None:
+    """(parent pid, start time) of ``pid`` from one read of its stat, or None if it is gone."""
+    fields = _stat_fields(pid)
+    try:
+        return (int(fields[1]), int(fields[19])) if fields else None
+    except (IndexError, ValueError):
+        return None
+
+
 def process_state(pid: int) -> str | None:
     """The state letter of ``pid`` (R, S, D, T ...), or None if it is gone."""
     fields = _stat_fields(pid)
@@ -48,6 +57,18 @@ def rss_kib(pid: int | None) -> int | None:
     except OSError:
         pass
     return None
+
+
+def meminfo_mib(key: str, default: int = 0) -> int:
+    """One /proc/meminfo figure (``MemTotal``, ``MemAvailable``, ...) in MiB, or ``default``."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) // 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return default
 
 
 def this_process() -> tuple[int, int]:
