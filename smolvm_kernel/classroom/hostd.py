@@ -567,15 +567,9 @@ class HostService:
             if self._dropped[peer.uid]:
                 self._drop(peer, flush=True)
             for gid in held:
-                grant = self.admissions.grants.get(gid)
-                if grant is not None:
-                    # On record before the place is free: whoever sees it free sees the entry.
-                    self._own("release", user=peer.user, uid=peer.uid, grant=gid, kernel_id=grant.kernel_id,
-                              why="the kernel's connection closed")
-                    self.admissions.release(gid)
-                    _close_grant_fds(grant)
-                    if grant.cgroup is not None:
-                        await asyncio.to_thread(grant.cgroup.remove)
+                grant = self._release(peer, gid, why="the kernel's connection closed")
+                if grant is not None and grant.cgroup is not None:
+                    await asyncio.to_thread(grant.cgroup.remove)
             peer.close()
             writer.close()
 
@@ -632,12 +626,9 @@ class HostService:
             gid = req.get("grant")
             if gid in held:
                 held.discard(gid)
-                self._own("release", user=user, uid=uid, grant=gid)
-                grant = self.admissions.release(gid)
-                if grant is not None:
-                    _close_grant_fds(grant)
-                    if grant.cgroup is not None:
-                        grant.cgroup.remove(wait=0)
+                grant = self._release(peer, gid)
+                if grant is not None and grant.cgroup is not None:
+                    grant.cgroup.remove(wait=0)
             return {"ok": True}
         if op == "event":
             self._event(peer, held, req)
@@ -646,6 +637,17 @@ class HostService:
             grants = [g.listed() for g in self.admissions.grants.values() if uid == 0 or g.uid == uid]
             return {"ok": True, "grants": grants}
         return {"ok": False, "why": f"unknown op {str(op)[:40]!r}"}
+
+    def _release(self, peer: Peer, gid: int, **why) -> Grant | None:
+        """Give grant ``gid`` back (its cgroup is the caller's to remove); the grant, or None."""
+        grant = self.admissions.grants.get(gid)
+        if grant is None:
+            return None
+        # On record before the place is free: whoever sees it free sees the entry.
+        self._own("release", user=peer.user, uid=peer.uid, grant=gid, kernel_id=grant.kernel_id, **why)
+        self.admissions.release(gid)
+        _close_grant_fds(grant)
+        return grant
 
     def _event(self, peer: Peer, held: set[int], req: dict) -> None:
         """A user's audit event: an allowed name, allowed fields, within the
