@@ -174,9 +174,8 @@ def cmd_classroom(args) -> int:
         return classroom.run(folder)
     if args.action == "confine":
         from smolvm_kernel.classroom import confine
-        return confine.serve(confine.StudentLimits(args.student_mem_mib or confine.DEFAULT_MEM_MIB,
-                                                   args.student_cpus or confine.DEFAULT_CPUS,
-                                                   args.student_tasks or confine.DEFAULT_TASKS))
+        return confine.serve(confine.StudentLimits.of(args.student_mem_mib, args.student_cpus,
+                                                      args.student_tasks))
     if args.action == "down":
         removed = classroom.down(folder)
         print(f"removed {len(removed)} student accounts: {' '.join(removed) or '-'}")

@@ -28,7 +28,6 @@ with ``systemctl set-property``) and SystemdSpawner's per-server scope.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import grp
 import os
 import pwd
@@ -59,8 +58,18 @@ class StudentLimits:
     cpus: float = DEFAULT_CPUS
     tasks: int = DEFAULT_TASKS
 
+    @classmethod
+    def of(cls, mem_mib: int | None = None, cpus: float | None = None, tasks: int | None = None) -> StudentLimits:
+        """The limits a command line or set-up asked for, the defaults where it did not."""
+        return cls(mem_mib or DEFAULT_MEM_MIB, cpus or DEFAULT_CPUS, tasks or DEFAULT_TASKS)
+
     def describe(self) -> str:
         return f"memory {self.mem_mib} MiB, CPU {self.cpus:g} cores, {self.tasks} tasks"
+
+    def cgroup_limits(self) -> cgroups.Limits:
+        return cgroups.Limits(memory_bytes=self.mem_mib * 2**20,
+                              cpu_quota_us=max(1000, round(self.cpus * cgroups.CPU_PERIOD_US)),
+                              cpu_period_us=cgroups.CPU_PERIOD_US, pids=self.tasks)
 
 
 def parents() -> tuple[int, dict[str, Path]]:
@@ -86,48 +95,15 @@ def ensure(name: str, limits: StudentLimits) -> list[Path]:
     dirs = group_dirs(name)
     for d in dirs:
         d.mkdir(exist_ok=True)
-    mem = found["memory"] / name
-    cpu = found.get("cpu")
-    pids = found.get("pids")
-    quota = max(1000, round(limits.cpus * cgroups.CPU_PERIOD_US))
-    if version == 2:
-        (mem / "memory.max").write_text(str(limits.mem_mib * 2**20))
-        cgroups._write_if_present(mem / "memory.swap.max", "0")
-        cgroups._write_if_present(mem / "cpu.max", f"{quota} {cgroups.CPU_PERIOD_US}")
-        cgroups._write_if_present(mem / "pids.max", str(limits.tasks))
-        return dirs
-    limit = str(limits.mem_mib * 2**20)
-    # v1 refuses a memory limit above memsw's and memsw below memory's: order by direction.
-    try:
-        current = int((mem / "memory.limit_in_bytes").read_text())
-    except (OSError, ValueError):
-        current = 0
-    order = ["memory.limit_in_bytes", "memory.memsw.limit_in_bytes"]
-    for f in (order if limits.mem_mib * 2**20 <= current else order[::-1]):
-        cgroups._write_if_present(mem / f, limit)
-    # A process moved in later (by the sweeper) brings its memory with it, where
-    # the kernel still can (deprecated in Linux 6.x, which refuses it).
-    try:
-        cgroups._write_if_present(mem / "memory.move_charge_at_immigrate", "3")
-    except OSError:
-        pass
-    if cpu is not None:
-        (cpu / name / "cpu.cfs_period_us").write_text(str(cgroups.CPU_PERIOD_US))
-        (cpu / name / "cpu.cfs_quota_us").write_text(str(quota))
-    if pids is not None:
-        (pids / name / "pids.max").write_text(str(limits.tasks))
-    return dirs
-
-
-def join(dirs: list[Path]) -> None:
-    """Move the calling process into the group (between fork and exec: writes only)."""
-    pid = str(os.getpid()).encode()
-    for d in dirs:
-        fd = os.open(d / "cgroup.procs", os.O_WRONLY)
+    cgroups._write_limits(cgroups.Hierarchy(version, found), name, limits.cgroup_limits())
+    if version == 1:
+        # A process moved in later (by the sweeper) brings its memory with it, where
+        # the kernel still can (deprecated in Linux 6.x, which refuses it).
         try:
-            os.write(fd, pid)
-        finally:
-            os.close(fd)
+            cgroups._write_if_present(found["memory"] / name / "memory.move_charge_at_immigrate", "3")
+        except OSError:
+            pass
+    return dirs
 
 
 def remove(name: str) -> None:
@@ -136,17 +112,7 @@ def remove(name: str) -> None:
         dirs = group_dirs(name)
     except SmolVMError:
         return
-    for d in dirs:
-        for _ in range(50):
-            try:
-                d.rmdir()
-                break
-            except FileNotFoundError:
-                break
-            except OSError as exc:
-                if exc.errno != errno.EBUSY:
-                    break
-                time.sleep(0.1)
+    cgroups.remove_dirs(dirs, wait=5.0)
 
 
 def students() -> dict[int, str]:

@@ -41,7 +41,8 @@ from pathlib import Path
 
 from smolvm_kernel.errors import SmolVMError
 
-from smolvm_kernel.classroom.confine import GROUP  # noqa: E402  (the students' Unix group; confine.py needs it too)
+from smolvm_kernel.classroom.confine import (  # noqa: E402  (the students' group and cgroup; confine.py's)
+    DEFAULT_CPUS, DEFAULT_MEM_MIB, DEFAULT_TASKS, GROUP)
 DEFAULT_DIR = "/var/lib/smolvm-classroom"
 #: Every kernelspec a student may use; the policy's profiles pick among them.
 KERNELSPECS = {"base": "smolvm-python", "scipy": "smolvm-scipy"}
@@ -341,9 +342,7 @@ def setup(folder: Path, students: int, port: int = 8000, prefix: str = "student"
     from smolvm_kernel.host import policy as policy_mod
 
     _need_root()
-    limits = confine.StudentLimits(
-        mem_mib=student_mem_mib or confine.DEFAULT_MEM_MIB, cpus=student_cpus or confine.DEFAULT_CPUS,
-        tasks=student_tasks or confine.DEFAULT_TASKS)
+    limits = confine.StudentLimits.of(student_mem_mib, student_cpus, student_tasks)
     if limits.mem_mib < 256 or limits.cpus <= 0 or limits.tasks < 64:
         raise SmolVMError(f"a student's server needs more than {limits.describe()} (at least 256 MiB, "
                           f"some CPU, 64 tasks)")
@@ -563,13 +562,15 @@ class ClassroomSpawner(LocalProcessSpawner):
     (``Spawner.notebook_dir``, ``ServerApp.root_dir``).
     """
 
-    student_mem_mib = Integer(1024, config=True, help="memory of all a student's host processes, MiB")
-    student_cpus = Float(1.0, config=True, help="CPU cores all a student's host processes may use")
-    student_tasks = Integer(512, config=True, help="processes and threads a student may have on the host")
+    student_mem_mib = Integer(DEFAULT_MEM_MIB, config=True, help="memory of all a student's host processes, MiB")
+    student_cpus = Float(DEFAULT_CPUS, config=True, help="CPU cores all a student's host processes may use")
+    student_tasks = Integer(DEFAULT_TASKS, config=True,
+                            help="processes and threads a student may have on the host")
     workdir = Unicode("/", config=True, help="the servers' working directory (root's)")
 
     def make_preexec_fn(self, name):
         from smolvm_kernel.classroom import confine
+        from smolvm_kernel.host import cgroups
 
         limits = confine.StudentLimits(self.student_mem_mib, self.student_cpus, self.student_tasks)
         dirs = confine.ensure(name, limits)          # in the hub, as root; raises if it cannot
@@ -578,7 +579,7 @@ class ClassroomSpawner(LocalProcessSpawner):
         workdir = self.workdir
 
         def preexec():
-            confine.join(dirs)       # still root: the student could not do this later
+            cgroups.join_dirs(dirs)       # still root: the student could not do this later
             drop()
             os.chdir(workdir)
         return preexec

@@ -96,13 +96,7 @@ class VMGroup:
     def join(self) -> None:
         """Move the calling process in. Runs in the VMM's child between fork and
         exec, so it only writes files (no logging, no locks)."""
-        pid = str(os.getpid()).encode()
-        for d in self.dirs:
-            fd = os.open(d / "cgroup.procs", os.O_WRONLY)
-            try:
-                os.write(fd, pid)
-            finally:
-                os.close(fd)
+        join_dirs(self.dirs)
 
     def oom_kills(self) -> int:
         """How many times the kernel killed a process here for going over the memory limit."""
@@ -140,22 +134,40 @@ class VMGroup:
 
     def remove(self, wait: float = 2.0) -> bool:
         """Remove the folders once the VMM has left them (it has exited); True when gone."""
-        deadline = time.monotonic() + wait
-        left = list(self.dirs)
-        while left:
-            d = left[0]
-            try:
-                d.rmdir()
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                if exc.errno == errno.EBUSY and time.monotonic() < deadline:
-                    time.sleep(0.02)     # the exiting VMM is still being reaped
-                    continue
-                log.warning("could not remove cgroup %s: %s", d, exc)
-                return False
-            left.pop(0)
-        return True
+        return remove_dirs(self.dirs, wait)
+
+
+def join_dirs(dirs: list[Path]) -> None:
+    """Move the calling process into the cgroup folders ``dirs``. Safe between
+    fork and exec: it only writes files (no logging, no locks)."""
+    pid = str(os.getpid()).encode()
+    for d in dirs:
+        fd = os.open(d / "cgroup.procs", os.O_WRONLY)
+        try:
+            os.write(fd, pid)
+        finally:
+            os.close(fd)
+
+
+def remove_dirs(dirs: list[Path], wait: float = 2.0) -> bool:
+    """Remove cgroup folders once their processes have left (within ``wait``
+    seconds: an exiting process is still being reaped); True when gone."""
+    deadline = time.monotonic() + wait
+    left = list(dirs)
+    while left:
+        d = left[0]
+        try:
+            d.rmdir()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            if exc.errno == errno.EBUSY and time.monotonic() < deadline:
+                time.sleep(0.02)
+                continue
+            log.warning("could not remove cgroup %s: %s", d, exc)
+            return False
+        left.pop(0)
+    return True
 
 
 def _mounts(mountinfo: str) -> list[tuple[str, str, set[str]]]:
@@ -269,8 +281,6 @@ def set_parent_limits(parent_name: str, limits: Limits) -> Hierarchy | str:
             (where.parents["memory"] / "memory.use_hierarchy").write_text("1")
         except OSError:
             pass
-        # memory+swap may never be below memory: lift it first (a restart with a higher cap).
-        _write_if_present(where.parents["memory"] / "memory.memsw.limit_in_bytes", "-1")
     try:
         _write_limits(where, "", limits)
     except OSError as exc:
@@ -287,9 +297,19 @@ def _write_limits(where: Hierarchy, vm_id: str, limits: Limits) -> None:
         _write_if_present(cpu / "cpu.max", f"{limits.cpu_quota_us} {limits.cpu_period_us}")
         _write_if_present(pids / "pids.max", str(limits.pids))
         return
-    (mem / "memory.limit_in_bytes").write_text(str(limits.memory_bytes))
-    # No swap either, where the kernel accounts it (memsw >= the plain limit).
-    _write_if_present(mem / "memory.memsw.limit_in_bytes", str(limits.memory_bytes))
+    # No swap either, where the kernel accounts it: memory+swap gets the same
+    # limit. v1 refuses a memory limit above memsw's and memsw below memory's,
+    # so on a folder that had limits (a cap changed) the order follows the direction.
+    try:
+        current = int((mem / "memory.limit_in_bytes").read_text())
+    except (OSError, ValueError):
+        current = 0
+    writes = [(True, "memory.limit_in_bytes"), (False, "memory.memsw.limit_in_bytes")]
+    for required, name in (writes if limits.memory_bytes <= current else writes[::-1]):
+        if required:
+            (mem / name).write_text(str(limits.memory_bytes))
+        else:
+            _write_if_present(mem / name, str(limits.memory_bytes))
     if cpu is not None:
         (cpu / "cpu.cfs_period_us").write_text(str(limits.cpu_period_us))
         (cpu / "cpu.cfs_quota_us").write_text(str(limits.cpu_quota_us))
