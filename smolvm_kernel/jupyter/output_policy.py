@@ -304,9 +304,7 @@ class OutputPolicy:
         names = {**(record or {}), **{k: state[k] for k in _NAME_KEYS if k in state}}
         modules = [names.get(k) for k in _MODULE_KEYS]
         if any(m not in (None, "") and m not in self.widget_modules for m in modules):
-            return (f"a widget from module {_short(modules[0])} / {_short(modules[1])}: only "
-                    f"{', '.join(sorted(self.widget_modules))} are loaded from the microVM "
-                    f"(SandboxConfig.widget_modules adds others)")
+            return self._module_refusal(f"{_short(modules[0])} / {_short(modules[1])}")
         view, view_module = names.get("_view_name"), names.get("_view_module")
         if view not in (None, ""):
             if view_module in (None, ""):
@@ -314,6 +312,10 @@ class OutputPolicy:
             if view_module.startswith(_CORE_PREFIX) and view not in _CORE_VIEWS:
                 return f"a widget view {_short(view)} that {view_module} does not define"
         return None
+
+    def _module_refusal(self, modules: str) -> str:
+        return (f"a widget from module {modules}: only {', '.join(sorted(self.widget_modules))} are "
+                f"loaded from the microVM (SandboxConfig.widget_modules adds others)")
 
     def _state_error(self, state: dict, record: dict) -> str | None:
         """Why a widget's ``state`` (changed in place) is refused, or None."""
@@ -472,9 +474,7 @@ class OutputPolicy:
         if not all(isinstance(v, str) for v in outer.values()):
             return "a widget in update_states whose model_module/model_name/version is not a string"
         if outer["model_module"] not in self.widget_modules:
-            return (f"a widget from module {_short(outer['model_module'])}: only "
-                    f"{', '.join(sorted(self.widget_modules))} are loaded from the microVM "
-                    f"(SandboxConfig.widget_modules adds others)")
+            return self._module_refusal(_short(outer["model_module"]))
         for key in ("model_module", "model_name", "model_module_version"):
             if f"_{key}" in st and st[f"_{key}"] != outer[key]:
                 return f"a widget in update_states whose {key} and state._{key} differ"
