@@ -32,18 +32,6 @@ PNG_CODE = ("import base64, os\nfrom IPython.display import display\n"
             "display({'image/png': base64.b64encode(os.urandom(1_000_000)).decode()}, raw=True)\n")
 
 
-def _launch(kernel_name: str) -> dict:
-    out = {}
-    t0 = time.monotonic()
-    km, kc = start_new_kernel(kernel_name=kernel_name, startup_timeout=120)
-    out["launch_info"] = time.monotonic() - t0
-    results = []
-    kc.execute_interactive("6*7", timeout=300,
-                           output_hook=lambda m: results.append(m) if m["msg_type"] == "execute_result" else None)
-    out["launch_result"] = time.monotonic() - t0
-    return out | {"km": km, "kc": kc}
-
-
 def _round_trips(kc, rounds: int) -> list[float]:
     # A restored TCG guest translates its code afresh: warm both paths alike.
     for _ in range(20):
@@ -139,9 +127,9 @@ def bench_first_use(names: tuple[str, str], runs: int) -> dict[str, dict]:
 
 def bench_kernel(name: str, rounds: int) -> dict:
     """The warm figures, on one kernel (its launch is not reported: bench_first_use's are)."""
-    r = _launch(name)
-    km, kc = r.pop("km"), r.pop("kc")
-    r.clear()
+    km, kc = start_new_kernel(kernel_name=name, startup_timeout=120)
+    kc.execute_interactive("6*7", timeout=300, output_hook=lambda m: None)    # the VM is up
+    r: dict = {}
     try:
         rt = _round_trips(kc, rounds)
         r["rt_p50"], r["rt_p99"] = median(rt), percentile(rt, 99)

@@ -162,7 +162,6 @@ def smolvm_line(line: str):
     elif args.command in ("push", "pull"):
         if sb.state.value not in ("ready", "busy"):
             raise SmolVMError(f"sandbox {args.name!r} is {sb.state.value}; run a %%smolvm cell to start it")
-        transfer.check(os.getcwd(), args)
         print(transfer.run(sb, os.getcwd(), args, sb.config.max_transfer_mib * 2**20))
 
 
