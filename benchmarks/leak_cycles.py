@@ -60,10 +60,6 @@ def _qemu_procs() -> dict[str, str]:
     return out
 
 
-def _qemu_pids() -> set[str]:
-    return set(_qemu_procs())
-
-
 #: QEMU processes and VM cgroups that existed before this run (other kernels'
 #: live VMs, e.g. a test session's shared VM): not ours to count.
 _OTHER_QEMU: set[str] = set()
@@ -75,9 +71,10 @@ def counts(kernel_pid: int | None = None) -> dict[str, int]:
     from smolvm_kernel.host.registry import Registry
 
     state = paths.state_dir()
+    ours = {pid: st for pid, st in _qemu_procs().items() if pid not in _OTHER_QEMU}
     out = {
-        "QEMU processes": len(_qemu_pids() - _OTHER_QEMU),
-        "zombie QEMU processes": sum(1 for pid, st in _qemu_procs().items() if st == "Z" and pid not in _OTHER_QEMU),
+        "QEMU processes": len(ours),
+        "zombie QEMU processes": sum(1 for st in ours.values() if st == "Z"),
         "open fds (this process)": len(os.listdir("/proc/self/fd")),
         # The audit log (audit.jsonl, its lock and rotations) is kept on purpose.
         "files in the state dir": sum(len([x for x in f if not x.startswith("audit.jsonl")]) + len(d)
@@ -111,7 +108,7 @@ def main() -> int:
     ap.add_argument("--cycles", type=int, default=100)
     ap.add_argument("--restarts", type=int, default=100)
     args = ap.parse_args()
-    _OTHER_QEMU.update(_qemu_pids())
+    _OTHER_QEMU.update(_qemu_procs())
     _OTHER_CGROUPS.update(_vm_cgroup_dirs())
     from jupyter_client.manager import start_new_kernel
 
