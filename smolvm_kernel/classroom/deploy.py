@@ -213,7 +213,7 @@ def students_python(folder: Path, profiles: list[str]) -> Path:
     for profile in profiles:
         name = KERNELSPECS.get(profile)
         if name:
-            subprocess.run([str(py), "-I", "-c", "import sys; from smolvm_kernel import kernelspec; "
+            subprocess.run([str(py), "-I", "-c", "import sys; from smolvm_kernel.jupyter import kernelspec; "
                             f"kernelspec.install({name!r}, prefix=sys.prefix, "
                             f"profile={None if profile == 'base' else profile!r})"],
                            check=True, capture_output=True, env={**os.environ, "SMOLVM_POLICY_FILE": "/nonexistent"})
