@@ -28,19 +28,12 @@ so the VMM's own process, between fork and exec, asks the service to move it:
 the service sees that process's pid and uid in its credentials and moves it
 only if it is the child of the process that holds the grant.
 
-The shape is checked here, from the policy the service read, not taken from
-the caller: vcpus <= max_vcpus and <= this host's cores, mem_mib <= max_mem_mib
-and <= the host's memory, disk_mib <= max_disk_mib, profile in profiles,
-network in network. A request that leaves out disk_mib, profile or network is
-refused when the policy caps that key (an older client: update it). A refusal
-names the key, the value asked and the policy file.
-
-Every grant's cgroup sits in one folder (cgroups.HOSTD_PARENT: ``smolvm`` in
-each hierarchy), on which the service puts the host-wide caps
-(:func:`host_limits`): memory = the host's RAM less host_reserve_mib (less a
-tenth, at most 2 GiB, without one), and at most host_max_guest_mem_mib plus
-each VM's VMM overhead; CPU = the host's cores; pids = enough for
-host_max_vms VMMs (64 without it).
+The shape is checked from the policy the service read, not taken from the
+caller, and every grant's cgroup sits in one folder with the host-wide caps
+on it: grants.py (the quota and budget arithmetic, a grant's record, the
+caps). Who asks is the kernel's word, never the caller's, and what a caller
+may send is checked and rate-limited: callers.py. This module is the server
+around them: connections, requests, the grants' cgroups, the audit entries.
 
 Joining (the VMM's process moving into the grant's cgroup) is checked by
 pidfd and start time, not pid alone: the service takes a pidfd of every
@@ -57,14 +50,14 @@ without a request, its own RLIMIT_NOFILE soft limit is raised to the hard one,
 and each non-root uid's events and admissions are rate-limited (token buckets).
 
 The audit log: users' events must be of USER_EVENTS, carry only USER_FIELDS
-(values size-capped), and are written with ``"by": "user"``; the service's own
-entries (admit, release, refused, events_dropped) say ``"by": "hostd"``. Both
-go to the policy's audit_log (the host's timeline, as before); the service's
-own entries also go to ``<audit_log>-hostd.jsonl`` (e.g. audit-hostd.jsonl),
-which no user's event ever reaches, so users cannot rotate them away by
-writing events; what a user can make the service write there (an admission,
-granted or refused) is rate-limited per uid (ADMIT_BURST, ADMIT_RATE), and
-``events_dropped`` comes at most once a minute per uid.
+(values size-capped; callers.py), and are written with ``"by": "user"``; the
+service's own entries (admit, release, refused, events_dropped) say
+``"by": "hostd"``. Both go to the policy's audit_log (the host's timeline, as
+before); the service's own entries also go to ``<audit_log>-hostd.jsonl``
+(e.g. audit-hostd.jsonl), which no user's event ever reaches, so users cannot
+rotate them away by writing events; what a user can make the service write
+there (an admission, granted or refused) is rate-limited per uid (ADMIT_BURST,
+ADMIT_RATE), and ``events_dropped`` comes at most once a minute per uid.
 
 Policy keys it reads (policy.py): max_vcpus, max_mem_mib, max_disk_mib,
 profiles, network, max_vms_per_user, max_mem_mib_per_user, host_max_vms,
@@ -75,357 +68,26 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import dataclasses
-import itertools
 import json
 import logging
-import math
 import os
-import pwd
-import select
-import socket
-import struct
 import time
 from pathlib import Path
 
+from smolvm_kernel.classroom.callers import (ADMIT_BURST, ADMIT_RATE, EVENT_BURST, EVENT_RATE, USER_EVENTS,
+                                             Bucket, Peer, Proc, dup, peer_of, request_shape, user_fields)
+from smolvm_kernel.classroom.grants import VMM_OVERHEAD_MIB, Admissions, Grant, host_limits
 from smolvm_kernel.host import cgroups
 from smolvm_kernel.host import policy as policy_mod
-from smolvm_kernel.host import procs
 from smolvm_kernel.host.admission import _MAX_LINE, SOCKET_PATH, AdmissionRefused
 from smolvm_kernel.host.audit import AuditLog
 
 log = logging.getLogger("smolvm_kernel.classroom.hostd")
 
-#: The events users' kernels and servers may write (what sandbox.py, kernel.py,
-#: pause.py and classroom.py send today). Never admit, release, join or
-#: events_dropped: those are the service's own.
-USER_EVENTS = frozenset({"start", "stop", "death", "reset", "push", "pull", "refused",
-                         "pause", "resume", "culled"})
-#: The fields those events may carry; any other is dropped (``by``, ``uid``,
-#: ``user``, ``ts``, ``host``, ``pid`` are the service's).
-USER_FIELDS = frozenset({"vm_id", "kernel_id", "profile", "vcpus", "mem_mib", "disk_mib", "network",
-                         "transport", "backend", "accel", "boot_s", "started_from", "ran_s", "cause",
-                         "path", "bytes", "idle_s", "state_bytes", "pause_s", "vmm_rss_kib", "paused_s",
-                         "resume_s", "what", "why", "idle_timeout_s"})
-#: A user's string value is cut to this many characters.
-USER_VALUE_MAX = 1024
 #: Connections one non-root uid may have open at once.
 MAX_CONNECTIONS_PER_UID = 32
 #: A connection holding no grant is closed after this long without a request.
 IDLE_TIMEOUT_S = 30.0
-#: Per non-root uid: events (burst, per second) and admissions (burst, per second).
-EVENT_BURST, EVENT_RATE = 200, 5.0
-ADMIT_BURST, ADMIT_RATE = 30, 0.2
-#: Sane bounds with or without a policy: a disk of at most 1 TiB.
-MAX_DISK_MIB = 1 << 20
-#: Linux's SO_PEERPIDFD (6.5+): a pidfd of the very process that connected.
-SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)
-
-
-@dataclasses.dataclass
-class Grant:
-    id: int
-    uid: int
-    user: str
-    vcpus: int
-    mem_mib: int
-    kernel_id: str
-    since: float
-    #: The process holding the grant's connection (the kernel), and the VMM's
-    #: cgroup the service made for it (None: the host has no usable hierarchy).
-    holder_pid: int = 0
-    cgroup: object = dataclasses.field(default=None, repr=False, compare=False)
-    #: What the holder's audit events said: its VM, and whether it is paused to disk.
-    vm_id: str = ""
-    state: str = "starting"
-    disk_mib: int | None = None
-    profile: str | None = None
-    network: str | None = None
-    #: The holder's start time (field 22 of /proc/<pid>/stat) at admit, and a
-    #: pidfd of it; the VMM that joined the cgroup (a pidfd, to tell it lives).
-    holder_start: int | None = dataclasses.field(default=None, repr=False)
-    holder_pidfd: int | None = dataclasses.field(default=None, repr=False, compare=False)
-    joined_pid: int = 0
-    joined_pidfd: int | None = dataclasses.field(default=None, repr=False, compare=False)
-
-    #: What `ls` shows of a grant.
-    LISTED = ("id", "uid", "user", "vcpus", "mem_mib", "disk_mib", "profile", "network", "kernel_id",
-              "since", "holder_pid", "joined_pid", "vm_id", "state")
-
-    def listed(self) -> dict:
-        return {k: getattr(self, k) for k in self.LISTED}
-
-
-class Admissions:
-    """The quota and budget arithmetic, apart from sockets (unit-tested)."""
-
-    def __init__(self, pol: policy_mod.Policy | None, host_available_mib=None,
-                 host_cores: int | None = None, host_total_mib: int | None = None) -> None:
-        self.policy = pol
-        self.grants: dict[int, Grant] = {}
-        self._ids = itertools.count(1)
-        self._available = host_available_mib or _mem_available_mib
-        self.cores = host_cores or _host_cores()
-        self.total_mib = host_total_mib or _mem_total_mib()
-
-    def shape_refusal(self, vcpus: int, mem_mib: int, disk_mib: int | None = None,
-                      profile: str | None = None, network: str | None = None) -> str | None:
-        """Why one VM of this shape is refused whatever else runs (the policy's
-        per-VM caps, the host's size), or None."""
-        p = self.policy
-        if p is not None and p.max_vcpus is not None and vcpus > p.max_vcpus:
-            return (f"vcpus={vcpus} is above the cap of {p.max_vcpus} vCPUs per microVM (max_vcpus) set by "
-                    f"{p.whose}: ask for fewer, or ask the instructor")
-        if vcpus > self.cores:
-            return (f"vcpus={vcpus} is more than this host's {self.cores} CPU cores: ask for at most "
-                    f"{self.cores}")
-        if p is not None and p.max_mem_mib is not None and mem_mib > p.max_mem_mib:
-            return (f"mem_mib={mem_mib} is above the cap of {p.max_mem_mib} MiB per microVM (max_mem_mib) "
-                    f"set by {p.whose}: ask for less memory, or ask the instructor")
-        if mem_mib > self.total_mib:
-            return f"mem_mib={mem_mib} is more than this host's {self.total_mib} MiB of memory"
-        cap = p.max_disk_mib if p is not None else None
-        if disk_mib is None:
-            if cap is not None:
-                return (f"the request does not say its disk size (disk_mib) and {p.whose} caps it at "
-                        f"{cap} MiB (max_disk_mib): update smolvm-kernel")
-        elif cap is not None and disk_mib > cap:
-            return (f"disk_mib={disk_mib} is above the cap of {cap} MiB per microVM (max_disk_mib) set by "
-                    f"{p.whose}: ask for a smaller disk, or ask the instructor")
-        elif disk_mib > MAX_DISK_MIB:
-            return f"disk_mib={disk_mib} is above the {MAX_DISK_MIB} MiB this service allows any microVM"
-        for key, value, allowed in (("profile", profile, p.profiles if p else None),
-                                    ("network", network, p.network if p else None)):
-            if allowed is None:
-                continue
-            names = ", ".join(repr(a) for a in allowed)
-            setting = "profiles" if key == "profile" else "network"
-            if value is None:
-                return (f"the request does not say its {key} and {p.whose} allows only {names} "
-                        f"({setting}): update smolvm-kernel")
-            if value not in allowed:
-                return (f"{key}={value!r} is not allowed by {p.whose}, which allows {names} ({setting}): "
-                        f"ask the instructor to change it")
-        return None
-
-    def admit(self, uid: int, user: str, vcpus: int, mem_mib: int, kernel_id: str = "",
-              disk_mib: int | None = None, profile: str | None = None, network: str | None = None) -> Grant:
-        """A grant, or AdmissionRefused naming the limit, the figures and what to do."""
-        why = self.shape_refusal(vcpus, mem_mib, disk_mib, profile, network)
-        if why is not None:
-            raise AdmissionRefused(why)
-        p = self.policy
-        mine = [g for g in self.grants.values() if g.uid == uid]
-        if p is not None:
-            if p.max_vms_per_user is not None and len(mine) + 1 > p.max_vms_per_user:
-                raise AdmissionRefused(
-                    f"{user} has {len(mine)} microVM{'s' if len(mine) != 1 else ''} running, the most "
-                    f"{p.whose} allows per user ({p.max_vms_per_user}): close another notebook's kernel "
-                    f"(or shut it down), or ask the instructor")
-            used = sum(g.mem_mib for g in mine)
-            if p.max_mem_mib_per_user is not None and used + mem_mib > p.max_mem_mib_per_user:
-                raise AdmissionRefused(
-                    f"{user}'s microVMs have {used} MiB and this one asks for {mem_mib} MiB, over the "
-                    f"{p.max_mem_mib_per_user} MiB {p.whose} allows per user: close another notebook's "
-                    f"kernel, ask for less memory, or ask the instructor")
-            if p.host_max_vms is not None and len(self.grants) + 1 > p.host_max_vms:
-                raise AdmissionRefused(
-                    f"this host runs {len(self.grants)} microVMs, its budget ({p.whose}): try again "
-                    f"when others have finished, or ask the instructor")
-            total = sum(g.mem_mib for g in self.grants.values())
-            if p.host_max_guest_mem_mib is not None and total + mem_mib > p.host_max_guest_mem_mib:
-                raise AdmissionRefused(
-                    f"this host's microVMs have {total} MiB of its {p.host_max_guest_mem_mib} MiB budget "
-                    f"({p.whose}) and this one asks for {mem_mib} MiB: try again later, ask for less "
-                    f"memory, or ask the instructor")
-            if p.host_reserve_mib is not None:
-                free = self._available()
-                if free - mem_mib < p.host_reserve_mib:
-                    raise AdmissionRefused(
-                        f"the host has {free} MiB free and keeps {p.host_reserve_mib} MiB for itself "
-                        f"({p.whose}); a {mem_mib} MiB microVM does not fit now: try again later, "
-                        f"or ask the instructor")
-        grant = Grant(next(self._ids), uid, user, vcpus, mem_mib, kernel_id, time.time(),
-                      disk_mib=disk_mib, profile=profile, network=network)
-        self.grants[grant.id] = grant
-        return grant
-
-    def check(self, uid: int, user: str, vcpus: int, mem_mib: int, disk_mib: int | None = None,
-              profile: str | None = None, network: str | None = None) -> None:
-        """AdmissionRefused if a VM of this shape would be refused now; grants nothing."""
-        grant = self.admit(uid, user, vcpus, mem_mib, "", disk_mib, profile, network)
-        self.grants.pop(grant.id, None)
-
-    def release(self, grant_id: int) -> Grant | None:
-        return self.grants.pop(grant_id, None)
-
-
-def _mem_available_mib() -> int:
-    return procs.meminfo_mib("MemAvailable")
-
-
-def _mem_total_mib() -> int:
-    return procs.meminfo_mib("MemTotal")
-
-
-def _host_cores() -> int:
-    """The cores this service may run on (its affinity), else the host's count."""
-    try:
-        return len(os.sched_getaffinity(0)) or 1
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
-#: Host memory a VMM may use beyond its guest's RAM, in its cgroup (as
-#: SandboxConfig.vmm_overhead_mib's default; the student's own value is not used).
-VMM_OVERHEAD_MIB = 256
-
-
-def host_limits(pol: policy_mod.Policy | None, cores: int, total_mib: int) -> cgroups.Limits:
-    """The caps of the folder all grants' cgroups are in: every VMM together."""
-    reserve = pol.host_reserve_mib if pol is not None and pol.host_reserve_mib is not None \
-        else min(2048, total_mib // 10)
-    mem = total_mib - reserve
-    vms = pol.host_max_vms if pol is not None and pol.host_max_vms else None
-    if pol is not None and pol.host_max_guest_mem_mib is not None:
-        mem = min(mem, pol.host_max_guest_mem_mib + VMM_OVERHEAD_MIB * (vms or max(1, cores)))
-    per_vmm = cgroups.PIDS_BASE + 2 * cores
-    return cgroups.Limits(memory_bytes=max(256, mem) * 2**20, cpu_quota_us=cores * cgroups.CPU_PERIOD_US,
-                          cpu_period_us=cgroups.CPU_PERIOD_US, pids=(vms or 64) * per_vmm)
-
-
-class Bucket:
-    """A token bucket: ``burst`` at once, then ``rate`` a second."""
-
-    def __init__(self, burst: float, rate: float, clock=time.monotonic) -> None:
-        self.burst, self.rate, self.clock = burst, rate, clock
-        self.tokens, self.at = float(burst), clock()
-
-    def take(self) -> bool:
-        now = self.clock()
-        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
-        self.at = now
-        if self.tokens >= 1:
-            self.tokens -= 1
-            return True
-        return False
-
-
-class Proc:
-    """What the service reads of a process (a class, so tests can fake /proc)."""
-
-    def stat(self, pid: int) -> tuple[int, int] | None:
-        """(parent pid, start time in clock ticks: fields 4 and 22 of /proc/<pid>/stat), or None."""
-        return procs.parent_and_start(pid)
-
-    def uid(self, pid: int) -> int | None:
-        """The process's real uid, or None."""
-        try:
-            with open(f"/proc/{pid}/status") as fh:
-                for line in fh:
-                    if line.startswith("Uid:"):
-                        return int(line.split()[1])
-        except (OSError, ValueError, IndexError):
-            pass
-        return None
-
-    def alive(self, pidfd: int | None) -> bool:
-        """Whether the process a pidfd refers to has not exited (a pidfd polls
-        readable once it has)."""
-        if pidfd is None:
-            return False
-        try:
-            readable, _, _ = select.select([pidfd], [], [], 0)
-        except (OSError, ValueError):
-            return False
-        return not readable
-
-
-@dataclasses.dataclass
-class Peer:
-    """Who is on a connection: from the kernel (SO_PEERCRED, a pidfd), not from anything it sent."""
-
-    pid: int
-    uid: int
-    user: str
-    pidfd: int | None = None
-    #: Its start time when it connected (None: hostd could not tell).
-    start: int | None = None
-
-    def close(self) -> None:
-        if self.pidfd is not None:
-            try:
-                os.close(self.pidfd)
-            except OSError:
-                pass
-            self.pidfd = None
-
-
-def peer_pidfd(sock: socket.socket, pid: int) -> int | None:
-    """A pidfd of the process that connected: SO_PEERPIDFD names that very
-    process; pidfd_open(pid) (older kernels) the process with its pid now."""
-    try:
-        fd = struct.unpack("i", sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD, 4))[0]
-        if fd >= 0:
-            os.set_inheritable(fd, False)
-            return fd
-    except (OSError, struct.error):
-        pass
-    try:
-        return os.pidfd_open(pid)
-    except (OSError, AttributeError):
-        return None
-
-
-def raise_nofile() -> tuple[int, int]:
-    """RLIMIT_NOFILE's soft limit up to its hard limit (the service holds a
-    socket and a pidfd per connection); the limits after."""
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = hard
-    if hard == resource.RLIM_INFINITY:
-        try:
-            want = int(open("/proc/sys/fs/nr_open").read())
-        except (OSError, ValueError):
-            want = 1 << 20
-    if soft != resource.RLIM_INFINITY and soft < want:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-        except (OSError, ValueError) as exc:
-            log.warning("hostd: cannot raise its open-file limit to %s: %s", want, exc)
-    return resource.getrlimit(resource.RLIMIT_NOFILE)
-
-
-def _clean_value(v):
-    """A user's field value as written, or None to drop it."""
-    if isinstance(v, bool):
-        return v
-    if isinstance(v, int):
-        return v if -2**63 <= v < 2**63 else None
-    if isinstance(v, float):
-        return v if math.isfinite(v) else None
-    if isinstance(v, str):
-        return v if len(v) <= USER_VALUE_MAX else v[:USER_VALUE_MAX] + "…"
-    return None
-
-
-def _user_name(uid: int) -> str:
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return str(uid)
-
-
-def peer_creds(sock: socket.socket) -> tuple[int, int]:
-    """The connecting process's pid and uid, from the kernel (not from anything it sent)."""
-    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    pid, uid, _gid = struct.unpack("3i", creds)
-    return pid, uid
-
-
-def peer_uid(sock: socket.socket) -> int:
-    return peer_creds(sock)[1]
 
 
 class HostService:
@@ -509,20 +171,10 @@ class HostService:
             self._own("events_dropped", user=peer.user, uid=peer.uid, count=n,
                       why="over the user's rate, or not an event or field users may write")
 
-    def _peer(self, sock: socket.socket) -> Peer:
-        pid, uid = peer_creds(sock)
-        peer = Peer(pid, uid, _user_name(uid), peer_pidfd(sock, pid))
-        st = self.proc.stat(pid)
-        # The start time is the connecting process's only if it still lives after
-        # the read (then the pid was its all along) and is of the uid that connected.
-        if st is not None and self.proc.alive(peer.pidfd) and self.proc.uid(pid) == uid:
-            peer.start = st[1]
-        return peer
-
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         sock = writer.get_extra_info("socket")
         try:
-            peer = self._peer(sock)
+            peer = peer_of(sock, self.proc)
         except OSError:
             writer.close()
             return
@@ -583,15 +235,10 @@ class HostService:
             return {"ok": False, "why": "not a JSON object"}
         op = req.get("op")
         if op in ("admit", "check"):
-            vcpus, mem, disk = req.get("vcpus"), req.get("mem_mib"), req.get("disk_mib")
-            profile, network = req.get("profile"), req.get("network")
-            if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (vcpus, mem)):
-                return {"ok": False, "why": f"{op} needs vcpus and mem_mib as positive whole numbers"}
-            if disk is not None and not (isinstance(disk, int) and not isinstance(disk, bool) and disk > 0):
-                return {"ok": False, "why": f"{op}: disk_mib must be a positive whole number"}
-            if not all(v is None or (isinstance(v, str) and 0 < len(v) <= 64) for v in (profile, network)):
-                return {"ok": False, "why": f"{op}: profile and network must be short names"}
-            shape = {"disk_mib": disk, "profile": profile, "network": network}
+            asked = request_shape(op, req)
+            if isinstance(asked, str):
+                return {"ok": False, "why": asked}
+            vcpus, mem, shape = asked
         if op == "admit":
             kernel_id = str(req.get("kernel_id", ""))[:200]
             if not self._take("admit", uid):
@@ -609,7 +256,7 @@ class HostService:
                 return {"ok": False, "why": "the service cannot tell which process asks (it has exited?)"}
             held.add(grant.id)
             grant.holder_pid, grant.holder_start = peer.pid, st[1]
-            grant.holder_pidfd = _dup(peer.pidfd)
+            grant.holder_pidfd = dup(peer.pidfd)
             cgroup = self._make_cgroup(grant)
             self._own("admit", user=user, uid=uid, grant=grant.id, kernel_id=kernel_id,
                       vcpus=vcpus, mem_mib=mem, **shape, cgroup=cgroup.get("limits", cgroup.get("none")))
@@ -646,7 +293,7 @@ class HostService:
         # On record before the place is free: whoever sees it free sees the entry.
         self._own("release", user=peer.user, uid=peer.uid, grant=gid, kernel_id=grant.kernel_id, **why)
         self.admissions.release(gid)
-        _close_grant_fds(grant)
+        grant.close_fds()
         return grant
 
     def _event(self, peer: Peer, held: set[int], req: dict) -> None:
@@ -656,10 +303,7 @@ class HostService:
         if not isinstance(event, str) or event not in USER_EVENTS or not self._take("event", peer.uid):
             self._drop(peer)
             return
-        clean = {}
-        for k, v in (fields.items() if isinstance(fields, dict) else ()):
-            if k in USER_FIELDS and (v := _clean_value(v)) is not None:
-                clean[k] = v
+        clean = user_fields(fields)
         self._note_state(held, event, clean)
         # Who wrote it is the service's to say, after the user's fields: it cannot be overridden.
         self.audit.record(event, **clean, by="user", user=peer.user, uid=peer.uid)
@@ -715,7 +359,7 @@ class HostService:
             return {"ok": False, "why": "the asking process exited while it was being moved: refused"}
         if grant.joined_pidfd is not None:
             os.close(grant.joined_pidfd)
-        grant.joined_pid, grant.joined_pidfd = pid, _dup(peer.pidfd)
+        grant.joined_pid, grant.joined_pidfd = pid, dup(peer.pidfd)
         return {"ok": True}
 
     @staticmethod
@@ -744,22 +388,24 @@ def own_log_path(path: Path) -> Path:
     return path.with_name(f"{path.stem}-hostd{path.suffix or '.jsonl'}")
 
 
-def _dup(fd: int | None) -> int | None:
-    try:
-        return os.dup(fd) if fd is not None else None
-    except OSError:
-        return None
+def raise_nofile() -> tuple[int, int]:
+    """RLIMIT_NOFILE's soft limit up to its hard limit (the service holds a
+    socket and a pidfd per connection); the limits after."""
+    import resource
 
-
-def _close_grant_fds(grant: Grant) -> None:
-    for name in ("holder_pidfd", "joined_pidfd"):
-        fd = getattr(grant, name)
-        if fd is not None:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-            setattr(grant, name, None)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard
+    if hard == resource.RLIM_INFINITY:
+        try:
+            want = int(open("/proc/sys/fs/nr_open").read())
+        except (OSError, ValueError):
+            want = 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        except (OSError, ValueError) as exc:
+            log.warning("hostd: cannot raise its open-file limit to %s: %s", want, exc)
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
 
 
 def serve(path: str = SOCKET_PATH) -> int:

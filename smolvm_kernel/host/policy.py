@@ -29,7 +29,7 @@ max_vcpus (and the host's cores), memory against max_mem_mib, and the disk,
 profile and network a kernel must then send against max_disk_mib, profiles and
 network (a request that leaves one out is refused while the policy sets that
 key). host_max_guest_mem_mib, host_max_vms and host_reserve_mib also size the
-one cgroup all of hostd's VMMs share (hostd.host_limits).
+one cgroup all of hostd's VMMs share (grants.host_limits).
 
 Every key is optional; an unknown key or a wrong type is an error (a typo
 must not drop a cap), and so is a file that someone other than root can

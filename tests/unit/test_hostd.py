@@ -3,19 +3,20 @@ that end with their connection, audit entries under the uid the kernel sees."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import socket
-import threading
 from pathlib import Path
 
 import pytest
 
-from smolvm_kernel.classroom.hostd import Admissions, HostService
+from smolvm_kernel.classroom.grants import Admissions
+from smolvm_kernel.classroom.hostd import HostService
 from smolvm_kernel.host import policy
 from smolvm_kernel.host.admission import AdmissionRefused, HostClient
 from smolvm_kernel.host.audit import AuditLog
+
+from support import loop_thread, remove_cgroup_parent, wait_for
 
 
 def _policy(**caps) -> policy.Policy:
@@ -88,7 +89,7 @@ def test_each_per_vm_cap_of_the_policy_is_hostds_own_check():
 
 
 def test_the_host_wide_caps_of_the_grants_cgroup_folder():
-    from smolvm_kernel.classroom.hostd import VMM_OVERHEAD_MIB, host_limits
+    from smolvm_kernel.classroom.grants import VMM_OVERHEAD_MIB, host_limits
 
     lim = host_limits(_policy(host_max_guest_mem_mib=4096, host_max_vms=4, host_reserve_mib=2048), 8, 32_768)
     assert lim.memory_bytes == (4096 + 4 * VMM_OVERHEAD_MIB) * 2**20
@@ -101,45 +102,16 @@ def test_the_host_wide_caps_of_the_grants_cgroup_folder():
 @pytest.fixture(params=[False])
 def service(tmp_path, request):
     """The service on a socket in tmp, on a loop thread of its own."""
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
     log = AuditLog(tmp_path / "audit.jsonl")
     svc = HostService(str(tmp_path / "hostd.sock"), _policy(max_vms_per_user=1), audit=log,
                       host_available_mib=lambda: 100_000, make_cgroups=request.param,
                       cgroup_parent=f"smolvm-hostd-test-{os.getpid()}")
-    asyncio.run_coroutine_threadsafe(svc.start(), loop).result(5)
-    yield svc
-    asyncio.run_coroutine_threadsafe(svc.close(), loop).result(5)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(5)
-    loop.close()
+    with loop_thread() as run:
+        run(svc.start())
+        yield svc
+        run(svc.close())
     if request.param:
-        _remove_test_parent(svc.cgroup_parent)
-
-
-def _remove_test_parent(name: str) -> None:
-    from smolvm_kernel.host import cgroups
-
-    where = cgroups.probe(name)
-    if not isinstance(where, str):
-        for d in set(where.parents.values()):
-            for child in [c for c in d.iterdir() if c.is_dir()] + [d]:
-                try:
-                    child.rmdir()
-                except OSError:
-                    pass
-    cgroups.probe.cache_clear()
-
-
-def _wait(pred, timeout=5.0):
-    import time
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(0.02)
-    return False
+        remove_cgroup_parent(svc.cgroup_parent)
 
 
 def test_a_grant_lasts_as_long_as_its_connection(service):
@@ -149,7 +121,7 @@ def test_a_grant_lasts_as_long_as_its_connection(service):
     with pytest.raises(AdmissionRefused, match="the host refused to start a microVM: .* has 1 microVM running"):
         second.admit(2, 512, kernel_id="k2")
     first.close()                                        # a kernel that exits, or is killed
-    assert _wait(lambda: not service.admissions.grants)
+    assert wait_for(lambda: not service.admissions.grants)
     second.admit(2, 512, kernel_id="k2")
     assert [g["kernel_id"] for g in second.list()] == ["k2"]
     second.close()
@@ -247,7 +219,7 @@ def test_a_grants_vmm_cgroup_takes_only_the_holders_child(service):
     assert '"ok": true' in direct.stdout, direct
     dirs = list(group.dirs)
     client.close()
-    assert _wait(lambda: not any(d.exists() for d in dirs)), dirs
+    assert wait_for(lambda: not any(d.exists() for d in dirs)), dirs
 
 
 def test_a_check_says_whether_a_start_would_be_refused_and_grants_nothing(service):

@@ -9,7 +9,6 @@ read). Each test here failed on the hostd before issue 21 item 4.
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import json
 import os
@@ -18,7 +17,6 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import threading
 import time
 from pathlib import Path
 
@@ -28,6 +26,8 @@ from smolvm_kernel.classroom.hostd import HostService
 from smolvm_kernel.host import policy
 from smolvm_kernel.host.admission import HostClient
 from smolvm_kernel.host.audit import AuditLog
+
+from support import loop_thread, remove_cgroup_parent, wait_for
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="setuid() to nobody needs root")
 
@@ -69,27 +69,21 @@ def folder():
 def start(folder):
     """start(pol, **kw) -> a running HostService on folder/hostd.sock (keywords
     this hostd does not know are left out, so the tests run against older ones)."""
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
     services = []
+    with loop_thread() as run:
+        def start(pol=None, **kw):
+            known = inspect.signature(HostService).parameters
+            kw.setdefault("audit", AuditLog(folder / "audit.jsonl"))
+            kw.setdefault("host_available_mib", lambda: 100_000)
+            kw.setdefault("make_cgroups", False)
+            svc = HostService(str(folder / "hostd.sock"), pol, **{k: v for k, v in kw.items() if k in known})
+            run(svc.start())
+            services.append(svc)
+            return svc
 
-    def run(pol=None, **kw):
-        known = inspect.signature(HostService).parameters
-        kw.setdefault("audit", AuditLog(folder / "audit.jsonl"))
-        kw.setdefault("host_available_mib", lambda: 100_000)
-        kw.setdefault("make_cgroups", False)
-        svc = HostService(str(folder / "hostd.sock"), pol, **{k: v for k, v in kw.items() if k in known})
-        asyncio.run_coroutine_threadsafe(svc.start(), loop).result(5)
-        services.append(svc)
-        return svc
-
-    yield run
-    for svc in services:
-        asyncio.run_coroutine_threadsafe(svc.close(), loop).result(5)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(5)
-    loop.close()
+        yield start
+        for svc in services:
+            run(svc.close())
 
 
 @pytest.fixture
@@ -101,23 +95,7 @@ def cgroup_parent():
     if isinstance(cgroups.probe(name), str):
         pytest.skip(f"no cgroup hierarchy here: {cgroups.probe(name)}")
     yield name
-    where = cgroups.probe(name)
-    for d in set(where.parents.values()):
-        for child in d.iterdir():
-            if child.is_dir():
-                _wait(lambda: _rmdir(child), 5)
-        _rmdir(d)
-    cgroups.probe.cache_clear()
-
-
-def _rmdir(d: Path) -> bool:
-    try:
-        d.rmdir()
-    except FileNotFoundError:
-        pass
-    except OSError:
-        return False
-    return True
+    remove_cgroup_parent(name)
 
 
 def _as(uid: int, script: str, path: str, *args: str, timeout: float = 60, **popen):
@@ -129,15 +107,6 @@ def _as(uid: int, script: str, path: str, *args: str, timeout: float = 60, **pop
                           capture_output=True, timeout=timeout)
     assert done.returncode == 0, done.stderr
     return [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
-
-
-def _wait(pred, timeout=10.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def test_admit_beyond_each_per_vm_cap_is_refused_in_the_policys_words(start):
@@ -221,7 +190,7 @@ def test_a_thousand_idle_connections_of_one_uid_do_not_stop_another_uid(start):
         flood.stdin.close()
         flood.wait(30)
         flood.stdout.close()
-    assert _wait(lambda: not svc.connections.get(NOBODY))
+    assert wait_for(lambda: not svc.connections.get(NOBODY), 10)
 
 
 def test_an_idle_connection_that_holds_no_grant_is_closed(start):
@@ -333,12 +302,12 @@ def test_only_the_holders_own_child_joins_once_and_no_other_process(cgroup_paren
         holder.stdin.close()
         holder.wait(30)
         holder.stdout.close()
-    assert _wait(lambda: not svc.admissions.grants)
-    assert _wait(lambda: not any(d.exists() for d in dirs)), dirs
+    assert wait_for(lambda: not svc.admissions.grants, 10)
+    assert wait_for(lambda: not any(d.exists() for d in dirs), 10), dirs
 
 
 def test_the_grants_cgroups_sit_in_one_folder_with_the_hosts_caps(cgroup_parent, start):
-    from smolvm_kernel.classroom import hostd
+    from smolvm_kernel.classroom import grants
     from smolvm_kernel.host import cgroups
 
     parent = cgroup_parent
@@ -351,8 +320,8 @@ def test_the_grants_cgroups_sit_in_one_folder_with_the_hosts_caps(cgroup_parent,
         assert all(d.parent.name == parent for d in dirs), dirs
         where = cgroups.probe(parent)
         cores = len(os.sched_getaffinity(0))
-        want = hostd.host_limits(pol, cores, hostd._mem_total_mib())
-        assert want.memory_bytes == (1024 + 2 * hostd.VMM_OVERHEAD_MIB) * 2**20
+        want = grants.host_limits(pol, cores, grants._mem_total_mib())
+        assert want.memory_bytes == (1024 + 2 * grants.VMM_OVERHEAD_MIB) * 2**20
         mem = where.parents["memory"]
         name = "memory.max" if where.version == 2 else "memory.limit_in_bytes"
         assert int((mem / name).read_text()) == want.memory_bytes
@@ -362,19 +331,19 @@ def test_the_grants_cgroups_sit_in_one_folder_with_the_hosts_caps(cgroup_parent,
             assert int((where.parents["pids"] / "pids.max").read_text()) == want.pids
     finally:
         client.close()
-    assert _wait(lambda: not any(d.exists() for d in dirs))
+    assert wait_for(lambda: not any(d.exists() for d in dirs), 10)
 
 
 def test_the_start_time_check_refuses_a_reused_pid(tmp_path, monkeypatch):
     """The pid races, with /proc faked: the holder's pid now someone else's, and
     the joiner's pid reused while it was being moved in (moved back)."""
-    from smolvm_kernel.classroom import hostd
+    from smolvm_kernel.classroom.callers import Peer, Proc
     from smolvm_kernel.host import cgroups
 
     sleepers = [subprocess.Popen(["sleep", "60"]) for _ in range(3)]
     holder_fd, joiner_fd, other_fd = (os.pidfd_open(p.pid) for p in sleepers)
 
-    class FakeProc(hostd.Proc):
+    class FakeProc(Proc):
         def __init__(self):
             self.table = {100: (1, 5000), 200: (100, 7000)}       # pid: (parent, start time)
             self.on_write = None
@@ -383,7 +352,7 @@ def test_the_start_time_check_refuses_a_reused_pid(tmp_path, monkeypatch):
             return self.table.get(pid)
 
     proc = FakeProc()
-    svc = hostd.HostService(str(tmp_path / "s.sock"), None, audit=AuditLog(tmp_path / "a.jsonl"),
+    svc = HostService(str(tmp_path / "s.sock"), None, audit=AuditLog(tmp_path / "a.jsonl"),
                             make_cgroups=False, proc=proc)
     grant = svc.admissions.admit(NOBODY, "nobody", 1, 256)
     grant.holder_pid, grant.holder_start, grant.holder_pidfd = 100, 5000, holder_fd
@@ -392,7 +361,7 @@ def test_the_start_time_check_refuses_a_reused_pid(tmp_path, monkeypatch):
     back.mkdir()
     grant.cgroup = cgroups.VMGroup("g", [d], cgroups.Limits.for_shape(256, 1, 256), 2)
     monkeypatch.setattr(cgroups, "folders_of", lambda pid, dirs: [back])
-    joiner = hostd.Peer(200, NOBODY, "nobody", joiner_fd, 7000)
+    joiner = Peer(200, NOBODY, "nobody", joiner_fd, 7000)
 
     proc.table[100] = (1, 9999)                     # the holder exited; its pid is another process's
     assert "the process that holds the grant has exited" in svc._join(joiner, grant.id)["why"]
@@ -416,7 +385,7 @@ def test_the_start_time_check_refuses_a_reused_pid(tmp_path, monkeypatch):
     sleepers[1].wait()
     assert "not the one that connected" in svc._join(joiner, grant.id)["why"]
 
-    fresh = hostd.Peer(200, NOBODY, "nobody", other_fd, 7000)
+    fresh = Peer(200, NOBODY, "nobody", other_fd, 7000)
     assert svc._join(fresh, grant.id) == {"ok": True}
     assert "one VMM per grant" in svc._join(fresh, grant.id)["why"]
     sleepers[2].kill()

@@ -5,12 +5,9 @@ events marked as theirs, the service's own also in a log no user writes."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import subprocess
 import sys
-import threading
-import time
 
 import pytest
 
@@ -19,6 +16,8 @@ from smolvm_kernel.host import policy
 from smolvm_kernel.host.admission import AdmissionRefused
 from smolvm_kernel.host.audit import AuditLog
 from smolvm_kernel.vm.sandbox import Sandbox
+
+from support import loop_thread, remove_cgroup_parent, wait_for
 
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the policy file must be root's: run as root")
@@ -31,28 +30,13 @@ def host(tmp_path, monkeypatch, image):
     path.write_text(f'hostd = "{sock}"\naudit_log = "{audit}"\nmax_vms_per_user = 1\n')
     monkeypatch.setattr(policy, "POLICY_FILE", str(tmp_path / "no-etc-policy.toml"))
     monkeypatch.setenv("SMOLVM_POLICY_FILE", str(path))
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
     svc = HostService(str(sock), policy.load(), audit=AuditLog(audit),
                       cgroup_parent=f"smolvm-hostd-test-{os.getpid()}")     # not the host's own folder
-    asyncio.run_coroutine_threadsafe(svc.start(), loop).result(5)
-    yield svc
-    asyncio.run_coroutine_threadsafe(svc.close(), loop).result(5)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(5)
-    loop.close()
-    from smolvm_kernel.host import cgroups
-
-    where = cgroups.probe(svc.cgroup_parent)
-    if not isinstance(where, str):
-        for d in set(where.parents.values()):
-            for child in [c for c in d.iterdir() if c.is_dir()] + [d]:
-                try:
-                    child.rmdir()
-                except OSError:
-                    pass
-    cgroups.probe.cache_clear()
+    with loop_thread() as run:
+        run(svc.start())
+        yield svc
+        run(svc.close())
+    remove_cgroup_parent(svc.cgroup_parent)
 
 
 def test_a_second_vm_over_the_users_quota_is_refused_until_the_first_stops(host):
@@ -68,17 +52,14 @@ def test_a_second_vm_over_the_users_quota_is_refused_until_the_first_stops(host)
                                  capture_output=True, text=True, timeout=60)
         assert listing.returncode == 0 and "first" in listing.stdout, listing.stderr
         first.stop()
-        end = time.monotonic() + 10
-        while host.admissions.grants and time.monotonic() < end:
-            time.sleep(0.05)
+        wait_for(lambda: not host.admissions.grants, 10, interval=0.05)
         second.start()
         assert "".join(o.text for o in second.execute("print('admitted')") if o.type == "stream") == "admitted\n"
     finally:
         first.stop()
         second.stop()
-    end = time.monotonic() + 10          # the service sees the closed connection a moment later
-    while host.admissions.grants and time.monotonic() < end:
-        time.sleep(0.05)
+    # The service sees the closed connection a moment later.
+    wait_for(lambda: not host.admissions.grants, 10, interval=0.05)
     events = [(e["event"], e.get("kernel_id")) for e in host.audit.read()]
     print(events)
     assert events[:3] == [("admit", "first"), ("start", "first"), ("refused", "second")]

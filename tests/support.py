@@ -1,0 +1,72 @@
+"""Helpers the unit and VM tests share: polling for a condition, an asyncio
+loop on a thread of its own (for a service the test talks to synchronously),
+and removing the cgroup folder a hostd test made for its grants.
+
+On ``sys.path`` through ``tests/conftest.py`` (pytest puts a rootless
+conftest's folder there): ``from support import wait_for``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections.abc import Callable, Coroutine, Iterator
+
+
+def wait_for(pred: Callable[[], object], timeout: float = 5.0, interval: float = 0.02) -> bool:
+    """Whether ``pred()`` comes true within ``timeout`` seconds, asked every ``interval``."""
+    end = time.monotonic() + timeout
+    while True:
+        if pred():
+            return True
+        if time.monotonic() >= end:
+            return False
+        time.sleep(interval)
+
+
+@contextlib.contextmanager
+def loop_thread() -> Iterator[Callable[[Coroutine], object]]:
+    """An asyncio loop running on a thread of its own, for as long as the block;
+    yields ``run(coro, timeout=5)``, which runs a coroutine there and returns its result."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    def run(coro: Coroutine, timeout: float = 5) -> object:
+        return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout)
+
+    try:
+        yield run
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()
+
+
+def remove_cgroup_parent(name: str, wait: float = 5.0) -> None:
+    """Remove the folder ``name`` that a test's hostd put its grants' cgroups
+    in (``HostService(cgroup_parent=name)``), in every hierarchy, and what is
+    left in it; a cgroup whose last process is still exiting gets ``wait``
+    seconds to empty."""
+    from smolvm_kernel.host import cgroups
+
+    where = cgroups.probe(name)
+    if not isinstance(where, str):
+        for d in set(where.parents.values()):
+            for child in [c for c in d.iterdir() if c.is_dir()]:
+                wait_for(lambda: _rmdir(child), wait)
+            _rmdir(d)
+    cgroups.probe.cache_clear()
+
+
+def _rmdir(d) -> bool:
+    """Whether ``d`` is gone (removed now, or before)."""
+    try:
+        d.rmdir()
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return False
+    return True
