@@ -48,6 +48,7 @@ class FakeSandbox:
         self.count = 0
         self.audit = AuditLog(Path(tempfile.mkdtemp()) / "audit.jsonl")
         self.audit_context = {"kernel_id": "k-test"}
+        self.vm_id = "vm-test"
 
     def record_audit(self, event, **fields):
         self.audit.record(event, **fields)
@@ -421,3 +422,72 @@ def test_config_line_shows_the_instructors_caps_and_refuses_beyond_them(running,
     refused = [e for e in kernel.sandbox.audit.read() if e["event"] == "refused"]
     assert len(refused) == 3 and refused[0]["kernel_id"] == "k-test"
     assert "cap of 1 set by the instructor's policy" in refused[0]["why"]
+
+
+def test_a_cell_past_its_timeout_is_interrupted_then_the_vm_replaced(running, monkeypatch):
+    """exec_timeout: a note and an interrupt first; a guest that ignores it
+    loses its VM (on record), and the next cell starts a fresh one."""
+    from smolvm_kernel.vm import sandbox
+
+    monkeypatch.setattr(sandbox, "INTERRUPT_GRACE_S", 0.5)
+    kernel, kc, _ = running(exec_timeout=0.5)
+    run(kc, "pass")
+    kernel.sandbox.hold.clear()
+    try:
+        content, _, msgs = run(kc, "hold")
+    finally:
+        kernel.sandbox.hold.set()
+    notes = [m["content"]["text"] for m in msgs if m["msg_type"] == "stream" and m["content"]["name"] == "stderr"]
+    assert notes == ["[smolvm] this cell exceeded its 0.5 s timeout; interrupting it\n"]
+    assert content["status"] == "error" and content["ename"] == "ExecutionTimeout"
+    assert "interrupt" in kernel.sandbox.calls
+    assert wait_for(lambda: kernel.sandbox.calls[-1] == "stop")      # right after the reply
+    deaths = [e for e in kernel.sandbox.audit.read() if e["event"] == "death"]
+    assert len(deaths) == 1 and deaths[0]["cause"].startswith("timeout: a cell ran past exec_timeout=0.5 s")
+    assert deaths[0]["vm_id"] == "vm-test" and deaths[0]["kernel_id"] == "k-test"
+    assert run(kc, "after")[0]["status"] == "ok" and kernel.sandbox.calls[-1] == "start"
+
+
+def test_a_vm_death_ends_the_waiting_cell_and_the_next_cell_gets_a_fresh_vm(running):
+    from smolvm_kernel.errors import GuestDied
+
+    kernel, kc, _ = running()
+    run(kc, "pass")
+    kernel.sandbox.hold.clear()
+    msg_id = kc.execute("hold")
+    time.sleep(0.3)
+    kernel.sandbox.state = kernel.sandbox.States.DEAD
+    kernel.sandbox.on_death(GuestDied("the microVM exited (test)"))
+    reply = kc.get_shell_msg(timeout=10)
+    kernel.sandbox.hold.set()
+    assert reply["parent_header"]["msg_id"] == msg_id
+    assert reply["content"]["status"] == "error" and "the microVM exited (test)" in reply["content"]["evalue"]
+    assert wait_for(lambda: kernel.vm_state() == "dead")
+    assert run(kc, "again")[0]["status"] == "ok" and kernel.sandbox.calls[-1] == "reset"
+
+
+def test_a_stopped_vmm_ends_the_running_cell_and_is_on_record(running):
+    """A VMM stopped by SIGSTOP runs no guest: the cell that waits on it gets
+    the cause, the audit log a death, and the VM is destroyed."""
+    import signal
+    import subprocess
+    from types import SimpleNamespace
+
+    vmm = subprocess.Popen(["sleep", "60"])
+    try:
+        kernel, kc, _ = running()
+        run(kc, "pass")
+        kernel.sandbox.backend = SimpleNamespace(pid=vmm.pid, name="fake", spec=SimpleNamespace(accel="none"))
+        kernel.sandbox.hold.clear()
+        os.kill(vmm.pid, signal.SIGSTOP)
+        try:
+            content, _, _ = run(kc, "hold")
+        finally:
+            kernel.sandbox.hold.set()
+        assert content["status"] == "error" and f"VMM (pid {vmm.pid}) is stopped (SIGSTOP" in content["evalue"]
+        deaths = [e for e in kernel.sandbox.audit.read() if e["event"] == "death"]
+        assert len(deaths) == 1 and "is stopped (SIGSTOP or a debugger)" in deaths[0]["cause"]
+        assert wait_for(lambda: kernel.sandbox.calls[-1] == "stop")
+    finally:
+        vmm.kill()
+        vmm.wait()
