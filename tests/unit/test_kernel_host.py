@@ -491,3 +491,55 @@ def test_a_stopped_vmm_ends_the_running_cell_and_is_on_record(running):
     finally:
         vmm.kill()
         vmm.wait()
+
+
+def test_lines_that_start_reset_and_report_on_the_vm(running):
+    kernel, kc, _ = running()
+    run(kc, "pass")
+    _, text, _ = run(kc, "%smolvm start")
+    assert text == "the microVM is already running\n"
+    content, text, _ = run(kc, "%smolvm reset")
+    assert content["status"] == "ok"
+    assert text == "resetting: a fresh microVM is starting; the next cell runs in it\n"
+    assert wait_for(lambda: kernel.sandbox.calls[-1] == "reset")
+    _, text, _ = run(kc, "%smolvm status")
+    assert text.startswith("state      ready") and "memory     0 MiB used of 1 MiB" in text
+    _, text, _ = run(kc, "%smolvm stop")
+    assert text == "microVM stopped; the next cell starts a fresh one\n"
+    assert wait_for(lambda: kernel.vm_state() == "stopped")
+    _, text, _ = run(kc, "%smolvm config --cpus 1 --mem 1024")
+    assert text == "saved vCPUs 1, memory 1024 MiB; the VM is stopped and starts with them next time\n"
+    assert kernel.sandbox.calls[-1] == "stop" and kernel.config.mem_mib == 1024
+    _, text, _ = run(kc, "%smolvm start")
+    assert text == "starting a fresh microVM; the next cell runs in it\n"
+    assert wait_for(lambda: kernel.vm_state() == "ready") and kernel.sandbox.calls[-1] == "start"
+
+
+def test_a_wrong_setting_fails_every_start_with_what_to_fix(tmp_path):
+    """A config file or SMOLVM_* value that is wrong: the kernel runs, and each
+    cell says what to fix instead of booting a VM with the defaults."""
+    import json
+
+    from smolvm_kernel.errors import ConfigError
+
+    conn_file = str(tmp_path / "kernel.json")
+    write_connection_file(conn_file, key=b"host-key")
+    info = json.loads(Path(conn_file).read_text())
+    error = ConfigError("", None, "SMOLVM_MEM='lots' is not a number. Fix the setting, then restart the kernel.")
+    kernel = SmolVMKernel(info, SandboxConfig(), sandbox_factory=FakeSandbox, config_error=error)
+    thread = threading.Thread(target=kernel.run, daemon=True)
+    thread.start()
+    kc = BlockingKernelClient(connection_file=conn_file)
+    kc.load_connection_file()
+    kc.start_channels()
+    try:
+        for _ in range(2):
+            content, _, _ = run(kc, "1")
+            assert content["status"] == "error" and "SMOLVM_MEM='lots'" in content["evalue"]
+        assert kernel.sandbox.calls == []
+    finally:
+        kc.stop_channels()
+        kernel.exiting = True
+        thread.join(5)
+        for sock in kernel.sockets.values():
+            sock.close(linger=0)

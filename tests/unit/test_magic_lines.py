@@ -1,0 +1,106 @@
+"""The ``%smolvm`` line magic's host side, against a fake sandbox (no VM):
+what each line does to its named sandbox and what it prints.
+tests/vm/test_magic.py runs the same lines against real VMs."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from smolvm_kernel.config import SandboxConfig
+from smolvm_kernel.errors import SmolVMError
+from smolvm_kernel.host.audit import AuditLog
+
+
+class FakeSandbox:
+    """Sandbox-shaped, for the magic: starts, stops and files at once."""
+
+    def __init__(self, config=None, **overrides) -> None:
+        from smolvm_kernel.vm.sandbox import SandboxState
+
+        self.States = SandboxState
+        self.config = SandboxConfig(**{"max_mem_mib": 2048, **overrides})
+        self.state = SandboxState.STOPPED
+        self.backend = None
+        self.boot_seconds = 0.25
+        self.calls: list[str] = []
+        self.files: dict[str, bytes] = {}
+        self.audit = AuditLog(Path(tempfile.mkdtemp()) / "audit.jsonl")
+        self.audit_context: dict = {}
+
+    def record_audit(self, event, **fields):
+        self.audit.record(event, **fields)
+
+    def start(self):
+        self.calls.append("start")
+        self.state = self.States.READY
+
+    def reset(self):
+        self.calls.append("reset")
+        self.state = self.States.READY
+
+    def stop(self):
+        self.calls.append("stop")
+        self.state = self.States.STOPPED
+
+    def stats(self):
+        return {"state": self.state.value, "configured_vcpus": self.config.vcpus,
+                "configured_mem_mib": self.config.mem_mib}
+
+    def can_resize_live(self, mem_mib):
+        return False
+
+    def put_file(self, data, remote):
+        self.files[remote] = data
+        return len(data)
+
+
+@pytest.fixture
+def magic(monkeypatch, tmp_path):
+    from smolvm_kernel.jupyter import magics
+    from smolvm_kernel.vm import sandbox
+
+    monkeypatch.setattr(sandbox, "Sandbox", FakeSandbox)
+    monkeypatch.chdir(tmp_path)
+    yield magics
+    magics._panels.clear()
+    magics._sandboxes.clear()
+
+
+def test_lines_act_on_the_named_sandbox(magic, capsys, tmp_path):
+    magic.smolvm_line("status --name u")
+    assert capsys.readouterr().out == "no sandbox named 'u'; run a %%smolvm --name u cell first\n"
+    magic.smolvm_line("config --name u --timeout 30")
+    assert capsys.readouterr().out == "cell timeout 30.0 s: applied without a restart\n"
+    sb = magic._sandboxes["u"]
+    assert sb.config.exec_timeout == 30 and sb.calls == []
+    magic.smolvm_line("config --name u --mem 1024")
+    assert capsys.readouterr().out == "saved memory 1024 MiB; the next %%smolvm cell starts a VM with them\n"
+    (tmp_path / "in.txt").write_text("x")
+    with pytest.raises(SmolVMError, match="sandbox 'u' is stopped; run a %%smolvm cell to start it"):
+        magic.smolvm_line("push in.txt --name u")
+    magic.smolvm_line("reset --name u")
+    assert capsys.readouterr().out == "sandbox 'u': fresh microVM ready in 0.2 s\n"
+    assert sb.calls == ["reset"] and sb.state.value == "ready"
+    magic.smolvm_line("status --name u")
+    assert capsys.readouterr().out.startswith("state      ready")
+    magic.smolvm_line("push in.txt --name u")
+    assert capsys.readouterr().out == "pushed in.txt (1 bytes) to the VM as ~/in.txt\n" and sb.files == {"in.txt": b"x"}
+    with pytest.raises(SmolVMError, match="outside the notebook's folder"):
+        magic.smolvm_line("push ../x --name u")
+    magic.smolvm_line("list")
+    assert capsys.readouterr().out.startswith("u ")
+    magic.smolvm_line("stop --name u")
+    assert capsys.readouterr().out == "sandbox 'u' stopped\n" and sb.calls == ["reset", "stop"]
+
+
+def test_a_refused_setting_is_on_record(magic, capsys):
+    magic.smolvm_line("config --name r")
+    assert "cell timeout 0 s (0 = none)" in capsys.readouterr().out
+    with pytest.raises(SmolVMError, match="limit of 2048 MiB"):
+        magic.smolvm_line("config --name r --mem 4096")
+    refused = [e for e in magic._sandboxes["r"].audit.read() if e["event"] == "refused"]
+    assert len(refused) == 1 and refused[0]["what"] == "memory 4096 MiB"
+    assert magic._sandboxes["r"].config.mem_mib != 4096
