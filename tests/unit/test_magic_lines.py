@@ -104,3 +104,27 @@ def test_a_refused_setting_is_on_record(magic, capsys):
     refused = [e for e in magic._sandboxes["r"].audit.read() if e["event"] == "refused"]
     assert len(refused) == 1 and refused[0]["what"] == "memory 4096 MiB"
     assert magic._sandboxes["r"].config.mem_mib != 4096
+
+
+def test_the_panels_buttons_run_in_the_background(magic, capsys):
+    from support import wait_for
+
+    magic.smolvm_line("panel --name p")
+    panel = magic._panels["p"]
+    sb = magic._sandboxes["p"]
+    assert "smolvm-state-stopped" in panel.state.value and sb.calls == []
+    panel.reset_button.click()
+    panel.confirm_button.click()
+    assert "resetting: a fresh microVM is starting" in panel.message.value
+    assert wait_for(lambda: "smolvm-state-ready" in panel.state.value) and sb.calls == ["reset"]
+    panel.mem_mib.value = 1024
+    panel.apply_button.click()
+    panel.confirm_button.click()
+    assert "restarting the VM with memory 1024 MiB; its previous state is gone" in panel.message.value
+    assert wait_for(lambda: sb.calls == ["reset", "reset"]) and sb.config.mem_mib == 1024
+    panel.teardown_button.click()
+    panel.confirm_button.click()
+    assert "the VM is being destroyed; the next %%smolvm cell starts a fresh one" in panel.message.value
+    assert wait_for(lambda: "smolvm-state-stopped" in panel.state.value) and sb.calls[-1] == "stop"
+    magic.smolvm_line("config --name p --cpus 1")      # the same actions as the panel's
+    assert capsys.readouterr().out.endswith("saved vCPUs 1; the next %%smolvm cell starts a VM with them\n")
