@@ -9,56 +9,19 @@ and keyword arguments::
 
 from __future__ import annotations
 
-import contextvars
 import math
 import os
-import shutil
 
-from traitlets import Bool, Enum, Float, Int, List, Unicode, default, validate
+from traitlets import default, validate
 from traitlets.config import Configurable
 from traitlets.traitlets import TraitError
 
+from smolvm_kernel.config.options import (CAPPED_ENV, IGNORE_ENV, LIVE_SETTINGS, MAX_DISK_MIB, MAX_MEM_MIB,
+                                          MAX_VCPUS, MIN_DISK_MIB, MIN_MEM_MIB, OPTIONS, USER_SETTINGS, env)
 from smolvm_kernel.images.recipe import PROFILES
 
-MAX_VCPUS = 32
-MIN_MEM_MIB, MAX_MEM_MIB = 192, 65536
-MIN_DISK_MIB, MAX_DISK_MIB = 64, 1024 * 1024
-
-
-_IGNORE_ENV = contextvars.ContextVar("smolvm_ignore_env", default=False)
-#: Settings a user may have chosen (a value set, or its SMOLVM_* variable), which
-#: the instructor's policy checks rather than quietly brings within its caps.
-_SHAPE_ENV = {"vcpus": "SMOLVM_VCPUS", "mem_mib": "SMOLVM_MEM_MIB", "disk_mib": "SMOLVM_DISK_MIB",
-              "exec_timeout": "SMOLVM_TIMEOUT", "max_output_mib": "SMOLVM_MAX_OUTPUT_MIB",
-              "output_policy": "SMOLVM_OUTPUT_POLICY", "network": "SMOLVM_NETWORK",
-              "profile": "SMOLVM_PROFILE"}
-
-
-def _env(name: str) -> str | None:
-    if _IGNORE_ENV.get():
-        return None
-    value = os.environ.get(name)
-    return value if value not in (None, "") else None
-
-
-def _env_int(name: str, fallback: int) -> int:
-    value = _env(name)
-    if value is None:
-        return fallback
-    try:
-        return int(value)
-    except ValueError:
-        raise TraitError(f"{name}={value!r} is not a whole number; unset it or give e.g. {fallback}") from None
-
-
-def _env_float(name: str, fallback: float) -> float:
-    value = _env(name)
-    if value is None:
-        return fallback
-    try:
-        return float(value)
-    except ValueError:
-        raise TraitError(f"{name}={value!r} is not a number; unset it or give e.g. {fallback}") from None
+__all__ = ["LIVE_SETTINGS", "MAX_DISK_MIB", "MAX_MEM_MIB", "MAX_VCPUS", "MIN_DISK_MIB", "MIN_MEM_MIB",
+           "USER_SETTINGS", "SandboxConfig", "load_config"]
 
 
 class SandboxConfig(Configurable):
@@ -74,168 +37,15 @@ class SandboxConfig(Configurable):
         section = self.config.get("SandboxConfig", {}) if self.config else {}
         self._given = {*kwargs, *section}
 
-    vcpus = Int(help="Virtual CPUs of the VM (env SMOLVM_VCPUS).").tag(config=True)
-    mem_mib = Int(help="Guest memory in MiB (env SMOLVM_MEM_MIB).").tag(config=True)
-    disk_mib = Int(help="Size of the per-VM scratch disk in MiB; sparse, so unused space "
-                        "costs nothing (env SMOLVM_DISK_MIB).").tag(config=True)
-    profile = Unicode(help="Guest image profile: " + ", ".join(PROFILES) +
-                           " (env SMOLVM_PROFILE).").tag(config=True)
-    backend = Enum(["auto", "qemu", "firecracker"],
-                   help="VMM: auto picks Firecracker where it can run, else QEMU "
-                        "(env SMOLVM_BACKEND).").tag(config=True)
-    accel = Enum(["auto", "kvm", "hvf", "tcg"],
-                 help="Accelerator: auto probes KVM by booting a tiny guest and falls back "
-                      "to TCG (env SMOLVM_ACCEL).").tag(config=True)
-    boot_timeout = Float(help="Seconds to wait for the guest kernel to answer after launch "
-                              "(env SMOLVM_BOOT_TIMEOUT).").tag(config=True)
-    exec_timeout = Float(help="Default per-execution wall-clock limit in seconds; 0 means "
-                              "none (env SMOLVM_TIMEOUT).").tag(config=True)
-    pause_after = Float(help="Seconds a VM may sit idle (no cell running, no message either way) "
-                             "before it is paused to disk, its host memory freed; its next use "
-                             "resumes it, state intact. 0 = never (env SMOLVM_PAUSE_AFTER). VMs "
-                             "with a network are not paused.").tag(config=True)
-    network = Enum(["none", "nat"],
-                   help="Guest networking: none (the default: no NIC at all) or nat (one TAP, NAT "
-                        "egress through nftables, no VM-to-VM, no host, no 169.254/16; needs "
-                        "CAP_NET_ADMIN) (env SMOLVM_NETWORK).").tag(config=True)
-    transport = Enum(["auto", "serial", "vsock", "ssh"],
-                     help="How the host reaches the guest agent: auto = vsock where the backend "
-                          "has it, else virtio-serial (QEMU); ssh = paramiko over the VM's NIC with "
-                          "pinned keys (needs network='nat') (env SMOLVM_TRANSPORT).").tag(config=True)
-    netns = Unicode(help="Put the VM's TAP, rules and NAT in this named network namespace "
-                         "(/run/netns/NAME) instead of the host's (env SMOLVM_NETNS).").tag(config=True)
-    net_pool = Unicode("10.213.0.0/16",
-                       help="Private IPv4 pool the VMs' /30 links are leased from; leases never "
-                            "overlap a route of the namespace.").tag(config=True)
-    egress_allow = List(Unicode(), help="With network='nat': if set, the VM may reach only these "
-                                        "('CIDR' or 'CIDR:port,port'); otherwise any address but the "
-                                        "always-blocked ones.").tag(config=True)
-    net_max_connections = Int(512, help="With network='nat': most connections (TCP, UDP flows) the VM "
-                                        "may have open through the host at once; more are dropped."
-                               ).tag(config=True)
-    net_connection_rate = Int(100, help="With network='nat': most new connections a second the VM may "
-                                        "open through the host (bursts up to as many); more are dropped."
-                              ).tag(config=True)
-    dns = List(Unicode(), help="Name servers written into a networked guest's resolv.conf: IPv4 "
-                               "addresses, or 'host' (the host's own non-loopback name servers at VM "
-                               "start); [] or ['none'] = no DNS (names resolve only from the guest's "
-                               "/etc/hosts). With egress_allow, a server is used only if the allowlist "
-                               "lets port 53 through (env SMOLVM_DNS: 'host', 'none' or "
-                               "'1.1.1.1,9.9.9.9'; default 'host').").tag(config=True)
-    qemu_path = Unicode(help="The qemu-system binary (env SMOLVM_QEMU).").tag(config=True)
-    firecracker_path = Unicode(help="The firecracker binary (env SMOLVM_FIRECRACKER).").tag(config=True)
-    auto_build = Bool(help="Build the guest image on first use if it is missing "
-                           "(env SMOLVM_AUTO_BUILD=1).").tag(config=True)
-    debug_console = Bool(help="Verbose guest kernel console (loglevel=7) for boot "
-                              "debugging (env SMOLVM_DEBUG_CONSOLE=1).").tag(config=True)
-    snapshot = Enum(["auto", "wait", "off"],
-                    help="Start and reset from a ready snapshot of this VM shape, restored in "
-                         "under a second. auto: a shape without one cold-boots at once and its "
-                         "snapshot is built in the background for the next start; wait: build it "
-                         "first, then restore; off: always cold boot (env SMOLVM_SNAPSHOT).").tag(config=True)
-    on_stopped = Enum(["start", "error"],
-                      help="After the VM is torn down (panel Teardown, %smolvm stop): start a "
-                           "fresh one for the next cell, or answer it with an error that says "
-                           "how to start one (env SMOLVM_ON_STOPPED).").tag(config=True)
-    output_policy = Enum(["safe", "trusted"],
-                         help="What of the VM's output a frontend may render: safe (the default: "
-                              "scripts, JavaScript outputs, event handlers, unknown widget modules "
-                              "and %smolvm lines in payloads are blocked, HTML/SVG/Markdown "
-                              "sanitised; see smolvm_kernel/output_policy.py) or trusted (everything "
-                              "passes, and guest code can run JavaScript in your browser with your "
-                              "Jupyter session: only for code you trust) (env "
-                              "SMOLVM_OUTPUT_POLICY).").tag(config=True)
-    output_allow_mimes = List(Unicode(), help="Mime types to let through under the safe policy "
-                                              "besides the built-in safe ones, e.g. "
-                                              "['application/vnd.plotly.v1+json'] (their renderer "
-                                              "runs in your browser).").tag(config=True)
-    widget_modules = List(Unicode(), ["@jupyter-widgets/base", "@jupyter-widgets/controls",
-                                      "@jupyter-widgets/output"],
-                          help="Widget model/view modules the VM's widgets may use under the safe "
-                               "policy (a frontend loads the module's code).").tag(config=True)
-    # The host's limits: what a user may ask for from the panel, %smolvm
-    # config or a kernelspec. Set by whoever runs the host.
-    max_vcpus = Int(help="Most vCPUs one VM may have (env SMOLVM_MAX_VCPUS; default: the "
-                         "host's cores).").tag(config=True)
-    max_mem_mib = Int(help="Most guest memory one VM may have, in MiB (env SMOLVM_MAX_MEM_MIB; "
-                           "default: half the host's memory).").tag(config=True)
-    max_disk_mib = Int(help="Largest scratch disk one VM may have, in MiB "
-                            "(env SMOLVM_MAX_DISK_MIB).").tag(config=True)
-    max_transfer_mib = Int(64, help="Largest file %smolvm push/pull moves, in MiB "
-                                    "(at most 256).").tag(config=True)
-    max_output_mib = Int(help="Most output one cell may send to the frontend, in MiB (streams, "
-                              "displays, results); beyond it the rest is dropped and the cell says "
-                              "how much (env SMOLVM_MAX_OUTPUT_MIB; default 16).").tag(config=True)
-    vmm_overhead_mib = Int(help="Host memory the VMM process may use beyond the guest's RAM, in MiB "
-                                "(its cgroup's memory limit is mem_mib plus this; QEMU under TCG "
-                                "needs about 130; env SMOLVM_VMM_OVERHEAD_MIB; default 256).").tag(config=True)
-    cpu_limit = Float(help="Host CPU the VMM may use, in cores (its cgroup's CPU quota; "
-                           "env SMOLVM_CPU_LIMIT; default 0: one core per vCPU).").tag(config=True)
-    max_message_bytes = Int(32 * 1024 * 1024,
-                            help="Largest message accepted from the guest; larger ones are "
-                                 "dropped with a warning in the cell.").tag(config=True)
-
-    @default("vcpus")
-    def _vcpus_default(self) -> int:
-        return _env_int("SMOLVM_VCPUS", 2)
-
-    @default("mem_mib")
-    def _mem_default(self) -> int:
-        return _env_int("SMOLVM_MEM_MIB", 512)
-
-    @default("disk_mib")
-    def _disk_default(self) -> int:
-        return _env_int("SMOLVM_DISK_MIB", 2048)
-
-    @default("profile")
-    def _profile_default(self) -> str:
-        return _env("SMOLVM_PROFILE") or "base"
-
-    @default("backend")
-    def _backend_default(self) -> str:
-        return _env("SMOLVM_BACKEND") or "auto"
-
-    @default("accel")
-    def _accel_default(self) -> str:
-        return _env("SMOLVM_ACCEL") or "auto"
-
-    @default("boot_timeout")
-    def _boot_timeout_default(self) -> float:
-        # A cold TCG boot reaches a ready ipykernel in 8-13 s on 2 cores;
-        # leave room for a loaded CI host.
-        return _env_float("SMOLVM_BOOT_TIMEOUT", 90.0)
-
-    @default("exec_timeout")
-    def _exec_timeout_default(self) -> float:
-        return _env_float("SMOLVM_TIMEOUT", 0.0)
-
-    @default("pause_after")
-    def _pause_after_default(self) -> float:
-        return _env_float("SMOLVM_PAUSE_AFTER", 0.0)
-
-    @default("snapshot")
-    def _snapshot_default(self) -> str:
-        return _env("SMOLVM_SNAPSHOT") or "auto"
-
-    @default("qemu_path")
-    def _qemu_default(self) -> str:
-        return _env("SMOLVM_QEMU") or shutil.which("qemu-system-x86_64") or "qemu-system-x86_64"
-
-    @default("firecracker_path")
-    def _fc_default(self) -> str:
-        return _env("SMOLVM_FIRECRACKER") or shutil.which("firecracker") or "firecracker"
-
-    @default("auto_build")
-    def _auto_build_default(self) -> bool:
-        return _env("SMOLVM_AUTO_BUILD") in ("1", "true", "yes")
-
-    @default("debug_console")
-    def _debug_console_default(self) -> bool:
-        return _env("SMOLVM_DEBUG_CONSOLE") in ("1", "true", "yes")
-
-    @default("max_output_mib")
-    def _max_output_default(self) -> int:
-        return _env_int("SMOLVM_MAX_OUTPUT_MIB", 16)
+    # One trait per row of the settings table (options.py), and a @default for
+    # each that has a SMOLVM_* variable or a default of the host. A class body's
+    # namespace is the dict locals() returns, so they are put there by name.
+    for _option in OPTIONS.values():
+        locals()[_option.name] = _option.trait()
+        if _option.dynamic:
+            locals()[f"_{_option.name}_from_env"] = default(_option.name)(
+                lambda self, option=_option: option.from_env())
+    del _option
 
     @validate("max_output_mib")
     def _check_max_output(self, proposal):
@@ -244,10 +54,6 @@ class SandboxConfig(Configurable):
             raise TraitError(f"max_output_mib={n} is out of range; use 1 to 4096")
         return n
 
-    @default("vmm_overhead_mib")
-    def _vmm_overhead_default(self) -> int:
-        return _env_int("SMOLVM_VMM_OVERHEAD_MIB", 256)
-
     @validate("vmm_overhead_mib")
     def _check_vmm_overhead(self, proposal):
         n = proposal["value"]
@@ -255,53 +61,12 @@ class SandboxConfig(Configurable):
             raise TraitError(f"vmm_overhead_mib={n} is out of range; use 0 to 65536 (256 suits QEMU)")
         return n
 
-    @default("cpu_limit")
-    def _cpu_limit_default(self) -> float:
-        return _env_float("SMOLVM_CPU_LIMIT", 0.0)
-
     @validate("cpu_limit")
     def _check_cpu_limit(self, proposal):
         n = proposal["value"]
         if n != 0 and not 0.05 <= n <= 1024:
             raise TraitError(f"cpu_limit={n} is out of range; use 0 (one core per vCPU) or 0.05 to 1024 cores")
         return n
-
-    @default("output_policy")
-    def _output_policy_default(self) -> str:
-        return _env("SMOLVM_OUTPUT_POLICY") or "safe"
-
-    @default("on_stopped")
-    def _on_stopped_default(self) -> str:
-        return _env("SMOLVM_ON_STOPPED") or "start"
-
-    @default("max_vcpus")
-    def _max_vcpus_default(self) -> int:
-        return _env_int("SMOLVM_MAX_VCPUS", min(MAX_VCPUS, max(2, os.cpu_count() or 1)))
-
-    @default("max_mem_mib")
-    def _max_mem_default(self) -> int:
-        return _env_int("SMOLVM_MAX_MEM_MIB", max(MIN_MEM_MIB, min(MAX_MEM_MIB, _host_mem_mib() // 2)))
-
-    @default("max_disk_mib")
-    def _max_disk_default(self) -> int:
-        return _env_int("SMOLVM_MAX_DISK_MIB", 16384)
-
-    @default("network")
-    def _network_default(self) -> str:
-        return _env("SMOLVM_NETWORK") or "none"
-
-    @default("transport")
-    def _transport_default(self) -> str:
-        return _env("SMOLVM_TRANSPORT") or "auto"
-
-    @default("netns")
-    def _netns_default(self) -> str:
-        return _env("SMOLVM_NETNS") or ""
-
-    @default("dns")
-    def _dns_default(self) -> list[str]:
-        value = _env("SMOLVM_DNS")
-        return [v.strip() for v in value.split(",") if v.strip()] if value else ["host"]
 
     @validate("dns")
     def _check_dns(self, proposal):
@@ -387,7 +152,7 @@ class SandboxConfig(Configurable):
             else:
                 problems.append(f"{name}={v[name]} is above this host's limit of {limit}{unit}; "
                                 f"ask for at most {limit} (the host sets SandboxConfig.{setting} "
-                                f"or SMOLVM_{setting.upper()})")
+                                f"or {OPTIONS[setting].env})")
         return problems
 
     def _apply_caps(self, pol, chosen: set[str]) -> None:
@@ -418,7 +183,7 @@ class SandboxConfig(Configurable):
     def builtin(cls) -> SandboxConfig:
         """The built-in defaults alone: no config file, no SMOLVM_* variable
         (what a kernel runs on while it reports that those are wrong)."""
-        token = _IGNORE_ENV.set(True)
+        token = IGNORE_ENV.set(True)
         try:
             cfg = cls()
             for name in cfg.trait_names():
@@ -428,7 +193,7 @@ class SandboxConfig(Configurable):
             cfg.mem_mib = min(cfg.mem_mib, cfg.max_mem_mib)
             cfg.disk_mib = min(cfg.disk_mib, cfg.max_disk_mib)
         finally:
-            _IGNORE_ENV.reset(token)
+            IGNORE_ENV.reset(token)
         from smolvm_kernel.errors import ConfigError
         from smolvm_kernel.host import policy
 
@@ -465,7 +230,7 @@ class SandboxConfig(Configurable):
         from smolvm_kernel.errors import ConfigError
         from smolvm_kernel.host import policy
 
-        chosen = {name for name, env in _SHAPE_ENV.items() if name in self._given or _env(env) is not None}
+        chosen = {name for name, var in CAPPED_ENV.items() if name in self._given or env(var) is not None}
         try:
             for name in self.trait_names():
                 value = getattr(self, name)
@@ -534,18 +299,6 @@ class SandboxConfig(Configurable):
             raise TraitError(f"max_message_bytes={value} is out of range; use 65536 to 33554432 "
                              f"(the wire protocol's frame limit)")
         return value
-
-
-def _host_mem_mib() -> int:
-    from smolvm_kernel.host.procs import meminfo_mib
-
-    return meminfo_mib("MemTotal", 4096)
-
-
-#: Settings a user may change on a running kernel (panel, %smolvm config).
-#: All but exec_timeout and on_stopped need a fresh VM.
-USER_SETTINGS = ("vcpus", "mem_mib", "disk_mib", "exec_timeout", "network")
-LIVE_SETTINGS = ("exec_timeout",)
 
 
 def load_config():

@@ -22,17 +22,28 @@ import argparse
 import dataclasses
 import shlex
 
+from smolvm_kernel.config.options import LINE_OPTIONS, USER_SETTINGS
 from smolvm_kernel.errors import SmolVMError
 
 #: Where a line is read: the SmolVM kernel, the line magic, the cell magic.
 KERNEL, MAGIC, CELL = "kernel", "magic", "cell"
+
+#: option -> (the SandboxConfig setting it sets, its type), from the settings table.
+SETTINGS = {option: (row.name, row.python_type) for option, row in LINE_OPTIONS.items()}
+#: The settings `config` may change (the profile is a kernelspec's, not a line's).
+CONFIG_SETTINGS = USER_SETTINGS
+#: The options that choose a magic sandbox's shape when it is (re)made.
+_SHAPE_OPTIONS = ("--cpus", "--mem", "--timeout", "--profile")
+#: ``[--cpus N] [--mem MiB] ...``: what `config` and ``%%smolvm`` take.
+_CONFIG_USAGE = " ".join(row.usage for row in LINE_OPTIONS.values() if row.name in CONFIG_SETTINGS)
+_CELL_USAGE = " ".join(["[--name N]", *(LINE_OPTIONS[option].usage for option in _SHAPE_OPTIONS)])
 
 #: command -> (its arguments, what it does, where it exists)
 COMMANDS: dict[str, tuple[str, str, frozenset[str]]] = {
     "status": ("", "the VM: state, backend/accelerator, vCPUs, memory, CPU, disk, uptime",
                frozenset({KERNEL, MAGIC})),
     "panel": ("", "a control panel: live status, resources, Reset, Teardown", frozenset({KERNEL, MAGIC})),
-    "config": ("[--cpus N] [--mem MiB] [--disk MiB] [--timeout S] [--network none|nat]",
+    "config": (_CONFIG_USAGE,
                "without options: the settings and this host's limits; with them: change them "
                "(a new VM; a timeout, or less memory, applies live)", frozenset({KERNEL, MAGIC})),
     "reset": ("", "replace the VM with a fresh one (all its state is lost)", frozenset({KERNEL, MAGIC})),
@@ -45,14 +56,6 @@ COMMANDS: dict[str, tuple[str, str, frozenset[str]]] = {
              "(--force replaces)", frozenset({KERNEL, MAGIC})),
     "help": ("", "this text", frozenset({KERNEL, MAGIC})),
 }
-
-#: option -> (the SandboxConfig setting it sets, its type)
-SETTINGS = {"--cpus": ("vcpus", int), "--mem": ("mem_mib", int), "--disk": ("disk_mib", int),
-            "--timeout": ("exec_timeout", float), "--network": ("network", str), "--profile": ("profile", str)}
-#: The settings `config` may change (the profile is a kernelspec's, not a line's).
-CONFIG_SETTINGS = ("vcpus", "mem_mib", "disk_mib", "exec_timeout", "network")
-#: The options that choose a magic sandbox's shape when it is (re)made.
-_SHAPE_OPTIONS = ("--cpus", "--mem", "--timeout", "--profile")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +83,7 @@ def usage(where: str, command: str | None = None) -> str:
     """The usage of ``command`` (or of every command) where it is read."""
     name = " [--name N]" if where != KERNEL else ""
     if where == CELL:
-        return "usage: %%smolvm [--name N] [--cpus N] [--mem MiB] [--timeout S] [--profile base|scipy]"
+        return f"usage: %%smolvm {_CELL_USAGE}"
     if command in COMMANDS:
         return f"usage: %smolvm {command} {COMMANDS[command][0]}".rstrip() + name
     verbs = "|".join(c for c, (_, _, at) in COMMANDS.items() if where in at)
@@ -98,7 +101,7 @@ def help_text(where: str) -> str:
     if where == KERNEL:
         rows.append("Only these lines run on the host; everything else in a cell runs inside the microVM.")
     else:
-        rows.insert(0, "%%smolvm [--name N] [--cpus N] [--mem MiB] [--timeout S] [--profile P]\n"
+        rows.insert(0, f"%%smolvm {_CELL_USAGE}\n"
                        f"{'':<31}run the cell in the named microVM (started on first use)")
         rows.append("Every line takes --name N (default: 'default'); each name is a microVM of its own that "
                     "lives as long as this kernel.")

@@ -9,16 +9,16 @@ import tempfile
 from importlib import resources
 from pathlib import Path
 
+from smolvm_kernel.config.options import KERNELSPEC_OPTIONS
+
 #: Where the kernelspecs' entry points live (launch.py, gateway.py): at the
 #: package's top, at the paths every earlier version wrote into kernel.json.
 ENTRY = Path(__file__).resolve().parents[1]
 DEFAULT_NAME = "smolvm-python"
 DEFAULT_DISPLAY = "SmolVM Python"
-#: Options that can be baked into a kernelspec, as SMOLVM_* environment.
-OPTION_ENV = {"profile": "SMOLVM_PROFILE", "mem": "SMOLVM_MEM_MIB", "cpus": "SMOLVM_VCPUS",
-              "timeout": "SMOLVM_TIMEOUT", "backend": "SMOLVM_BACKEND", "disk": "SMOLVM_DISK_MIB",
-              "network": "SMOLVM_NETWORK", "transport": "SMOLVM_TRANSPORT", "netns": "SMOLVM_NETNS",
-              "output_policy": "SMOLVM_OUTPUT_POLICY"}
+#: Options that can be baked into a kernelspec, as SMOLVM_* environment (the
+#: settings table's kernelspec rows: mem -> SMOLVM_MEM_MIB, ...).
+OPTION_ENV = {option: row.env for option, row in KERNELSPEC_OPTIONS.items()}
 
 
 def kernel_json(display_name: str = DEFAULT_DISPLAY, **options) -> dict:
@@ -63,16 +63,13 @@ def install(name: str = DEFAULT_NAME, display_name: str | None = None, user: boo
     from jupyter_client.kernelspec import KernelSpecManager
     from smolvm_kernel.config import SandboxConfig
 
-    # Validate baked options now, not when a notebook starts.
-    checks = {"profile": "profile", "mem": "mem_mib", "cpus": "vcpus", "timeout": "exec_timeout",
-              "backend": "backend", "disk": "disk_mib", "network": "network", "transport": "transport",
-              "netns": "netns", "output_policy": "output_policy"}
     from traitlets import TraitError
 
     from smolvm_kernel.errors import ConfigError
 
+    # Validate baked options now, not when a notebook starts.
     try:
-        cfg = SandboxConfig(**{checks[k]: v for k, v in options.items() if v is not None})
+        cfg = SandboxConfig(**{KERNELSPEC_OPTIONS[k].name: v for k, v in options.items() if v is not None})
     except TraitError as exc:
         raise ConfigError.from_trait(exc) from None
     cfg.validated()
