@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from smolvm_kernel.jupyter.output_policy import OutputPolicy, safe_output, sanitize_html, sanitize_markdown
+from smolvm_kernel.jupyter.markup import sanitize_html, sanitize_markdown
+from smolvm_kernel.jupyter.output_policy import OutputPolicy, safe_output
 
 
 @pytest.fixture
