@@ -22,7 +22,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
 import zmq
 
@@ -35,13 +34,11 @@ from smolvm_kernel.jupyter.backpressure import ByteGate
 from smolvm_kernel.jupyter.output_policy import OutputPolicy
 from smolvm_kernel.jupyter.panel import REFRESH_SECONDS, ConfigActions
 from smolvm_kernel.jupyter.relay import Relay
+from smolvm_kernel.jupyter.supervisor import VMSupervisor
 from smolvm_kernel.vm.session import DELIM, PROTOCOL_VERSION, Session
 
 log = logging.getLogger("smolvm_kernel.jupyter.kernel")
 
-#: A start that takes longer than this shows a progress line in the cell
-#: (cleared once the VM is ready); a restore from a ready snapshot shows nothing.
-BOOT_NOTE_AFTER_S = 1.0
 #: Guest bytes read and not yet relayed, past which the guest channel is not read
 #: (with one frame of up to max_message_bytes and one read chunk on top).
 GUEST_BACKLOG_BYTES = 32 * 1024 * 1024
@@ -51,9 +48,9 @@ class SmolVMKernel(ConfigActions):
     """The kernel process: frontend sockets, one Sandbox, the relay between them.
 
     One thread owns the sockets and all kernel state (``run``). VM starts and
-    stops run in order in one worker thread; host work that may wait on the
-    VM (``%smolvm status``, ``push``, ``pull``, the panel's figures) runs in
-    another, so the loop never blocks on the guest.
+    stops run in order in the supervisor's worker thread (supervisor.py); host
+    work that may wait on the VM (``%smolvm status``, ``push``, ``pull``, the
+    panel's figures) runs in another, so the loop never blocks on the guest.
     """
 
     def __init__(self, connection_info: dict, config: SandboxConfig | None = None,
@@ -62,11 +59,6 @@ class SmolVMKernel(ConfigActions):
         from smolvm_kernel.vm.sandbox import Sandbox
 
         self.info = connection_info
-        self.config = config or SandboxConfig()
-        #: A setting that is wrong (a config file, a SMOLVM_* variable): every
-        #: start fails with it, so each cell says what to fix (the kernel runs
-        #: on the built-in defaults meanwhile and never boots a VM with them).
-        self.config_error = config_error
         self.workdir = workdir or os.getcwd()   # the notebook's folder: push/pull stay in it
         key = connection_info.get("key", "")
         self.session = Session(key=key.encode() if isinstance(key, str) else key,
@@ -80,31 +72,30 @@ class SmolVMKernel(ConfigActions):
         self._events: queue.Queue = queue.Queue()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
-        self.sandbox = (sandbox_factory or Sandbox)(self.config, progress=self._on_progress)
+        # The relay is made after the VM's supervisor (it needs the sandbox):
+        # the supervisor reaches it through these lambdas.
+        self.vm = VMSupervisor(
+            sandbox_factory or Sandbox, config or SandboxConfig(), config_error=config_error,
+            call_soon=self._call_soon,
+            publish=lambda msg_type, content, parent: self.relay.publish(msg_type, content, parent),
+            fail_requests=lambda error: self.relay.fail_inflight(error),
+            cells_running=lambda: self.relay.running_cells(),
+            overdue=lambda limit, now: self.relay.overdue(limit, now),
+            on_change=lambda: self._refresh_panel(), on_ready=self._vm_ready)
+        self.sandbox = self.vm.sandbox
         #: Guest frames posted and not yet relayed, bounded in bytes (backpressure.py).
         self._inflow = ByteGate(GUEST_BACKLOG_BYTES, self.sandbox.pause_reading)
         self.sandbox.on_guest_frame = self._on_guest_frame
-        self.sandbox.on_death = lambda err: self._post(("death", err, None))
-        self.sandbox.on_notice = lambda text: self._post(("notice", text, None))
+        self.sandbox.on_notice = lambda text: self._call_soon(self.relay.notice, text)
         self.relay = Relay(self.session, self.sandbox, self._send_frontend,
-                           self.config.max_message_bytes, is_ready=self._guest_ready,
+                           self.config.max_message_bytes, is_ready=self.vm.guest_ready,
                            policy=OutputPolicy.from_config(self.config),
                            max_cell_output=self.config.max_output_mib * 2**20)
         # A VM with a request in it (a cell, input() waiting) is not idle.
         self.sandbox.busy = lambda: bool(self.relay.inflight or self.relay.backlog)
-        self._worker = ThreadPoolExecutor(1, thread_name_prefix="smolvm-vm")
         self._ops = _SerialThread("smolvm-ops")
         #: Set by a gateway's placement when this kernel was restarted on another host.
         self._placement_notice = os.environ.pop("SMOLVM_NOTICE", "")[:1000]
-        self._booting = False
-        self._stopping = False
-        self._torn_down = False          # stopped on purpose; the next cell follows config.on_stopped
-        self._ready_event = threading.Event()   # set when a boot ends, well or not
-        self._boot_error: SmolVMError | None = None
-        self._boot_started = 0.0
-        self._progress_line = ""
-        self._boot_display: tuple[str, dict] | None = None   # display_id, parent
-        self._boot_shown = False         # whether the boot line is on the page
         # Shell requests wait here while a host line runs, and a host line
         # waits until the cells sent before it have finished: cells and
         # %smolvm lines run in the order they were sent.
@@ -114,9 +105,16 @@ class SmolVMKernel(ConfigActions):
         self._comm_parent: dict = {}
         self._stats_running = False
         self._last_stats = 0.0
-        self._last_vmm_check = 0.0
-        self._vmm_stopped_since: float | None = None
         self.exiting = False
+
+    @property
+    def config(self) -> SandboxConfig:
+        """The settings of this kernel's VM (the supervisor's)."""
+        return self.vm.config
+
+    @config.setter
+    def config(self, value: SandboxConfig) -> None:
+        self.vm.config = value
 
     # -- sockets
 
@@ -153,83 +151,23 @@ class SmolVMKernel(ConfigActions):
     def _send_frontend(self, name: str, frames: list[bytes]) -> None:
         self.sockets[name].send_multipart(frames, copy=False)
 
-    # -- the VM's life: every start and stop runs in the worker, in order
-
-    def _guest_ready(self) -> bool:
-        from smolvm_kernel.vm.sandbox import SandboxState
-
-        # A paused VM counts: the sandbox holds what is sent and resumes it (pause.py).
-        return (self.sandbox.state in (SandboxState.READY, SandboxState.BUSY, SandboxState.PAUSED)
-                and not self._booting and not self._stopping)
+    # -- the VM's life is the supervisor's (supervisor.py); the loop hears of it here
 
     def vm_state(self) -> str:
         """booting / ready / busy / stopping / stopped / dead, as the panel shows it."""
-        if self._stopping:
-            return "stopping"
-        if self._booting:
-            return "booting"
-        state = self.sandbox.state.value
-        if state == "ready" and self.relay.running_cells():
-            return "busy"
-        return state
-
-    def _ensure_vm(self) -> None:
-        """Boot (or re-boot after a death) in the worker; never blocks the loop."""
-        if self._booting or self._guest_ready():
-            return
-        self._start_vm(restart=False)
-
-    def _start_vm(self, restart: bool) -> None:
-        from smolvm_kernel.vm.sandbox import SandboxState
-
-        self._booting = True
-        self._torn_down = False
-        self._ready_event.clear()
-        self._boot_started = time.monotonic()
-        replace = restart or self.sandbox.state == SandboxState.DEAD
-
-        def boot() -> None:
-            try:
-                if self.config_error is not None:
-                    raise type(self.config_error)("", None, str(self.config_error))   # a fresh one each time
-                if replace:
-                    self.sandbox.reset()
-                else:
-                    self.sandbox.start()
-                self._post(("booted", None, None))
-            except SmolVMError as exc:
-                self._post(("booted", exc, None))
-            except Exception as exc:  # report any failure in the notebook
-                self._post(("booted", SmolVMError(f"{type(exc).__name__}: {exc}"), None))
-
-        self._worker.submit(boot)
-        self._refresh_panel()
+        return self.vm.state()
 
     def restart_vm(self, why: str) -> None:
         """A fresh VM with the current settings; open requests end with ``why``."""
-        from smolvm_kernel.errors import SandboxStopped
-
-        self.relay.fail_inflight(SandboxStopped(why))
-        self._start_vm(restart=True)
+        self.vm.restart(why)
 
     def stop_vm(self, why: str) -> None:
         """Destroy the VM (Teardown, %smolvm stop); the loop does not wait for it."""
-        from smolvm_kernel.errors import SandboxStopped
+        self.vm.stop(why)
 
-        self.relay.fail_inflight(SandboxStopped(why))
-        self._stopping = True
-        self._torn_down = True
-        self._ready_event.clear()
-
-        def stop() -> None:
-            self._shutdown_vm()
-            self._post(("stopped", None, None))
-
-        self._worker.submit(stop)
-        self._refresh_panel()
-
-    def _post(self, event) -> None:
-        self._events.put(event)
+    def _call_soon(self, fn: Callable, *args) -> None:
+        """Run ``fn(*args)`` on the loop (from any thread): the pipe wakes the poller."""
+        self._events.put((fn, args))
         try:
             os.write(self._wake_w, b"x")
         except BlockingIOError:
@@ -239,20 +177,26 @@ class SmolVMKernel(ConfigActions):
         """A frame from the guest (the I/O thread): to the loop, counted."""
         size = sum(len(p) for p in parts)
         self._inflow.add(size)
-        self._post(("guest", chan, (parts, size)))
+        self._call_soon(self._relay_guest, chan, parts, size)
 
-    def _on_progress(self, line: str) -> None:
-        self._post(("progress", line, None))
+    def _relay_guest(self, chan, parts: list[bytes], size: int) -> None:
+        self.relay.on_guest(chan, parts)
+        self._inflow.done(size)
+
+    def _vm_ready(self) -> None:
+        """A fresh VM is up (its boot line cleared): the panel's figures, then the waiting requests."""
+        if self.panel is not None:
+            self._fetch_stats()     # the fresh VM's figures now, not in 2 s
+        self.relay.flush_backlog()
 
     # -- main loop
 
     def run(self) -> None:
-        self._ensure_vm()
+        self.vm.ensure()
         poller = zmq.Poller()
         for name in ("control", "shell", "stdin", "iopub"):
             poller.register(self.sockets[name], zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
-        last_tick = time.monotonic()
         parent = os.getppid()
         while not self.exiting:
             events = dict(poller.poll(250))
@@ -278,17 +222,10 @@ class SmolVMKernel(ConfigActions):
                         self._on_frontend(name, frames)
                         self._drain_events()
             now = time.monotonic()
-            if self._booting and (now - last_tick >= 1.0 or self._boot_note_due(now)):
-                last_tick = now
-                self._show_boot_progress()
-            if self.config.exec_timeout and not self._booting:
-                self._enforce_timeout(now)
-            if now - self._last_vmm_check >= 1.0 and not self._booting and self.relay.running_cells():
-                self._last_vmm_check = now
-                self._watch_vmm()
+            self.vm.tick(now)
             if self.panel is not None and now - self._last_stats >= REFRESH_SECONDS:
                 self._fetch_stats()
-        self._shutdown_vm()
+        self.vm.shutdown()
 
     def _welcome_subscribers(self) -> None:
         sock = self.sockets["iopub"]
@@ -305,127 +242,11 @@ class SmolVMKernel(ConfigActions):
     def _drain_events(self) -> None:
         while True:
             try:
-                kind, a, b = self._events.get_nowait()
+                fn, args = self._events.get_nowait()
             except queue.Empty:
                 break
-            if kind == "guest":
-                parts, size = b
-                self.relay.on_guest(a, parts)
-                self._inflow.done(size)
-            elif kind == "death":
-                if not self._booting and not self._stopping:
-                    self.relay.fail_inflight(a)
-                    self._refresh_panel()
-            elif kind == "booted":
-                self._on_booted(a)
-            elif kind == "stopped":
-                self._stopping = False
-                self._refresh_panel()
-            elif kind == "progress":
-                self._progress_line = a
-                self._show_boot_progress()
-            elif kind == "host_done":
-                self._finish_host_line(a, b)
-            elif kind == "notice":
-                self.relay.notice(a)
-            elif kind == "stats":
-                self._stats_running = False
-                self._refresh_panel(a)
+            fn(*args)
         self._release_held()
-
-    def _on_booted(self, error: SmolVMError | None) -> None:
-        timeline.mark("VM ready (kernel loop)")
-        self._booting = False
-        self._refresh_panel()
-        self._boot_error = error
-        self._ready_event.set()         # wakes a %smolvm push/pull waiting for the VM
-        if error is not None:
-            self._clear_boot_progress()     # the cell's error says what failed
-            self.relay.fail_inflight(error)
-            return
-        if self.panel is not None:
-            self._fetch_stats()     # the fresh VM's figures now, not in 2 s
-        self._clear_boot_progress()
-        self.relay.flush_backlog()
-
-    def _accel_label(self) -> str:
-        backend = self.sandbox.backend
-        if backend is None:
-            return self.config.backend
-        return f"{backend.name}/{backend.spec.accel}"
-
-    def _show_boot_progress(self) -> None:
-        """Show or update the boot line of the cell that waits for the VM."""
-        if self._boot_display is None:
-            return
-        display_id, parent = self._boot_display
-        elapsed = time.monotonic() - self._boot_started
-        if not self._boot_shown and elapsed < BOOT_NOTE_AFTER_S:
-            return
-        step = self._progress_line or f"starting microVM ({self._accel_label()})"
-        text = f"{step}… {elapsed:.1f} s"
-        content = {"data": {"text/plain": text}, "metadata": {}, "transient": {"display_id": display_id}}
-        self.relay.publish("update_display_data" if self._boot_shown else "display_data", content, parent)
-        self._boot_shown = True
-
-    def _boot_note_due(self, now: float) -> bool:
-        return (self._boot_display is not None and not self._boot_shown
-                and now - self._boot_started >= BOOT_NOTE_AFTER_S)
-
-    def _clear_boot_progress(self) -> None:
-        """The VM is ready: remove the boot line before the cell's own outputs."""
-        if self._boot_display is not None and self._boot_shown:
-            self.relay.publish("clear_output", {"wait": False}, self._boot_display[1])
-        self._boot_display = None
-        self._boot_shown = False
-
-    def _watch_vmm(self) -> None:
-        """A VMM that is stopped (SIGSTOP, a debugger) runs no guest: the cells
-        waiting on it would wait forever. Report it and replace the VM."""
-        from smolvm_kernel.errors import GuestDied
-        from smolvm_kernel.host.procs import process_state
-
-        pid = self.sandbox.backend.pid if self.sandbox.backend is not None else None
-        if pid is None or process_state(pid) not in ("T", "t"):
-            self._vmm_stopped_since = None
-            return
-        now = time.monotonic()
-        if self._vmm_stopped_since is None:
-            self._vmm_stopped_since = now
-            return
-        if now - self._vmm_stopped_since >= 1.0:
-            self._vmm_stopped_since = None
-            error = GuestDied(
-                f"the microVM's VMM (pid {pid}) is stopped (SIGSTOP or a debugger) and runs no guest",
-                "the VM was destroyed; the next cell starts a fresh one")
-            self.sandbox.record_audit("death", vm_id=self.sandbox.vm_id, **self.sandbox.audit_context,
-                                      cause=str(error).splitlines()[0])
-            self.relay.fail_inflight(error)
-            self._shutdown_vm()     # SIGKILL reaches a stopped process
-
-    def _enforce_timeout(self, now: float) -> None:
-        """Interrupt a cell past exec_timeout; reset the VM if it ignores that."""
-        from smolvm_kernel.errors import ExecutionTimeout
-        from smolvm_kernel.vm.sandbox import INTERRUPT_GRACE_S
-
-        limit = self.config.exec_timeout
-        for req in self.relay.overdue(limit, now):
-            if req.interrupted_at is None:
-                req.interrupted_at = now
-                self.relay.publish("stream", {"name": "stderr", "text":
-                                   f"[smolvm] this cell exceeded its {limit:g} s timeout; interrupting it\n"},
-                                   req.header)
-                self.interrupt_guest()
-            elif now - req.interrupted_at > INTERRUPT_GRACE_S:
-                # The guest did not come back: replace the VM.
-                self.sandbox.record_audit("death", vm_id=self.sandbox.vm_id, **self.sandbox.audit_context,
-                                          cause=f"timeout: a cell ran past exec_timeout={limit:g} s and did "
-                                                f"not stop when interrupted; the VM was destroyed")
-                self.relay.fail_inflight(ExecutionTimeout(limit, reset=True))
-                # Synchronous (about a second): the next cell must find the
-                # VM stopped, so that it boots a fresh one.
-                self._shutdown_vm()
-                return
 
     # -- frontend messages
 
@@ -470,18 +291,17 @@ class SmolVMKernel(ConfigActions):
             code = msg["content"].get("code", "")
             if _is_host_line(code):
                 return self._host_line(idents, msg, code)
-        if name == "shell" and self._torn_down and not self._booting:
+        if name == "shell" and self.vm.torn_down:
             if not mtype.endswith("_request"):
                 return   # a widget event for a VM that is gone: nothing to answer, no VM to start
             if self.config.on_stopped == "error":
                 return self._refuse_stopped(idents, msg)
         chan = {"shell": Channel.SHELL, "control": Channel.CONTROL, "stdin": Channel.STDIN}[name]
         host_busy = False
-        if not self._guest_ready():
-            self._ensure_vm()
-            if mtype == "execute_request" and self._boot_display is None:
-                self._start_boot_display(header)
-                host_busy = True
+        if not self.vm.guest_ready():
+            self.vm.ensure()
+            if mtype == "execute_request":
+                host_busy = self.vm.show_boot_in(header)
         content = msg.get("content")
         allow_stdin = (mtype == "execute_request" and isinstance(content, dict)
                        and content.get("allow_stdin") is True)
@@ -511,15 +331,6 @@ class SmolVMKernel(ConfigActions):
             self._held.pop(0)
             self._on_frontend("shell", frames, held=True)
 
-    def _start_boot_display(self, header: dict) -> None:
-        # Say busy for the request now; the guest's own "busy" for it is dropped.
-        # The progress line itself appears only once the start takes a while
-        # (BOOT_NOTE_AFTER_S), and is cleared when the VM is ready: a saved
-        # notebook holds the cell's own outputs only, as under a local kernel.
-        self.relay.publish("status", {"execution_state": "busy"}, header)
-        self._boot_display = (f"smolvm-boot-{header['msg_id']}", header)
-        self._boot_shown = False
-
     def _refuse_stopped(self, idents: list[bytes], msg: dict) -> None:
         from smolvm_kernel.errors import SandboxStopped
 
@@ -548,7 +359,7 @@ class SmolVMKernel(ConfigActions):
             "name": "python", "version": "3", "mimetype": "text/x-python",
             "codemirror_mode": {"name": "ipython", "version": 3}, "pygments_lexer": "ipython3",
             "nbconvert_exporter": "python", "file_extension": ".py"}
-        label = self._accel_label()
+        label = self.vm.accel_label()
         return {
             "status": "ok", "protocol_version": PROTOCOL_VERSION,
             "implementation": "smolvm-kernel", "implementation_version": __version__,
@@ -564,25 +375,14 @@ class SmolVMKernel(ConfigActions):
         self.relay.reply("control", idents, "interrupt_reply", {"status": "ok"}, msg["header"])
 
     def interrupt_guest(self) -> None:
-        if self._guest_ready():
-            self._worker_free(self.sandbox.interrupt)
-
-    def _worker_free(self, fn) -> None:
-        # Interrupts must not wait behind a boot in the single worker.
-        threading.Thread(target=_quietly(fn), daemon=True).start()
+        self.vm.interrupt()
 
     def _shutdown(self, idents: list[bytes], msg: dict) -> None:
         restart = bool(msg["content"].get("restart"))
-        self._shutdown_vm()
+        self.vm.shutdown()
         self.relay.reply("control", idents, "shutdown_reply", {"status": "ok", "restart": restart},
                          msg["header"])
         self.exiting = True
-
-    def _shutdown_vm(self) -> None:
-        try:
-            self.sandbox.stop()
-        except Exception as exc:  # the process is exiting either way
-            log.warning("stopping the VM failed: %s", exc)
 
     # -- %smolvm lines, run on the host
 
@@ -598,11 +398,11 @@ class SmolVMKernel(ConfigActions):
         if callable(result):   # waits on the VM: off the loop
             def work():
                 try:
-                    self._post(("host_done", result(), None))
+                    self._call_soon(self._finish_host_line, result(), None)
                 except SmolVMError as exc:
-                    self._post(("host_done", None, exc))
+                    self._call_soon(self._finish_host_line, None, exc)
                 except Exception as exc:
-                    self._post(("host_done", None, SmolVMError(f"{type(exc).__name__}: {exc}")))
+                    self._call_soon(self._finish_host_line, None, SmolVMError(f"{type(exc).__name__}: {exc}"))
             self._ops.submit(work)
         else:
             self._finish_host_line(result, None)
@@ -627,7 +427,7 @@ class SmolVMKernel(ConfigActions):
             self.relay.reply("shell", idents, "execute_reply", status, header)
             self.relay.publish("status", {"execution_state": "idle"}, header)
 
-        if self._guest_ready():
+        if self.vm.guest_ready():
             # Number the line in the guest's own history, as a comment, so
             # that the notebook's counts stay those of the guest's In[]/Out[].
             self.relay.run_internal("# " + op["code"].strip() + "   (ran on the host)", reply)
@@ -649,9 +449,9 @@ class SmolVMKernel(ConfigActions):
             self.restart_vm("the VM was reset by %smolvm reset")
             return "resetting: a fresh microVM is starting; the next cell runs in it"
         if cmd.command == "start":
-            if self._guest_ready() or self._booting:
+            if self.vm.guest_ready() or self.vm.booting:
                 return "the microVM is already running"
-            self._ensure_vm()
+            self.vm.ensure()
             return "starting a fresh microVM; the next cell runs in it"
         if cmd.command == "stop":
             self.stop_vm("the VM was stopped by %smolvm stop")
@@ -666,20 +466,12 @@ class SmolVMKernel(ConfigActions):
             return ""
         # push / pull: the host path is checked before waiting on the VM
         transfer.check(self.workdir, cmd)
-        self._ensure_vm()
+        self.vm.ensure()
 
         def move():
-            self._wait_ready()
+            self.vm.wait_ready()
             return transfer.run(self.sandbox, self.workdir, cmd, self.config.max_transfer_mib * 2**20)
         return move
-
-    def _wait_ready(self) -> None:
-        from smolvm_kernel.errors import SandboxStopped
-
-        if not self._ready_event.wait(self.config.boot_timeout):
-            raise SandboxStopped("the microVM did not become ready; see the first cell's output")
-        if self._boot_error is not None:
-            raise self._boot_error
 
     def _after_stop_hint(self) -> str:
         if self.config.on_stopped == "error":
@@ -712,7 +504,7 @@ class SmolVMKernel(ConfigActions):
             self.panel.load_settings()
         if text is not None:
             return text
-        if self._torn_down and not self._booting:
+        if self.vm.torn_down:
             return f"saved {_describe(changes)}; the VM is stopped and starts with them next time"
         self.restart_vm(f"the VM was restarted with new settings ({_describe(changes)})")
         return f"restarting the VM with {_describe(changes)}; its previous state is gone"
@@ -720,7 +512,7 @@ class SmolVMKernel(ConfigActions):
     def needs_restart(self, changes: dict) -> bool:
         from smolvm_kernel.jupyter.panel import needs_restart
 
-        return needs_restart(changes, self.sandbox if self._guest_ready() else None)
+        return needs_restart(changes, self.sandbox if self.vm.guest_ready() else None)
 
     def reset(self) -> str:
         self.restart_vm("the VM was reset from the control panel")
@@ -770,7 +562,11 @@ class SmolVMKernel(ConfigActions):
         if self._stats_running:
             return
         self._stats_running = True
-        self._ops.submit(lambda: self._post(("stats", self.status(), None)))
+        self._ops.submit(lambda: self._call_soon(self._stats_done, self.status()))
+
+    def _stats_done(self, stats: dict) -> None:
+        self._stats_running = False
+        self._refresh_panel(stats)
 
     def _refresh_panel(self, stats: dict | None = None) -> None:
         if self.panel is None:
@@ -803,16 +599,11 @@ class _SerialThread:
 
     def _run(self) -> None:
         while True:
-            _quietly(self._jobs.get())()
-
-
-def _quietly(fn):
-    def run():
-        try:
-            fn()
-        except Exception as exc:
-            log.warning("%s failed: %s", getattr(fn, "__name__", fn), exc)
-    return run
+            fn = self._jobs.get()
+            try:
+                fn()
+            except Exception as exc:
+                log.warning("%s failed: %s", getattr(fn, "__name__", fn), exc)
 
 
 def main(argv: list[str] | None = None, listening: dict[str, int] | None = None) -> int:
@@ -859,7 +650,7 @@ def main(argv: list[str] | None = None, listening: dict[str, int] | None = None)
     try:
         kernel.run()
     finally:
-        kernel._shutdown_vm()
+        kernel.vm.shutdown()
     return 0
 
 
