@@ -42,8 +42,9 @@ class SandboxConfig(Configurable):
         self._given = {*kwargs, *section}
 
     # One trait per row of the settings table (options.py), and a @default for
-    # each that has a SMOLVM_* variable or a default of the host. A class body's
-    # namespace is the dict locals() returns, so they are put there by name.
+    # each that has a SMOLVM_* variable or a default of the host. In a class
+    # body locals() is the namespace the metaclass will receive (the docs of
+    # locals() say so), so they are put there by name, as if written out.
     for _option in OPTIONS.values():
         locals()[_option.name] = _option.trait()
         if _option.dynamic:
