@@ -31,6 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from smolvm_kernel.classroom import deploy as cr  # noqa: E402
+from smolvm_kernel.classroom.provision import read_students  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "vm"))
 from hubclient import HubStudent  # noqa: E402  (a student over REST and websocket: test support)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -215,7 +216,7 @@ def main() -> int:
                                            host_max_vms=f"host_max_vms = {args.host_max_vms}"
                                            if args.host_max_vms else ""))
         setup_s = time.monotonic() - t
-        accounts = cr.read_students(folder)
+        accounts = read_students(folder)
         uids = {int(subprocess.check_output(["id", "-u", n]).strip()) for n, _ in accounts}
         hub = subprocess.Popen(cr.hub_command(folder), cwd=folder, stdout=open(folder / "hub.log", "wb"),
                                stderr=subprocess.STDOUT)

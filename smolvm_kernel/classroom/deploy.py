@@ -23,29 +23,34 @@ removes the students it created. What it writes:
   ``smolvm-kernel classroom confine`` (moves any stray process of a student
   into their cgroup).
 - ``students.csv``: the accounts created and their passwords (root only).
+
+The slow building (the accounts, a Python students can run, the images and
+snapshots, the proxy) is provision.py's. This module writes the settings
+around it, runs the hub and takes it down, and holds the classes those
+settings name, which run in the hub and in each student's server
+(``smolvm_kernel.classroom.deploy.ClassroomSpawner`` and the others: the
+hub configurations already written name them there).
 """
 
 from __future__ import annotations
 
-import csv
 import grp
 import json
 import os
 import pwd
-import secrets
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from smolvm_kernel.classroom.confine import DEFAULT_CPUS, DEFAULT_MEM_MIB, DEFAULT_TASKS, GROUP
+from smolvm_kernel.classroom.provision import (KERNELSPECS, blocked_for_students, build_shared_snapshots,
+                                               create_students, find_proxy, read_students, share_cache,
+                                               students_python)
 from smolvm_kernel.errors import SmolVMError
 
-from smolvm_kernel.classroom.confine import (  # noqa: E402  (the students' group and cgroup; confine.py's)
-    DEFAULT_CPUS, DEFAULT_MEM_MIB, DEFAULT_TASKS, GROUP)
 DEFAULT_DIR = "/var/lib/smolvm-classroom"
-#: Every kernelspec a student may use; the policy's profiles pick among them.
-KERNELSPECS = {"base": "smolvm-python", "scipy": "smolvm-scipy"}
 
 DEFAULT_POLICY = """\
 # The instructor's policy for this classroom (see smolvm_kernel/policy.py).
@@ -158,178 +163,6 @@ def _need_root() -> None:
         raise SmolVMError("the classroom set-up creates Unix users and root-owned files: run it as root")
 
 
-def find_proxy(install_dir: Path) -> str:
-    """configurable-http-proxy: on PATH, or installed from npm into ``install_dir``."""
-    found = shutil.which("configurable-http-proxy")
-    if found:
-        return found
-    local = install_dir / "node_modules" / ".bin" / "configurable-http-proxy"
-    if local.exists():
-        return str(local)
-    if not shutil.which("npm"):
-        raise SmolVMError("JupyterHub needs configurable-http-proxy from npm, and npm is missing: "
-                          "apt-get install nodejs npm")
-    print(f"installing configurable-http-proxy from npm into {install_dir}", flush=True)
-    install_dir.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(["npm", "install", "--prefix", str(install_dir), "--no-audit", "--no-fund",
-                           "--loglevel=error", "configurable-http-proxy@4"], capture_output=True, text=True)
-    if proc.returncode != 0 or not local.exists():
-        raise SmolVMError(f"npm could not install configurable-http-proxy: {proc.stderr.strip()[-500:]}")
-    return str(local)
-
-
-def _readable_by_students(path: Path) -> str | None:
-    """Which folder above ``path`` students cannot enter, if any."""
-    for p in [path, *path.parents]:
-        if p.exists() and not os.stat(p).st_mode & 0o001:
-            return str(p)
-    return None
-
-
-def students_python(folder: Path, profiles: list[str]) -> Path:
-    """The bin folder of a Python environment students' processes can run: this
-    one if they can reach it, else ``folder/venv`` made from the system's
-    python3 with this package installed (a venv made from a Python under
-    /root, as pyenv's, is out of their reach)."""
-    here = Path(sys.executable)
-    if not _readable_by_students(here.resolve()) and not _readable_by_students(Path(sys.prefix)):
-        return here.parent
-    venv = folder / "venv"
-    py = venv / "bin" / "python"
-    if not (venv / "bin" / "jupyterhub-singleuser").exists():
-        base = shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin")
-        if base is None or _readable_by_students(Path(base).resolve()):
-            raise SmolVMError(f"students cannot run this Python ({here.resolve()}) and there is no system "
-                              f"python3 they can: apt-get install python3-venv")
-        print(f"making a Python environment students can run, in {venv} (a minute)", flush=True)
-        subprocess.run([base, "-m", "venv", str(venv)], check=True)
-        src = Path(__file__).resolve().parents[2]
-        from smolvm_kernel._version import __version__
-        target = f"{src}[classroom]" if (src / "pyproject.toml").exists() else f"smolvm-kernel[classroom]=={__version__}"
-        proc = subprocess.run([str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check", target],
-                              capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise SmolVMError(f"installing smolvm-kernel for the students failed: {proc.stderr.strip()[-800:]}")
-    for profile in profiles:
-        name = KERNELSPECS.get(profile)
-        if name:
-            subprocess.run([str(py), "-I", "-c", "import sys; from smolvm_kernel.jupyter import kernelspec; "
-                            f"kernelspec.install({name!r}, prefix=sys.prefix, "
-                            f"profile={None if profile == 'base' else profile!r})"],
-                           check=True, capture_output=True, env={**os.environ, "SMOLVM_POLICY_FILE": "/nonexistent"})
-    for root, dirs, files in os.walk(venv):
-        os.chmod(root, 0o755)
-    return venv / "bin"
-
-
-def _share_cache(dest: Path, profiles: list[str]) -> None:
-    """Copy this host's images where students can read them (the snapshots of
-    their shape are built there next: _build_shared_snapshots)."""
-    from smolvm_kernel.backends.base import copy_sparse
-    from smolvm_kernel.images import ImageCache
-
-    images = ImageCache()
-    for sub in ("images", "snapshots"):
-        (dest / sub).mkdir(parents=True, exist_ok=True)
-    for profile in profiles:
-        image = images.get(profile)
-        if image is None:
-            raise SmolVMError(f"the {profile!r} guest image is not built: run `smolvm-kernel setup --profile "
-                              f"{profile}` first (or `make demo`)")
-        src = image.directory
-        target = dest / "images" / src.name
-        if not target.exists():
-            shutil.copytree(src, target, copy_function=lambda a, b: copy_sparse(Path(a), Path(b)))
-    _readable_by_all(dest)
-
-
-def _readable_by_all(tree: Path) -> None:
-    """Root's, readable by everyone, writable by root alone: folders 755, files 644."""
-    for root, dirs, files in os.walk(tree):
-        os.chown(root, 0, 0)
-        os.chmod(root, 0o755)
-        for f in files:
-            os.chown(os.path.join(root, f), 0, 0)
-            os.chmod(os.path.join(root, f), 0o644)
-
-
-_SNAPSHOT_SCRIPT = """
-import sys
-from smolvm_kernel.config import SandboxConfig
-from smolvm_kernel.vm.sandbox import Sandbox
-cfg = SandboxConfig().validated()        # the shape a student gets under the policy
-shape = dict(vcpus=cfg.vcpus, mem_mib=cfg.mem_mib, disk_mib=cfg.disk_mib)
-import os
-os.environ["SMOLVM_POLICY_FILE"] = "/nonexistent"   # built by root, outside the students' quotas
-sb = Sandbox(profile=sys.argv[1], snapshot="wait", **shape,
-             progress=lambda m: print(f"[{sys.argv[1]}] {m}", flush=True))
-try:
-    sb.start()
-finally:
-    sb.stop()
-"""
-
-
-def _build_shared_snapshots(cache: Path, profiles: list[str], policy_path: Path) -> None:
-    """The ready snapshot of the shape students get (their caps), built once by
-    root into the shared cache, where their kernels copy it from."""
-    env = {**os.environ, "SMOLVM_CACHE_DIR": str(cache), "SMOLVM_POLICY_FILE": str(policy_path),
-           "SMOLVM_STATE_DIR": str(cache.parent / "root-state")}
-    env.pop("SMOLVM_SNAPSHOT_DIR", None)
-    for profile in profiles:
-        proc = subprocess.run([sys.executable, "-I", "-c", _SNAPSHOT_SCRIPT, profile], env=env,
-                              cwd=cache.parent, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise SmolVMError(f"building the students' {profile} snapshot failed: {proc.stderr.strip()[-800:]}")
-    shutil.rmtree(cache.parent / "root-state", ignore_errors=True)
-    _readable_by_all(cache)
-
-
-def create_students(n: int, prefix: str, folder: Path) -> list[tuple[str, str]]:
-    """Unix accounts for ``n`` students (in the class group, home folders private),
-    with random passwords listed in ``folder/students.csv`` (root only)."""
-    try:
-        grp.getgrnam(GROUP)
-    except KeyError:
-        subprocess.run(["groupadd", "--system", GROUP], check=True)
-    extra_groups = [GROUP] + (["kvm"] if _group_exists("kvm") else [])
-    out = []
-    for i in range(1, n + 1):
-        name = f"{prefix}{i}"
-        password = secrets.token_urlsafe(12)
-        try:
-            pwd.getpwnam(name)
-        except KeyError:
-            subprocess.run(["useradd", "--create-home", "--shell", "/usr/sbin/nologin",
-                            "--groups", ",".join(extra_groups), name], check=True)
-        subprocess.run(["chpasswd"], input=f"{name}:{password}\n", text=True, check=True)
-        os.chmod(pwd.getpwnam(name).pw_dir, 0o700)
-        out.append((name, password))
-    path = folder / "students.csv"
-    known = {}
-    if path.exists():
-        with open(path) as fh:
-            known = {row[0]: row[1] for row in csv.reader(fh) if len(row) == 2}
-    known.update(dict(out))
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", newline="") as fh:
-        csv.writer(fh).writerows(sorted(known.items()))
-    return out
-
-
-def _group_exists(name: str) -> bool:
-    try:
-        grp.getgrnam(name)
-        return True
-    except KeyError:
-        return False
-
-
-def read_students(folder: Path) -> list[tuple[str, str]]:
-    with open(folder / "students.csv") as fh:
-        return [(row[0], row[1]) for row in csv.reader(fh) if len(row) == 2]
-
-
 def setup(folder: Path, students: int, port: int = 8000, prefix: str = "student",
           cull_idle_timeout: int = 3600, policy_text: str | None = None, extra_hub_config: str = "",
           student_mem_mib: int | None = None, student_cpus: float | None = None,
@@ -350,7 +183,7 @@ def setup(folder: Path, students: int, port: int = 8000, prefix: str = "student"
     folder = folder.resolve()
     folder.mkdir(parents=True, exist_ok=True)
     os.chmod(folder, 0o755)
-    blocked = _readable_by_students(folder)
+    blocked = blocked_for_students(folder)
     if blocked:
         raise SmolVMError(f"students' processes cannot enter {blocked} (no 'x' for others), where the "
                           f"classroom's folder is: choose another --dir, or chmod o+x {blocked}")
@@ -366,8 +199,8 @@ def setup(folder: Path, students: int, port: int = 8000, prefix: str = "student"
         os.chmod(policy_path, 0o644)
     pol = policy_mod.load(str(policy_path))
     profiles = list(pol.profiles) if pol and pol.profiles else ["base"]
-    _share_cache(folder / "cache", profiles)
-    _build_shared_snapshots(folder / "cache", profiles, policy_path)
+    share_cache(folder / "cache", profiles)
+    build_shared_snapshots(folder / "cache", profiles, policy_path)
     conf = folder / "jupyter"
     conf.mkdir(exist_ok=True)
     os.chmod(conf, 0o755)

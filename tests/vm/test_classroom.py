@@ -28,6 +28,8 @@ from pathlib import Path
 
 import pytest
 
+from support import wait_for
+
 _NOT_ROOT = os.geteuid() != 0
 # Skipped when not root, except under CI, where a skip would hide that nothing ran.
 pytestmark = pytest.mark.skipif(_NOT_ROOT and os.environ.get("CI") != "true",
@@ -85,6 +87,7 @@ class Classroom:
 @pytest.fixture(scope="module")
 def classroom():
     from smolvm_kernel.classroom import deploy as cr
+    from smolvm_kernel.classroom.provision import read_students
 
     folder = Path(tempfile.mkdtemp(prefix="smolvm-classroom-", dir="/tmp"))
     os.chmod(folder, 0o755)
@@ -94,7 +97,7 @@ def classroom():
     try:
         cr.setup(folder, 3, port=port, prefix=prefix, cull_idle_timeout=CULL_S,
                  policy_text=POLICY.format(dir=folder))
-        students = cr.read_students(folder)
+        students = read_students(folder)
         log = open(folder / "hub.log", "wb")
         hub = subprocess.Popen(cr.hub_command(folder), cwd=folder, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 90
@@ -186,15 +189,6 @@ def _as(name: str, argv: list[str], **kw) -> subprocess.Popen:
     pw = pwd.getpwnam(name)
     return subprocess.Popen(["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--init-groups", *argv],
                             cwd="/", **kw)
-
-
-def _wait(pred, seconds: float) -> bool:
-    end = time.monotonic() + seconds
-    while not pred():
-        if time.monotonic() > end:
-            return False
-        time.sleep(0.2)
-    return True
 
 
 def _host_ipykernels(uid: int) -> list[str]:
@@ -347,7 +341,7 @@ def test_every_process_of_a_student_is_in_their_cgroup_however_started(classroom
     name = classroom.students[0][0]
     stray = _as(name, ["sleep", "60"])
     try:
-        assert _wait(lambda: _in_group(stray.pid, _student_group(name)), 5), _cgroups_of(stray.pid)
+        assert wait_for(lambda: _in_group(stray.pid, _student_group(name)), 5, interval=0.2), _cgroups_of(stray.pid)
     finally:
         stray.kill()
         stray.wait()
@@ -559,7 +553,7 @@ def test_a_students_cpu_spinners_and_memory_hog_stay_in_their_cgroup(classroom):
     spin = [_as(other, ["/usr/bin/python3", "-c", "while True: pass"]) for _ in range(2)]
     hog = _as(other, ["/usr/bin/python3", "-c", HOG, other])
     try:
-        assert _wait(lambda: all(_in_group(p.pid, _student_group(other)) for p in spin), 5)
+        assert wait_for(lambda: all(_in_group(p.pid, _student_group(other)) for p in spin), 5, interval=0.2)
         loaded = []
         for _ in range(5):
             r = s.run_cell(kid, "pass")
