@@ -174,6 +174,8 @@ def format_status(stats: dict) -> str:
              f"  transport {stats.get('transport') or '-'}  network {stats.get('network')}"]
     if stats.get("accel_reason"):
         lines.append(f"           {stats['accel_reason']}")
+    if stats.get("error"):     # the figures could not be read
+        lines.append(f"error      {stats['error']}")
     if "mem_total_kib" in stats:
         used = stats["mem_total_kib"] - stats.get("mem_available_kib", 0)
         lines += [

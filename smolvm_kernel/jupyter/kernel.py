@@ -30,9 +30,11 @@ from smolvm_kernel import timeline
 from smolvm_kernel._version import __version__
 from smolvm_kernel.config import SandboxConfig
 from smolvm_kernel.errors import SmolVMError
+from smolvm_kernel.jupyter import hostline
+from smolvm_kernel.jupyter.actions import VMActions
 from smolvm_kernel.jupyter.backpressure import ByteGate
 from smolvm_kernel.jupyter.output_policy import OutputPolicy
-from smolvm_kernel.jupyter.panel import REFRESH_SECONDS, ConfigActions
+from smolvm_kernel.jupyter.panel import REFRESH_SECONDS
 from smolvm_kernel.jupyter.relay import Relay
 from smolvm_kernel.jupyter.supervisor import VMSupervisor
 from smolvm_kernel.vm.session import DELIM, PROTOCOL_VERSION, Session
@@ -44,7 +46,7 @@ log = logging.getLogger("smolvm_kernel.jupyter.kernel")
 GUEST_BACKLOG_BYTES = 32 * 1024 * 1024
 
 
-class SmolVMKernel(ConfigActions):
+class SmolVMKernel:
     """The kernel process: frontend sockets, one Sandbox, the relay between them.
 
     One thread owns the sockets and all kernel state (``run``). VM starts and
@@ -101,7 +103,9 @@ class SmolVMKernel(ConfigActions):
         # %smolvm lines run in the order they were sent.
         self._held: list[list[bytes]] = []
         self._host_op: dict | None = None      # the host line in progress: idents, header, code
-        self.panel = None
+        #: The %smolvm lines and the panel's buttons (actions.py), over the supervisor.
+        self.actions = VMActions(self.vm, hostline.KERNEL, name=f"this kernel's microVM ({self.config.profile})",
+                                 workdir=lambda: self.workdir, show_panel=self.show_panel)
         self._comm_parent: dict = {}
         self._stats_running = False
         self._last_stats = 0.0
@@ -115,6 +119,11 @@ class SmolVMKernel(ConfigActions):
     @config.setter
     def config(self, value: SandboxConfig) -> None:
         self.vm.config = value
+
+    @property
+    def panel(self):
+        """The control panel, once ``%smolvm panel`` has shown it."""
+        return self.actions.panel
 
     # -- sockets
 
@@ -156,14 +165,6 @@ class SmolVMKernel(ConfigActions):
     def vm_state(self) -> str:
         """booting / ready / busy / stopping / stopped / dead, as the panel shows it."""
         return self.vm.state()
-
-    def restart_vm(self, why: str) -> None:
-        """A fresh VM with the current settings; open requests end with ``why``."""
-        self.vm.restart(why)
-
-    def stop_vm(self, why: str) -> None:
-        """Destroy the VM (Teardown, %smolvm stop); the loop does not wait for it."""
-        self.vm.stop(why)
 
     def _call_soon(self, fn: Callable, *args) -> None:
         """Run ``fn(*args)`` on the loop (from any thread): the pipe wakes the poller."""
@@ -392,7 +393,7 @@ class SmolVMKernel(ConfigActions):
         self._comm_parent = header
         self.relay.publish("status", {"execution_state": "busy"}, header)
         try:
-            result = self.run_line(code.strip()[len("%smolvm"):].strip())
+            result = self.actions.run_line(code.strip()[len("%smolvm"):].strip())
         except SmolVMError as exc:
             return self._finish_host_line(None, exc)
         if callable(result):   # waits on the VM: off the loop
@@ -434,93 +435,7 @@ class SmolVMKernel(ConfigActions):
         else:
             reply(None)
 
-    def run_line(self, line: str):
-        """Run one ``%smolvm`` line: a text to print, or a callable for the ops thread."""
-        from smolvm_kernel.jupyter import hostline, transfer
-
-        cmd = hostline.parse(line, hostline.KERNEL)
-        if cmd.command == "help":
-            return hostline.help_text(hostline.KERNEL)
-        if cmd.command == "status":
-            def status():
-                return hostline.format_status(self.status())
-            return status
-        if cmd.command == "reset":
-            self.restart_vm("the VM was reset by %smolvm reset")
-            return "resetting: a fresh microVM is starting; the next cell runs in it"
-        if cmd.command == "start":
-            if self.vm.guest_ready() or self.vm.booting:
-                return "the microVM is already running"
-            self.vm.ensure()
-            return "starting a fresh microVM; the next cell runs in it"
-        if cmd.command == "stop":
-            self.stop_vm("the VM was stopped by %smolvm stop")
-            return "microVM stopped; " + self._after_stop_hint()
-        if cmd.command == "config":
-            if not cmd.settings:
-                return hostline.describe_config(self.config)
-            changes = hostline.config_changes(cmd, self.config)
-            return self.apply(changes) if changes else "nothing to change"
-        if cmd.command == "panel":
-            self.show_panel()
-            return ""
-        # push / pull: the host path is checked before waiting on the VM
-        transfer.check(self.workdir, cmd)
-        self.vm.ensure()
-
-        def move():
-            self.vm.wait_ready()
-            return transfer.run(self.sandbox, self.workdir, cmd, self.config.max_transfer_mib * 2**20)
-        return move
-
-    def _after_stop_hint(self) -> str:
-        if self.config.on_stopped == "error":
-            return "run %smolvm start to start a fresh one"
-        return "the next cell starts a fresh one"
-
-    # -- settings and the control panel (PanelActions)
-
-    @property
-    def name(self) -> str:
-        return f"this kernel's microVM ({self.config.profile})"
-
-    def apply(self, changes: dict) -> str:
-        """Validate and apply; restart the VM unless only live settings changed."""
-        from smolvm_kernel.jupyter.panel import _describe, apply_live, check_changes
-
-        try:
-            new = check_changes(self.config, changes)
-        except SmolVMError as exc:
-            self.sandbox.record_audit("refused", **self.sandbox.audit_context, what=_describe(changes),
-                                      why=str(exc))
-            raise
-        restart = self.needs_restart(changes)
-        self.config = self.sandbox.config = new
-        text = None
-        if not restart:
-            text = apply_live(self.sandbox, changes)
-            self.config = self.sandbox.config   # the balloon keeps its size there
-        if self.panel is not None:
-            self.panel.load_settings()
-        if text is not None:
-            return text
-        if self.vm.torn_down:
-            return f"saved {_describe(changes)}; the VM is stopped and starts with them next time"
-        self.restart_vm(f"the VM was restarted with new settings ({_describe(changes)})")
-        return f"restarting the VM with {_describe(changes)}; its previous state is gone"
-
-    def needs_restart(self, changes: dict) -> bool:
-        from smolvm_kernel.jupyter.panel import needs_restart
-
-        return needs_restart(changes, self.sandbox if self.vm.guest_ready() else None)
-
-    def reset(self) -> str:
-        self.restart_vm("the VM was reset from the control panel")
-        return "resetting: a fresh microVM is starting"
-
-    def teardown(self) -> str:
-        self.stop_vm("the VM was torn down from the control panel")
-        return "the VM was destroyed; " + self._after_stop_hint()
+    # -- the control panel, served by the host's own comms
 
     def show_panel(self) -> None:
         """Display the control panel (made on first use) in the current cell."""
@@ -530,7 +445,7 @@ class SmolVMKernel(ConfigActions):
 
             if self.relay.host_comms is None:
                 self.relay.host_comms = HostComms(self._publish_comm)
-            self.panel = ControlPanel(self)
+            self.actions.panel = ControlPanel(self.actions)
             self._refresh_panel()
             self._fetch_stats()
         bundle = self.panel.widget._repr_mimebundle_()
@@ -547,22 +462,12 @@ class SmolVMKernel(ConfigActions):
         self.relay.host_comms.handle(msg)
         self.relay.publish("status", {"execution_state": "idle"}, header)
 
-    def status(self) -> dict:
-        """Sandbox.stats() with what only the kernel knows (safe from any thread)."""
-        try:
-            stats = self.sandbox.stats()
-        except SmolVMError as exc:
-            stats = {"error": str(exc)}
-        stats["state"] = self.vm_state()
-        stats["last_cell_s"] = self.relay.last_cell_s
-        return stats
-
     def _fetch_stats(self) -> None:
         self._last_stats = time.monotonic()
         if self._stats_running:
             return
         self._stats_running = True
-        self._ops.submit(lambda: self._call_soon(self._stats_done, self.status()))
+        self._ops.submit(lambda: self._call_soon(self._stats_done, self.actions.status()))
 
     def _stats_done(self, stats: dict) -> None:
         self._stats_running = False

@@ -15,7 +15,8 @@ Example::
     %smolvm reset|stop|list|help
 
 The lines are the SmolVM kernel's (one grammar: hostline.py), each with
-``--name``.
+``--name``, and do what they do there (one set of actions: actions.py), but
+for a line that starts or stops a VM waiting for it in its cell.
 
 Each ``--name`` gets its own microVM that lives as long as the host kernel.
 Guest code never touches the host kernel's namespace: only its outputs come
@@ -32,11 +33,13 @@ import time
 import weakref
 
 from smolvm_kernel.errors import SmolVMError
-from smolvm_kernel.jupyter import hostline, transfer
-from smolvm_kernel.jupyter.panel import ConfigActions
+from smolvm_kernel.jupyter import hostline
+from smolvm_kernel.jupyter.actions import VMActions
 
+#: name -> its Sandbox
 _sandboxes: dict = {}
-_panels: dict = {}
+#: name -> the VMActions over that Sandbox (with its panel, once shown)
+_actions: dict = {}
 
 
 class GuestError(Exception):
@@ -128,7 +131,7 @@ def smolvm_cell(line: str, cell: str):
 def smolvm_line(line: str):
     """``%smolvm status|config|reset|stop|list|panel|push|pull|help [--name N]``."""
     args = hostline.parse(line, hostline.MAGIC)
-    if args.command == "help":
+    if args.command == "help":      # needs no sandbox
         print(hostline.help_text(hostline.MAGIC))
         return
     if args.command == "list":
@@ -137,109 +140,60 @@ def smolvm_line(line: str):
         for name, sb in _sandboxes.items():
             print(f"{name:<12} {sb!r}")
         return
-    if args.command == "panel":
-        return show_panel(args.name, _get_sandbox(args))
-    if args.command == "config":
-        sb = _get_sandbox(args)
-        if not args.settings:
-            print(hostline.describe_config(sb.config))
-            return
-        changes = hostline.config_changes(args, sb.config)
-        print(_actions(args.name, sb).apply(changes) if changes else "nothing to change")
-        return
-    sb = _get_sandbox(args, create=False)
+    # config and panel make the sandbox (its VM starts with a cell); the rest need one
+    sb = _get_sandbox(args, create=args.command in ("config", "panel"))
     if sb is None:
         print(f"no sandbox named {args.name!r}; run a %%smolvm --name {args.name} cell first")
         return
-    if args.command == "status":
-        print(hostline.format_status(sb.stats()))
-    elif args.command == "reset":
-        sb.reset()
-        print(f"sandbox {args.name!r}: fresh microVM ready in {sb.boot_seconds:.1f} s")
-    elif args.command == "stop":
-        sb.stop()
-        print(f"sandbox {args.name!r} stopped")
-    elif args.command in ("push", "pull"):
-        if sb.state.value not in ("ready", "busy"):
-            raise SmolVMError(f"sandbox {args.name!r} is {sb.state.value}; run a %%smolvm cell to start it")
-        print(transfer.run(sb, os.getcwd(), args, sb.config.max_transfer_mib * 2**20))
+    out = _actions_for(args.name, sb).run(args)
+    if callable(out):
+        out = out()
+    if out:
+        print(out)
 
 
-def _actions(name: str, sandbox) -> SandboxActions:
-    """The panel's actions over ``sandbox`` (its panel's, if one is shown)."""
-    panel = _panels.get(name)
-    if panel is not None and panel.actions.sandbox is sandbox:
-        return panel.actions
-    return SandboxActions(name, sandbox)
+def _actions_for(name: str, sandbox) -> VMActions:
+    """The actions over sandbox ``name`` (made again when the sandbox was remade)."""
+    actions = _actions.get(name)
+    if actions is None or actions.sandbox is not sandbox:
+        actions = VMActions(MagicVM(name, sandbox), hostline.MAGIC, name=f"%%smolvm --name {name}",
+                            workdir=os.getcwd, show_panel=lambda: show_panel(name, sandbox))
+        _actions[name] = actions
+    return actions
 
 
-class SandboxActions(ConfigActions):
-    """The panel's actions over one named Sandbox of this IPython kernel.
+class MagicVM:
+    """One named Sandbox of this IPython kernel, as the actions drive it
+    (actions.VMControl): starts and stops run in the calling thread, one at
+    a time, and the panel shows them as booting or stopping meanwhile."""
 
-    Starts and stops run on a background thread, so a click never blocks
-    the kernel; a thread refreshes the panel every couple of seconds for as
-    long as the panel exists.
-    """
+    #: restart() and stop() return once done: a line waits in its cell (a
+    #: panel's button runs them on a thread of their own, actions.py).
+    waits = True
 
     def __init__(self, name: str, sandbox) -> None:
-        self.name = f"%%smolvm --name {name}"
+        self.name = name
         self.sandbox = sandbox
         self._busy = threading.Lock()
-        self._op: str | None = None          # "booting" / "stopping" while a click's work runs
+        self._op: str | None = None          # "booting" / "stopping" while a start or stop runs
         self.on_change = lambda: None        # the panel refreshes itself through this
 
     @property
     def config(self):
         return self.sandbox.config
 
-    def apply(self, changes: dict) -> str:
-        from smolvm_kernel.jupyter.panel import _describe, apply_live, check_changes
+    @config.setter
+    def config(self, value) -> None:
+        self.sandbox.config = value
 
-        try:
-            new = check_changes(self.sandbox.config, changes)
-        except SmolVMError as exc:
-            # On record, as the SmolVM kernel's own refusals are (audit log).
-            self.sandbox.record_audit("refused", **self.sandbox.audit_context, what=_describe(changes),
-                                      why=str(exc))
-            raise
-        running = self.sandbox.state.value in ("ready", "busy", "booting")
-        restart = self.needs_restart(changes)
-        self.sandbox.config = new
-        if not restart:
-            return apply_live(self.sandbox, changes)
-        if not running:
-            return f"saved {_describe(changes)}; the next %%smolvm cell starts a VM with them"
-        self._background(self.sandbox.reset, "booting")
-        return f"restarting the VM with {_describe(changes)}; its previous state is gone"
+    def state(self) -> str:
+        return self._op or self.sandbox.state.value
 
-    def needs_restart(self, changes: dict) -> bool:
-        from smolvm_kernel.jupyter.panel import needs_restart
+    @property
+    def torn_down(self) -> bool:
+        return self.state() not in ("ready", "busy", "booting")
 
-        return needs_restart(changes, self.sandbox)
-
-    def reset(self) -> str:
-        self._background(self.sandbox.reset, "booting")
-        return "resetting: a fresh microVM is starting"
-
-    def teardown(self) -> str:
-        self._background(self.sandbox.stop, "stopping")
-        return "the VM is being destroyed; the next %%smolvm cell starts a fresh one"
-
-    def _background(self, fn, state: str) -> None:
-        def run():
-            with self._busy:
-                self._op = state
-                self.on_change()
-                try:
-                    fn()
-                except SmolVMError as exc:
-                    print(f"[smolvm] {exc}", file=sys.stderr)
-                finally:
-                    self._op = None
-                    self.on_change()
-        threading.Thread(target=run, name="smolvm-panel-op", daemon=True).start()
-
-    def status(self) -> dict:
+    def stats(self) -> dict:
         op = self._op
         try:
             stats = self.sandbox.stats() if op is None else {}
@@ -248,6 +202,31 @@ class SandboxActions(ConfigActions):
         stats["state"] = op or self.sandbox.state.value
         return stats
 
+    def ensure(self) -> None:
+        """A magic sandbox starts with a %%smolvm cell, not with a line."""
+        state = self.state()
+        if state not in ("ready", "busy"):
+            raise SmolVMError(f"sandbox {self.name!r} is {state}; run a %%smolvm cell to start it")
+
+    def restart(self, why: str) -> None:
+        self._run(self.sandbox.reset, "booting")
+
+    def stop(self, why: str) -> None:
+        self._run(self.sandbox.stop, "stopping")
+
+    def wait_ready(self) -> None:
+        """Starts are done when restart() returns: nothing to wait for."""
+
+    def _run(self, fn, state: str) -> None:
+        with self._busy:
+            self._op = state
+            self.on_change()
+            try:
+                fn()
+            finally:
+                self._op = None
+                self.on_change()
+
 
 def show_panel(name: str, sandbox) -> None:
     """Display the control panel of sandbox ``name`` (one panel per sandbox, shown again on request)."""
@@ -255,24 +234,22 @@ def show_panel(name: str, sandbox) -> None:
 
     from smolvm_kernel.jupyter.panel import REFRESH_SECONDS, ControlPanel
 
-    panel = _panels.get(name)
-    if panel is None or panel.actions.sandbox is not sandbox:
-        actions = SandboxActions(name, sandbox)
-        panel = ControlPanel(actions)
-        actions.on_change = lambda: panel.refresh(actions.status())
-        actions.on_change()
-        _panels[name] = panel
-        ref = weakref.ref(panel)
+    actions = _actions_for(name, sandbox)
+    if actions.panel is None:
+        panel = actions.panel = ControlPanel(actions)
+        actions.vm.on_change = lambda: panel.refresh(actions.status())
+        actions.vm.on_change()
+        ref = weakref.ref(actions)
 
         def refresh_loop():
             while True:
                 time.sleep(REFRESH_SECONDS)
-                p = ref()
-                if p is None or _panels.get(name) is not p:
+                a = ref()
+                if a is None or _actions.get(name) is not a:
                     return
-                p.refresh(p.actions.status())
+                a.panel.refresh(a.status())
         threading.Thread(target=refresh_loop, name=f"smolvm-panel-{name}", daemon=True).start()
-    display(panel.widget)
+    display(actions.panel.widget)
 
 
 def load_ipython_extension(ipython) -> None:
@@ -281,7 +258,7 @@ def load_ipython_extension(ipython) -> None:
 
 
 def unload_ipython_extension(ipython) -> None:
-    _panels.clear()
+    _actions.clear()
     for sb in list(_sandboxes.values()):
         sb.stop()
     _sandboxes.clear()

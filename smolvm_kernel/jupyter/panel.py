@@ -1,9 +1,9 @@
 """The control panel: an ipywidgets view of one microVM, owned by the host.
 
 The panel never talks to the VM itself. It drives a :class:`PanelActions`
-object, which the SmolVM kernel (``%smolvm panel``) and the IPython magic
-(``%smolvm panel --name N``) each implement over their Sandbox, and it shows
-what ``refresh(status)`` hands it. Every figure that came out of the guest
+object (the SmolVM kernel's for ``%smolvm panel`` and the IPython magic's for
+``%smolvm panel --name N`` are each an :class:`~smolvm_kernel.jupyter.actions.VMActions`),
+and it shows what ``refresh(status)`` hands it. Every figure that came out of the guest
 is coerced to a number before it is rendered: the VM is not trusted to write
 HTML into the host's panel.
 """
@@ -14,8 +14,8 @@ import html
 import math
 from typing import Protocol
 
-from smolvm_kernel.config import LIVE_SETTINGS, USER_SETTINGS
 from smolvm_kernel.errors import SmolVMError
+from smolvm_kernel.jupyter.actions import describe, needs_restart
 
 REFRESH_SECONDS = 2.0
 STATE_COLORS = {"booting": "#b58900", "ready": "#2e7d32", "busy": "#1565c0",
@@ -44,56 +44,6 @@ class PanelActions(Protocol):
 
     def teardown(self) -> str:
         """Destroy the VM."""
-
-
-def check_changes(config, changes: dict):
-    """``config`` with ``changes`` applied, or ConfigError/NetworkError naming the fix.
-
-    Beyond ranges and the host's limits, turning networking on checks that
-    this host can give it (privilege, nft, /dev/net/tun) before any restart.
-    """
-    new = config.changed(**changes)
-    if "network" in changes and new.network != "none":
-        from smolvm_kernel.host.net import check_host
-        check_host(new.netns)
-    return new
-
-
-class ConfigActions:
-    """The PanelActions that only read the owner's SandboxConfig (``self.config``)."""
-
-    config = None   # a SandboxConfig, set by the owner
-
-    def settings(self) -> dict:
-        return {k: getattr(self.config, k) for k in USER_SETTINGS}
-
-    def limits(self) -> dict:
-        return {k: getattr(self.config, k) for k in ("max_vcpus", "max_mem_mib", "max_disk_mib")}
-
-    def check(self, changes: dict) -> None:
-        check_changes(self.config, changes)
-
-
-def needs_restart(changes: dict, sandbox=None) -> bool:
-    """Whether ``changes`` need a fresh VM: not a timeout, nor a memory size the
-    running VM's balloon can reach (down from, or back up to, its boot size)."""
-    for name, value in changes.items():
-        if name in LIVE_SETTINGS:
-            continue
-        if name == "mem_mib" and sandbox is not None and sandbox.can_resize_live(value):
-            continue
-        return True
-    return False
-
-
-def apply_live(sandbox, changes: dict) -> str:
-    """Apply changes that need no restart to the running ``sandbox`` (its config
-    already holds them); the message for the user."""
-    if "mem_mib" in changes:
-        got = sandbox.set_memory(changes["mem_mib"])
-        return (f"{_describe(changes)}: applied live, the VM keeps its state (the balloon "
-                f"now leaves the guest {got} MiB)")
-    return f"{_describe(changes)}: applied without a restart"
 
 
 class ControlPanel:
@@ -191,7 +141,7 @@ class ControlPanel:
             restart = getattr(self.actions, "needs_restart", needs_restart)
             if not restart(changes):
                 return self._run("apply", changes)
-            text = (f"Apply restarts the VM with {_describe(changes)}. Everything in it "
+            text = (f"Apply restarts the VM with {describe(changes)}. Everything in it "
                     f"(variables, files, a running cell) is lost.")
         elif action == "reset":
             text = "Reset replaces the VM with a fresh one. Everything in it is lost."
@@ -287,10 +237,3 @@ def _duration(seconds: float) -> str:
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
-
-
-def _describe(changes: dict) -> str:
-    names = {"vcpus": "vCPUs", "mem_mib": "memory", "disk_mib": "disk", "exec_timeout": "cell timeout",
-             "network": "network"}
-    units = {"mem_mib": " MiB", "disk_mib": " MiB", "exec_timeout": " s"}
-    return ", ".join(f"{names.get(k, k)} {v}{units.get(k, '')}" for k, v in changes.items())

@@ -35,9 +35,13 @@ BOOT_NOTE_AFTER_S = 1.0
 class VMSupervisor:
     """The kernel's Sandbox: starts and stops in order, off the kernel's loop.
 
-    Every method but :meth:`wait_ready` runs on the kernel's loop thread;
-    the worker thread hands its results back through ``call_soon``.
+    Every method but :meth:`wait_ready` and :meth:`stats` runs on the
+    kernel's loop thread; the worker thread hands its results back through
+    ``call_soon``. It is the kernel's actions.VMControl.
     """
+
+    #: restart() and stop() return at once; the next cell waits for the VM.
+    waits = False
 
     def __init__(self, sandbox_factory: Callable, config: SandboxConfig, *,
                  call_soon: Callable[..., None],
@@ -103,6 +107,15 @@ class VMSupervisor:
         if state == "ready" and self._cells_running():
             return "busy"
         return state
+
+    def stats(self) -> dict:
+        """Sandbox.stats() with the state as the loop knows it (safe from any thread)."""
+        try:
+            stats = self.sandbox.stats()
+        except SmolVMError as exc:
+            stats = {"error": str(exc)}
+        stats["state"] = self.state()
+        return stats
 
     @property
     def booting(self) -> bool:

@@ -65,7 +65,7 @@ def magic(monkeypatch, tmp_path):
     monkeypatch.setattr(sandbox, "Sandbox", FakeSandbox)
     monkeypatch.chdir(tmp_path)
     yield magics
-    magics._panels.clear()
+    magics._actions.clear()
     magics._sandboxes.clear()
 
 
@@ -77,12 +77,12 @@ def test_lines_act_on_the_named_sandbox(magic, capsys, tmp_path):
     sb = magic._sandboxes["u"]
     assert sb.config.exec_timeout == 30 and sb.calls == []
     magic.smolvm_line("config --name u --mem 1024")
-    assert capsys.readouterr().out == "saved memory 1024 MiB; the next %%smolvm cell starts a VM with them\n"
+    assert capsys.readouterr().out == "saved memory 1024 MiB; the VM is stopped and starts with them next time\n"
     (tmp_path / "in.txt").write_text("x")
     with pytest.raises(SmolVMError, match="sandbox 'u' is stopped; run a %%smolvm cell to start it"):
         magic.smolvm_line("push in.txt --name u")
     magic.smolvm_line("reset --name u")
-    assert capsys.readouterr().out == "sandbox 'u': fresh microVM ready in 0.2 s\n"
+    assert capsys.readouterr().out == "fresh microVM ready in 0.2 s\n"
     assert sb.calls == ["reset"] and sb.state.value == "ready"
     magic.smolvm_line("status --name u")
     assert capsys.readouterr().out.startswith("state      ready")
@@ -93,7 +93,8 @@ def test_lines_act_on_the_named_sandbox(magic, capsys, tmp_path):
     magic.smolvm_line("list")
     assert capsys.readouterr().out.startswith("u ")
     magic.smolvm_line("stop --name u")
-    assert capsys.readouterr().out == "sandbox 'u' stopped\n" and sb.calls == ["reset", "stop"]
+    assert capsys.readouterr().out == "microVM stopped; the next %%smolvm cell starts a fresh one\n"
+    assert sb.calls == ["reset", "stop"]
 
 
 def test_a_refused_setting_is_on_record(magic, capsys):
@@ -110,7 +111,7 @@ def test_the_panels_buttons_run_in_the_background(magic, capsys):
     from support import wait_for
 
     magic.smolvm_line("panel --name p")
-    panel = magic._panels["p"]
+    panel = magic._actions["p"].panel
     sb = magic._sandboxes["p"]
     assert "smolvm-state-stopped" in panel.state.value and sb.calls == []
     panel.reset_button.click()
@@ -127,4 +128,18 @@ def test_the_panels_buttons_run_in_the_background(magic, capsys):
     assert "the VM is being destroyed; the next %%smolvm cell starts a fresh one" in panel.message.value
     assert wait_for(lambda: "smolvm-state-stopped" in panel.state.value) and sb.calls[-1] == "stop"
     magic.smolvm_line("config --name p --cpus 1")      # the same actions as the panel's
-    assert capsys.readouterr().out.endswith("saved vCPUs 1; the next %%smolvm cell starts a VM with them\n")
+    assert capsys.readouterr().out.endswith("saved vCPUs 1; the VM is stopped and starts with them next time\n")
+    assert panel.vcpus.value == 1                       # the panel shows the line's change
+
+
+def test_status_says_when_the_figures_cannot_be_read(magic, capsys):
+    magic.smolvm_line("config --name s")
+    capsys.readouterr()
+    sb = magic._sandboxes["s"]
+
+    def broken():
+        raise SmolVMError("the guest agent did not answer")
+    sb.stats = broken
+    magic.smolvm_line("status --name s")
+    out = capsys.readouterr().out
+    assert out.startswith("state      stopped") and "error      the guest agent did not answer" in out

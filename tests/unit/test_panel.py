@@ -168,7 +168,7 @@ def test_actions_decide_what_needs_a_restart(panel):
 
 
 def test_needs_restart_asks_the_sandbox_about_memory():
-    from smolvm_kernel.jupyter.panel import needs_restart
+    from smolvm_kernel.jupyter.actions import needs_restart
 
     class Box:
         def can_resize_live(self, mib):
