@@ -8,7 +8,11 @@ re-signed with K_host. msg_ids and parent headers are never rewritten, so
 outputs land in the right cell and comms (ipywidgets) keep working.
 
 The host keeps only what must stay on the host: kernel_info, interrupt,
-shutdown, ``%smolvm`` lines, and host-owned comms (the control panel).
+shutdown, ``%smolvm`` lines, and host-owned comms (the control panel), each
+a handler in one table (``SmolVMKernel._handlers``) run between one busy and
+one idle. The kernel keeps the sockets, the loop and that dispatch; its VM is
+the supervisor's (supervisor.py), and what a ``%smolvm`` line or a panel
+button does is the actions' (actions.py).
 """
 
 from __future__ import annotations
@@ -33,17 +37,20 @@ from smolvm_kernel.errors import SmolVMError
 from smolvm_kernel.jupyter import hostline
 from smolvm_kernel.jupyter.actions import VMActions
 from smolvm_kernel.jupyter.backpressure import ByteGate
+from smolvm_kernel.jupyter.line_runner import LineRunner, is_line
 from smolvm_kernel.jupyter.output_policy import OutputPolicy
-from smolvm_kernel.jupyter.panel import REFRESH_SECONDS
+from smolvm_kernel.jupyter.panel_host import PanelHost
 from smolvm_kernel.jupyter.relay import Relay
 from smolvm_kernel.jupyter.supervisor import VMSupervisor
-from smolvm_kernel.vm.session import DELIM, PROTOCOL_VERSION, Session
+from smolvm_kernel.vm.session import PROTOCOL_VERSION, Session
 
 log = logging.getLogger("smolvm_kernel.jupyter.kernel")
 
 #: Guest bytes read and not yet relayed, past which the guest channel is not read
 #: (with one frame of up to max_message_bytes and one read chunk on top).
 GUEST_BACKLOG_BYTES = 32 * 1024 * 1024
+#: What a host handler returns when it answers later: it publishes the idle itself.
+_LATER = object()
 
 
 class SmolVMKernel:
@@ -83,7 +90,7 @@ class SmolVMKernel:
             fail_requests=lambda error: self.relay.fail_inflight(error),
             cells_running=lambda: self.relay.running_cells(),
             overdue=lambda limit, now: self.relay.overdue(limit, now),
-            on_change=lambda: self._refresh_panel(), on_ready=self._vm_ready)
+            on_change=lambda: self.panel_host.refresh(), on_ready=self._vm_ready)
         self.sandbox = self.vm.sandbox
         #: Guest frames posted and not yet relayed, bounded in bytes (backpressure.py).
         self._inflow = ByteGate(GUEST_BACKLOG_BYTES, self.sandbox.pause_reading)
@@ -98,17 +105,33 @@ class SmolVMKernel:
         self._ops = _SerialThread("smolvm-ops")
         #: Set by a gateway's placement when this kernel was restarted on another host.
         self._placement_notice = os.environ.pop("SMOLVM_NOTICE", "")[:1000]
-        # Shell requests wait here while a host line runs, and a host line
-        # waits until the cells sent before it have finished: cells and
-        # %smolvm lines run in the order they were sent.
-        self._held: list[list[bytes]] = []
-        self._host_op: dict | None = None      # the host line in progress: idents, header, code
         #: The %smolvm lines and the panel's buttons (actions.py), over the supervisor.
         self.actions = VMActions(self.vm, hostline.KERNEL, name=f"this kernel's microVM ({self.config.profile})",
-                                 workdir=lambda: self.workdir, show_panel=self.show_panel)
-        self._comm_parent: dict = {}
-        self._stats_running = False
-        self._last_stats = 0.0
+                                 workdir=lambda: self.workdir, show_panel=lambda: self.panel_host.show())
+        #: The control panel, shown from this process through its own comms (panel_host.py).
+        self.panel_host = PanelHost(
+            self.actions, publish=self.relay.publish,
+            install_comms=lambda comms: setattr(self.relay, "host_comms", comms),
+            state=self.vm.state, last_cell_s=lambda: self.relay.last_cell_s,
+            off_loop=self._ops.submit, call_soon=self._call_soon)
+        #: %smolvm lines in the order sent among the cells, answered as cells (line_runner.py).
+        self.lines = LineRunner(self.actions.run_line, self.relay, guest_ready=self.vm.guest_ready,
+                                off_loop=self._ops.submit, call_soon=self._call_soon)
+        #: The host's own handlers, by socket and message type, as ipykernel's
+        #: shell_handlers and control_handlers: each runs between one busy and
+        #: one idle (_dispatch). Every other message goes to the guest.
+        self._handlers: dict[str, dict[str, Callable]] = {
+            "shell": {"kernel_info_request": self._kernel_info, "execute_request": self._host_line,
+                      "comm_msg": self._host_comm, "comm_close": self._host_comm},
+            "control": {"kernel_info_request": self._kernel_info, "shutdown_request": self._shutdown,
+                        "interrupt_request": self._interrupt},
+        }
+        #: Message types the host takes only when it owns the message: a
+        #: %smolvm line, a comm of the host's (the panel); the rest are the guest's.
+        self._host_owns: dict[str, Callable[[dict], bool]] = {
+            "execute_request": lambda msg: is_line(msg["content"].get("code", "")),
+            "comm_msg": self._owns_comm, "comm_close": self._owns_comm,
+        }
         self.exiting = False
 
     @property
@@ -186,8 +209,7 @@ class SmolVMKernel:
 
     def _vm_ready(self) -> None:
         """A fresh VM is up (its boot line cleared): the panel's figures, then the waiting requests."""
-        if self.panel is not None:
-            self._fetch_stats()     # the fresh VM's figures now, not in 2 s
+        self.panel_host.fetch_stats()     # the fresh VM's figures now, not in 2 s
         self.relay.flush_backlog()
 
     # -- main loop
@@ -224,8 +246,7 @@ class SmolVMKernel:
                         self._drain_events()
             now = time.monotonic()
             self.vm.tick(now)
-            if self.panel is not None and now - self._last_stats >= REFRESH_SECONDS:
-                self._fetch_stats()
+            self.panel_host.tick(now)
         self.vm.shutdown()
 
     def _welcome_subscribers(self) -> None:
@@ -247,20 +268,14 @@ class SmolVMKernel:
             except queue.Empty:
                 break
             fn(*args)
-        self._release_held()
+        for frames in self.lines.release():
+            self._on_frontend("shell", frames, held=True)
 
     # -- frontend messages
 
     def _on_frontend(self, name: str, frames: list[bytes], held: bool = False) -> None:
-        if name == "shell" and not held:
-            if self._held or self._host_op is not None:
-                # Panel clicks are not cells: they must work while a host line runs.
-                if not self._is_host_comm_frame(frames):
-                    self._held.append(frames)
-                    return
-            elif (self.relay.running_cells() or self.relay.backlog) and self._is_host_line_frame(frames):
-                self._held.append(frames)   # after the cells sent before it
-                return
+        if name == "shell" and not held and self.lines.hold(frames):
+            return      # cells and %smolvm lines run in the order they were sent
         try:
             idents, msg_list = self.session.feed_identities(frames, copy=True)
             msg = self.session.deserialize(msg_list, content=True, copy=True)
@@ -269,34 +284,16 @@ class SmolVMKernel:
             return
         header = msg["header"]
         mtype = header.get("msg_type", "")
-        if mtype == "kernel_info_request":
-            return self._kernel_info(name, idents, msg)
-        if name == "control":
-            if mtype == "shutdown_request":
-                return self._shutdown(idents, msg)
-            if mtype == "interrupt_request":
-                return self._interrupt(idents, msg)
-        if name == "shell" and mtype == "comm_info_request":
-            self.relay.comm_info_targets[header["msg_id"]] = msg["content"].get("target_name")
-        if name == "shell" and mtype == "comm_open" and \
-                msg["content"].get("target_name") == "jupyter.widget.control":
-            self.relay.control_comms.add(str(msg["content"].get("comm_id")))
-        if name == "shell" and mtype in ("comm_msg", "comm_close") and \
-                self.relay.host_comms is not None and self.relay.host_comms.owns(msg["content"].get("comm_id")):
-            return self._host_comm(msg)
-        if name == "shell" and mtype == "execute_request":
-            timeline.mark("first execute_request in")
-            notice, self._placement_notice = self._placement_notice, ""
-            if notice:     # once, in the first cell (placement.py: the last host died)
-                self.relay.publish("stream", {"name": "stderr", "text": notice}, header)
-            code = msg["content"].get("code", "")
-            if _is_host_line(code):
-                return self._host_line(idents, msg, code)
+        if name == "shell":
+            self._note(msg)
+        handler = self._handlers.get(name, {}).get(mtype)
+        if handler is not None and self._host_owns.get(mtype, _always)(msg):
+            return self._dispatch(handler, name, idents, msg)
         if name == "shell" and self.vm.torn_down:
             if not mtype.endswith("_request"):
                 return   # a widget event for a VM that is gone: nothing to answer, no VM to start
             if self.config.on_stopped == "error":
-                return self._refuse_stopped(idents, msg)
+                return self._dispatch(self._refuse_stopped, name, idents, msg)
         chan = {"shell": Channel.SHELL, "control": Channel.CONTROL, "stdin": Channel.STDIN}[name]
         host_busy = False
         if not self.vm.guest_ready():
@@ -308,31 +305,37 @@ class SmolVMKernel:
                        and content.get("allow_stdin") is True)
         self.relay.forward(chan, name, idents, msg_list, header, host_busy, allow_stdin)
 
-    def _is_host_comm_frame(self, frames: list[bytes]) -> bool:
+    def _dispatch(self, handler: Callable, socket: str, idents: list[bytes], msg: dict) -> None:
+        """Run one of the host's handlers between one busy and one idle on
+        IOPub, as ipykernel's kernelbase does. A handler that answers later
+        returns _LATER and publishes the idle with its reply: a %smolvm line,
+        whose reply waits for its count from the guest, or for the VM."""
+        header = msg["header"]
+        self.relay.publish("status", {"execution_state": "busy"}, header)
+        if handler(socket, idents, msg) is not _LATER:
+            self.relay.publish("status", {"execution_state": "idle"}, header)
+
+    def _note(self, msg: dict) -> None:
+        """What the host learns from a shell request before it is handled."""
+        header, content = msg["header"], msg["content"]
+        mtype = header.get("msg_type", "")
+        if mtype == "comm_info_request":
+            self.relay.comm_info_targets[header["msg_id"]] = content.get("target_name")
+        elif mtype == "comm_open" and content.get("target_name") == "jupyter.widget.control":
+            self.relay.control_comms.add(str(content.get("comm_id")))
+        elif mtype == "execute_request":
+            timeline.mark("first execute_request in")
+            notice, self._placement_notice = self._placement_notice, ""
+            if notice:     # once, in the first cell (placement.py: the last host died)
+                self.relay.publish("stream", {"name": "stderr", "text": notice}, header)
+
+    def _owns_comm(self, msg: dict) -> bool:
         comms = self.relay.host_comms
-        return comms is not None and any(comms.mentioned_in(f) for f in frames)
+        return comms is not None and comms.owns(msg["content"].get("comm_id"))
 
-    @staticmethod
-    def _is_host_line_frame(frames: list[bytes]) -> bool:
-        """Whether held frames carry a %smolvm line. Unverified: this only
-        orders requests; each is verified once, when it is handled."""
-        try:
-            i = frames.index(DELIM)
-            header, content = json.loads(frames[i + 2]), json.loads(frames[i + 5])
-            return header.get("msg_type") == "execute_request" and _is_host_line(content.get("code", ""))
-        except (ValueError, IndexError, AttributeError, TypeError):
-            return False
+    # -- the host's handlers (self._handlers), each run by _dispatch
 
-    def _release_held(self) -> None:
-        """Hand held shell requests on, in order, as far as the order allows."""
-        while self._held and self._host_op is None:
-            frames = self._held[0]
-            if (self.relay.running_cells() or self.relay.backlog) and self._is_host_line_frame(frames):
-                return   # a host line waits for the cells sent before it
-            self._held.pop(0)
-            self._on_frontend("shell", frames, held=True)
-
-    def _refuse_stopped(self, idents: list[bytes], msg: dict) -> None:
+    def _refuse_stopped(self, socket: str, idents: list[bytes], msg: dict) -> None:
         from smolvm_kernel.errors import SandboxStopped
 
         header = msg["header"]
@@ -340,19 +343,15 @@ class SmolVMKernel:
                                "to start a fresh one")
         err = {"ename": "SandboxStopped", "evalue": str(error), "traceback": [str(error)]}
         reply_type = header["msg_type"].replace("_request", "_reply")
-        self.relay.publish("status", {"execution_state": "busy"}, header)
         if header["msg_type"] == "execute_request":
             self.relay.publish("error", err, header)
         count = self.relay.next_count() if header["msg_type"] == "execute_request" else None
-        self.relay.reply("shell", idents, reply_type, {"status": "error", "execution_count": count, **err},
+        self.relay.reply(socket, idents, reply_type, {"status": "error", "execution_count": count, **err},
                          header)
-        self.relay.publish("status", {"execution_state": "idle"}, header)
 
-    def _kernel_info(self, name: str, idents: list[bytes], msg: dict) -> None:
-        self.relay.publish("status", {"execution_state": "busy"}, msg["header"])
-        self.relay.reply(name, idents, "kernel_info_reply", self.kernel_info(), msg["header"])
+    def _kernel_info(self, socket: str, idents: list[bytes], msg: dict) -> None:
+        self.relay.reply(socket, idents, "kernel_info_reply", self.kernel_info(), msg["header"])
         timeline.mark("kernel_info_reply sent")
-        self.relay.publish("status", {"execution_state": "idle"}, msg["header"])
 
     def kernel_info(self) -> dict:
         guest = getattr(self.sandbox, "kernel_info", None) or {}
@@ -371,124 +370,35 @@ class SmolVMKernel:
             "debugger": False,
         }
 
-    def _interrupt(self, idents: list[bytes], msg: dict) -> None:
+    def _interrupt(self, socket: str, idents: list[bytes], msg: dict) -> None:
         self.interrupt_guest()
-        self.relay.reply("control", idents, "interrupt_reply", {"status": "ok"}, msg["header"])
+        self.relay.reply(socket, idents, "interrupt_reply", {"status": "ok"}, msg["header"])
 
     def interrupt_guest(self) -> None:
         self.vm.interrupt()
 
-    def _shutdown(self, idents: list[bytes], msg: dict) -> None:
+    def _shutdown(self, socket: str, idents: list[bytes], msg: dict) -> None:
         restart = bool(msg["content"].get("restart"))
         self.vm.shutdown()
-        self.relay.reply("control", idents, "shutdown_reply", {"status": "ok", "restart": restart},
+        self.relay.reply(socket, idents, "shutdown_reply", {"status": "ok", "restart": restart},
                          msg["header"])
         self.exiting = True
 
     # -- %smolvm lines, run on the host
 
-    def _host_line(self, idents: list[bytes], msg: dict, code: str) -> None:
-        header = msg["header"]
-        self._host_op = {"idents": idents, "header": header, "code": code}
-        self._comm_parent = header
-        self.relay.publish("status", {"execution_state": "busy"}, header)
-        try:
-            result = self.actions.run_line(code.strip()[len("%smolvm"):].strip())
-        except SmolVMError as exc:
-            return self._finish_host_line(None, exc)
-        if callable(result):   # waits on the VM: off the loop
-            def work():
-                try:
-                    self._call_soon(self._finish_host_line, result(), None)
-                except SmolVMError as exc:
-                    self._call_soon(self._finish_host_line, None, exc)
-                except Exception as exc:
-                    self._call_soon(self._finish_host_line, None, SmolVMError(f"{type(exc).__name__}: {exc}"))
-            self._ops.submit(work)
-        else:
-            self._finish_host_line(result, None)
+    def _host_line(self, socket: str, idents: list[bytes], msg: dict) -> object:
+        """A %smolvm line: its reply and idle come once it is done (line_runner.py)."""
+        self.panel_host.parent = msg["header"]     # a panel it shows answers it
+        self.lines.run(idents, msg)
+        return _LATER
 
-    def _finish_host_line(self, text: str | None, error: SmolVMError | None) -> None:
-        op = self._host_op
-        if op is None:
-            return
-        header, idents = op["header"], op["idents"]
-        if error is None:
-            status = {"status": "ok", "user_expressions": {}, "payload": []}
-            if text:
-                self.relay.publish("stream", {"name": "stdout", "text": text + "\n"}, header)
-        else:
-            status = {"status": "error", "ename": type(error).__name__, "evalue": str(error),
-                      "traceback": [str(error)]}
-            self.relay.publish("error", {k: status[k] for k in ("ename", "evalue", "traceback")}, header)
-
-        def reply(count: int | None) -> None:
-            self._host_op = None
-            status["execution_count"] = count or self.relay.next_count()
-            self.relay.reply("shell", idents, "execute_reply", status, header)
-            self.relay.publish("status", {"execution_state": "idle"}, header)
-
-        if self.vm.guest_ready():
-            # Number the line in the guest's own history, as a comment, so
-            # that the notebook's counts stay those of the guest's In[]/Out[].
-            self.relay.run_internal("# " + op["code"].strip() + "   (ran on the host)", reply)
-        else:
-            reply(None)
-
-    # -- the control panel, served by the host's own comms
-
-    def show_panel(self) -> None:
-        """Display the control panel (made on first use) in the current cell."""
-        if self.panel is None:
-            from smolvm_kernel.jupyter.host_comms import HostComms
-            from smolvm_kernel.jupyter.panel import ControlPanel
-
-            if self.relay.host_comms is None:
-                self.relay.host_comms = HostComms(self._publish_comm)
-            self.actions.panel = ControlPanel(self.actions)
-            self._refresh_panel()
-            self._fetch_stats()
-        bundle = self.panel.widget._repr_mimebundle_()
-        self.relay.publish("display_data", {"data": bundle, "metadata": {}, "transient": {}},
-                           self._comm_parent)
-
-    def _publish_comm(self, msg_type: str, content: dict, metadata: dict, buffers: list) -> None:
-        self.relay.publish(msg_type, content, self._comm_parent, metadata=metadata, buffers=buffers)
-
-    def _host_comm(self, msg: dict) -> None:
-        header = msg["header"]
-        self._comm_parent = header
-        self.relay.publish("status", {"execution_state": "busy"}, header)
-        self.relay.host_comms.handle(msg)
-        self.relay.publish("status", {"execution_state": "idle"}, header)
-
-    def _fetch_stats(self) -> None:
-        self._last_stats = time.monotonic()
-        if self._stats_running:
-            return
-        self._stats_running = True
-        self._ops.submit(lambda: self._call_soon(self._stats_done, self.actions.status()))
-
-    def _stats_done(self, stats: dict) -> None:
-        self._stats_running = False
-        self._refresh_panel(stats)
-
-    def _refresh_panel(self, stats: dict | None = None) -> None:
-        if self.panel is None:
-            return
-        merged = {**self.panel.last_status, **(stats or {})}
-        merged["state"] = self.vm_state()    # what the loop knows now wins
-        merged["last_cell_s"] = self.relay.last_cell_s
-        if merged["state"] in ("stopped", "stopping", "dead", "booting"):
-            for key in ("mem_total_kib", "mem_available_kib", "cpu_percent", "disk_total_bytes",
-                        "disk_used_bytes", "vcpus", "vm_uptime_s"):
-                merged.pop(key, None)
-        self.panel.refresh(merged)
+    def _host_comm(self, socket: str, idents: list[bytes], msg: dict) -> None:
+        """A panel click (a comm of the host's)."""
+        self.panel_host.handle(msg)
 
 
-def _is_host_line(code: str) -> bool:
-    stripped = code.strip()
-    return (stripped == "%smolvm" or stripped.startswith("%smolvm ")) and "\n" not in stripped
+def _always(msg: dict) -> bool:
+    return True
 
 
 class _SerialThread:

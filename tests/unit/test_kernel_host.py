@@ -543,3 +543,34 @@ def test_a_wrong_setting_fails_every_start_with_what_to_fix(tmp_path):
         thread.join(5)
         for sock in kernel.sockets.values():
             sock.close(linger=0)
+
+
+def test_every_request_the_host_answers_is_framed_by_one_busy_and_one_idle(running):
+    """As ipykernel's kernelbase does, for shell and control alike (Jupyter
+    servers do not count interrupt or shutdown statuses as activity)."""
+    kernel, kc, _ = running()
+    run(kc, "pass")
+
+    def statuses(msg_id: str) -> list[str]:
+        got = []
+        while "idle" not in got:
+            m = kc.get_iopub_msg(timeout=10)
+            if m["parent_header"].get("msg_id") == msg_id and m["msg_type"] == "status":
+                got.append(m["content"]["execution_state"])
+        time.sleep(0.2)
+        while True:         # nothing more for it
+            try:
+                m = kc.get_iopub_msg(timeout=0.1)
+            except Exception:
+                return got
+            if m["parent_header"].get("msg_id") == msg_id and m["msg_type"] == "status":
+                got.append(m["content"]["execution_state"])
+
+    assert statuses(kc.kernel_info()) == ["busy", "idle"]
+    assert statuses(kc.execute("%smolvm help")) == ["busy", "idle"]
+    for mtype, content in (("interrupt_request", {}), ("shutdown_request", {"restart": False})):
+        msg = kc.session.msg(mtype, content)
+        kc.control_channel.send(msg)
+        assert kc.get_control_msg(timeout=10)["msg_type"] == mtype.replace("_request", "_reply")
+        assert statuses(msg["header"]["msg_id"]) == ["busy", "idle"], mtype
+    assert wait_for(lambda: kernel.exiting)
