@@ -61,7 +61,7 @@ def main() -> int:
 
     from smolvm_kernel.host.net import has_net_admin
     from smolvm_kernel.jupyter import kernelspec
-    from smolvm_kernel.vm.sandbox import qemu_vsock_available
+    from smolvm_kernel.vm.boot import qemu_vsock_available
 
     prefix = tempfile.mkdtemp(prefix="smolvm-bench-")
     os.environ["JUPYTER_PATH"] = os.path.join(prefix, "share", "jupyter") + os.pathsep + \

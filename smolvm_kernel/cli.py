@@ -265,7 +265,7 @@ def cmd_doctor(args) -> int:
                     f"{cfg.mem_mib + cfg.vmm_overhead_mib} MiB" if not isinstance(where, str) else
          f"none: {where}; VMMs run without memory/CPU/pids limits of their own")
     from smolvm_kernel.host.net import NetworkError, check_host
-    from smolvm_kernel.vm.sandbox import qemu_vsock_available
+    from smolvm_kernel.vm.boot import qemu_vsock_available
 
     line("transport", "vsock (/dev/vhost-vsock)" if qemu_vsock_available() and backend == "qemu" else
          ("vsock" if backend == "firecracker" else "virtio-serial (no /dev/vhost-vsock)")

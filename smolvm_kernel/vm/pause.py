@@ -19,6 +19,8 @@ always come back to it, and the memory it gave back is the host's reserve.
 
 All of this runs on the Sandbox's event loop; the Sandbox's messaging
 methods hand frames here while the VM is paused (see :meth:`Pauser.hold`).
+The Pauser works on the Machine (machine.py) and asks its owner for the
+rest through the callables of :class:`PauseHooks`.
 """
 
 from __future__ import annotations
@@ -27,12 +29,14 @@ import asyncio
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from smolvm_guest.wire import Channel
 from smolvm_kernel.errors import GuestDied, SmolVMError
 from smolvm_kernel.host.procs import rss_kib as state_rss_kib
 from smolvm_kernel.vm.lifecycle import SandboxState
+from smolvm_kernel.vm.machine import Machine
 
 log = logging.getLogger("smolvm_kernel.vm.pause")
 
@@ -58,22 +62,45 @@ def pause_due(now: float, last_active: float, pause_after: float, busy: bool) ->
     return pause_after > 0 and not busy and now - last_active >= pause_after
 
 
-def why_not_pausable(sandbox) -> str | None:
+def why_not_pausable(machine, network: str) -> str | None:
     """Why this VM cannot be paused to disk, or None when it can."""
-    if sandbox.backend is None or sandbox.backend.name != "qemu":
+    if machine is None or machine.backend is None or machine.backend.name != "qemu":
         return "only QEMU VMs are paused to disk"
-    if sandbox.transport != "serial":
-        return f"a VM reached over {sandbox.transport} is not paused (its link ends with its VMM)"
-    if sandbox.config.network != "none":
+    if machine.transport != "serial":
+        return f"a VM reached over {machine.transport} is not paused (its link ends with its VMM)"
+    if network != "none":
         return "a VM with a network is not paused (its TAP ends with its VMM)"
     return None
 
 
-class Pauser:
-    """Pause one Sandbox's VM to disk when idle; resume it when it is needed."""
+@dataclasses.dataclass
+class PauseHooks:
+    """What the Pauser asks of its owner (the Sandbox), as callables."""
 
-    def __init__(self, sandbox) -> None:
-        self.sb = sandbox
+    #: The running Machine, or None.
+    machine: Callable[[], Machine | None]
+    state: Callable[[], SandboxState]
+    set_state: Callable[[SandboxState], None]
+    #: Whether the owner has work in the VM (requests waiting, a running cell).
+    busy: Callable[[], bool]
+    #: The settings now: idle seconds before a pause (0 = never), the network, the boot timeout.
+    pause_after: Callable[[], float]
+    network: Callable[[], str]
+    #: An audit event about this VM (the owner adds the VM's id and its context).
+    record: Callable[..., None]
+    #: A note for the cells waiting (the resume's line).
+    notice: Callable[[str], None]
+
+
+class Pauser:
+    """Pause one VM to disk when idle; resume it when it is needed."""
+
+    def __init__(self, hooks: PauseHooks) -> None:
+        self.hooks = hooks
+        #: The last time a message went to or came from the guest kernel.
+        self.last_active = time.monotonic()
+        #: Why pausing is off, if it is (for the status line).
+        self.note = ""
         #: Frames sent while the VM is paused (or pausing), in order: they go
         #: to the guest once it is back.
         self._held: list[tuple[Channel, bytes]] = []
@@ -86,6 +113,10 @@ class Pauser:
         self.last_pause_s: float | None = None
         self.last_resume_s: float | None = None
         self.pauses = 0
+
+    def touch(self) -> None:
+        """Something went to or came from the guest: the idle clock starts again."""
+        self.last_active = time.monotonic()
 
     @property
     def paused(self) -> bool:
@@ -125,66 +156,67 @@ class Pauser:
 
     # -- pause
 
-    def maybe_pause(self) -> asyncio.Task | None:
-        """Called by the heartbeat every second while the VM runs."""
-        sb = self.sb
-        busy = bool(sb._pending) or (sb.busy is not None and sb.busy())
-        if not pause_due(time.monotonic(), sb.last_active, sb.config.pause_after, busy):
-            return None
-        why = why_not_pausable(sb)
+    def maybe_pause(self) -> bool:
+        """Called by the heartbeat every second while the VM runs; True when a
+        pause has started (the heartbeat then ends: the resume starts a new one)."""
+        h = self.hooks
+        if not pause_due(time.monotonic(), self.last_active, h.pause_after(), h.busy()):
+            return False
+        machine = h.machine()
+        why = why_not_pausable(machine, h.network())
         if why is not None:
-            if sb.pause_note != why:
-                sb.pause_note = why
-                log.info("not pausing idle VM %s: %s", sb.vm_id, why)
-            return None
+            if self.note != why:
+                self.note = why
+                log.info("not pausing idle VM %s: %s", machine.vm_id if machine else "-", why)
+            return False
         self._pausing = asyncio.get_running_loop().create_task(self.pause())
-        return self._pausing
+        return True
 
     async def pause(self) -> None:
         """Save the VM to its folder and end its VMM; on failure it goes on running."""
         from smolvm_kernel.vm.snapshot import _save
 
-        sb = self.sb
-        chan, backend, vm_id = sb._channel, sb.backend, sb.vm_id
-        if chan is None or backend is None or sb.state != SandboxState.READY or self._held:
+        h = self.hooks
+        machine = h.machine()
+        if machine is None or machine.channel is None or machine.backend is None \
+                or h.state() != SandboxState.READY or self._held:
             return      # gone, busy, or already wanted again
+        backend, vm_id = machine.backend, machine.vm_id
         t0 = time.monotonic()
-        idle_s = t0 - sb.last_active
+        idle_s = t0 - self.last_active
         rss_kib = state_rss_kib(backend.pid)
-        sb.state = SandboxState.PAUSED
+        h.set_state(SandboxState.PAUSED)
         try:
             # Dropped caches and zeroed free pages keep the state file small.
-            await chan.request("quiesce", timeout=30)
+            await machine.request("quiesce", timeout=30)
             state = backend.spec.run_dir / STATE_FILE
             size = await asyncio.to_thread(_save, backend.spec.run_dir / "qmp.sock", state)
         except (SmolVMError, OSError, asyncio.TimeoutError, TimeoutError, ValueError) as exc:
             log.warning("pausing VM %s failed, it goes on running: %s", vm_id, exc)
-            sb.pause_note = f"the last pause failed: {exc}"
+            self.note = f"the last pause failed: {exc}"
             await asyncio.to_thread(_cont, backend)
-            if sb.vm_id == vm_id and sb.state == SandboxState.PAUSED:
-                sb.state = SandboxState.READY
-                sb.last_active = time.monotonic()
+            if h.machine() is machine and h.state() == SandboxState.PAUSED:
+                h.set_state(SandboxState.READY)
+                self.touch()
             self._resume_held()
             return
         self.paused_at = time.monotonic()
-        sb._channel = None
-        await chan.close()
-        await backend.kill()
+        await machine.detach()
         self.idle_s, self.state_bytes = idle_s, size
         self.last_pause_s = time.monotonic() - t0
         self.pauses += 1
-        sb.record_audit("pause", vm_id=vm_id, **sb.audit_context, idle_s=round(idle_s, 1),
-                        state_bytes=size, pause_s=round(self.last_pause_s, 3), vmm_rss_kib=rss_kib)
+        h.record("pause", idle_s=round(idle_s, 1), state_bytes=size,
+                 pause_s=round(self.last_pause_s, 3), vmm_rss_kib=rss_kib)
         log.info("paused idle VM %s to disk (%d MiB) in %.2f s", vm_id, size >> 20, self.last_pause_s)
         if self._held:
             self.wake()     # something came in while it was being saved
 
     def _resume_held(self) -> None:
         held, self._held = self._held, []
-        chan = self.sb._channel
+        machine = self.hooks.machine()
         for c, body in held:
-            if chan is not None:
-                chan.send(c, body)
+            if machine is not None:
+                machine.send(c, body)
 
     # -- resume
 
@@ -203,37 +235,34 @@ class Pauser:
             error = exc if isinstance(exc, SmolVMError) else SmolVMError(f"{type(exc).__name__}: {exc}")
             self._held.clear()
             self.paused_at = None
-            self.sb._die(GuestDied(f"the paused microVM could not be resumed from disk: {error}",
-                                   "a fresh VM starts on the next cell (reset() with the Python API); "
-                                   "the paused state is lost"), self.sb.vm_id)
+            machine = self.hooks.machine()
+            if machine is not None:
+                machine.die(GuestDied(f"the paused microVM could not be resumed from disk: {error}",
+                                      "a fresh VM starts on the next cell (reset() with the Python API); "
+                                      "the paused state is lost"))
 
     async def resume(self) -> None:
         """Load the saved VM into a new VMM, reconnect, send what waited."""
         from smolvm_kernel.backends.qemu import QemuBackend
 
-        sb = self.sb
-        old = sb.backend
+        h = self.hooks
+        machine = h.machine()
+        old = machine.backend
         t0 = time.monotonic()
         paused_s = t0 - (self.paused_at or t0)
         forked = old.spec.ram_file is not None or old.spec.ram_named
         spec = dataclasses.replace(old.spec, ram_file=None, ram_shared=False, ram_named=forked)
         state = spec.run_dir / STATE_FILE
-        backend = QemuBackend(spec, old.binary, restore=PausedState(state))
-        sb.backend = backend
-        await backend.launch()
-        sb._registry.set_vmm(sb.vm_id, backend.pid)
-        await sb._connect(time.monotonic(), min(sb.config.boot_timeout, 30.0), resume=True)
+        await machine.relaunch(QemuBackend(spec, old.binary, restore=PausedState(state)))
         state.unlink(missing_ok=True)
         self.paused_at = None
         self.last_resume_s = time.monotonic() - t0
-        sb.state = SandboxState.READY
-        sb.last_active = time.monotonic()
-        sb.record_audit("resume", vm_id=sb.vm_id, **sb.audit_context, paused_s=round(paused_s, 1),
-                        resume_s=round(self.last_resume_s, 3))
-        sb._notice(self.resume_note())
-        sb._start_heartbeat()
+        h.set_state(SandboxState.READY)
+        self.touch()
+        h.record("resume", paused_s=round(paused_s, 1), resume_s=round(self.last_resume_s, 3))
+        h.notice(self.resume_note())
+        machine.start_heartbeat()
         self._resume_held()
-
 
     def resume_note(self) -> str:
         """The line a cell gets after the resume it waited for."""

@@ -4,6 +4,8 @@ and the reply and one "idle" still arrive (no VM: a Sandbox fed directly)."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 from smolvm_guest import wire
 from smolvm_guest.wire import Channel
 from smolvm_kernel.config import SandboxConfig
@@ -18,7 +20,7 @@ KEY = b"k" * 64
 
 def _sandbox(limit_mib: int = 1) -> tuple[Sandbox, GuestSession]:
     sb = Sandbox(SandboxConfig(backend="qemu", max_output_mib=limit_mib))
-    sb._session = Session(key=KEY, username="smolvm")
+    sb.machine = SimpleNamespace(session=Session(key=KEY, username="smolvm"))   # a VM's key, no VM
     return sb, GuestSession(key=KEY, check_pid=False)
 
 

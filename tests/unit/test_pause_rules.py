@@ -21,17 +21,17 @@ def test_pause_is_due_only_when_idle_long_enough_and_not_busy():
     assert not pause_due(now=1e9, last_active=0.0, pause_after=0, busy=False)   # 0 = never
 
 
-def _sb(backend="qemu", transport="serial", network="none"):
-    return SimpleNamespace(backend=SimpleNamespace(name=backend), transport=transport,
-                           config=SimpleNamespace(network=network))
+def _machine(backend="qemu", transport="serial"):
+    return SimpleNamespace(backend=SimpleNamespace(name=backend), transport=transport)
 
 
 def test_only_serial_qemu_vms_without_a_network_are_paused():
-    assert why_not_pausable(_sb()) is None
-    assert "network" in why_not_pausable(_sb(network="nat"))
-    assert "ssh" in why_not_pausable(_sb(transport="ssh", network="nat"))
-    assert "QEMU" in why_not_pausable(_sb(backend="firecracker", transport="vsock"))
-    assert why_not_pausable(SimpleNamespace(backend=None)) is not None
+    assert why_not_pausable(_machine(), "none") is None
+    assert "network" in why_not_pausable(_machine(), "nat")
+    assert "ssh" in why_not_pausable(_machine(transport="ssh"), "nat")
+    assert "QEMU" in why_not_pausable(_machine(backend="firecracker", transport="vsock"), "none")
+    assert why_not_pausable(SimpleNamespace(backend=None), "none") is not None
+    assert why_not_pausable(None, "none") is not None
 
 
 def test_pause_after_is_checked_and_named():

@@ -11,7 +11,8 @@ import time
 
 import pytest
 
-from smolvm_kernel.vm.sandbox import HEARTBEAT_IDLE_S, HEARTBEAT_TIMEOUT_S, Sandbox, SandboxState
+from smolvm_kernel.vm.machine import HEARTBEAT_IDLE_S, HEARTBEAT_TIMEOUT_S
+from smolvm_kernel.vm.sandbox import Sandbox, SandboxState
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,8 @@ import time
 import pytest
 
 from smolvm_kernel.errors import GuestDied
-from smolvm_kernel.vm.sandbox import HEARTBEAT_IDLE_S, HEARTBEAT_TIMEOUT_S, Sandbox, SandboxState
+from smolvm_kernel.vm.machine import HEARTBEAT_IDLE_S, HEARTBEAT_TIMEOUT_S
+from smolvm_kernel.vm.sandbox import Sandbox, SandboxState
 
 
 def _alive(pid: int) -> bool:
@@ -141,4 +142,4 @@ def _fault(vm: Sandbox, what: str) -> None:
     from smolvm_kernel.vm import aio
 
     body = wire.encode_json({"op": "fault", "id": 999_999, "what": what})
-    aio.loop().call_soon_threadsafe(vm._channel.send, Channel.AGENT, body)   # noqa: SLF001
+    aio.loop().call_soon_threadsafe(vm.machine.channel.send, Channel.AGENT, body)   # noqa: SLF001

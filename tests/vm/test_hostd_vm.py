@@ -81,10 +81,10 @@ def test_a_cold_boot_after_a_failed_restore_keeps_its_grant(host, monkeypatch):
 
     real_launch = Sandbox._launch
 
-    async def failing_restore(self, backend_cls, binary, shape, restore):
+    async def failing_restore(self, plan, restore):
         if restore is not None:
             raise SmolVMError("a restore made to fail by the test")
-        return await real_launch(self, backend_cls, binary, shape, restore)
+        return await real_launch(self, plan, restore)
 
     monkeypatch.setattr(Sandbox, "_launch", failing_restore)
     first, second = Sandbox(backend="qemu"), Sandbox(backend="qemu")

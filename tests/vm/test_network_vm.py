@@ -200,7 +200,7 @@ def test_names_resolve_locally_whatever_dns_does(vms):
 
 
 def test_allowlist_lets_through_only_what_it_names(vms, lab):
-    lease_host = vms["allow"]._net.lease.host_ip
+    lease_host = vms["allow"].machine.net.lease.host_ip
     got = probe(vms["allow"], ALLOWED, OTHER, METADATA, HOST_OWN, (lease_host, 9001))
     assert got[0] == f"OK hello from {ALLOWED[0]}:{ALLOWED[1]}"
     assert all(line.startswith("BLOCKED") for line in got[1:]), got
@@ -208,7 +208,7 @@ def test_allowlist_lets_through_only_what_it_names(vms, lab):
 
 def test_without_allowlist_metadata_and_host_stay_blocked(vms, lab):
     n, _ = lab
-    lease_host = vms["ssh_a"]._net.lease.host_ip
+    lease_host = vms["ssh_a"].machine.net.lease.host_ip
     got = probe(vms["ssh_a"], OTHER, METADATA, HOST_OWN, (lease_host, 9001))
     assert got[0].startswith("OK hello from 198.18.0.3"), got      # the route exists ...
     assert all(line.startswith("BLOCKED") for line in got[1:]), got
@@ -348,7 +348,7 @@ def test_stop_removes_tap_rules_and_lease(lab):
 
     sb = _vm(lab)
     sb.start()
-    lease = sb._net.lease
+    lease = sb.machine.net.lease
     assert _ns_has(lab[0], lease.tap, lease.nft_table) == (True, True)
     sb.stop()
     assert _ns_has(lab[0], lease.tap, lease.nft_table) == (False, False)
@@ -360,7 +360,7 @@ import sys, time
 from smolvm_kernel.vm.sandbox import Sandbox
 sb = Sandbox(network="nat", netns=sys.argv[1], backend="qemu", dns=[])
 sb.start()
-lease = sb._net.lease
+lease = sb.machine.net.lease
 print("READY", lease.vm_id, lease.tap, lease.nft_table, flush=True)
 time.sleep(600)
 """

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from smolvm_kernel.vm.sandbox import qemu_vsock_available
+from smolvm_kernel.vm.boot import qemu_vsock_available
 
 
 @pytest.mark.skipif(not qemu_vsock_available(),
