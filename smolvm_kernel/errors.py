@@ -115,5 +115,9 @@ class SandboxStopped(SmolVMError, RuntimeError):
         super().__init__(why)
 
 
+class NetworkError(SmolVMError):
+    """Networking was asked for and cannot be set up here."""
+
+
 class GuestFileError(SmolVMError, OSError):
     """The guest refused a file operation (path outside the allowed folders, too large)."""

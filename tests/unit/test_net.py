@@ -12,8 +12,9 @@ import subprocess
 import pytest
 
 from smolvm_kernel.config import SandboxConfig
-from smolvm_kernel.errors import ConfigError
-from smolvm_kernel.host.net import Allow, Lease, LeaseBook, NetworkError, has_net_admin, render_rules
+from smolvm_kernel.errors import ConfigError, NetworkError
+from smolvm_kernel.host.net import Allow, Lease, LeaseBook, has_net_admin
+from smolvm_kernel.host.nftables import render_rules
 
 
 @pytest.fixture
@@ -108,7 +109,8 @@ def test_forwarding_goes_on_for_smolvm_taps_only_and_off_with_the_last():
 
     from pyroute2 import IPRoute, netns
 
-    from smolvm_kernel.host.net import GUARD_TABLE, enable_forwarding, in_netns, release_forwarding
+    from smolvm_kernel.host.net import in_netns
+    from smolvm_kernel.host.nftables import GUARD_TABLE, enable_forwarding, release_forwarding
 
     name = f"smvu{secrets.token_hex(3)}"
     nft = shutil.which("nft")
@@ -147,7 +149,8 @@ def test_a_namespace_that_forwarded_already_is_left_as_it_was():
 
     from pyroute2 import netns
 
-    from smolvm_kernel.host.net import GUARD_TABLE, enable_forwarding, in_netns, release_forwarding
+    from smolvm_kernel.host.net import in_netns
+    from smolvm_kernel.host.nftables import GUARD_TABLE, enable_forwarding, release_forwarding
 
     name = f"smvu{secrets.token_hex(3)}"
     nft = shutil.which("nft")
@@ -198,7 +201,7 @@ def test_allowlist_rules_end_in_a_drop():
 @pytest.mark.skipif(shutil.which("nft") is None, reason="nft not installed")
 def test_rendered_rules_parse_with_nft(tmp_path):
     # --check parses and resolves the ruleset without loading it.
-    from smolvm_kernel.host.net import render_guard
+    from smolvm_kernel.host.nftables import render_guard
 
     for allow, dns in (([], []), ([Allow.parse("198.18.0.2/32:8080")], []), ([], ["10.0.0.2", "192.0.2.53"])):
         proc = subprocess.run(["nft", "--check", "-f", "-"], input=render_rules(_lease(), allow, dns),
