@@ -23,6 +23,8 @@ from smolvm_kernel.config import SandboxConfig
 from smolvm_kernel.host.audit import AuditLog
 from smolvm_kernel.jupyter.kernel import SmolVMKernel
 
+from support import wait_for
+
 GUEST_KEY = b"k" * 64
 
 
@@ -153,15 +155,6 @@ def run(kc, code, timeout=10):
     reply = kc.execute_interactive(code, timeout=timeout, output_hook=msgs.append)
     text = "".join(m["content"].get("text", "") for m in msgs if m["msg_type"] == "stream")
     return reply["content"], text, msgs
-
-
-def wait_for(pred, timeout=5.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def click(kc, comm_id):
