@@ -12,13 +12,12 @@ import hmac
 import os
 import signal
 import sys
-import threading
 import time
 
 import zmq
 
 from smolvm_guest import files, limits, seed, wire
-from smolvm_guest.kernel import USER_GID, USER_HOME, USER_UID, WARMUP, GuestKernel
+from smolvm_guest.kernel import USER_GID, USER_HOME, USER_UID, GuestKernel, warmup_cell
 from smolvm_guest.link import Accepted, open_link, read_secret
 from smolvm_guest.outbox import Outbox
 from smolvm_guest.system import add_entropy, log, meminfo, oom_kills, set_oom_score
@@ -46,6 +45,8 @@ class Agent:
     def __init__(self, link) -> None:
         self.link = link
         self.outbox = Outbox(link)
+        #: The fault injector (faults.py), only after a hello that asks for it.
+        self.faults = None
         self.decoder = wire.FrameDecoder()
         self.ctx = zmq.Context()
         self.kernel: GuestKernel | None = None
@@ -72,6 +73,8 @@ class Agent:
         rid = req.get("id")
         try:
             handler = getattr(self, f"op_{op}", None) if isinstance(op, str) else None
+            if handler is None and op == "fault" and self.faults is not None:
+                handler = self.faults.op_fault
             if handler is None:
                 raise ValueError(f"unknown op {op!r}")
             result = handler(req)
@@ -92,6 +95,10 @@ class Agent:
             # this hello goes on); the new key follows once it has taken that
             # (the host's entropy is in by then), and "ready" after the key.
             self.kernel.begin_rekey(key.encode())
+        if req.get("faults") is True and self.faults is None:
+            # The host's death-matrix tests (faults.py); never asked for otherwise.
+            from smolvm_guest.faults import Faults
+            self.faults = Faults(self.outbox)
         max_frame = req.get("max_frame")
         if isinstance(max_frame, int) and not isinstance(max_frame, bool):
             self.outbox.max_frame = max(MIN_FRAME, min(max_frame, wire.MAX_FRAME))
@@ -110,45 +117,6 @@ class Agent:
 
     def op_ping(self, req: dict) -> dict:
         return {"t": time.time()}
-
-    def op_fault(self, req: dict) -> dict:
-        """Fault injection for the host's death-matrix and channel tests: a guest
-        kernel panic, the agent's own death, root flooding the console, a flood
-        of frames that are not Jupyter messages, bytes that are not a frame.
-        Only the host reaches this (the channel device is root's); guest code
-        can cause none of them."""
-        what = req.get("what")
-        if what == "panic":
-            os.sync()
-            with open("/proc/sysrq-trigger", "w") as fh:
-                fh.write("c")
-        elif what == "agent":
-            os.kill(os.getpid(), signal.SIGKILL)
-        elif what in ("console", "flood"):
-            # Root printing to the console without end; a compromised agent
-            # flooding the channel with frames that are not Jupyter messages.
-            n = max(0, min(int(req.get("n", 0)), 64 * 1024 * 1024))
-            target = self._fault_console if what == "console" else self._fault_flood
-            threading.Thread(target=target, args=(n,), daemon=True).start()
-            return {}
-        elif what == "garbage":
-            self.outbox.inject(b"\xff" * 64)     # a header no host accepts
-            return {}
-        raise ValueError(f"unknown fault {what!r}; use panic, agent, console, flood or garbage")
-
-    @staticmethod
-    def _fault_console(n: int) -> None:
-        line = b"smolvm console fault " + b"x" * 1002 + b"\n"
-        with open("/dev/console", "wb", buffering=0) as fh:
-            for _ in range(n // len(line) + 1):
-                fh.write(line)
-
-    def _fault_flood(self, n: int) -> None:
-        junk = [os.urandom(1024), wire.pack_parts([b"<IDS|MSG>", b"0" * 64, b"{}", b"{}", b"{}", b"{}"])]
-        for i in range(n):
-            while self.outbox.low_full():
-                time.sleep(0.001)
-            self.outbox.put(Channel.IOPUB, junk[i % 2])
 
     def op_interrupt(self, req: dict) -> dict:
         if self.kernel is None:
@@ -271,8 +239,7 @@ class Agent:
                   and kernel.settling is None and kernel.new_key is None):
                 # The iopub socket is live: warm up, then say ready.
                 key_fd, ack_fd = kernel.rekey_fds
-                kernel.settling = kernel.execute_own(WARMUP.format(key_fd=key_fd, ack_fd=ack_fd,
-                                                                   killed_file=limits.KILLED_PIDS_FILE))
+                kernel.settling = kernel.execute_own(warmup_cell(key_fd, ack_fd, limits.KILLED_PIDS_FILE))
             elif (own["msg_type"] == "execute_reply" and kernel.settling is not None
                   and own["parent_id"] == kernel.settling):
                 kernel.settling = None

@@ -1,7 +1,8 @@
 """The in-guest ipykernel: started as the unprivileged user, its sockets, its own requests.
 
-KERNEL_MAIN, WARMUP and AFTER_RESTORE are Python run in the kernel (as its
-main program, and as requests of the agent's own that no frontend sees).
+The kernel's main program (kernel_main.py) and its warm-up cell
+(kernel_warmup.py) are files of their own, run in the kernel by their text;
+AFTER_RESTORE is one line, a request of the agent's own that no frontend sees.
 """
 
 from __future__ import annotations
@@ -22,6 +23,12 @@ from smolvm_guest import limits
 from smolvm_guest.system import log, set_oom_score
 from smolvm_guest.wire import Channel
 
+
+def _source(name: str) -> str:
+    """The text of a file of this package that runs in the kernel, not here."""
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), name), encoding="utf-8") as fh:
+        return fh.read()
+
 RUN_DIR = "/run/smolvm"
 USER_UID = USER_GID = 1000
 USER_HOME = "/home/user"
@@ -35,39 +42,7 @@ USER_HOME = "/home/user"
 #: A process the kernel forks is the out-of-memory killer's first choice in the
 #: kernel's group (limits.py), before the kernel: a fork bomb's copies or a
 #: multiprocessing worker go, the kernel and its variables stay.
-KERNEL_MAIN = """\
-import os, sys
-sys.path[:] = [p for p in sys.path if p not in ("", ".")]
-def _smolvm_forked():
-    try:
-        with open("/proc/self/oom_score_adj", "w") as fh:
-            fh.write("500")
-    except OSError:
-        pass
-os.register_at_fork(after_in_child=_smolvm_forked)
-import zmq
-_socket = zmq.Context.socket
-def _smolvm_socket(self, kind, *args, **kwargs):
-    sock = _socket(self, kind, *args, **kwargs)
-    if kind == zmq.PUB:
-        sock.sndhwm = 16
-    return sock
-zmq.Context.socket = _smolvm_socket
-from ipykernel import iostream, kernelapp
-_write = iostream.OutStream.write
-def _smolvm_write(self, string):
-    n = _write(self, string)
-    try:
-        with self._buffer_lock:
-            waiting = sum(b.tell() for b in self._buffers.values())
-    except AttributeError:     # another ipykernel: its own buffering applies
-        return n
-    if waiting > 1 << 20 and self._is_master_process():
-        self.flush()
-    return n
-iostream.OutStream.write = _smolvm_write
-kernelapp.launch_new_instance()
-"""
+KERNEL_MAIN = _source("kernel_main.py")
 AGENT_MSG_PREFIX = "smolvm-agent:"
 #: Run silently once the kernel is ready (every cold boot, so also every
 #: snapshot's template). IPython imports its traceback machinery lazily, which
@@ -78,78 +53,12 @@ AGENT_MSG_PREFIX = "smolvm-agent:"
 #: seeded before the snapshot (the kernel's CRNG is reseeded first) and
 #: answers on a second pipe. A thread, not a cell: a restored VM translates
 #: every instruction afresh under TCG, and a cell's path costs ~150 ms there.
-WARMUP = """\
-def _smolvm_warmup(key_fd, ack_fd):
-    import os, sys, threading
-    kernel = get_ipython().kernel
-
-    def rekey():
-        # Whatever happens, the answer pipe is closed: the agent sees "k" or EOF.
-        try:
-            key = b""
-            with os.fdopen(key_fd, "rb", buffering=0) as pipe:
-                while not key.endswith(b"\\n"):
-                    chunk = pipe.read(128)
-                    if not chunk:
-                        return
-                    key += chunk
-            import random, uuid
-            kernel.session.key = key.strip()
-            kernel.session.session = str(uuid.uuid4())   # the msg_id prefix, too
-            random.seed()
-            numpy_random = sys.modules.get("numpy.random")
-            if numpy_random is not None:
-                numpy_random.seed()
-            os.write(ack_fd, b"k")
-        finally:
-            os.close(ack_fd)
-
-    threading.Thread(target=rekey, name="smolvm-rekey", daemon=True).start()
-    # An error in a cell (an interrupt included) formats its traceback with
-    # stack_data: executing parses the source of every file in it (IPython's
-    # interactiveshell.py too, ~12k nodes) and pygments compiles its Python
-    # lexer (~0.6 s under TCG); both are cached per process. Only a real
-    # cell's error path fills those caches: one nested cell here, its output
-    # unseen (the agent drops its own requests' messages), no history entry.
-    try:
-        get_ipython().run_cell("raise KeyboardInterrupt", store_history=False)
-    except Exception:
-        pass   # only a warm-up: the re-key thread above is what must work
-    finally:
-        for name in ("last_type", "last_value", "last_traceback", "last_exc"):
-            sys.__dict__.pop(name, None)   # %debug must not find the warm-up's error
-    # A child of this kernel killed at a limit (by the agent or by the group's
-    # OOM killer, limits.py) stays a zombie, holding a slot of the process
-    # limit, until waited for. After a cell in which the agent acted (it
-    # rewrites the file), the kernel waits for each zombie child that SIGKILL
-    # ended (other children are left to whoever started them).
-    seen = [None]
-
-    def reap_killed(*_):
-        try:
-            stamp = os.stat("{killed_file}").st_mtime_ns
-        except OSError:
-            return
-        if stamp == seen[0]:
-            return
-        seen[0] = stamp
-        me = str(os.getpid())
-        for entry in os.listdir("/proc"):
-            try:
-                with open("/proc/" + entry + "/stat") as fh:
-                    state, ppid = fh.read().rsplit(")", 1)[1].split()[:2]
-                if state != "Z" or ppid != me:
-                    continue
-                pid = int(entry)
-                info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-                if info is not None and info.si_code == os.CLD_KILLED and info.si_status == 9:
-                    os.waitpid(pid, os.WNOHANG)
-            except (OSError, ValueError):
-                continue
-    get_ipython().events.register("post_run_cell", reap_killed)
-_smolvm_warmup({key_fd}, {ack_fd})
-del _smolvm_warmup
-"""
+def warmup_cell(key_fd: int, ack_fd: int, killed_file: str) -> str:
+    """The warm-up cell's code: kernel_warmup.py's function (only: nothing else
+    of the file enters the user's namespace), then its call and its removal."""
+    source = _source("kernel_warmup.py")
+    return (source[source.index("def _smolvm_warmup("):]
+            + f"_smolvm_warmup({int(key_fd)}, {int(ack_fd)}, {str(killed_file)!r})\ndel _smolvm_warmup\n")
 #: Sent first thing at a restored VM's hello, under the old key, while the
 #: agent does the rest of the hello: the path of an ordinary cell
 #: (execute_input, a result's formatting) is then translated before the user's
@@ -202,7 +111,7 @@ class GuestKernel:
             "PYDEVD_DISABLE_FILE_VALIDATION": "1",
         }
         log_fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        # The re-key pipes (see WARMUP): the kernel reads key_r, writes ack_w.
+        # The re-key pipes (see kernel_warmup.py): the kernel reads key_r, writes ack_w.
         key_r, self.key_w = os.pipe()
         self.ack_r, ack_w = os.pipe()
         self.rekey_fds = (key_r, ack_w)
@@ -288,7 +197,7 @@ class GuestKernel:
 
     def begin_rekey(self, key: bytes) -> None:
         """A VM restored from a snapshot: same kernel, new host and key (see
-        WARMUP and AFTER_RESTORE); :meth:`send_key` follows."""
+        kernel_warmup.py and AFTER_RESTORE); :meth:`send_key` follows."""
         if self.key_w is None:
             raise ValueError("this kernel cannot take a new key (it took one already, or its warm-up failed)")
         if not self.ready:

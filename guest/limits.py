@@ -32,7 +32,7 @@ ROOT = "/sys/fs/cgroup"
 #: Rewritten (root's, readable by the kernel's user) each time the agent kills
 #: at a limit. A killed child of the kernel stays a zombie, holding a slot of
 #: pids.max, until its parent waits: a new mtime is the kernel's cue to wait
-#: for its zombie children that SIGKILL ended, after the cell (kernel.py's WARMUP).
+#: for its zombie children that SIGKILL ended, after the cell (kernel_warmup.py).
 #: The pids it lists are for whoever debugs; the kernel does not read them.
 KILLED_PIDS_FILE = "/run/smolvm/killed-pids"
 #: Tasks (processes and threads) the kernel's user may have at once.

@@ -83,6 +83,8 @@ class Machine:
         self.ssh_keys = None       # channel.ssh.SSHKeys while the transport is SSH
         self.link_secret = ""      # the vsock hello's secret (boot.py puts it in the seed)
         self.death: SmolVMError | None = None
+        #: Whether the hello asks the agent for its fault-injection op (tests only).
+        self.faults = False
         self._ssh_client = None
         self._ready: asyncio.Future | None = None
         self._heartbeat: asyncio.Task | None = None
@@ -152,7 +154,8 @@ class Machine:
         try:
             handshake = asyncio.create_task(self.channel.handshake(
                 {"key": key, "max_frame": self.max_message_bytes,
-                 **({"secret": self.link_secret} if self.link_secret else {})}, remaining()))
+                 **({"secret": self.link_secret} if self.link_secret else {}),
+                 **({"faults": True} if self.faults else {})}, remaining()))
             done, _ = await asyncio.wait({handshake, watcher}, timeout=remaining(),
                                          return_when=asyncio.FIRST_COMPLETED)
             if handshake not in done:

@@ -166,6 +166,8 @@ class Sandbox:
         #: The background build of this shape's ready snapshot (snapshot="auto").
         self.snapshot_build: asyncio.Task | None = None
         self._death: SmolVMError | None = None
+        #: Tests only: the guest agent offers its fault-injection op (guest/faults.py).
+        self.guest_faults = False
         #: Idle pause to disk (pause.py). ``busy`` is the owner's hook saying it
         #: has work in the VM (the kernel's running cells).
         self.busy: Callable[[], bool] | None = None
@@ -339,6 +341,7 @@ class Sandbox:
 
     async def _launch(self, plan: boot.Plan, restore) -> None:
         def adopt(machine: Machine) -> None:
+            machine.faults = self.guest_faults
             self.machine = machine
 
         hooks = Hooks(frame=self._handle_frame, agent_event=self._on_agent_event, death=self._die,

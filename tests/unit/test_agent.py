@@ -318,7 +318,7 @@ def _run_warmup(key_r: int, ack_w: int, killed_file: str = "/nonexistent/killed-
     events = types.SimpleNamespace(register=lambda name, fn: hooks.append((name, fn)))
     shell = types.SimpleNamespace(kernel=types.SimpleNamespace(session=session), run_cell=run_cell,
                                   events=events)
-    exec(guest_kernel.WARMUP.format(key_fd=key_r, ack_fd=ack_w, killed_file=killed_file),
+    exec(guest_kernel.warmup_cell(key_r, ack_w, killed_file),
          {"get_ipython": lambda: shell})
     assert [name for name, _ in hooks] == ["post_run_cell"]
     session.reap_killed = hooks[0][1]

@@ -237,7 +237,7 @@ def test_pool_must_be_a_private_range(pool):
 
 
 def test_transport_choice(monkeypatch):
-    from smolvm_kernel.vm import sandbox
+    from smolvm_kernel.vm import boot as sandbox
 
     monkeypatch.setattr(sandbox, "qemu_vsock_available", lambda: False)
     assert sandbox.pick_transport(SandboxConfig(), "qemu") == "serial"

@@ -42,6 +42,7 @@ def _wait_death(sb: Sandbox, limit: float) -> float:
 @pytest.fixture
 def vm(image):
     sb = Sandbox(vcpus=2, mem_mib=512, backend="qemu")
+    sb.guest_faults = True      # the agent's fault op (guest/faults.py), off in every other VM
     sb.start()
     yield sb
     sb.stop()
@@ -143,3 +144,13 @@ def _fault(vm: Sandbox, what: str) -> None:
 
     body = wire.encode_json({"op": "fault", "id": 999_999, "what": what})
     aio.loop().call_soon_threadsafe(vm.machine.channel.send, Channel.AGENT, body)   # noqa: SLF001
+
+
+def test_an_ordinary_vm_has_no_fault_op(sandbox):
+    """The fault injector (guest/faults.py) exists only in a VM whose Sandbox asked
+    for it at the hello: every other agent answers "unknown op" (the control is
+    the fixture above: with guest_faults set, the same op panics the guest)."""
+    from smolvm_kernel.errors import ProtocolError
+
+    with pytest.raises(ProtocolError, match="unknown op 'fault'"):
+        sandbox.agent_request("fault", what="none such")

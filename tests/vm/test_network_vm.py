@@ -297,14 +297,14 @@ def test_ssh_host_key_is_pinned_and_per_vm(vms, lab):
     from smolvm_kernel.channel import ssh
 
     a, b = vms["ssh_a"], vms["ssh_b"]
-    assert a._ssh_keys.host_public != b._ssh_keys.host_public
-    assert a._ssh_keys.client_public != b._ssh_keys.client_public
+    assert a.machine.ssh_keys.host_public != b.machine.ssh_keys.host_public
+    assert a.machine.ssh_keys.client_public != b.machine.ssh_keys.client_public
     # A's server with B's pinned key: refused before any login.
-    tampered = dataclasses.replace(a._ssh_keys, host_public=b._ssh_keys.host_public)
+    tampered = dataclasses.replace(a.machine.ssh_keys, host_public=b.machine.ssh_keys.host_public)
     with pytest.raises(ssh.HostKeyMismatch, match="refusing to connect"):
         ssh.connect(a.stats()["guest_ip"], tampered, netns=lab[0], timeout=20)
     # B's client key is not accepted by A either.
-    wrong_client = dataclasses.replace(a._ssh_keys, client_private=b._ssh_keys.client_private)
+    wrong_client = dataclasses.replace(a.machine.ssh_keys, client_private=b.machine.ssh_keys.client_private)
     with pytest.raises(ConnectionError):
         ssh.connect(a.stats()["guest_ip"], wrong_client, netns=lab[0], timeout=5)
 
