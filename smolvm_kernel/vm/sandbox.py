@@ -18,7 +18,7 @@ The Sandbox is the API and the caller's side of it: the calls waiting for
 the guest's answers, the settings, the state a caller sees, the audit. What
 the VM is and does lives in its collaborators: the start's choices in
 boot.py, the running VM (VMM, channel, heartbeat, deaths, teardown) in
-machine.py, the idle pause in pause.py. Why this module is still ~650
+machine.py, the idle pause in pause.py. Why this module is still ~700
 lines: it is one public class with ~25 short methods (execute, request,
 interrupt, stats, files, memory, lifecycle) that share its state and each
 carry the docstring a caller reads; splitting them would spread one API
