@@ -347,11 +347,11 @@ def cmd_install(args) -> int:
     from smolvm_kernel.jupyter import kernelspec
 
     prefix = sys.prefix if args.sys_prefix else args.prefix
+    from smolvm_kernel.config.options import KERNELSPEC_OPTIONS
+
     path = kernelspec.install(args.name, args.display_name, user=args.user, prefix=prefix,
-                              profile=args.profile, mem=args.mem, cpus=args.cpus,
-                              timeout=args.timeout, backend=args.backend, network=args.network,
-                              transport=args.transport, output_policy=args.output_policy,
-                              gateway_hosts=[h for h in (args.gateway or "").split(",") if h] or None)
+                              gateway_hosts=[h for h in (args.gateway or "").split(",") if h] or None,
+                              **{option: getattr(args, option) for option in KERNELSPEC_OPTIONS})
     print(f"installed kernelspec {args.name} in {path}")
     return 0
 
@@ -391,17 +391,14 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--prefix", help="under PREFIX/share/jupyter/kernels")
     inst.add_argument("--name", default="smolvm-python")
     inst.add_argument("--display-name")
-    inst.add_argument("--profile", help="image profile baked into this kernelspec (base, scipy)")
-    inst.add_argument("--mem", type=int, help="guest memory in MiB")
-    inst.add_argument("--cpus", type=int, help="vCPUs")
-    inst.add_argument("--timeout", type=float, help="per-cell timeout in seconds")
-    inst.add_argument("--backend", choices=["auto", "qemu", "firecracker"])
-    inst.add_argument("--network", choices=["none", "nat"], help="guest network (default none: no NIC)")
-    inst.add_argument("--output-policy", choices=["safe", "trusted"],
-                      help="what of the VM's output the browser may render (default safe; trusted lets "
-                           "guest code run JavaScript in your browser: only for code you trust)")
-    inst.add_argument("--transport", choices=["auto", "serial", "vsock", "ssh"],
-                      help="host-guest channel (ssh needs --network nat)")
+    from smolvm_kernel.config.options import KERNELSPEC_OPTIONS
+
+    # The settings a kernelspec can carry, as the settings table declares them.
+    for option, o in KERNELSPEC_OPTIONS.items():
+        inst.add_argument(f"--{option.replace('_', '-')}", dest=option, choices=o.choices,
+                          type={"int": int, "float": float}.get(o.kind, str),
+                          metavar=None if o.choices else (o.metavar or None),
+                          help=f"{o.help} (setting {o.name})".replace("%", "%%"))
     inst.add_argument("--gateway", metavar="HOST[,HOST...]",
                       help="a kernelspec for a Jupyter gateway's DistributedProvisioner (gateway_provisioners), "
                            "which starts the SmolVM kernel on one of these hosts over SSH (see README)")

@@ -95,3 +95,18 @@ def test_a_gateway_kernelspec_of_the_previous_layout_finds_its_launcher():
     assert kernelspec.gateway_kernel_json("SmolVM", ["h1"])["argv"][1] == str(entry)
     proc = subprocess.run([sys.executable, str(entry), "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "--response-address" in proc.stdout, proc.stderr
+
+
+def test_the_install_command_offers_every_kernelspec_option_of_the_table(tmp_path, monkeypatch):
+    """`smolvm-kernel install` takes its flags from the settings table: each
+    kernelspec option is a flag, and what it is given lands in the spec's env."""
+    from smolvm_kernel import cli
+    from smolvm_kernel.config.options import KERNELSPEC_OPTIONS
+
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "share" / "jupyter"))
+    args = cli.build_parser().parse_args(["install", "--prefix", str(tmp_path), "--name", "smolvm-big",
+                                          "--disk", "4096", "--mem", "1024", "--output-policy", "trusted"])
+    assert set(KERNELSPEC_OPTIONS) <= set(vars(args))
+    assert args.func(args) == 0
+    spec = KernelSpecManager().get_kernel_spec("smolvm-big")
+    assert spec.env == {"SMOLVM_DISK_MIB": "4096", "SMOLVM_MEM_MIB": "1024", "SMOLVM_OUTPUT_POLICY": "trusted"}
