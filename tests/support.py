@@ -70,3 +70,49 @@ def _rmdir(d) -> bool:
     except OSError:
         return False
     return True
+
+
+class FakeVM:
+    """Sandbox-shaped, with no VM, for the kernel's and the magic's unit tests:
+    starts, resets and stops at once (each recorded in ``calls``), keeps pushed
+    files in ``files`` and its audit entries in a log of its own."""
+
+    boot_seconds = 0.25
+
+    def __init__(self, config) -> None:
+        import tempfile
+        from pathlib import Path
+
+        from smolvm_kernel.host.audit import AuditLog
+        from smolvm_kernel.vm.sandbox import SandboxState
+
+        self.config = config
+        self.States = SandboxState
+        self.state = SandboxState.STOPPED
+        self.backend = None
+        self.calls: list[str] = []
+        self.files: dict[str, bytes] = {}
+        self.audit = AuditLog(Path(tempfile.mkdtemp()) / "audit.jsonl")
+        self.audit_context: dict = {}
+
+    def record_audit(self, event, **fields):
+        self.audit.record(event, **fields)
+
+    def start(self):
+        self.calls.append("start")
+        self.state = self.States.READY
+
+    def reset(self):
+        self.calls.append("reset")
+        self.state = self.States.READY
+
+    def stop(self):
+        self.calls.append("stop")
+        self.state = self.States.STOPPED
+
+    def can_resize_live(self, mem_mib):
+        return False
+
+    def put_file(self, data, remote):
+        self.files[remote] = data
+        return len(data)

@@ -8,7 +8,6 @@ confinement); tests/vm/test_panel_vm.py does the same against real VMs.
 from __future__ import annotations
 
 import os
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -20,52 +19,29 @@ from jupyter_client.session import Session
 
 from smolvm_guest.wire import Channel
 from smolvm_kernel.config import SandboxConfig
-from smolvm_kernel.host.audit import AuditLog
 from smolvm_kernel.jupyter.kernel import SmolVMKernel
 
-from support import wait_for
+from support import FakeVM, wait_for
 
 GUEST_KEY = b"k" * 64
 
 
-class FakeSandbox:
+class FakeSandbox(FakeVM):
     """Sandbox-shaped: answers execute_request at once, or when released."""
 
-    def __init__(self, config, progress=None) -> None:
-        from smolvm_kernel.vm.sandbox import SandboxState
+    boot_seconds = 0.01
 
-        self.config = config
-        self.States = SandboxState
-        self.state = SandboxState.STOPPED
+    def __init__(self, config, progress=None) -> None:
+        super().__init__(config)
         self.guest_key = GUEST_KEY
         self.session = Session(key=GUEST_KEY, check_pid=False)
         self.on_guest_frame = self.on_death = None
-        self.backend = None
-        self.boot_seconds = 0.01
         self.kernel_info = {}
-        self.calls: list[str] = []
-        self.files: dict[str, bytes] = {}
         self.hold = threading.Event()
         self.hold.set()
         self.count = 0
-        self.audit = AuditLog(Path(tempfile.mkdtemp()) / "audit.jsonl")
         self.audit_context = {"kernel_id": "k-test"}
         self.vm_id = "vm-test"
-
-    def record_audit(self, event, **fields):
-        self.audit.record(event, **fields)
-
-    def start(self):
-        self.calls.append("start")
-        self.state = self.States.READY
-
-    def reset(self):
-        self.calls.append("reset")
-        self.state = self.States.READY
-
-    def stop(self):
-        self.calls.append("stop")
-        self.state = self.States.STOPPED
 
     def stats(self):
         return {"state": self.state.value, "vcpus": self.config.vcpus, "mem_total_kib": 1000,
@@ -76,13 +52,6 @@ class FakeSandbox:
 
     def pause_reading(self, pause):
         self.calls.append("pause" if pause else "resume")
-
-    def can_resize_live(self, mem_mib):
-        return False
-
-    def put_file(self, data, remote):
-        self.files[remote] = data
-        return len(data)
 
     def get_file(self, remote, max_bytes):
         return self.files[remote]

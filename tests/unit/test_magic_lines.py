@@ -4,57 +4,22 @@ tests/vm/test_magic.py runs the same lines against real VMs."""
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
-
 import pytest
+from support import FakeVM
 
 from smolvm_kernel.config import SandboxConfig
 from smolvm_kernel.errors import SmolVMError
-from smolvm_kernel.host.audit import AuditLog
 
 
-class FakeSandbox:
+class FakeSandbox(FakeVM):
     """Sandbox-shaped, for the magic: starts, stops and files at once."""
 
     def __init__(self, config=None, **overrides) -> None:
-        from smolvm_kernel.vm.sandbox import SandboxState
-
-        self.States = SandboxState
-        self.config = SandboxConfig(**{"max_mem_mib": 2048, **overrides})
-        self.state = SandboxState.STOPPED
-        self.backend = None
-        self.boot_seconds = 0.25
-        self.calls: list[str] = []
-        self.files: dict[str, bytes] = {}
-        self.audit = AuditLog(Path(tempfile.mkdtemp()) / "audit.jsonl")
-        self.audit_context: dict = {}
-
-    def record_audit(self, event, **fields):
-        self.audit.record(event, **fields)
-
-    def start(self):
-        self.calls.append("start")
-        self.state = self.States.READY
-
-    def reset(self):
-        self.calls.append("reset")
-        self.state = self.States.READY
-
-    def stop(self):
-        self.calls.append("stop")
-        self.state = self.States.STOPPED
+        super().__init__(SandboxConfig(**{"max_mem_mib": 2048, **overrides}))
 
     def stats(self):
         return {"state": self.state.value, "configured_vcpus": self.config.vcpus,
                 "configured_mem_mib": self.config.mem_mib}
-
-    def can_resize_live(self, mem_mib):
-        return False
-
-    def put_file(self, data, remote):
-        self.files[remote] = data
-        return len(data)
 
 
 @pytest.fixture
