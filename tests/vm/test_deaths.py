@@ -146,11 +146,21 @@ def _fault(vm: Sandbox, what: str) -> None:
     aio.loop().call_soon_threadsafe(vm.machine.channel.send, Channel.AGENT, body)   # noqa: SLF001
 
 
-def test_an_ordinary_vm_has_no_fault_op(sandbox):
+def test_an_ordinary_vm_has_no_fault_op(image):
     """The fault injector (guest/faults.py) exists only in a VM whose Sandbox asked
     for it at the hello: every other agent answers "unknown op" (the control is
-    the fixture above: with guest_faults set, the same op panics the guest)."""
+    the fixture above: with guest_faults set, the same op panics the guest).
+
+    A VM of its own, not the suite's shared one: started here, the shared VM
+    lived through the middle of the VM suite and its agent died of SIGSEGV
+    about six minutes later in both full runs that did so (SECURITY.md, known
+    limits: cause not found; this is the recipe that reproduces it)."""
     from smolvm_kernel.errors import ProtocolError
 
-    with pytest.raises(ProtocolError, match="unknown op 'fault'"):
-        sandbox.agent_request("fault", what="none such")
+    sb = Sandbox(backend="qemu")
+    try:
+        sb.start()
+        with pytest.raises(ProtocolError, match="unknown op 'fault'"):
+            sb.agent_request("fault", what="none such")
+    finally:
+        sb.stop()
