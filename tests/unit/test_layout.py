@@ -206,3 +206,13 @@ def test_every_module_named_in_a_string_exists() -> None:
                 except ImportError:
                     bad.append(f"{path.relative_to(TESTS.parent)}: {m.group(0)}")
     assert not bad, "names of modules that do not exist:\n" + "\n".join(bad)
+
+
+def test_every_package_folder_is_in_the_wheel() -> None:
+    """pyproject.toml lists the packages by name: a new room left out of that
+    list would be missing from an installed copy (a classroom's venv, a wheel)."""
+    import tomllib
+
+    listed = set(tomllib.loads((TESTS.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = {_module_of(init) for init in PACKAGE.rglob("__init__.py") if "__pycache__" not in init.parts}
+    assert folders - listed == set()
