@@ -88,6 +88,14 @@ class FakeSandbox(FakeVM):
         self.on_guest_frame(chan, self.session.serialize(msg, ident=ident))
 
 
+def _stop(kernel: SmolVMKernel, thread: threading.Thread) -> None:
+    """End a kernel served on ``thread`` and close its sockets."""
+    kernel.exiting = True
+    thread.join(5)
+    for sock in kernel.sockets.values():
+        sock.close(linger=0)
+
+
 @pytest.fixture
 def running(tmp_path):
     conn_file = str(tmp_path / "kernel.json")
@@ -112,10 +120,7 @@ def running(tmp_path):
     yield make
     for kernel, kc, thread in made:
         kc.stop_channels()
-        kernel.exiting = True
-        thread.join(5)
-        for sock in kernel.sockets.values():
-            sock.close(linger=0)
+        _stop(kernel, thread)
 
 
 def run(kc, code, timeout=10):
@@ -322,10 +327,7 @@ def test_a_client_that_connects_before_the_kernel_is_served_at_once(tmp_path, ea
             assert reply["content"]["implementation"] == "smolvm-kernel"
     finally:
         client.close()
-        kernel.exiting = True
-        thread.join(5)
-        for sock in kernel.sockets.values():
-            sock.close(linger=0)
+        _stop(kernel, thread)
 
 
 class SlowStartSandbox(FakeSandbox):
@@ -501,10 +503,7 @@ def test_a_wrong_setting_fails_every_start_with_what_to_fix(tmp_path):
         assert kernel.sandbox.calls == []
     finally:
         kc.stop_channels()
-        kernel.exiting = True
-        thread.join(5)
-        for sock in kernel.sockets.values():
-            sock.close(linger=0)
+        _stop(kernel, thread)
 
 
 def test_every_request_the_host_answers_is_framed_by_one_busy_and_one_idle(running):
