@@ -137,7 +137,7 @@ async def launch(p: Plan, cfg: SandboxConfig, *, restore, registry: Registry, ho
     try:
         await machine.launch(backend, restore=restore is not None)
     finally:
-        if spec.tap_fd is not None:     # the VMM never started: close our copy
+        if spec.tap_fd is not None:     # the VMM has its own copy, or never started
             os.close(spec.tap_fd)
             spec.tap_fd = None
     return note

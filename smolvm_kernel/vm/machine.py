@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import os
 import secrets
 import signal
 import time
@@ -95,15 +94,9 @@ class Machine:
     async def launch(self, backend: Backend, *, restore: bool) -> None:
         """Start the VMM, record its pid, and connect (a restore gets a shorter wait)."""
         self.backend = backend
-        spec = backend.spec
-        try:
-            timeline.mark("VMM launch begins")
-            await backend.launch()
-            timeline.mark("VMM running (state loaded)")
-        finally:
-            if spec.tap_fd is not None:
-                os.close(spec.tap_fd)     # QEMU has its own copy now
-                spec.tap_fd = None
+        timeline.mark("VMM launch begins")
+        await backend.launch()
+        timeline.mark("VMM running (state loaded)")
         self.registry.set_vmm(self.vm_id, backend.pid)
         self.started_at = time.time()
         # A restore answers in about a second; do not wait a whole cold-boot
