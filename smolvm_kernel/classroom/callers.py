@@ -70,14 +70,11 @@ class Proc:
 
     def uid(self, pid: int) -> int | None:
         """The process's real uid, or None."""
+        value = procs.status_field(pid, "Uid")
         try:
-            with open(f"/proc/{pid}/status") as fh:
-                for line in fh:
-                    if line.startswith("Uid:"):
-                        return int(line.split()[1])
-        except (OSError, ValueError, IndexError):
-            pass
-        return None
+            return int(value) if value is not None else None
+        except ValueError:
+            return None
 
     def alive(self, pidfd: int | None) -> bool:
         """Whether the process a pidfd refers to has not exited (a pidfd polls

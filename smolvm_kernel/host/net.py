@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterable
 from smolvm_kernel.errors import ConfigError, NetworkError, ToolNotFound
 from smolvm_kernel.host.nftables import (TABLE_PREFIX, TAP_PREFIX, enable_forwarding, find_nft, load,
                                          release_forwarding, render_rules)
+from smolvm_kernel.host.procs import status_field
 
 _CAP_NET_ADMIN = 12
 _CLONE_NEWNET = 0x40000000
@@ -103,14 +104,8 @@ class Allow:
 # ---------------------------------------------------------------- privileges and tools
 
 def has_net_admin() -> bool:
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("CapEff:"):
-                    return bool(int(line.split()[1], 16) >> _CAP_NET_ADMIN & 1)
-    except OSError:
-        pass
-    return False
+    caps = status_field("self", "CapEff")
+    return caps is not None and bool(int(caps, 16) >> _CAP_NET_ADMIN & 1)
 
 
 def check_host(netns: str = "") -> str:

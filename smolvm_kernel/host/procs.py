@@ -45,18 +45,22 @@ def process_alive(pid: int | None, start: int | None) -> bool:
     return pid is not None and start is not None and process_start_time(pid) == start
 
 
-def rss_kib(pid: int | None) -> int | None:
-    """A process's resident memory in KiB, or None when it is gone."""
-    if not pid:
-        return None
+def status_field(pid: int | str, name: str) -> str | None:
+    """The first value of line ``name`` (e.g. "VmRSS") of /proc/<pid>/status, or None."""
     try:
         with open(f"/proc/{pid}/status") as fh:
             for line in fh:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except OSError:
+                if line.startswith(name + ":"):
+                    return line.split()[1]
+    except (OSError, IndexError):
         pass
     return None
+
+
+def rss_kib(pid: int | None) -> int | None:
+    """A process's resident memory in KiB, or None when it is gone."""
+    value = status_field(pid, "VmRSS") if pid else None
+    return int(value) if value is not None else None
 
 
 def meminfo_mib(key: str, default: int = 0) -> int:
