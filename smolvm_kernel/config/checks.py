@@ -20,6 +20,7 @@ from traitlets import TraitError
 from smolvm_kernel.config.options import (MAX_DISK_MIB, MAX_MEM_MIB, MAX_VCPUS, MIN_DISK_MIB, MIN_MEM_MIB,
                                           OPTIONS)
 from smolvm_kernel.errors import ConfigError
+from smolvm_kernel.images.cache import ImageCache, unknown_profile_fix
 from smolvm_kernel.images.recipe import PROFILES
 
 
@@ -45,8 +46,11 @@ def _disk_mib(name: str, n: int) -> int:
 
 
 def _profile(name: str, value: str) -> str:
-    if value not in PROFILES:
-        raise TraitError(f"profile={value!r} is unknown; choose one of {', '.join(PROFILES)}")
+    if value in PROFILES:
+        return value
+    cache = ImageCache()
+    if value not in cache.courses():        # a course image built on this host (or the shared cache)
+        raise TraitError(f"profile={value!r} is unknown; {unknown_profile_fix(cache.profiles())}")
     return value
 
 

@@ -166,8 +166,9 @@ _ROWS = (
     Option("disk_mib", "int", 2048, "Size of the per-VM scratch disk in MiB; sparse, so unused space "
            "costs nothing.", env="SMOLVM_DISK_MIB",
            option="disk", kernelspec=True, line=True, metavar="MiB", user=True, capped=True),
-    Option("profile", "str", "base", "Guest image profile: " + ", ".join(PROFILES) + ".", env="SMOLVM_PROFILE",
-           option="profile", kernelspec=True, line=True, metavar="|".join(PROFILES), capped=True),
+    Option("profile", "str", "base", "Guest image profile: " + ", ".join(PROFILES) + ", or a course image "
+           "built with `smolvm-kernel image build --profile NAME --from FOLDER`.", env="SMOLVM_PROFILE",
+           option="profile", kernelspec=True, line=True, metavar="|".join(PROFILES) + "|COURSE", capped=True),
     # How it runs.
     Option("backend", "str", "auto", "VMM: auto picks Firecracker where it can run, else QEMU.",
            env="SMOLVM_BACKEND", choices=("auto", "qemu", "firecracker"), option="backend", kernelspec=True),

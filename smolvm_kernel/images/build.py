@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -25,7 +26,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from smolvm_kernel.errors import CommandFailed, ImageBuildError, ToolNotFound
-from smolvm_kernel.images import recipe
+from smolvm_kernel.images import course as course_mod
+from smolvm_kernel.images import layer, recipe
 from smolvm_kernel.images.image import Image
 
 _TOOLS = {
@@ -35,8 +37,13 @@ _TOOLS = {
     "apt-cache": "apt (a Debian or Ubuntu host is needed to build images)",
     "dpkg-deb": "dpkg",
     "lz4": "lz4 (Debian: apt-get install lz4)",
+    "sqfs2tar": "squashfs-tools-ng (Debian: apt-get install squashfs-tools-ng)",
+    "rdsquashfs": "squashfs-tools-ng (Debian: apt-get install squashfs-tools-ng)",
 }
 _LZ4_LEGACY_MAGIC = b"\x02\x21\x4c\x18"
+#: After a build, parts younger than this are not pruned: another build (a course's,
+#: not registered until it finishes) may be about to use the one it just made.
+_GRACE_S = 3600
 
 
 class ImageBuilder:
@@ -56,43 +63,64 @@ class ImageBuilder:
     def say(self, msg: str) -> None:
         self._progress(f"[{time.monotonic() - self._t0:6.1f}s] {msg}")
 
+    @property
+    def name(self) -> str:
+        """The image's profile name (its folder is ``<name>-<hash>``)."""
+        return self.profile.name
+
+    def key(self, kernel_package: str) -> str:
+        return recipe.image_key(self.profile, kernel_package)
+
     def build(self, force: bool = False) -> Image:
+        t0 = time.monotonic()
         for tool, package in _TOOLS.items():
             if shutil.which(tool) is None:
                 raise ToolNotFound(tool, package)
         kernel_pkg, kernel_ver = self._resolve_kernel()
         kernel_package = f"{kernel_pkg}={kernel_ver}"
-        key = recipe.image_key(self.profile, kernel_package)
-        final = self.cache.images_dir / f"{self.profile.name}-{key[:16]}"
+        key = self.key(kernel_package)
+        final = self.cache.images_dir / f"{self.name}-{key[:16]}"
         if final.is_dir() and not force and recipe.read_manifest(final):
             self.say(f"image {final.name} is up to date")
-            return self.cache.get(self.profile.name)
+            self._register()
+            return self.cache.get(self.name)
         self.cache.images_dir.mkdir(parents=True, exist_ok=True)
         self.cache.parts_dir.mkdir(parents=True, exist_ok=True)
-        rootfs = self._rootfs(force)
-        kdir = self._kernel(kernel_pkg, kernel_ver)
-        busybox = self._busybox()
+        self.reused: list[str] = []
         with _staging(self.cache.images_dir, ".build-") as tmp:
+            extra = self._write_rootfs(tmp / "rootfs.sqfs", force)
+            kdir = self._kernel(kernel_pkg, kernel_ver)
+            busybox = self._busybox()
             release = (kdir / "release").read_text().strip()
-            os.link(rootfs, tmp / "rootfs.sqfs")
             os.link(kdir / "vmlinuz", tmp / "vmlinuz")
             os.link(kdir / "vmlinux", tmp / "vmlinux")
             self.say("writing initramfs")
             size = _write_initramfs(tmp / "initramfs.cpio", busybox, kdir / "modules", release)
             self.say(f"initramfs: {size / 1e6:.1f} MB")
             manifest = {
-                "profile": self.profile.name, "key": key, "kernel_package": kernel_package,
+                "profile": self.name, "key": key, "kernel_package": kernel_package,
                 "kernel_release": release, "rootfs_key": recipe.rootfs_key(self.profile),
                 "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "requirements": recipe.guest_requirements().splitlines(),
+                "requirements": recipe.guest_requirements().splitlines(), **extra,
             }
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
             _replace_dir(tmp, final)
-        image = self.cache.get(self.profile.name)
-        for stale in self.cache.prune_stale():
+        self._register()
+        # Not cache.get(): the recipe's inputs may have changed while this built (an edited agent).
+        image = Image(self.name, key, final, release)
+        for stale in self.cache.prune_stale(grace_s=_GRACE_S):
             self.say(f"removed stale {stale.name}")
         self.say(f"image {final.name} ready ({image.size_bytes() / 1e6:.0f} MB) in {final}")
+        self.say(f"built in {time.monotonic() - t0:.0f} s; reused: {', '.join(self.reused) or 'nothing'}")
         return image
+
+    def _write_rootfs(self, target: Path, force: bool) -> dict:
+        """Put the root file system at ``target``; return what the manifest adds."""
+        os.link(self._rootfs(force), target)
+        return {}
+
+    def _register(self) -> None:
+        """Record what finds this image again (a course's recipe; nothing for a built-in profile)."""
 
     # -- parts
 
@@ -111,14 +139,15 @@ class ImageBuilder:
                 return pkg, line.split(":", 1)[1].strip()
         raise ImageBuildError(f"apt has no candidate version of {pkg}; run `apt-get update`")
 
-    def _rootfs(self, force: bool) -> Path:
-        rkey = recipe.rootfs_key(self.profile)
-        out = self.cache.parts_dir / f"rootfs-{self.profile.name}-{rkey[:16]}.sqfs"
+    def _rootfs(self, force: bool, profile: recipe.Profile | None = None) -> Path:
+        profile = profile or self.profile
+        out = self.cache.parts_dir / rootfs_part_name(profile)
         if out.exists() and not force:
             self.say(f"root file system {out.name} cached")
+            self.reused.append(f"root file system {out.name}")
             return out
-        self.say(f"building the {self.profile.name} root file system with mmdebstrap "
-                 f"({', '.join(self.profile.apt)})")
+        self.say(f"building the {profile.name} root file system with mmdebstrap "
+                 f"({', '.join(profile.apt)})")
         with tempfile.TemporaryDirectory(prefix="smolvm-rootfs-") as tmp:
             req = Path(tmp) / "requirements.txt"
             req.write_text(recipe.guest_requirements())
@@ -136,11 +165,12 @@ class ImageBuilder:
                 'rm -rf "$1"/var/log/* "$1"/var/cache/debconf/*-old "$1"/etc/machine-id',
             ]
             argv = ["mmdebstrap", "--variant=minbase", "--format=tar", "--verbose",
-                    "--include=" + ",".join(self.profile.apt)]
+                    "--include=" + ",".join(profile.apt)]
             argv += [f"--dpkgopt=path-exclude={p}" for p in recipe.DPKG_EXCLUDES]
             argv += [f"--customize-hook={h}" for h in hooks]
             argv += [recipe.SUITE, "-", *recipe.MIRRORS]
-            partial = out.with_suffix(".partial")
+            # Hidden: a concurrent build's prune_stale leaves names starting with "." alone.
+            partial = out.parent / f".{out.name}.partial"
             try:
                 self._pipe_to_squashfs(argv, partial)
                 os.rename(partial, out)
@@ -165,7 +195,8 @@ class ImageBuilder:
         sq_rc = sq.wait()
         if mm_rc != 0:
             raise CommandFailed(argv, mm_rc, "\n".join(tail),
-                                hint="mmdebstrap needs network access to the Debian archive")
+                                hint="mmdebstrap needs network access to the Debian archive; a package apt "
+                                     "cannot find is named in apt's message above")
         if sq_rc != 0:
             raise CommandFailed(sq_argv, sq_rc, sq_err)
 
@@ -173,6 +204,7 @@ class ImageBuilder:
         kdir = self.cache.parts_dir / f"kernel-{pkg}-{version}"
         if (kdir / "release").exists():
             self.say(f"kernel {pkg} {version} cached")
+            self.reused.append("kernel")
             return kdir
         self.say(f"fetching {pkg} {version}")
         with _staging(self.cache.parts_dir, ".kernel-") as tmp:
@@ -202,6 +234,84 @@ class ImageBuilder:
             shutil.copy(Path(tmp) / "tree" / "bin" / "busybox", out.with_suffix(".partial"))
             os.rename(out.with_suffix(".partial"), out)
         return out
+
+
+class CourseBuilder(ImageBuilder):
+    """Build a course image: a base profile's root file system, apt.txt's packages, a pip layer.
+
+    The Debian part is an ordinary cached root file system part (the base's,
+    or one with apt.txt's packages added), so a changed requirements.txt
+    rebuilds only the pip layer and the merge; pip's wheel cache lives under
+    the parts folder, so unchanged wheels are not downloaded again."""
+
+    def __init__(self, cache, course, progress: Callable[[str], None] | None = None) -> None:
+        super().__init__(cache, course.rootfs_profile, progress)
+        self.course = course
+
+    @property
+    def name(self) -> str:
+        return self.course.name
+
+    def key(self, kernel_package: str) -> str:
+        return course_mod.course_key(self.course, kernel_package)
+
+    def _register(self) -> None:
+        course_mod.register(self.cache.root, self.course)
+
+    def _write_rootfs(self, target: Path, force: bool) -> dict:
+        c = self.course
+        if c.apt:
+            self.say(f"apt.txt adds {', '.join(c.apt)} to the {c.base} root file system")
+        base_fs = self._rootfs(force)
+        packages: dict[str, dict[str, str]] = {"pip": {}, "apt": {}}
+        with tempfile.TemporaryDirectory(prefix=".layer-", dir=self.cache.parts_dir) as work:
+            site = Path(work) / "site"
+            site.mkdir()
+            if course_mod.check_requirements(c.requirements):
+                present = layer.base_python_packages(base_fs)
+                # The kernel's pins, and every Python distribution the base already has at its
+                # version: the course adds packages, it does not change the ones there.
+                constraints = recipe.guest_requirements() + "".join(
+                    f"{name}=={version}\n" for name, version in sorted(present.items())
+                    if name not in _pinned_names())
+                self.say("installing requirements.txt with pip (wheels for CPython 3.11, manylinux x86_64)")
+                counts = layer.pip_install(c.requirements, site, self.cache.parts_dir / PIP_CACHE,
+                                           Path(work), self.say, constraints)
+                if counts["cached"]:
+                    self.reused.append(f"{counts['cached']} downloaded wheels")
+                dropped = layer.drop_present(site, present)
+                if dropped:
+                    self.say(f"  already in the {c.base} image, left out of the layer: {', '.join(dropped)}")
+                packages["pip"] = {name: version for name, version, _ in layer.distributions(site)}
+                layer.compile_layer(site, self.say)
+            self.say(f"merging the layer onto {base_fs.name}")
+            seen = layer.merge(base_fs, site, target)
+        if c.apt:
+            packages["apt"] = layer.parse_dpkg_status(
+                seen.get("var/lib/dpkg/status", b"").decode(errors="replace"), c.apt)
+        self.say(f"root file system: {target.stat().st_size / 1e6:.0f} MB "
+                 f"({len(packages['pip'])} pip distributions, {len(packages['apt'])} apt packages)")
+        return {"base": c.base, "packages": packages,
+                "source": {"folder": c.folder, "files": list(c.files), "runtime": c.runtime or None},
+                "course_requirements": c.requirements.splitlines(), "course_apt": list(c.apt)}
+
+
+#: The course layers' downloaded wheels, under the parts folder (kept by prune_stale,
+#: removed by `image prune`).
+PIP_CACHE = "wheels"
+
+
+def rootfs_part_name(profile: recipe.Profile) -> str:
+    return f"rootfs-{profile.name}-{recipe.rootfs_key(profile)[:16]}.sqfs"
+
+
+def _pinned_names() -> set[str]:
+    names = set()
+    for line in recipe.guest_requirements().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            names.add(re.sub(r"[-_.]+", "-", re.split(r"[=<>!~ \[]", line, 1)[0]).lower())
+    return names
 
 
 # ------------------------------------------------------------------ helpers
