@@ -26,6 +26,21 @@ def cmd_image_build(args) -> int:
     from smolvm_kernel.vm.snapshot import SnapshotCache
 
     cache = ImageCache()
+    if args.from_folder:
+        from smolvm_kernel.images.course import read_folder
+
+        if len(args.profile) != 1:
+            print("smolvm-kernel: --from builds one course image: give one --profile NAME", file=sys.stderr)
+            return 2
+        course = read_folder(Path(args.from_folder), args.profile[0], args.base)
+        print(f"[{course.name}] course folder {course.folder}: read {', '.join(course.files)}", flush=True)
+        image = cache.build_course(course, force=args.force)
+        print(f"{image.profile}: {image.directory}")
+        _print_packages(image)
+        return 0
+    if args.base != "base":
+        print("smolvm-kernel: --base is the base of a course image; use it with --from FOLDER", file=sys.stderr)
+        return 2
     for profile in args.profile:
         image = cache.build(profile, force=args.force)
         print(f"{image.profile}: {image.directory}")
@@ -41,14 +56,41 @@ def cmd_image_build(args) -> int:
     return 0
 
 
+def _packages(image) -> str:
+    """A course image's added packages, from its manifest ('-' for a built-in profile)."""
+    from smolvm_kernel.images.recipe import read_manifest
+
+    pkgs = (read_manifest(image.directory) or {}).get("packages")
+    if not pkgs:
+        return "-"
+    return " ".join([f"{n}=={v}" for n, v in sorted(pkgs.get("pip", {}).items())]
+                    + [f"{n}={v}(apt)" for n, v in sorted(pkgs.get("apt", {}).items())]) or "-"
+
+
+def _print_packages(image) -> None:
+    from smolvm_kernel.images.recipe import read_manifest
+
+    manifest = read_manifest(image.directory) or {}
+    if "packages" in manifest:
+        base = manifest.get("base")
+        print(f"packages added to {base}: {_packages(image)}")
+
+
 def cmd_image_ls(args) -> int:
     from smolvm_kernel.images import ImageCache
+    from smolvm_kernel.images.recipe import read_manifest
 
     images = ImageCache().list()
     if images:
-        _print_table([[i.profile, i.key[:16], i.kernel_release, f"{i.size_bytes() / 1e6:.0f} MB",
-                       str(i.directory)] for i in images],
-                     ["PROFILE", "HASH", "KERNEL", "SIZE", "PATH"])
+        rows = []
+        for i in images:
+            m = read_manifest(i.directory) or {}
+            row = [i.profile, m.get("base", "-"), i.key[:16], i.kernel_release, f"{i.size_bytes() / 1e6:.0f} MB"]
+            pkgs = _packages(i)
+            if not args.packages and len(pkgs) > 60:
+                pkgs = pkgs[:57] + "..."
+            rows.append(row + [pkgs, str(i.directory)])
+        _print_table(rows, ["PROFILE", "BASE", "HASH", "KERNEL", "SIZE", "PACKAGES", "PATH"])
     else:
         print("no images; build one with `smolvm-kernel image build`")
     from smolvm_kernel.vm.snapshot import SNAPSHOT_FORMAT, SnapshotCache
@@ -69,15 +111,53 @@ def cmd_image_ls(args) -> int:
     return 0
 
 
+def _inodes(root: Path) -> dict[tuple[int, int], int]:
+    """Every inode under ``root`` and the bytes it holds: images hard-link their parts,
+    so what a removal frees is what no longer has a name here."""
+    out = {}
+    for dirpath, dirs, files in os.walk(root):
+        for name in dirs + files:
+            try:
+                st = os.lstat(os.path.join(dirpath, name))
+            except OSError:
+                continue
+            out[(st.st_dev, st.st_ino)] = st.st_blocks * 512
+    return out
+
+
+def _freed(before: dict[tuple[int, int], int], root: Path) -> str:
+    after = _inodes(root) if root.exists() else {}
+    return f"freed {sum(size for ino, size in before.items() if ino not in after) / 1e6:.0f} MB"
+
+
 def cmd_image_rm(args) -> int:
     from smolvm_kernel.images import ImageCache
 
-    removed = ImageCache().remove(args.target)
+    cache = ImageCache()
+    before = _inodes(cache.root)
+    removed = cache.remove(args.target)
     for path in removed:
         print(f"removed {path}")
     if not removed:
         print(f"nothing matches {args.target!r}", file=sys.stderr)
         return 1
+    print(_freed(before, cache.root))
+    return 0
+
+
+def cmd_image_prune(args) -> int:
+    from smolvm_kernel.images import ImageCache
+
+    cache = ImageCache()
+    if not cache.root.exists():
+        print("nothing to prune")
+        return 0
+    before = _inodes(cache.root)
+    removed = cache.prune_stale(pip_cache=True)
+    for path in removed:
+        print(f"removed {path}")
+    print(f"removed {len(removed)} stale images and parts (pip's wheel cache included); "
+          f"{_freed(before, cache.root)}")
     return 0
 
 
@@ -166,7 +246,8 @@ def cmd_classroom(args) -> int:
     if args.action in ("up", "setup"):
         hub = classroom.setup(folder, args.students, port=args.port, prefix=args.prefix,
                               cull_idle_timeout=args.cull_idle_timeout, student_mem_mib=args.student_mem_mib,
-                              student_cpus=args.student_cpus, student_tasks=args.student_tasks)
+                              student_cpus=args.student_cpus, student_tasks=args.student_tasks,
+                              profiles=args.profile)
         print(f"classroom written to {folder} (hub config {hub.name}); student accounts and passwords "
               f"in {folder / 'students.csv'} (root only)")
     if args.action in ("up", "run"):
@@ -374,13 +455,25 @@ def build_parser() -> argparse.ArgumentParser:
     img = sub.add_parser("image", help="build, list or remove guest images")
     isub = img.add_subparsers(dest="image_command", required=True)
     b = isub.add_parser("build", help="build a guest image (cached by content hash)")
-    b.add_argument("--profile", action="append", default=None, help="base (default) or scipy")
+    b.add_argument("--profile", action="append", default=None,
+                   help="base (default) or scipy; with --from, the new course image's name (e.g. ds101)")
+    b.add_argument("--from", dest="from_folder", metavar="FOLDER",
+                   help="build a course image from FOLDER's requirements.txt and apt.txt (as Binder reads "
+                        "them; runtime.txt may say python-3.11; environment.yml, postBuild, start and "
+                        "Dockerfile are refused)")
+    b.add_argument("--base", default="base", choices=["base", "scipy"],
+                   help="with --from: the profile the course image adds to (default base)")
     b.add_argument("--force", action="store_true", help="rebuild even if cached")
     b.add_argument("--no-snapshot", action="store_true",
                    help="skip the ready snapshot of the default VM shape (made on first start then)")
     b.set_defaults(func=cmd_image_build)
-    isub.add_parser("ls", help="list built images").set_defaults(func=cmd_image_ls)
-    r = isub.add_parser("rm", help="remove images by profile, hash prefix, or 'all'")
+    ls_img = isub.add_parser("ls", help="list built images (a course image with the packages it adds)")
+    ls_img.add_argument("--packages", action="store_true", help="list every added package, untruncated")
+    ls_img.set_defaults(func=cmd_image_ls)
+    isub.add_parser("prune", help="remove stale images and parts, and pip's wheel cache; "
+                                  "print the space freed").set_defaults(func=cmd_image_prune)
+    r = isub.add_parser("rm", help="remove images by profile, hash prefix, or 'all' (a course image's "
+                                   "name unregisters it too)")
     r.add_argument("target")
     r.set_defaults(func=cmd_image_rm)
 
@@ -422,6 +515,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "student process in its student's cgroup (the hub runs it)")
     cr.add_argument("--dir", default=None, help="the deployment's folder (default /var/lib/smolvm-classroom)")
     cr.add_argument("--students", type=int, default=3, help="how many student accounts to create")
+    cr.add_argument("--profile", action="append", default=None,
+                    help="an image to offer (repeatable; e.g. a course image built with `image build --from`); "
+                         "default: the policy's profiles")
     cr.add_argument("--prefix", default="student", help="student account names: <prefix>1, <prefix>2, ...")
     cr.add_argument("--port", type=int, default=8000, help="the hub's port on 127.0.0.1")
     cr.add_argument("--cull-idle-timeout", type=int, default=3600,
@@ -430,7 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="memory for all of a student's host processes, VMMs apart (default 1024)")
     cr.add_argument("--student-cpus", type=float, default=None, help="their CPU cores (default 1)")
     cr.add_argument("--student-tasks", type=int, default=None, help="their processes and threads (default 512)")
-    cr.set_defaults(func=cmd_classroom)
+    cr.set_defaults(func=cmd_classroom, profile_given=True)
     c = sub.add_parser("cleanup", help="kill VMs whose owner died and remove their files")
     c.add_argument("--all", action="store_true", help="also VMs whose owner is alive")
     c.set_defaults(func=cmd_cleanup)

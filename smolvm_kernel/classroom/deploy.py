@@ -45,8 +45,8 @@ import time
 from pathlib import Path
 
 from smolvm_kernel.classroom.confine import DEFAULT_CPUS, DEFAULT_MEM_MIB, DEFAULT_TASKS, GROUP
-from smolvm_kernel.classroom.provision import (KERNELSPECS, blocked_for_students, build_shared_snapshots,
-                                               create_students, find_proxy, read_students, share_cache,
+from smolvm_kernel.classroom.provision import (blocked_for_students, build_shared_snapshots, create_students,
+                                               find_proxy, kernelspec_name, read_students, share_cache,
                                                students_python)
 from smolvm_kernel.errors import SmolVMError
 
@@ -166,11 +166,13 @@ def _need_root() -> None:
 def setup(folder: Path, students: int, port: int = 8000, prefix: str = "student",
           cull_idle_timeout: int = 3600, policy_text: str | None = None, extra_hub_config: str = "",
           student_mem_mib: int | None = None, student_cpus: float | None = None,
-          student_tasks: int | None = None) -> Path:
+          student_tasks: int | None = None, profiles: list[str] | None = None) -> Path:
     """Write the deployment into ``folder`` and create the students; returns the hub config.
 
     ``student_*`` size each student's cgroup, which holds all their processes
-    on the host but their VMMs (confine.py; defaults there)."""
+    on the host but their VMMs (confine.py; defaults there). ``profiles`` (e.g. a
+    course image's name) are the images offered, instead of the policy's; a
+    policy written here allows just them."""
     from smolvm_kernel.classroom import confine
     from smolvm_kernel.host import policy as policy_mod
 
@@ -194,18 +196,26 @@ def setup(folder: Path, students: int, port: int = 8000, prefix: str = "student"
     if not system_policy and (policy_text is not None or not policy_path.exists()):
         text = policy_text if policy_text is not None else DEFAULT_POLICY.format(
             host_max_vms=max(2, students * 2), hostd=hostd_sock, audit=audit)
+        if profiles and policy_text is None:
+            text = text.replace('profiles = ["base", "scipy"]', f"profiles = {json.dumps(profiles)}")
         policy_path.write_text(text)
         os.chown(policy_path, 0, 0)
         os.chmod(policy_path, 0o644)
     pol = policy_mod.load(str(policy_path))
-    profiles = list(pol.profiles) if pol and pol.profiles else ["base"]
+    if profiles:
+        refused = [p for p in profiles if pol and pol.profiles is not None and p not in pol.profiles]
+        if refused:
+            raise SmolVMError(f"the policy {policy_path} does not allow {', '.join(refused)}: add them to its "
+                              f"profiles = [...] (or leave out --profile)")
+    else:
+        profiles = list(pol.profiles) if pol and pol.profiles else ["base"]
     share_cache(folder / "cache", profiles)
     build_shared_snapshots(folder / "cache", profiles, policy_path)
     conf = folder / "jupyter"
     conf.mkdir(exist_ok=True)
     os.chmod(conf, 0o755)
     (conf / "jupyter_server_config.py").write_text(STUDENT_SERVER_CONFIG.format(
-        kernelspecs={KERNELSPECS[p] for p in profiles if p in KERNELSPECS},
+        kernelspecs={kernelspec_name(p) for p in profiles},
         cull=cull_idle_timeout, cull_interval=max(1, min(60, cull_idle_timeout // 4))))
     os.chmod(conf / "jupyter_server_config.py", 0o644)
     # jupyter_core marks a config folder as migrated from IPython's by writing

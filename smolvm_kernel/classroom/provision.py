@@ -22,8 +22,13 @@ from pathlib import Path
 from smolvm_kernel.classroom.confine import GROUP
 from smolvm_kernel.errors import SmolVMError
 
-#: Every kernelspec a student may use; the policy's profiles pick among them.
+#: The built-in profiles' kernelspecs; a course image's is smolvm-<name> (kernelspec_name).
 KERNELSPECS = {"base": "smolvm-python", "scipy": "smolvm-scipy"}
+
+
+def kernelspec_name(profile: str) -> str:
+    """The kernelspec a student picks for ``profile`` (the policy's profiles pick among them)."""
+    return KERNELSPECS.get(profile) or f"smolvm-{profile}"
 
 
 def find_proxy(install_dir: Path) -> str:
@@ -79,12 +84,13 @@ def students_python(folder: Path, profiles: list[str]) -> Path:
         if proc.returncode != 0:
             raise SmolVMError(f"installing smolvm-kernel for the students failed: {proc.stderr.strip()[-800:]}")
     for profile in profiles:
-        name = KERNELSPECS.get(profile)
+        name = kernelspec_name(profile)
         if name:
             subprocess.run([str(py), "-I", "-c", "import sys; from smolvm_kernel.jupyter import kernelspec; "
                             f"kernelspec.install({name!r}, prefix=sys.prefix, "
                             f"profile={None if profile == 'base' else profile!r})"],
-                           check=True, capture_output=True, env={**os.environ, "SMOLVM_POLICY_FILE": "/nonexistent"})
+                           check=True, capture_output=True, env={**os.environ, "SMOLVM_POLICY_FILE": "/nonexistent",
+                                                                 **_cache_env(folder)})
     for root, dirs, files in os.walk(venv):
         os.chmod(root, 0o755)
     return venv / "bin"
@@ -92,23 +98,32 @@ def students_python(folder: Path, profiles: list[str]) -> Path:
 
 def share_cache(dest: Path, profiles: list[str]) -> None:
     """Copy this host's images where students can read them (the snapshots of
-    their shape are built there next: build_shared_snapshots)."""
+    their shape are built there next: build_shared_snapshots). An image not
+    built yet is built first (a course image from the recipe recorded when it
+    was first built: `smolvm-kernel image build --profile NAME --from FOLDER`)."""
     from smolvm_kernel.backends.base import copy_sparse
     from smolvm_kernel.images import ImageCache
+    from smolvm_kernel.images.course import courses_dir
 
     images = ImageCache()
-    for sub in ("images", "snapshots"):
+    for sub in ("images", "snapshots", "courses"):
         (dest / sub).mkdir(parents=True, exist_ok=True)
     for profile in profiles:
-        image = images.get(profile)
-        if image is None:
-            raise SmolVMError(f"the {profile!r} guest image is not built: run `smolvm-kernel setup --profile "
-                              f"{profile}` first (or `make demo`)")
+        image = images.ensure(profile, progress=lambda m: print(f"[{profile}] {m}", flush=True))
+        recipe_json = courses_dir(images.root) / f"{profile}.json"
+        if recipe_json.exists():
+            # The students' kernels find a course image by its recipe.
+            shutil.copy(recipe_json, dest / "courses" / recipe_json.name)
         src = image.directory
         target = dest / "images" / src.name
         if not target.exists():
             shutil.copytree(src, target, copy_function=lambda a, b: copy_sparse(Path(a), Path(b)))
     _readable_by_all(dest)
+
+
+def _cache_env(folder: Path) -> dict[str, str]:
+    """The shared cache, where a course profile is registered, when it exists."""
+    return {"SMOLVM_CACHE_DIR": str(folder / "cache")} if (folder / "cache" / "courses").is_dir() else {}
 
 
 def _readable_by_all(tree: Path) -> None:

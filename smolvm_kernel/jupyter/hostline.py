@@ -206,10 +206,17 @@ def describe_config(c) -> str:
     return (f"vCPUs {c.vcpus} (limit {c.max_vcpus})   memory {c.mem_mib} MiB (limit {c.max_mem_mib})"
             f"   disk {c.disk_mib} MiB (limit {c.max_disk_mib})\n"
             f"cell timeout {c.exec_timeout:g} s (0 = none)   network {c.network}   "
-            f"profile {c.profile}   after a stop: {c.on_stopped}"
+            f"profile {c.profile} (here: {', '.join(_profiles_here())})   after a stop: {c.on_stopped}"
             + (f"\ncaps from {c.policy.whose}: "
                + ", ".join(f"{k}={'/'.join(v) if isinstance(v, tuple) else v}"
                            for k, v in c.policy.caps().items()) if c.policy else ""))
+
+
+def _profiles_here() -> list[str]:
+    """The built-in profiles and the course images of this host's image cache."""
+    from smolvm_kernel.images import ImageCache
+
+    return list(ImageCache().profiles())
 
 
 def config_changes(line: HostLine, config) -> dict:

@@ -74,7 +74,11 @@ def install(name: str = DEFAULT_NAME, display_name: str | None = None, user: boo
         raise ConfigError.from_trait(exc) from None
     cfg.validated()
     if display_name is None:
-        display_name = DEFAULT_DISPLAY if name == DEFAULT_NAME else f"{DEFAULT_DISPLAY} ({name})"
+        from smolvm_kernel.images.recipe import PROFILES
+
+        course = options.get("profile") not in (None, *PROFILES)
+        display_name = (f"{DEFAULT_DISPLAY} ({options['profile']} course)" if course else
+                        DEFAULT_DISPLAY if name == DEFAULT_NAME else f"{DEFAULT_DISPLAY} ({name})")
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         spec = (gateway_kernel_json(display_name, gateway_hosts, **options) if gateway_hosts
