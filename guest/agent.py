@@ -16,7 +16,7 @@ import time
 
 import zmq
 
-from smolvm_guest import files, limits, seed, wire
+from smolvm_guest import files, limits, seed, wire, workdir
 from smolvm_guest.kernel import USER_GID, USER_HOME, USER_UID, GuestKernel, warmup_cell
 from smolvm_guest.link import Accepted, open_link, read_secret
 from smolvm_guest.outbox import Outbox
@@ -27,6 +27,8 @@ AGENT_VERSION = "0.1.0"
 #: Files may be put/got only below these directories (after resolving links).
 FILE_ROOTS = (USER_HOME, "/tmp")
 MAX_FILE = 256 * 1024 * 1024
+#: Most bytes one ``workdir_put`` request carries (the host batches below it).
+MAX_BATCH = 16 * 1024 * 1024
 #: Seconds a connection may stay without a hello carrying the link secret.
 AUTH_TIMEOUT_S = 5.0
 #: The smallest frame limit a host's hello may set (below it, a kernel_info
@@ -35,6 +37,16 @@ MIN_FRAME = 64 * 1024
 #: While no host is connected, a virtio-serial port reads EOF at once (and
 #: polls ready): the agent looks again after this pause.
 LINK_RETRY_S = 0.05
+
+
+def _is_execute_reply(parts: list[bytes]) -> bool:
+    """Whether a shell message from the kernel is a cell's reply (its header
+    names the type; a false positive costs one scan, nothing more)."""
+    try:
+        i = parts.index(b"<IDS|MSG>")
+        return b"execute_reply" in parts[i + 2]
+    except (ValueError, IndexError):
+        return False
 
 
 # ---------------------------------------------------------------- agent
@@ -65,6 +77,11 @@ class Agent:
         self.authenticated = self._open_without_secret()
         self._accepted_at = time.monotonic()
         self._reject = False
+        #: Whether the host has sent the kernel a message: from then on, code
+        #: other than the agent's may have run in the VM.
+        self.kernel_used = False
+        #: The notebook's folder, watched once the host has copied it in (workdir.py).
+        self.workdir: workdir.Watch | None = None
 
     # -- requests from the host
 
@@ -170,6 +187,41 @@ class Agent:
         size, data = files.as_user(USER_UID, USER_GID, files.get, root, parts, offset, length, MAX_FILE)
         return {"size": size, "data": base64.b64encode(data).decode()}
 
+    def op_workdir_put(self, req: dict) -> dict:
+        """Chunks of the notebook folder's files, all written in one child as the user."""
+        items = req.get("files")
+        if not isinstance(items, list):
+            raise ValueError("files must be a list")
+        chunks, carried = [], 0
+        for item in items:
+            root, parts = files.split_beneath(item["path"], USER_HOME, (USER_HOME,))
+            data = base64.b64decode(item["data"])
+            offset, total = int(item.get("offset", 0)), int(item["size"])
+            carried += len(data)
+            if offset < 0 or not 0 <= total <= MAX_FILE or offset + len(data) > total or carried > MAX_BATCH:
+                raise ValueError(f"files are limited to {MAX_FILE} bytes and a batch to {MAX_BATCH}")
+            chunks.append((root, parts, data, offset, total))
+        if self.kernel_used:
+            written = files.as_user(USER_UID, USER_GID, files.put_many, chunks)
+        else:   # no code but the agent's has run here yet: no child needed (files.put_many)
+            written = files.put_many(chunks, owner=(USER_UID, USER_GID))
+        if req.get("watch") is True:
+            self.workdir = workdir.Watch(USER_HOME)
+        return {"written": written}
+
+    def op_workdir_watch(self, req: dict) -> dict:
+        """From now on, tell the host what changed in the home folder after each cell."""
+        self.workdir = workdir.Watch(USER_HOME)
+        return {"files": len(self.workdir.known)}
+
+    def op_workdir_scan(self, req: dict) -> dict:
+        """What changed since the last report, now (the host's last look before a stop)."""
+        if self.workdir is None:
+            raise ValueError("the folder is not watched")
+        news = self.workdir.changes() or {"changed": [], "removed": [], "truncated": False}
+        news.pop("event", None)
+        return news
+
     def op_quiesce(self, req: dict) -> dict:
         """Before a snapshot: flush and drop caches so freed pages are zero
         (the kernel runs with init_on_free=1) and stay out of the saved state."""
@@ -199,6 +251,7 @@ class Agent:
                     self.outbox.restart(SYNC_MAGIC + nonce)
                 self.handle_agent(req)
             elif self.kernel is not None:
+                self.kernel_used = True
                 self.kernel.sockets[chan].send_multipart(wire.unpack_parts(body))
             else:
                 log(f"dropping a {chan.name} message: no kernel yet")
@@ -252,6 +305,10 @@ class Agent:
             return
         if chan == Channel.SHELL:
             self.check_limits(force=True)    # a reply ends the cell: say it first
+            if self.workdir is not None and _is_execute_reply(parts):
+                news = self.workdir.changes()
+                if news is not None:
+                    self.outbox.put_json(news)
         try:
             body = wire.pack_parts(parts)
         except wire.FrameError as exc:

@@ -44,7 +44,7 @@ def split_beneath(path: str, home: str, roots: tuple[str, ...]) -> tuple[str, li
     raise Refused(f"{path!r} is outside {' and '.join(roots)}")
 
 
-def _walk(root: str, parts: list[str], create: bool) -> int:
+def _walk(root: str, parts: list[str], create: bool, owner: tuple[int, int] | None = None) -> int:
     """An fd of the directory that holds ``parts[-1]``; no link is followed."""
     fd = os.open(root, _DIR_FLAGS)
     try:
@@ -52,6 +52,8 @@ def _walk(root: str, parts: list[str], create: bool) -> int:
             if create:
                 try:
                     os.mkdir(name, 0o755, dir_fd=fd)
+                    if owner is not None:
+                        os.chown(name, *owner, dir_fd=fd, follow_symlinks=False)
                 except FileExistsError:
                     pass
             try:
@@ -68,10 +70,13 @@ def _walk(root: str, parts: list[str], create: bool) -> int:
         raise
 
 
-def put(root: str, parts: list[str], data: bytes, offset: int, total: int | None) -> int:
+def put(root: str, parts: list[str], data: bytes, offset: int, total: int | None,
+        owner: tuple[int, int] | None = None) -> int:
     """Write ``data`` at ``offset`` of the file; it appears under its name once
-    ``total`` bytes are written (None: this chunk is the whole file)."""
-    dfd = _walk(root, parts, create=True)
+    ``total`` bytes are written (None: this chunk is the whole file).
+    ``owner``: the (uid, gid) that new folders and the file are given (only
+    for the agent writing as root, see :func:`put_many`)."""
+    dfd = _walk(root, parts, create=True, owner=owner)
     name, part = parts[-1], f".{parts[-1]}.smolvm-part"
     try:
         flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_TRUNC if offset == 0 else 0)
@@ -82,6 +87,8 @@ def put(root: str, parts: list[str], data: bytes, offset: int, total: int | None
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise Refused(f"{name!r} is not a regular file")
+            if owner is not None:
+                os.fchown(fd, *owner)
             os.pwrite(fd, data, offset)
         finally:
             os.close(fd)
@@ -91,6 +98,21 @@ def put(root: str, parts: list[str], data: bytes, offset: int, total: int | None
         return end
     finally:
         os.close(dfd)
+
+
+def put_many(chunks: list, owner: tuple[int, int] | None = None) -> int:
+    """Several :func:`put` calls (a folder's small files in one request):
+    ``chunks`` holds (root, parts, data, offset, total) tuples.
+
+    Run as the user in a child (:func:`as_user`), or, with ``owner``, by the
+    agent itself as root, which only the start's copy of the notebook folder
+    does, before the host has sent the kernel anything: no code but the
+    agent's own has run in the VM then (it was restored from a snapshot, or
+    booted), so nothing can have swapped a folder for a link. The walk still
+    follows no link, and what it makes is the user's."""
+    for root, parts, data, offset, total in chunks:
+        put(root, parts, data, offset, total, owner)
+    return len(chunks)
 
 
 def get(root: str, parts: list[str], offset: int, length: int, max_size: int) -> tuple[int, bytes]:

@@ -11,6 +11,8 @@ refuse with whose cap it is.
 
 from __future__ import annotations
 
+from smolvm_kernel.host.policy import workdir_within
+
 
 def apply(cfg, pol, chosen: set[str] | frozenset[str]) -> None:
     """Bring ``cfg`` (a SandboxConfig) within the policy ``pol``, but for the ``chosen`` settings."""
@@ -29,6 +31,8 @@ def apply(cfg, pol, chosen: set[str] | frozenset[str]) -> None:
         cfg.pause_after = float(pol.pause_after)
     if pol.output_policy is not None and "output_policy" not in chosen:
         cfg.output_policy = pol.output_policy
+    if pol.workdir is not None and "workdir_mode" not in chosen and not workdir_within(cfg.workdir_mode, pol.workdir):
+        cfg.workdir_mode = pol.workdir
     if pol.network is not None and "network" not in chosen and cfg.network not in pol.network:
         cfg.network = pol.network[0]
     if pol.profiles is not None and "profile" not in chosen and cfg.profile not in pol.profiles:

@@ -188,6 +188,15 @@ _ROWS = (
            "NAT egress through nftables, no VM-to-VM, no host, no 169.254/16; needs CAP_NET_ADMIN).",
            env="SMOLVM_NETWORK", choices=("none", "nat"), option="network", kernelspec=True, line=True,
            user=True, capped=True),
+    # The notebook's folder (vm/workdir.py).
+    Option("workdir", "str", "", "A host folder copied into the VM's home when it starts, as its working "
+           "folder; files the code writes there come back by the write-back rules. The kernel and %%smolvm "
+           "use their own working directory (the notebook's folder); empty for a Python caller: none.",
+           env="SMOLVM_WORKDIR"),
+    Option("workdir_mode", "str", "read-write", "The working folder: read-write (copied in; what the code "
+           "writes comes back), read-only (copied in; nothing comes back) or off (not copied).",
+           env="SMOLVM_WORKDIR_MODE", choices=("read-write", "read-only", "off"), option="workdir",
+           kernelspec=True, line=True, user=True, capped=True),
     Option("transport", "str", "auto", "How the host reaches the guest agent: auto = vsock where the "
            "backend has it, else virtio-serial (QEMU); ssh = paramiko over the VM's NIC with pinned keys "
            "(needs network='nat').", env="SMOLVM_TRANSPORT", choices=("auto", "serial", "vsock", "ssh"),

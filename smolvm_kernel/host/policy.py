@@ -13,6 +13,7 @@ these caps; a value beyond one is refused with the cap and whose it is.
     network = ["none"]         # the network modes users may pick ("none", "nat")
     profiles = ["base"]        # the guest images users may pick
     output_policy = "safe"     # locked: users cannot switch to "trusted"
+    workdir = "read-write"     # the notebook's folder in the VM: at most read-write, read-only or off
     max_output_mib = 16        # most output a cell may send the notebook
     pause_after = 600          # an idle VM is paused to disk after at most this many seconds
     audit_log = "/var/log/smolvm/audit.jsonl"   # one audit log for the host (audit.py)
@@ -52,11 +53,13 @@ from smolvm_kernel.errors import ConfigError
 
 POLICY_FILE = "/etc/smolvm/policy.toml"
 
+#: The working folder's modes, most open first: a policy's value is the most a user may have.
+WORKDIR_MODES = ("read-write", "read-only", "off")
 _INTS = ("max_vcpus", "max_mem_mib", "max_disk_mib", "max_exec_timeout", "max_output_mib",
          "max_vms_per_user", "max_mem_mib_per_user", "host_max_vms", "host_max_guest_mem_mib",
          "host_reserve_mib", "pause_after")
 _LISTS = {"network": ("none", "nat"), "profiles": None}
-_CHOICES = {"output_policy": ("safe", "trusted")}
+_CHOICES = {"output_policy": ("safe", "trusted"), "workdir": WORKDIR_MODES}
 _PATHS = ("audit_log", "hostd")
 
 
@@ -71,6 +74,7 @@ class Policy:
     network: tuple[str, ...] | None = None
     profiles: tuple[str, ...] | None = None
     output_policy: str | None = None
+    workdir: str | None = None
     audit_log: str | None = None
     #: The admission service's socket (hostd.py): every VM needs its grant, which
     #: is where the per-user and host-wide keys below are enforced.
@@ -108,6 +112,9 @@ class Policy:
         if self.output_policy is not None and cfg.output_policy != self.output_policy:
             out.append(f"output_policy={cfg.output_policy!r}: {self.whose} sets it to "
                        f"{self.output_policy!r}; {ask}")
+        if self.workdir is not None and not workdir_within(cfg.workdir_mode, self.workdir):
+            out.append(f"workdir_mode={cfg.workdir_mode!r}: {self.whose} allows the notebook's folder "
+                       f"at most {self.workdir!r}; {ask}")
         if self.max_exec_timeout and not 0 < cfg.exec_timeout <= self.max_exec_timeout:
             what = "no timeout" if not cfg.exec_timeout else f"a timeout of {cfg.exec_timeout:g} s"
             out.append(f"exec_timeout={cfg.exec_timeout:g} asks for {what}; {self.whose} allows at most "
@@ -116,6 +123,11 @@ class Policy:
             out.append(f"max_output_mib={cfg.max_output_mib} is above the cap of {self.max_output_mib} "
                        f"set by {self.whose}; {ask}")
         return out
+
+
+def workdir_within(mode: str, cap: str) -> bool:
+    """Whether the working-folder ``mode`` is no more open than ``cap``."""
+    return WORKDIR_MODES.index(mode) >= WORKDIR_MODES.index(cap)
 
 
 def parse(text: str, path: str) -> Policy:

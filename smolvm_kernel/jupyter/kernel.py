@@ -69,6 +69,9 @@ class SmolVMKernel:
 
         self.info = connection_info
         self.workdir = workdir or os.getcwd()   # the notebook's folder: push/pull stay in it
+        config = config or SandboxConfig()
+        if not config.workdir:       # the VM's working folder is the notebook's (vm/workdir.py)
+            config.workdir = self.workdir
         key = connection_info.get("key", "")
         self.session = Session(key=key.encode() if isinstance(key, str) else key,
                                signature_scheme=connection_info.get("signature_scheme", "hmac-sha256"),
@@ -84,7 +87,7 @@ class SmolVMKernel:
         # The relay is made after the VM's supervisor (it needs the sandbox):
         # the supervisor reaches it through these lambdas.
         self.vm = VMSupervisor(
-            sandbox_factory or Sandbox, config or SandboxConfig(), config_error=config_error,
+            sandbox_factory or Sandbox, config, config_error=config_error,
             call_soon=self._call_soon,
             publish=lambda msg_type, content, parent: self.relay.publish(msg_type, content, parent),
             fail_requests=lambda error: self.relay.fail_inflight(error),
@@ -211,6 +214,9 @@ class SmolVMKernel:
         """A fresh VM is up (its boot line cleared): the panel's figures, then the waiting requests."""
         self.panel_host.fetch_stats()     # the fresh VM's figures now, not in 2 s
         self.relay.flush_backlog()
+        notes, self.sandbox.start_notes = self.sandbox.start_notes, []
+        for text in notes:                # the working folder's left-out files, in the first cell
+            self.relay.notice(text)
 
     # -- main loop
 

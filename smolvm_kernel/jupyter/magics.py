@@ -57,6 +57,7 @@ class GuestError(Exception):
 
 
 def _get_sandbox(line: hostline.HostLine, create: bool = True):
+    from smolvm_kernel.config import SandboxConfig
     from smolvm_kernel.vm.sandbox import Sandbox
 
     sb = _sandboxes.get(line.name)
@@ -70,7 +71,10 @@ def _get_sandbox(line: hostline.HostLine, create: bool = True):
     if sb is None:
         if not create:
             return None
-        sb = Sandbox(**wanted)
+        config = SandboxConfig(**wanted)
+        if not config.workdir:       # this kernel's working directory is the VM's (vm/workdir.py)
+            config.workdir = os.getcwd()
+        sb = Sandbox(config)
         _sandboxes[line.name] = sb
     return sb
 
@@ -119,6 +123,9 @@ def smolvm_cell(line: str, cell: str):
             sb.start()
         print(f"[smolvm] ready in {time.monotonic() - t0:.1f} s "
               f"({sb.backend.name}/{sb.backend.spec.accel})", file=sys.stderr, flush=True)
+    notes, sb.start_notes = sb.start_notes, []
+    for text in notes:
+        print(text, end="", file=sys.stderr, flush=True)
     from smolvm_kernel.jupyter.output_policy import OutputPolicy
 
     policy = OutputPolicy.from_config(sb.config)

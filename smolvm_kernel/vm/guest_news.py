@@ -29,6 +29,12 @@ class News:
     ready: dict | None = None          # the guest kernel is ready; its kernel_info
     death: GuestDied | None = None     # the guest's kernel is gone
     note: str | None = None            # a line for the running cell(s)
+    #: files in the notebook's folder in the VM that changed (path, size) and
+    #: that are gone; not yet checked by the write-back rules (vm/workdir.py)
+    workdir: tuple[tuple[tuple[str, int], ...], tuple[str, ...], bool] | None = None
+
+#: Most paths one workdir event may name (the agent's own bound, guest/workdir.py).
+MAX_WORKDIR_PATHS = 2000
 
 
 def agent_event(event: dict, mem_mib: int, max_message_bytes: int) -> News | None:
@@ -51,6 +57,16 @@ def agent_event(event: dict, mem_mib: int, max_message_bytes: int) -> News | Non
         return News(note=f"[smolvm] an output of {size if _is_int(size) else 'unknown'} bytes was dropped "
                          f"in the VM: it exceeds the {max_message_bytes}-byte message limit "
                          f"(max_message_bytes)\n")
+    if kind == "workdir_changed":
+        changed, removed = event.get("changed"), event.get("removed", [])
+        if (isinstance(changed, list) and isinstance(removed, list)
+                and len(changed) <= MAX_WORKDIR_PATHS and len(removed) <= MAX_WORKDIR_PATHS
+                and all(isinstance(c, list) and len(c) == 2 and isinstance(c[0], str) and _is_int(c[1])
+                        and c[1] >= 0 for c in changed)
+                and all(isinstance(r, str) for r in removed)):
+            return News(workdir=(tuple((c[0], c[1]) for c in changed), tuple(removed),
+                                 event.get("truncated") is True))
+        return None
     if kind == "limit":
         what, limit, killed = event.get("what"), event.get("limit"), event.get("killed")
         if _is_int(limit) and _is_int(killed) and isinstance(what, str) and what in LIMITS:

@@ -57,6 +57,9 @@ class Hooks:
     running: Callable[[], bool] = lambda: True
     #: Whether the VM is paused on purpose (its VMM's exit is then no death).
     paused: Callable[[], bool] = lambda: False
+    #: The agent of a new or restored VM answered hello (its kernel may still
+    #: be taking its key): the machine, for requests to send before any cell.
+    hello: Callable[["Machine"], None] = lambda machine: None
 
 
 class Machine:
@@ -163,6 +166,8 @@ class Machine:
                 raise self._boot_failure("the guest agent", timeout) from None
             timeline.mark("hello answered")
             self.channel.start()
+            if not resume:
+                self.hooks.hello(self)
             if not (resume and hello.get("kernel_ready") is True):
                 done, _ = await asyncio.wait({self._ready, watcher}, timeout=remaining(),
                                              return_when=asyncio.FIRST_COMPLETED)

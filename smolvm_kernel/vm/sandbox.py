@@ -57,6 +57,7 @@ from smolvm_kernel.host.procs import rss_kib
 from smolvm_kernel.host.registry import Registry
 from smolvm_kernel.images import Image
 from smolvm_kernel.vm import aio, boot, guest_news
+from smolvm_kernel.vm.workdir import Workdir
 from smolvm_kernel.vm.inbox import Inbox
 from smolvm_kernel.vm.lifecycle import SandboxState
 from smolvm_kernel.vm.machine import Hooks, Machine
@@ -166,6 +167,12 @@ class Sandbox:
         #: The background build of this shape's ready snapshot (snapshot="auto").
         self.snapshot_build: asyncio.Task | None = None
         self._death: SmolVMError | None = None
+        #: The working folder's copy in the running VM (workdir.py), when config.workdir is set.
+        self.workdir: Workdir | None = None
+        self._workdir_ready: asyncio.Future | None = None
+        self._workdir_push: asyncio.Future | None = None
+        #: Lines for the first cell after a start (the working folder's left-out files).
+        self.start_notes: list[str] = []
         #: Tests only: the guest agent offers its fault-injection op (guest/faults.py).
         self.guest_faults = False
         #: Idle pause to disk (pause.py). ``busy`` is the owner's hook saying it
@@ -242,8 +249,10 @@ class Sandbox:
 
     def stop(self) -> None:
         """Destroy the VM and remove its files, and end a background snapshot
-        build of this Sandbox; safe to call twice."""
+        build of this Sandbox; safe to call twice. Files the code wrote in the
+        working folder are copied back first (read-write)."""
         with self._lock:
+            self._finish_workdir()
             aio.run(self._stop())
             build, self.snapshot_build = self.snapshot_build, None
             if build is not None and not build.done():
@@ -266,6 +275,7 @@ class Sandbox:
         """Replace the VM with a fresh one (same settings); all guest state is lost."""
         with self._lock:
             _live.add(self)
+            self._finish_workdir()
             aio.run(self._stop())
             aio.run(self._start())
 
@@ -296,6 +306,7 @@ class Sandbox:
         self._death = None
         try:
             await asyncio.to_thread(self._registry.cleanup)
+            self._open_workdir()
             self._hostd = await boot.admit(cfg, str(self.audit_context.get("kernel_id", "")))
             plan = await boot.plan(cfg, self._snapshots, self._say, self._progress)
             self.image, self.backend_name, self.accel_reason = plan.image, plan.backend_name, plan.accel_reason
@@ -319,6 +330,8 @@ class Sandbox:
             if snap is None:
                 await self._launch(plan, restore=None)
                 self.started_from = "cold boot"
+            if self._workdir_push is not None:
+                await self._workdir_push        # sent (not all answered): a cell comes after it
             self.boot_seconds = time.monotonic() - t0
             self.state = SandboxState.READY
             self._say(f"microVM ready in {self.boot_seconds:.1f} s ({self.started_from})")
@@ -345,6 +358,7 @@ class Sandbox:
             self.machine = machine
 
         hooks = Hooks(frame=self._handle_frame, agent_event=self._on_agent_event, death=self._die,
+                      hello=self._start_workdir_push,
                       idle=self.pauser.maybe_pause,
                       running=lambda: self.state in (SandboxState.READY, SandboxState.BUSY),
                       paused=lambda: self.pauser.paused)
@@ -356,6 +370,10 @@ class Sandbox:
         admission grant (and its cgroup) for a start that goes on (a cold boot
         after a failed restore)."""
         self.pauser.forget()
+        if not keep_grant:        # a start that goes on (a cold boot after a failed restore) keeps it
+            workdir, self.workdir = self.workdir, None
+            if workdir is not None:
+                workdir.close()
         machine, self.machine = self.machine, None   # from here on, news from it is stale (see _die)
         if machine is not None:
             await machine.stop()
@@ -432,6 +450,9 @@ class Sandbox:
                 self._die(news.death)
         elif news.note is not None:
             self._notice(news.note)
+        elif news.workdir is not None:
+            if self.workdir is not None:
+                self.workdir.changed(*news.workdir)
 
     def _notice(self, text: str) -> None:
         """A note for the running cell(s), from the host (never guest text)."""
@@ -441,6 +462,94 @@ class Sandbox:
         note = {"msg_type": "stream", "channel": "iopub", "content": {"name": "stderr", "text": text}}
         for q in list(self._pending.values()):
             q.put(note)
+
+    # ------------------------------------------------------------ the working folder
+
+    def _open_workdir(self) -> None:
+        """At the start: read the working folder into its copy-in, on a thread,
+        while the VM is restored (workdir.py)."""
+        cfg = self.config
+        self._workdir_push = None
+        self.start_notes = []
+        if not cfg.workdir or cfg.workdir_mode == "off":
+            return
+        try:
+            self.workdir = Workdir(cfg.workdir, cfg.workdir_mode, request=self._machine_request,
+                                   get_file=lambda path, limit: self._read_guest(path, limit),
+                                   notice=self._notice)
+        except OSError as exc:
+            raise ConfigError("workdir", cfg.workdir, f"it cannot be opened as a folder ({exc.strerror}); "
+                                                      f"give an existing folder, or workdir_mode='off'") from None
+        self._workdir_ready = asyncio.ensure_future(asyncio.to_thread(self.workdir.prepare))
+
+    def _start_workdir_push(self, machine: Machine) -> None:
+        """The agent said hello: send the copy-in now (Hooks.hello), on a task
+        the start waits for before the VM is ready."""
+        if self.workdir is not None:
+            self._workdir_push = asyncio.ensure_future(self._push_workdir(machine))
+
+    async def _push_workdir(self, machine: Machine) -> None:
+        copied = await self._workdir_ready
+        window: list[asyncio.Future] = []
+        for req in self.workdir.requests:
+            fields = dict(req)
+            op = fields.pop("op")
+            future = asyncio.ensure_future(machine.request(op, timeout=60, **fields))
+            future.add_done_callback(self._copied_in)
+            window.append(future)
+            if len(window) > 2:       # at most two batches on their way
+                await asyncio.wait([window.pop(0)])
+        self._say(f"working folder {self.workdir.root}: {len(copied.files)} files ({copied.total_bytes} bytes, "
+                  f"read in {copied.seconds * 1000:.0f} ms) sent to the VM ({self.config.workdir_mode})")
+        if copied.note():
+            self.start_notes.append(copied.note())
+
+    def _copied_in(self, future) -> None:
+        """A copy-in request's answer: a failure is said in the first cell."""
+        if future.cancelled():
+            return
+        try:
+            reply = future.result()
+        except Exception as exc:   # the VM went away meanwhile: its death says so
+            log.info("copying the working folder in: %s", exc)
+            return
+        if not reply.get("ok"):
+            note = (f"[smolvm] copying the notebook's folder into the VM failed: "
+                    f"{str(reply.get('error', 'error'))[:300]}\n")
+            if self.state == SandboxState.BOOTING:
+                self.start_notes.append(note)
+            else:
+                self._notice(note)
+
+    def _finish_workdir(self) -> None:
+        """Before a stop or reset: the files changed since the last cell, back."""
+        if self.workdir is not None and self.state in (SandboxState.READY, SandboxState.BUSY):
+            self.workdir.finish()
+
+    def _machine_request(self, op: str, timeout: float = 30.0, **fields) -> dict:
+        """One agent op on the running machine, in any state (the start's copy-in)."""
+        machine = self.machine
+        if machine is None:
+            raise SandboxStopped()
+        reply = aio.run(machine.request(op, timeout=timeout, **fields), timeout + 1)
+        if not reply.get("ok"):
+            raise GuestFileError(str(reply.get("error", "error"))[:500])
+        return reply
+
+    def _read_guest(self, remote: str, max_bytes: int) -> bytes:
+        """A file from the guest's home (the write-back; not audited one by one)."""
+        out = bytearray()
+        while True:
+            reply = self.agent_request("get", path=remote, offset=len(out), length=_FILE_CHUNK, timeout=60)
+            size, data = reply.get("size"), reply.get("data")
+            if not isinstance(size, int) or not isinstance(data, str) or size > max_bytes:
+                raise GuestFileError(f"{remote}: over {max_bytes} bytes, or a malformed answer")
+            chunk = base64.b64decode(data)
+            out += chunk
+            if len(out) > max_bytes:
+                raise GuestFileError(f"{remote}: over {max_bytes} bytes")
+            if not chunk or len(out) >= size:
+                return bytes(out)
 
     # ------------------------------------------------------------ messaging
 

@@ -37,6 +37,7 @@ class FakeSandbox(FakeVM):
         self.session = Session(key=GUEST_KEY, check_pid=False)
         self.on_guest_frame = self.on_death = None
         self.kernel_info = {}
+        self.start_notes = []
         self.hold = threading.Event()
         self.hold.set()
         self.count = 0

@@ -69,7 +69,8 @@ def test_the_variables_keep_their_names():
         "vcpus": "SMOLVM_VCPUS", "mem_mib": "SMOLVM_MEM_MIB", "disk_mib": "SMOLVM_DISK_MIB",
         "profile": "SMOLVM_PROFILE", "backend": "SMOLVM_BACKEND", "accel": "SMOLVM_ACCEL",
         "boot_timeout": "SMOLVM_BOOT_TIMEOUT", "exec_timeout": "SMOLVM_TIMEOUT",
-        "pause_after": "SMOLVM_PAUSE_AFTER", "network": "SMOLVM_NETWORK", "transport": "SMOLVM_TRANSPORT",
+        "pause_after": "SMOLVM_PAUSE_AFTER", "workdir": "SMOLVM_WORKDIR",
+        "workdir_mode": "SMOLVM_WORKDIR_MODE", "network": "SMOLVM_NETWORK", "transport": "SMOLVM_TRANSPORT",
         "netns": "SMOLVM_NETNS", "dns": "SMOLVM_DNS", "qemu_path": "SMOLVM_QEMU",
         "firecracker_path": "SMOLVM_FIRECRACKER", "auto_build": "SMOLVM_AUTO_BUILD",
         "debug_console": "SMOLVM_DEBUG_CONSOLE", "snapshot": "SMOLVM_SNAPSHOT",
@@ -85,16 +86,19 @@ def test_kernelspec_options_come_from_the_table():
         "profile": "SMOLVM_PROFILE", "mem": "SMOLVM_MEM_MIB", "cpus": "SMOLVM_VCPUS",
         "timeout": "SMOLVM_TIMEOUT", "backend": "SMOLVM_BACKEND", "disk": "SMOLVM_DISK_MIB",
         "network": "SMOLVM_NETWORK", "transport": "SMOLVM_TRANSPORT", "netns": "SMOLVM_NETNS",
-        "output_policy": "SMOLVM_OUTPUT_POLICY"}
+        "output_policy": "SMOLVM_OUTPUT_POLICY", "workdir": "SMOLVM_WORKDIR_MODE"}
 
 
 def test_line_options_come_from_the_table():
     assert hostline.SETTINGS == {option: (row.name, row.python_type) for option, row in LINE_OPTIONS.items()}
     assert hostline.SETTINGS == {
         "--cpus": ("vcpus", int), "--mem": ("mem_mib", int), "--disk": ("disk_mib", int),
-        "--timeout": ("exec_timeout", float), "--network": ("network", str), "--profile": ("profile", str)}
-    assert hostline.CONFIG_SETTINGS == USER_SETTINGS == ("vcpus", "mem_mib", "disk_mib", "exec_timeout", "network")
-    assert hostline.COMMANDS["config"][0] == "[--cpus N] [--mem MiB] [--disk MiB] [--timeout S] [--network none|nat]"
+        "--timeout": ("exec_timeout", float), "--network": ("network", str), "--profile": ("profile", str),
+        "--workdir": ("workdir_mode", str)}
+    assert hostline.CONFIG_SETTINGS == USER_SETTINGS == ("vcpus", "mem_mib", "disk_mib", "exec_timeout", "network",
+                                                         "workdir_mode")
+    assert hostline.COMMANDS["config"][0] == ("[--cpus N] [--mem MiB] [--disk MiB] [--timeout S] [--network none|nat] "
+                                              "[--workdir read-write|read-only|off]")
 
 
 def test_the_table_and_the_class_agree():
