@@ -99,12 +99,19 @@ def kernelspec(image):
     return "smolvm-python"
 
 
+@pytest.fixture(scope="session")
+def notebook_dir(tmp_path_factory):
+    """The folder the tests' kernels start in, as a notebook's: it becomes their
+    VMs' working folder (vm/workdir.py), so it must not be the repository."""
+    return tmp_path_factory.mktemp("notebook")
+
+
 @pytest.fixture(scope="module")
-def kernel(kernelspec):
+def kernel(kernelspec, notebook_dir):
     """A running SmolVM Python kernel (its VM booted) and a client."""
     from jupyter_client.manager import start_new_kernel
 
-    km, kc = start_new_kernel(kernel_name=kernelspec, startup_timeout=60)
+    km, kc = start_new_kernel(kernel_name=kernelspec, startup_timeout=60, cwd=str(notebook_dir))
     kc.execute_interactive("pass", timeout=120)     # wait for the VM
     yield km, kc
     kc.stop_channels()

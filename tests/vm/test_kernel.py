@@ -165,8 +165,8 @@ def test_vmm_death_mid_cell_is_reported_and_next_cell_gets_a_fresh_vm(kernel):
     assert new.vm_id != old.vm_id
 
 
-def test_restart_gives_a_brand_new_vm_and_shutdown_leaves_nothing(kernelspec):
-    km, kc = start_new_kernel(kernel_name=kernelspec, startup_timeout=60)
+def test_restart_gives_a_brand_new_vm_and_shutdown_leaves_nothing(kernelspec, notebook_dir):
+    km, kc = start_new_kernel(kernel_name=kernelspec, startup_timeout=60, cwd=str(notebook_dir))
     try:
         run(kc, "open('/home/user/f', 'w').write('x'); v = 1")
         (first,) = vms_of(km)
@@ -192,12 +192,12 @@ def test_restart_gives_a_brand_new_vm_and_shutdown_leaves_nothing(kernelspec):
     assert not Path(f"/proc/{second.vmm_pid}").exists()
 
 
-def test_per_cell_timeout_interrupts_then_resets(kernelspec):
+def test_per_cell_timeout_interrupts_then_resets(kernelspec, notebook_dir):
     """A kernelspec with --timeout: a slow cell is interrupted; one that ignores SIGINT gets a fresh VM."""
     from smolvm_kernel.jupyter import kernelspec as ks
 
     ks.install("smolvm-timeout", prefix=os.environ["SMOLVM_TEST_PREFIX"], backend="qemu", timeout=3)
-    km, kc = start_new_kernel(kernel_name="smolvm-timeout", startup_timeout=60)
+    km, kc = start_new_kernel(kernel_name="smolvm-timeout", startup_timeout=60, cwd=str(notebook_dir))
     try:
         run(kc, "marker = 1", timeout=120)
         t0 = time.monotonic()
@@ -230,14 +230,14 @@ time.sleep(600)
 """
 
 
-def test_a_kernel_whose_launcher_dies_goes_with_its_vm(kernelspec):
+def test_a_kernel_whose_launcher_dies_goes_with_its_vm(kernelspec, notebook_dir):
     """A client (Jupyter server, nbclient) killed without shutting its kernel
     down: the kernel notices its parent is gone and stops, VM included."""
     import subprocess
     import sys
 
     client = subprocess.Popen([sys.executable, "-c", CLIENT_SCRIPT, kernelspec], stdout=subprocess.PIPE,
-                              text=True, env=os.environ.copy())
+                              text=True, env=os.environ.copy(), cwd=notebook_dir)
     try:
         kernel_pid = int(client.stdout.readline())
         vms = [r for r in Registry().list() if r.owner_pid == kernel_pid]

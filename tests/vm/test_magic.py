@@ -60,8 +60,8 @@ def test_status_and_list(shell, capsys):
     assert "stopped" in capsys.readouterr().out
 
 
-def test_magic_inside_a_real_ipykernel(image):
-    km, kc = start_new_kernel(kernel_name="python3", startup_timeout=60)
+def test_magic_inside_a_real_ipykernel(image, notebook_dir):
+    km, kc = start_new_kernel(kernel_name="python3", startup_timeout=60, cwd=str(notebook_dir))
     try:
         outs = []
         kc.execute_interactive("%load_ext smolvm_kernel", timeout=30)

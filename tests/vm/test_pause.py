@@ -71,11 +71,11 @@ def test_a_busy_vm_is_not_paused(sandbox_factory):
     sb.stop()
 
 
-def test_a_kernel_resumes_its_paused_vm_on_the_next_cell(kernelspec, monkeypatch):
+def test_a_kernel_resumes_its_paused_vm_on_the_next_cell(kernelspec, notebook_dir, monkeypatch):
     from jupyter_client.manager import start_new_kernel
 
     monkeypatch.setenv("SMOLVM_PAUSE_AFTER", "2")
-    km, kc = start_new_kernel(kernel_name=kernelspec, startup_timeout=60)
+    km, kc = start_new_kernel(kernel_name=kernelspec, startup_timeout=60, cwd=str(notebook_dir))
     try:
         kc.execute_interactive("y = [1, 2, 3]", timeout=120)
         before = [r for r in Registry().list() if r.owner_pid == km.provisioner.process.pid]
