@@ -5,7 +5,7 @@
 Runs, one after another (each against a local ipykernel in the same run):
 snapshot_bench (launch, restart, many kernels, memory, snapshot build),
 launch_timeline (where a start's time goes, mark by mark), kernel_bench (round trips, output, first cell and first interrupt after a
-start), transport_bench (virtio-serial vs SSH; needs root for its network
+start), workdir_bench (what the notebook's folder adds to a start), transport_bench (virtio-serial vs SSH; needs root for its network
 namespace, skipped with a note otherwise), boot_loop (cold boots) and
 leak_cycles (what 100 start/stop cycles, restarts and resets leave behind). It
 prints a header naming the machine (CPU, cores, memory, kernel, accelerator
@@ -20,6 +20,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -59,7 +60,12 @@ def machine() -> list[str]:
 def run(script: str, *args: str) -> int:
     print(f"\n### `python benchmarks/{script} {' '.join(args)}`".rstrip() + "\n", flush=True)
     t = time.monotonic()
-    proc = subprocess.run([sys.executable, str(HERE / script), *args], stdout=subprocess.PIPE, text=True)
+    # Kernels start in their notebook's folder, which SmolVM copies into the VM
+    # (vm/workdir.py): each script runs in an empty one, a fresh notebook's, not
+    # in the repository (workdir_bench.py measures the folder's cost itself).
+    with tempfile.TemporaryDirectory(prefix="smolvm-bench-notebook-") as folder:
+        proc = subprocess.run([sys.executable, str(HERE / script), *args], stdout=subprocess.PIPE, text=True,
+                              cwd=folder)
     table = [line for line in proc.stdout.splitlines() if line.strip()]
     print("\n".join(table))
     print(f"\n({time.monotonic() - t:.0f} s{'' if proc.returncode == 0 else f', exit status {proc.returncode}'})",
@@ -81,6 +87,7 @@ def main() -> int:
     failed |= run("launch_timeline.py", "--launches", "3" if quick else "7")
     failed |= run("kernel_bench.py", "--rounds", "50" if quick else "200",
                   "--first-use-runs", "1" if quick else "3")
+    failed |= run("workdir_bench.py", "--launches", "2" if quick else "5", "--rounds", "50" if quick else "100")
     if args.no_transport:
         pass
     elif os.geteuid() != 0:
