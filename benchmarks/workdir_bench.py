@@ -29,6 +29,7 @@ from jupyter_client.manager import start_new_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _stats import median  # noqa: E402
+from kernel_bench import _round_trips  # noqa: E402
 
 
 def make_course(root: Path) -> int:
@@ -62,14 +63,7 @@ def launch_once(kernel: str, folder: Path, env: dict) -> float:
 def round_trips(kernel: str, folder: Path, env: dict, rounds: int) -> float:
     km, kc = start_new_kernel(kernel_name=kernel, startup_timeout=300, cwd=str(folder), env=env)
     try:
-        for _ in range(20):    # a restored TCG guest translates its code afresh: warm up alike
-            kc.execute_interactive("pass", timeout=60)
-        times = []
-        for _ in range(rounds):
-            t = time.perf_counter()
-            kc.execute_interactive("pass", timeout=60)
-            times.append(time.perf_counter() - t)
-        return median(times)
+        return median(_round_trips(kc, rounds))
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=False)

@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 from smolvm_kernel.errors import GuestFileError, SmolVMError
+from smolvm_kernel.vm.workdir import size_words as _size
 
 
 class TransferError(SmolVMError, PermissionError):
@@ -114,11 +115,3 @@ def run(sandbox, root: str | os.PathLike, line, limit: int) -> str:
 
 def _guest_display(path: str) -> str:
     return path if path.startswith(("/", "~")) else f"~/{path}"
-
-
-def _size(n: int) -> str:
-    for unit in ("bytes", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)

@@ -106,7 +106,7 @@ class CopyIn:
         shown = ", ".join(f"{path} ({why})" for path, why in self.left_out[:6])
         more = f" and {len(self.left_out) - 6} more" if len(self.left_out) > 6 else ""
         return (f"[smolvm] the notebook's folder was copied into the VM ({len(self.files)} files, "
-                f"{_size(self.total_bytes)}), but {len(self.left_out)} were left out: {shown}{more}. "
+                f"{size_words(self.total_bytes)}), but {len(self.left_out)} were left out: {shown}{more}. "
                 f"Copy one in with %smolvm push NAME.\n")
 
 
@@ -170,12 +170,12 @@ def plan(root: Path, limits: Limits) -> tuple[list[tuple[str, int]], list[tuple[
                         deeper.append(rel + "/")
                 elif stat.S_ISREG(st.st_mode):
                     if st.st_size > limits.file_bytes:
-                        left.append((rel, f"{_size(st.st_size)}, over the {_size(limits.file_bytes)} "
+                        left.append((rel, f"{size_words(st.st_size)}, over the {size_words(limits.file_bytes)} "
                                           f"a file"))
                     elif len(take) >= limits.files:
                         left.append((rel, f"over the {limits.files}-file limit"))
                     elif total + st.st_size > limits.total_bytes:
-                        left.append((rel, f"over the {_size(limits.total_bytes)} in all"))
+                        left.append((rel, f"over the {size_words(limits.total_bytes)} in all"))
                     else:
                         take.append((rel, st.st_size))
                         total += st.st_size
@@ -328,7 +328,7 @@ class Workdir:
         if why:
             return why
         if size > self.limits.file_bytes:
-            return f"{_size(size)}, over the {_size(self.limits.file_bytes)} a file comes back"
+            return f"{size_words(size)}, over the {size_words(self.limits.file_bytes)} a file comes back"
         current = self._host_figures(rel)
         if current == "other":
             return "the folder has a link, folder or other non-file under that name"
@@ -390,7 +390,7 @@ class Workdir:
         room = self.limits.writeback_bytes - self.written_bytes
         if size > room:
             self._tell_once(rel, "over the write-back limit of this VM "
-                                 f"({_size(self.limits.writeback_bytes)}); pull it with %smolvm pull")
+                                 f"({size_words(self.limits.writeback_bytes)}); pull it with %smolvm pull")
             return
         data = self._get_file(rel, min(self.limits.file_bytes, room))
         if len(data) > min(self.limits.file_bytes, room):       # the guest's size is not trusted
@@ -501,7 +501,8 @@ def _refusal_note(lines: list[str]) -> str:
             f"deliberately with %smolvm pull NAME):\n{shown}{more}\n")
 
 
-def _size(n: float) -> str:
+def size_words(n: float) -> str:
+    """``n`` bytes as a person reads them: 512 bytes, 3.0 KiB, 1.5 MiB."""
     for unit in ("bytes", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{int(n)} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
