@@ -57,7 +57,7 @@ from smolvm_kernel.host.procs import rss_kib
 from smolvm_kernel.host.registry import Registry
 from smolvm_kernel.images import Image
 from smolvm_kernel.vm import aio, boot, guest_news
-from smolvm_kernel.vm.workdir import Workdir
+from smolvm_kernel.vm.workdir import Workdir, size_words
 from smolvm_kernel.vm.inbox import Inbox
 from smolvm_kernel.vm.lifecycle import SandboxState
 from smolvm_kernel.vm.machine import Hooks, Machine
@@ -308,7 +308,7 @@ class Sandbox:
             await asyncio.to_thread(self._registry.cleanup)
             self._open_workdir()
             self._hostd = await boot.admit(cfg, str(self.audit_context.get("kernel_id", "")))
-            plan = await boot.plan(cfg, self._snapshots, self._say, self._progress)
+            plan = await boot.plan(cfg, self._snapshots, self._say, self._progress, self._hostd)
             self.image, self.backend_name, self.accel_reason = plan.image, plan.backend_name, plan.accel_reason
             snap = plan.snapshot
             if snap is not None:
@@ -490,6 +490,9 @@ class Sandbox:
 
     async def _push_workdir(self, machine: Machine) -> None:
         copied = await self._workdir_ready
+        if copied.total_bytes >= 1 << 20:     # the boot line says what it waits for
+            self._say(f"copying the notebook's folder into the VM ({len(copied.files)} files, "
+                      f"{size_words(copied.total_bytes)})")
         window: list[asyncio.Future] = []
         for req in self.workdir.requests:
             fields = dict(req)
