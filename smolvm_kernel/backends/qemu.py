@@ -183,6 +183,11 @@ class QemuBackend(Backend):
             elif self.restore is not None:
                 self.argv += ["-incoming", f"fd:{fds['state']}"]
             passed = tuple(fds.values()) + ((self.spec.tap_fd,) if self.spec.tap_fd is not None else ())
+            ram_fd = getattr(self.restore, "ram_fd", None)
+            if ram_fd is not None:
+                # hostd's sealed memfd of the snapshot's RAM (classroom/sharedram.py):
+                # mem-path is /proc/self/fd/<it>, at the same number in QEMU.
+                passed += (ram_fd,)
             await self._spawn(self.argv, drops_privileges=runas is not None, pass_fds=passed)
             timeline.mark("QEMU spawned")
         finally:

@@ -12,7 +12,9 @@ removes the students it created. What it writes:
   is read as configuration. Only the SmolVM kernelspecs, no terminals, no
   hidden files through the contents API, idle kernels culled.
 - ``cache/``: the guest images and ready snapshots, readable by students,
-  writable by root alone (students fork from copies of the snapshots).
+  writable by root alone (students fork from copies of the snapshots' state and
+  disk; their guest RAM is one sealed memfd per snapshot that hostd hands out:
+  sharedram.py).
 - ``server-cwd/``, ``jupyter-data/``: empty, root-owned: the servers' working
   directory and ``JUPYTER_DATA_DIR``, so nothing that searches either (nbconvert's
   templates, kernelspecs, lab extensions) finds a student's file.
@@ -147,7 +149,7 @@ c.Spawner.environment = {{
 c.JupyterHub.services = [{{
     "name": "smolvm-hostd",
     "command": [{smolvm!r}, "hostd", "--socket", "{hostd}"],
-    "environment": {{{policy_env_inline}}},
+    "environment": {{"SMOLVM_CACHE_DIR": "{dir}/cache", {policy_env_inline}}},     # its snapshots' RAM
 }}, {{
     # Moves any process of a student that is outside their cgroup into it.
     "name": "smolvm-confine",

@@ -19,6 +19,9 @@ Wire format: one JSON object per line each way; requests carry ``op``:
     {"op": "event", "event": "push", "fields": {...}}             -> (no answer)
     {"op": "ls"}                      -> {"ok": true, "grants": [...]} (root: all; others: their own)
     {"op": "join", "grant": 3}        -> {"ok": true}   (from the VMM's process, before it execs)
+    {"op": "ram", "key": "<64 hex>"}  -> {"ok": true, "size": N} + a sealed memfd (SCM_RIGHTS)
+                                         (a grant holder only; the key's snapshot must be in the
+                                         root-owned seed folder: sharedram.py)
 
 The VMM's cgroup: with a grant comes a cgroup the service made (memory, CPU
 and pids limits from the granted shape, root-owned: the student cannot raise
@@ -77,6 +80,7 @@ from pathlib import Path
 from smolvm_kernel.classroom.callers import (ADMIT_BURST, ADMIT_RATE, EVENT_BURST, EVENT_RATE, USER_EVENTS,
                                              Bucket, Peer, Proc, dup, peer_of, request_shape, user_fields)
 from smolvm_kernel.classroom.grants import VMM_OVERHEAD_MIB, Admissions, Grant, host_limits
+from smolvm_kernel.classroom.sharedram import SharedRAM
 from smolvm_kernel.host import cgroups
 from smolvm_kernel.host import policy as policy_mod
 from smolvm_kernel.host.admission import _MAX_LINE, SOCKET_PATH, AdmissionRefused
@@ -100,8 +104,11 @@ class HostService:
                  max_connections_per_uid: int = MAX_CONNECTIONS_PER_UID,
                  idle_timeout: float = IDLE_TIMEOUT_S, event_burst: float = EVENT_BURST,
                  event_rate: float = EVENT_RATE, admit_burst: float = ADMIT_BURST,
-                 admit_rate: float = ADMIT_RATE, proc: Proc | None = None) -> None:
+                 admit_rate: float = ADMIT_RATE, proc: Proc | None = None, seeds: Path | None = None) -> None:
         self.path = path
+        #: Sealed memfds of the shared seed folder's snapshots' RAM (sharedram.py).
+        self.shared_ram = SharedRAM(seeds)
+        self._ram_lock = asyncio.Lock()
         #: Make each grant's VMM cgroup (root only; unit tests of the protocol switch it off).
         self.make_cgroups = make_cgroups
         self.cgroup_parent = cgroup_parent
@@ -143,6 +150,7 @@ class HostService:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
+        self.shared_ram.close()
 
     def _own(self, event: str, **fields) -> None:
         """An entry of the service's own: in the host's timeline and in its own log."""
@@ -207,7 +215,10 @@ class HostService:
                 except Exception as exc:      # a bug here must not end the service
                     log.warning("hostd: a request failed: %s: %s", type(exc).__name__, exc)
                     reply = {"ok": False, "why": f"the service failed on it ({type(exc).__name__})"}
-                if reply is not None:
+                if reply is not None and "_ram" in reply:
+                    await writer.drain()
+                    await self._send_ram(sock, reply["_ram"])
+                elif reply is not None:
                     writer.write(json.dumps(reply).encode() + b"\n")
                     await asyncio.wait_for(writer.drain(), max(self.idle_timeout, 5.0))
         except (ConnectionError, OSError, asyncio.TimeoutError):
@@ -280,10 +291,40 @@ class HostService:
         if op == "event":
             self._event(peer, held, req)
             return None
+        if op == "ram":
+            if not held:
+                return {"ok": False, "why": "the snapshot's RAM is given to a kernel holding a grant only"}
+            return {"_ram": req.get("key")}
         if op == "ls":
             grants = [g.listed() for g in self.admissions.grants.values() if uid == 0 or g.uid == uid]
             return {"ok": True, "grants": grants}
         return {"ok": False, "why": f"unknown op {str(op)[:40]!r}"}
+
+    async def _send_ram(self, sock, key) -> None:
+        """The reply to ``ram`` with the snapshot's sealed memfd, or a refusal."""
+        import socket
+
+        async with self._ram_lock:
+            try:
+                await asyncio.to_thread(self.shared_ram.prune)
+                fd = await asyncio.to_thread(self.shared_ram.get, key)
+                # A copy of its own: another request may close the service's one meanwhile.
+                fd = os.dup(fd) if fd is not None else None
+            except OSError as exc:
+                log.warning("hostd: cannot share the RAM of snapshot %.16s: %s", key, exc)
+                fd = None
+        if fd is None:
+            reply, fds = {"ok": False, "why": "no such ready snapshot in the shared cache"}, []
+        else:
+            reply, fds = {"ok": True, "size": os.fstat(fd).st_size}, [fd]
+        raw = socket.socket(fileno=os.dup(sock.fileno()))
+        try:
+            raw.settimeout(1)
+            socket.send_fds(raw, [json.dumps(reply).encode() + b"\n"], fds)
+        finally:
+            raw.close()
+            for f in fds:
+                os.close(f)
 
     def _release(self, peer: Peer, gid: int, **why) -> Grant | None:
         """Give grant ``gid`` back (its cgroup is the caller's to remove); the grant, or None."""
@@ -410,8 +451,10 @@ def raise_nofile() -> tuple[int, int]:
 
 def serve(path: str = SOCKET_PATH) -> int:
     """Run the service until interrupted (``smolvm-kernel hostd``)."""
+    from smolvm_kernel import paths
+
     pol = policy_mod.load()
-    service = HostService(path, pol)
+    service = HostService(path, pol, seeds=paths.cache_dir() / "snapshots")
 
     async def run() -> None:
         await service.start()

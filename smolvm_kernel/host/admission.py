@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import socket
 from pathlib import Path
 
@@ -87,6 +88,43 @@ class HostClient:
                                          default=str).encode() + b"\n")
         except OSError as exc:
             log.warning("cannot send an audit event to hostd: %s", exc)
+
+    def shared_ram(self, key: str) -> int | None:
+        """hostd's sealed memfd of the shared ready snapshot ``key``'s guest RAM
+        (classroom/sharedram.py), a descriptor of this process's own (not
+        inherited), or None: no such snapshot, or a service that does not offer it."""
+        import fcntl
+
+        try:
+            self.sock.sendall(json.dumps({"op": "ram", "key": key}).encode() + b"\n")
+            data, fds, _flags, _addr = socket.recv_fds(self.sock, _MAX_LINE, 4)
+            while data and not data.endswith(b"\n"):
+                more = self.sock.recv(_MAX_LINE)
+                if not more:
+                    break
+                data += more
+        except OSError as exc:
+            log.warning("cannot ask hostd for the snapshot's RAM: %s", exc)
+            return None
+        for fd in fds:
+            os.set_inheritable(fd, False)
+        try:
+            reply = json.loads(data or b"{}")
+        except ValueError:
+            reply = {}
+        fd = fds[0] if reply.get("ok") and len(fds) == 1 else None
+        for other in fds:
+            if other != fd:
+                os.close(other)
+        seals = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK
+        try:
+            if fd is not None and fcntl.fcntl(fd, fcntl.F_GET_SEALS) & seals != seals:
+                raise OSError("the memory file is not sealed against writes")
+        except OSError as exc:
+            log.warning("hostd's snapshot RAM refused: %s", exc)
+            os.close(fd)
+            return None
+        return fd
 
     def list(self) -> list[dict]:
         return self._ask({"op": "ls"}).get("grants", [])

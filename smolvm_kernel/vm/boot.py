@@ -70,8 +70,9 @@ async def admit(cfg: SandboxConfig, kernel_id: str) -> HostClient | None:
 
 
 async def plan(cfg: SandboxConfig, snapshots: SnapshotCache, say: Say,
-               progress: Say | None) -> Plan:
-    """Choose image, backend, accelerator, shape, transport and snapshot for ``cfg``."""
+               progress: Say | None, hostd: HostClient | None = None) -> Plan:
+    """Choose image, backend, accelerator, shape, transport and snapshot for ``cfg``
+    (a classroom's snapshot RAM comes from ``hostd``, when it offers it)."""
     from smolvm_kernel.backends.accel import choose_accel, host_tsc_khz
     from smolvm_kernel.backends.qemu import QemuBackend, find_qemu
 
@@ -100,7 +101,7 @@ async def plan(cfg: SandboxConfig, snapshots: SnapshotCache, say: Say,
         if cfg.snapshot != "off":
             say(f"no ready snapshot with network={cfg.network}, transport={p.transport}; cold boot")
     elif backend_cls is QemuBackend and cfg.snapshot != "off":
-        await _ready_snapshot(p, cfg, snapshots, say)
+        await _ready_snapshot(p, cfg, snapshots, say, hostd)
     elif cfg.snapshot != "off":
         # The backend can save and load (backends/firecracker.py), but a
         # Firecracker snapshot reopens the template's disk paths, so
@@ -137,6 +138,8 @@ async def launch(p: Plan, cfg: SandboxConfig, *, restore, registry: Registry, ho
     try:
         await machine.launch(backend, restore=restore is not None)
     finally:
+        if getattr(restore, "ram_fd", None) is not None:   # the VMM has its own (hostd's memfd)
+            os.close(restore.ram_fd)
         if spec.tap_fd is not None:     # the VMM has its own copy, or never started
             os.close(spec.tap_fd)
             spec.tap_fd = None
@@ -201,7 +204,8 @@ async def setup_network(machine: Machine, spec: VMSpec, cfg: SandboxConfig, back
 
 # ---------------------------------------------------------------- snapshots
 
-async def _ready_snapshot(p: Plan, cfg: SandboxConfig, snaps: SnapshotCache, say: Say) -> None:
+async def _ready_snapshot(p: Plan, cfg: SandboxConfig, snaps: SnapshotCache, say: Say,
+                          hostd: HostClient | None = None) -> None:
     """The snapshot for this shape into ``p``: built first (once, under a lock) if
     missing, or left for a background build after this cold boot."""
     from smolvm_kernel.vm.snapshot import qemu_identity, snapshot_key
@@ -209,7 +213,8 @@ async def _ready_snapshot(p: Plan, cfg: SandboxConfig, snaps: SnapshotCache, say
     shape, image = p.shape, p.image
     key = snapshot_key(image, "qemu", shape["accel"], shape["vcpus"], shape["mem_mib"],
                        shape["disk_mib"], qemu_identity(p.binary), shape["tsc_khz"])
-    snap = snaps.get(image, key)
+    shared_ram = hostd.shared_ram if hostd is not None else None
+    snap = await asyncio.to_thread(snaps.get, image, key, shared_ram)
     if snap is not None or shape["debug_console"]:
         p.snapshot = snap
         return

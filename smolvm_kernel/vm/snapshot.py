@@ -37,6 +37,9 @@ SNAPSHOT_FORMAT = 4     # 4: guest RAM in its own file, mapped copy-on-write by 
 class Snapshot:
     key: str
     directory: Path
+    #: A sealed memfd with the guest RAM, given by hostd (classroom/sharedram.py)
+    #: instead of a ram.bin of this user's own; the restore passes it to QEMU.
+    ram_fd: int | None = None
 
     @property
     def state(self) -> Path:
@@ -48,6 +51,8 @@ class Snapshot:
 
     @property
     def ram(self) -> Path:
+        if self.ram_fd is not None:
+            return Path(f"/proc/self/fd/{self.ram_fd}")    # QEMU's own, passed at the same number
         return self.directory / "ram.bin"
 
     def manifest(self) -> dict:
@@ -78,22 +83,37 @@ class SnapshotCache:
         self.root = root or paths.snapshot_dir()
         #: A read-only folder of snapshots to copy from instead of building
         #: (a classroom's shared cache: a fork's QEMU must be able to open the
-        #: RAM file for writing, so each user forks from a copy of their own).
+        #: RAM file for writing, so each user forks from a copy of their own,
+        #: unless hostd gives a sealed memfd of it: see get).
         self.seeds = seeds if root else paths.snapshot_seed_dir()
 
     def path(self, image: Image, key: str) -> Path:
         return self.root / f"{image.profile}-{key[:16]}"
 
-    def get(self, image: Image, key: str) -> Snapshot | None:
+    def get(self, image: Image, key: str, shared_ram=None) -> Snapshot | None:
+        """The snapshot ``key``: in this cache, else copied from the seed folder.
+        ``shared_ram(key)`` (a classroom's hostd: HostClient.shared_ram) may give
+        a sealed memfd of the seed's RAM: then only state, scratch disk and
+        manifest are copied, and the fork maps that memfd (no ram.bin of its own)."""
         d = self.path(image, key)
         snap = Snapshot(key, d)
+        if self.seeds is not None and shared_ram is not None:
+            fd = shared_ram(key)
+            if fd is not None:
+                have = snap.manifest().get("key") == key and snap.state.exists() and snap.scratch.exists()
+                snap = snap if have else self._copy_seed(image, key, with_ram=False)
+                if snap is None:
+                    os.close(fd)
+                    return None
+                (snap.directory / "ram.bin").unlink(missing_ok=True)     # a copy from before: not needed
+                return Snapshot(key, snap.directory, ram_fd=fd)
         if snap.manifest().get("key") == key and all(p.exists() for p in (snap.state, snap.scratch, snap.ram)):
             return snap
         if self.seeds is not None:
             return self._copy_seed(image, key)
         return None
 
-    def _copy_seed(self, image: Image, key: str) -> Snapshot | None:
+    def _copy_seed(self, image: Image, key: str, with_ram: bool = True) -> Snapshot | None:
         seed = SnapshotCache(self.seeds).get(image, key)
         if seed is None:
             return None
@@ -101,11 +121,14 @@ class SnapshotCache:
         tmp = Path(tempfile.mkdtemp(prefix=".seed-", dir=self.root))
         try:
             for part in ("state.bin", "scratch.img", "ram.bin", "manifest.json"):
-                copy_sparse(seed.directory / part, tmp / part)
+                if part != "ram.bin" or with_ram:
+                    copy_sparse(seed.directory / part, tmp / part)
             final = self.path(image, key)
-            if final.exists():
+            if final.exists() and (not with_ram or (final / "ram.bin").exists()):
                 shutil.rmtree(tmp)
             else:
+                if final.exists():      # copied without its RAM (hostd gave it then)
+                    shutil.rmtree(final)
                 os.rename(tmp, final)
             log.info("copied the ready snapshot %s from %s", final.name, self.seeds)
         except (OSError, SmolVMError) as exc:

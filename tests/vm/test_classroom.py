@@ -145,6 +145,18 @@ def _qemus_of(uid: int) -> list[int]:
     return pids
 
 
+def _ram_maps(pid: int) -> list[tuple[str, int, int]]:
+    """The (name, device, inode) of each file a VMM maps its guest RAM from: a
+    snapshot's ram.bin, or hostd's memfd of it."""
+    out = set()
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        fields = line.split(None, 5)
+        if len(fields) == 6 and ("/memfd:smolvm-ram-" in fields[5] or fields[5].endswith("/ram.bin")):
+            st = os.stat(f"/proc/{pid}/map_files/{fields[0]}")
+            out.add((fields[5], st.st_dev, st.st_ino))
+    return sorted(out)
+
+
 def _procs_of(uid: int) -> dict[int, str]:
     """pid -> command line of every process whose real or effective uid is ``uid``."""
     out = {}
@@ -319,6 +331,15 @@ def test_each_student_runs_in_a_microvm_of_their_own(classroom):
         # In the cgroup hostd made for its grant, with limits from the granted shape.
         assert "hostd-" in Path(f"/proc/{owners[s.name]}/cgroup").read_text()
     assert len(set(owners.values())) == 3
+    # One sealed copy of the snapshot's RAM (hostd's memfd) mapped by every student's
+    # VMM, and no ram.bin in any student's own snapshot cache.
+    rams = {name: _ram_maps(pid) for name, pid in owners.items()}
+    assert all(len(r) == 1 for r in rams.values()), rams
+    assert len({r[0] for r in rams.values()}) == 1, rams
+    for name, _ in classroom.students:
+        home = Path(pwd.getpwnam(name).pw_dir)
+        assert list(home.glob(".cache/smolvm-kernel/snapshots/*/state.bin")), name
+        assert not list(home.glob(".cache/smolvm-kernel/snapshots/**/ram.bin")), name
     r = classroom.student(0).run_cell(kernels[classroom.students[0][0]], "%smolvm status")
     assert "memory 768 MiB, CPU 1 cores" in r.text and "made by hostd" in r.text, r.text
     classroom.kernels = kernels
