@@ -194,6 +194,11 @@ class Backend(abc.ABC):
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                 preexec_fn=_watchdog_preexec, close_fds=True)
 
+    def balloon_refusal(self) -> str | None:
+        """Why this VM's memory must not be changed live (None: it may, where
+        the backend has ``set_memory``)."""
+        return None
+
     def poll(self) -> int | None:
         """Return the exit code, or None while the VMM runs."""
         if self.proc is None:

@@ -17,7 +17,7 @@ from smolvm_guest import wire
 from smolvm_kernel import timeline
 from smolvm_kernel.backends.base import (AGENT_VSOCK_PORT, Backend, VMSpec, connect_unix, connect_vsock,
                                          create_scratch_disk)
-from smolvm_kernel.errors import ToolNotFound
+from smolvm_kernel.errors import SmolVMError, ToolNotFound
 
 
 
@@ -258,12 +258,31 @@ class QemuBackend(Backend):
             elif status != "running":
                 raise SmolVMError(f"the loaded VM is in state {status!r}: {self.vmm_log_tail()}")
 
+    def balloon_refusal(self) -> str | None:
+        """Why this VM's balloon must not take memory back (None: it may).
+
+        A VM restored from a ready snapshot maps the snapshot's RAM file
+        privately, and every other VM of that snapshot maps the same file.
+        QEMU 7.2 frees ballooned RAM of a file-backed block by punching a hole
+        in the file (ram_block_discard_range), private mapping or not: the
+        other VMs then read zeros where their memory was, and die (measured:
+        a second fork's init got SIGSEGV), and so does every later restore.
+        A VM that cold-booted, or was paused and resumed (anonymous RAM), may."""
+        if self.spec.ram_file is not None and not self.spec.ram_shared:
+            return ("this VM's memory is mapped from the ready snapshot that other VMs share, and QEMU 7.2's "
+                    "balloon would punch holes in that file")
+        return None
+
     def set_memory(self, mib: int) -> int:
         """Inflate or deflate the balloon so the guest has ``mib`` MiB (at most its
         boot size); returns what QEMU reports as the guest's memory now, in MiB."""
         import time
 
         from smolvm_kernel.backends.qmp import QMP
+
+        why = self.balloon_refusal()
+        if why is not None:
+            raise SmolVMError(f"the balloon was not used: {why}")
 
         target = min(mib, self.spec.mem_mib) * 2**20
         with QMP(self.spec.run_dir / "qmp.sock") as qmp:

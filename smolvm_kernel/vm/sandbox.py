@@ -761,19 +761,25 @@ class Sandbox:
         return {**host, **guest_news.guest_figures(guest)}
 
     def can_resize_live(self, mem_mib: int) -> bool:
-        """Whether ``mem_mib`` can be set on the running VM (balloon, up to its boot size)."""
+        """Whether ``mem_mib`` can be set on the running VM (balloon, up to its
+        boot size, and not on a VM whose RAM is a ready snapshot's shared file)."""
         return (self.state in (SandboxState.READY, SandboxState.BUSY) and self.backend is not None
-                and hasattr(self.backend, "set_memory") and mem_mib <= self.backend.spec.mem_mib)
+                and hasattr(self.backend, "set_memory") and mem_mib <= self.backend.spec.mem_mib
+                and self.backend.balloon_refusal() is None)
 
     def set_memory(self, mem_mib: int) -> int:
         """Change the running VM's memory through its balloon, keeping its state.
 
-        Only down from, or back up to, the size it booted with; returns the
-        guest's memory afterwards in MiB. The setting is kept for the next start.
+        Only down from, or back up to, the size it booted with, and only on a
+        VM that was not restored from a ready snapshot (or has been paused and
+        resumed since); returns the guest's memory afterwards in MiB. The
+        setting is kept for the next start.
         """
         if not self.can_resize_live(mem_mib):
-            raise ConfigError("mem_mib", mem_mib, "a running VM's memory can change live only up to the "
-                                                  "size it booted with; larger needs a restart")
+            why = self.backend.balloon_refusal() if self.backend is not None else None
+            raise ConfigError("mem_mib", mem_mib, f"{why}; the new size needs a fresh VM (restart)" if why else
+                              "a running VM's memory can change live only up to the size it booted with; "
+                              "larger needs a restart")
         self.config = self.config.changed(mem_mib=mem_mib)
         return self.backend.set_memory(mem_mib)
 

@@ -152,9 +152,9 @@ def test_an_ordinary_vm_has_no_fault_op(image):
     the fixture above: with guest_faults set, the same op panics the guest).
 
     A VM of its own, not the suite's shared one: started here, the shared VM
-    lived through the middle of the VM suite and its agent died of SIGSEGV
-    about six minutes later in both full runs that did so (SECURITY.md, known
-    limits: cause not found; this is the recipe that reproduces it)."""
+    lived through the panel test, whose balloon then punched holes in the
+    snapshot RAM file it shared, and its agent died of SIGSEGV (SECURITY.md:
+    found and fixed; the balloon is refused on such VMs now)."""
     from smolvm_kernel.errors import ProtocolError
 
     sb = Sandbox(backend="qemu")

@@ -105,8 +105,15 @@ def test_a_cold_booted_vm_pauses_and_resumes_too(sandbox_factory):
     sb = sandbox_factory(pause_after=2, snapshot="off")
     sb.start()
     assert sb.started_from == "cold boot"
+    assert sb.can_resize_live(384)      # its RAM is its own: the balloon may take some back
     list(sb.execute("z = 'cold'"))
     _wait_paused(sb)
     outs = list(sb.execute("z"))
     assert "resumed in" in outs[0].text and outs[-1].text == "'cold'", outs
+    sb.config = sb.config.changed(pause_after=0)         # no pause while the balloon works
+    mem = "print(int(open('/proc/meminfo').readline().split()[1]) // 1024)"
+    before = int(list(sb.execute(mem))[-1].text)
+    assert sb.set_memory(384) == 384                      # resumed: anonymous RAM, live balloon
+    assert before - int(list(sb.execute(mem))[-1].text) == 128
+    assert list(sb.execute("z"))[-1].text == "'cold'"
     sb.stop()

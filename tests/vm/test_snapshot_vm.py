@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -72,6 +73,34 @@ def test_forks_are_independent(forks):
     assert _out(b, "import os; print(os.path.exists('/home/user/only-a'), 'shared' in globals())") \
         == "False False"
     assert _out(a, "print(shared)") == "a"
+
+
+def test_a_forks_balloon_never_punches_the_shared_ram_file(forks):
+    """QEMU 7.2 frees ballooned RAM of a file-backed block by punching a hole in
+    the file, private mapping or not. Control (balloon_refusal returning None):
+    one fork's set_memory(200) took the shared ram.bin from 512 to 198 MiB
+    allocated, and the other fork panicked (init killed by SIGSEGV)."""
+    import hashlib
+
+    from smolvm_kernel.errors import ConfigError, SmolVMError
+
+    a, b = forks
+    ram = a.backend.spec.ram_file
+    assert ram is not None and b.backend.spec.ram_file == ram
+
+    def fingerprint():
+        with open(ram, "rb") as fh:
+            return os.fstat(fh.fileno()).st_blocks, hashlib.sha256(fh.read()).hexdigest()
+
+    before = fingerprint()
+    assert not a.can_resize_live(200)
+    with pytest.raises(ConfigError, match="punch holes"):
+        a.set_memory(200)
+    with pytest.raises(SmolVMError, match="balloon was not used"):
+        a.backend.set_memory(200)
+    assert fingerprint() == before
+    assert _out(b, "print(sum(range(10**6)))") == "499999500000"
+    assert _out(a, "print(6 * 7)") == "42"
 
 
 def test_clock_is_current_after_restore(forks):
