@@ -76,7 +76,8 @@ def pull(sandbox, root: str | os.PathLike, remote: str, local: str | None, limit
     if dest.is_dir():
         dest = confine(root, str(dest / name))
     confine_writable(root, dest)
-    if dest.exists() and not overwrite:
+    exists = dest.exists() and not overwrite
+    if exists and not dest.is_file():
         raise TransferError(f"{dest} exists; pull to another name or add --force to replace it")
     try:
         data = sandbox.get_file(remote, max_bytes=limit)
@@ -86,6 +87,11 @@ def pull(sandbox, root: str | os.PathLike, remote: str, local: str | None, limit
         raise GuestFileError(f"cannot read {remote!r} in the VM: {exc}") from None
     if len(data) > limit:   # the guest's size claim is not trusted
         raise GuestFileError(f"{remote!r} is over the {_size(limit)} pull limit")
+    if exists:
+        # The working folder's write-back may have brought it already (vm/workdir.py).
+        if dest.stat().st_size == len(data) and dest.read_bytes() == data:
+            return f"{dest} is already the VM's {_guest_display(remote)} ({_size(len(data))})"
+        raise TransferError(f"{dest} exists; pull to another name or add --force to replace it")
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
     try:

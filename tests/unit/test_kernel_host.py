@@ -242,9 +242,12 @@ def test_push_and_pull_stay_in_the_notebook_folder(running, tmp_path):
     kernel.sandbox.files["result.txt"] = b"42\n"
     content, text, _ = run(kc, "%smolvm pull result.txt")
     assert content["status"] == "ok" and (workdir / "result.txt").read_bytes() == b"42\n"
+    content, text, _ = run(kc, "%smolvm pull result.txt")      # the same bytes (the write-back's): fine
+    assert content["status"] == "ok" and "already" in text
+    kernel.sandbox.files["result.txt"] = b"43\n"
     content, _, _ = run(kc, "%smolvm pull result.txt")
     assert content["status"] == "error" and "--force" in content["evalue"]
-    kernel.sandbox.files["result.txt"] = b"43\n"
+    assert (workdir / "result.txt").read_bytes() == b"42\n"
     assert run(kc, "%smolvm pull result.txt --force")[0]["status"] == "ok"
     assert (workdir / "result.txt").read_bytes() == b"43\n"
     kernel.config.max_transfer_mib = 1

@@ -84,7 +84,7 @@ def test_panel_and_push_pull_from_an_ordinary_ipykernel(image, tmp_path):
     client = PanelClient(kc)
     try:
         client.run("%load_ext smolvm_kernel")
-        assert client.run("%%smolvm --name p\nopen('marker', 'w').write('x')")[0]["status"] == "ok"
+        assert client.run("%%smolvm --name p\nopen('/tmp/marker', 'w').write('x')")[0]["status"] == "ok"
         (tmp_path / "in.txt").write_text("from the host folder")
         assert client.run("%smolvm push in.txt --name p")[0]["status"] == "ok"
         content, outs = client.run("%%smolvm --name p\nprint(open('in.txt').read().upper())")
@@ -103,7 +103,7 @@ def test_panel_and_push_pull_from_an_ordinary_ipykernel(image, tmp_path):
         client.confirm("Reset")
         client.pump(lambda: client.state() == "booting", timeout=30)
         client.pump(lambda: client.state() == "ready", timeout=180)
-        content, outs = client.run("%%smolvm --name p\nimport os; print(os.path.exists('marker'))")
+        content, outs = client.run("%%smolvm --name p\nimport os; print(os.path.exists('/tmp/marker'))")
         assert "False" in "".join(m["content"].get("text", "") for m in outs)
         client.confirm("Teardown")
         client.pump(lambda: client.state() == "stopped", timeout=60)
