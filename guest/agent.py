@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import hmac
 import os
+import re
 import signal
 import sys
 import time
@@ -27,6 +28,8 @@ AGENT_VERSION = "0.1.0"
 #: Files may be put/got only below these directories (after resolving links).
 FILE_ROOTS = (USER_HOME, "/tmp")
 MAX_FILE = 256 * 1024 * 1024
+_MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
+_IPV4 = re.compile(r"\d{1,3}(\.\d{1,3}){3}")
 #: Most bytes one ``workdir_put`` request carries (the host batches below it).
 MAX_BATCH = 16 * 1024 * 1024
 #: Seconds a connection may stay without a hello carrying the link secret.
@@ -221,6 +224,17 @@ class Agent:
         news = self.workdir.changes() or {"changed": [], "removed": [], "truncated": False}
         news.pop("event", None)
         return news
+
+    def op_net(self, req: dict) -> dict:
+        """A VM restored from a NIC shape's snapshot: this VM's address and MAC."""
+        net, mac = req.get("net"), req.get("mac")
+        if not (isinstance(net, dict) and isinstance(mac, str) and _MAC.fullmatch(mac)
+                and all(isinstance(net.get(k), str) and _IPV4.fullmatch(net[k]) for k in ("address", "gateway"))
+                and isinstance(net.get("prefix"), int) and net.get("device", "eth0") == "eth0"
+                and isinstance(net.get("dns", []), list)):
+            raise ValueError("net needs address, gateway, prefix, dns and a MAC")
+        seed.configure_network(net, mac=mac)
+        return {}
 
     def op_quiesce(self, req: dict) -> dict:
         """Before a snapshot: flush and drop caches so freed pages are zero

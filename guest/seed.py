@@ -60,11 +60,17 @@ def _ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
 
 
-def configure_network(net: dict) -> None:
+def configure_network(net: dict, mac: str | None = None) -> None:
+    """The NIC's address, route and name servers (from the seed at boot, or
+    from the host after a snapshot restore, with the VM's own MAC)."""
     dev = net.get("device", "eth0")
+    if mac is not None:
+        _ip("link", "set", dev, "down")
+        _ip("link", "set", dev, "address", mac)
+        _ip("addr", "flush", "dev", dev)
     _ip("link", "set", dev, "up")
     _ip("addr", "add", f"{net['address']}/{int(net['prefix'])}", "dev", dev)
-    _ip("route", "add", "default", "via", net["gateway"], "dev", dev)
+    _ip("route", "replace", "default", "via", net["gateway"], "dev", dev)
     servers = [s for s in net.get("dns", []) if isinstance(s, str)][:3]
     write_resolv_conf(servers)
     log(f"{dev} {net['address']}/{net['prefix']} via {net['gateway']}")

@@ -57,6 +57,9 @@ class VMSpec:
     tsc_khz: int | None = None
     #: How the host reaches the agent: "serial", "vsock" or "ssh".
     transport: str = "serial"
+    #: The VM has one NIC (network="nat"): a snapshot's template has it too, so
+    #: that its forks can have one; only a VM with a TAP connects it to anything.
+    nic: bool = False
     #: An open TAP descriptor for the VM's one NIC (network="nat"), and its MAC.
     tap_fd: int | None = None
     tap_name: str | None = None

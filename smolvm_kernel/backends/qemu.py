@@ -100,6 +100,11 @@ def qemu_argv(spec: VMSpec, binary: str, *, extra_cmdline: tuple[str, ...] = (),
     if spec.tap_fd is not None:
         argv += ["-netdev", f"tap,id=net0,fd={spec.tap_fd},vhost=off",
                  "-device", f"virtio-net-device,netdev=net0,mac={spec.mac}"]
+    elif spec.nic:
+        # A ready snapshot's template: the same NIC its forks get, on a hub
+        # port that leads nowhere (the forks' TAP replaces it; a netdev is the
+        # host's side and not part of the saved state).
+        argv += ["-netdev", "hubport,id=net0,hubid=0", "-device", "virtio-net-device,netdev=net0"]
     if spec.transport == "vsock":
         argv += ["-device", f"vhost-vsock-device,guest-cid={spec.vsock_cid}"]
     if sandboxed:

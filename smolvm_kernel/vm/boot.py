@@ -92,14 +92,16 @@ async def plan(cfg: SandboxConfig, snapshots: SnapshotCache, say: Say,
         backend_cls, accel, accel_reason = QemuBackend, choice.name, choice.reason
     shape = {"vcpus": cfg.vcpus, "mem_mib": cfg.mem_mib, "disk_mib": cfg.disk_mib,
              "accel": accel, "debug_console": cfg.debug_console,
-             "tsc_khz": host_tsc_khz() if accel == "tcg" else None}
+             "tsc_khz": host_tsc_khz() if accel == "tcg" else None, "nic": cfg.network != "none"}
     p = Plan(image=image, backend_name=backend_name, backend_cls=backend_cls, binary=binary,
              accel_reason=accel_reason, shape=shape, transport=pick_transport(cfg, backend_name))
-    if p.transport != "serial" or cfg.network != "none":
-        # A NIC, SSH keys or a vsock CID belong to one VM: such VMs
-        # boot cold (their seed is made per VM).
+    if p.transport != "serial":
+        # SSH keys or a vsock CID belong to one VM: such VMs boot cold (their
+        # seed is made per VM; a fork would share its template's host key).
+        # A NIC does not: a fork of a NIC shape gets its address after the
+        # restore (Sandbox._address).
         if cfg.snapshot != "off":
-            say(f"no ready snapshot with network={cfg.network}, transport={p.transport}; cold boot")
+            say(f"no ready snapshot with transport={p.transport}; cold boot")
     elif backend_cls is QemuBackend and cfg.snapshot != "off":
         await _ready_snapshot(p, cfg, snapshots, say, hostd)
     elif cfg.snapshot != "off":
@@ -130,8 +132,7 @@ async def launch(p: Plan, cfg: SandboxConfig, *, restore, registry: Registry, ho
     spec = VMSpec(vm_id=vm_id, run_dir=run_dir, image=p.image, transport=p.transport,
                   ram_file=restore.ram if restore else None, **p.shape)
     spec.cgroup, note = await asyncio.to_thread(make_cgroup, spec, cfg, hostd)
-    if restore is None:
-        await setup_network(machine, spec, cfg, p.backend_name, registry, say)
+    await setup_network(machine, spec, cfg, p.backend_name, registry, say, restored=restore is not None)
     backend = p.backend_cls(spec, p.binary, restore=restore) if restore else p.backend_cls(spec, p.binary)
     verb = "restoring microVM from its ready snapshot" if restore else "starting microVM"
     say(f"{verb} ({p.backend_cls.name}/{p.shape['accel']})")
@@ -161,10 +162,12 @@ def make_cgroup(spec: VMSpec, cfg: SandboxConfig, hostd: HostClient | None):
 
 
 async def setup_network(machine: Machine, spec: VMSpec, cfg: SandboxConfig, backend_name: str,
-                        registry: Registry, say: Say) -> None:
+                        registry: Registry, say: Say, restored: bool = False) -> None:
     """TAP, rules, lease and the seed disk (address, SSH keys, vsock secret) for
     this VM, kept on ``machine`` (which tears them down) and recorded in ``spec``
-    (the launch closes ``spec.tap_fd`` once the VMM has it)."""
+    (the launch closes ``spec.tap_fd`` once the VMM has it). A ``restored`` VM
+    has no seed disk (its template had none): its address comes over the
+    channel after the restore (Sandbox._address)."""
     seed: dict = {}
     if cfg.network != "none":
         from smolvm_kernel.host.net import LeaseBook, VMNetwork
@@ -182,7 +185,8 @@ async def setup_network(machine: Machine, spec: VMSpec, cfg: SandboxConfig, back
         spec.tap_fd = await asyncio.to_thread(machine.net.setup, backend_name != "firecracker")
         spec.tap_name = machine.net.lease.tap
         spec.mac = machine.net.lease.mac
-        seed["net"] = machine.net.guest_config()
+        if not restored:
+            seed["net"] = machine.net.guest_config()
     if machine.transport == "ssh":
         from smolvm_kernel.channel.ssh import SSHKeys
 
@@ -212,7 +216,7 @@ async def _ready_snapshot(p: Plan, cfg: SandboxConfig, snaps: SnapshotCache, say
 
     shape, image = p.shape, p.image
     key = snapshot_key(image, "qemu", shape["accel"], shape["vcpus"], shape["mem_mib"],
-                       shape["disk_mib"], qemu_identity(p.binary), shape["tsc_khz"])
+                       shape["disk_mib"], qemu_identity(p.binary), shape["tsc_khz"], shape["nic"])
     shared_ram = hostd.shared_ram if hostd is not None else None
     snap = await asyncio.to_thread(snaps.get, image, key, shared_ram)
     if snap is not None or shape["debug_console"]:

@@ -364,6 +364,16 @@ class Sandbox:
                       paused=lambda: self.pauser.paused)
         self.cgroup_note = await boot.launch(plan, self.config, restore=restore, registry=self._registry,
                                              hooks=hooks, hostd=self._hostd, adopt=adopt, say=self._say)
+        if restore is not None and self.machine.net is not None:
+            await self._address(self.machine)
+
+    async def _address(self, machine: Machine) -> None:
+        """A fork of a NIC shape: its template had no address (and another
+        MAC); give the guest this VM's lease before any cell runs."""
+        reply = await machine.request("net", timeout=30, net=machine.net.guest_config(),
+                                      mac=machine.net.lease.mac)
+        if not reply.get("ok"):
+            raise ProtocolError(f"the guest could not take its network address: {str(reply.get('error'))[:300]}")
 
     async def _stop(self, keep_grant: bool = False) -> None:
         """Stop the VM and free what it held; ``keep_grant`` keeps the host's

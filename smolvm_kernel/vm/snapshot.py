@@ -68,11 +68,11 @@ def qemu_identity(binary: str) -> str:
 
 
 def snapshot_key(image: Image, backend: str, accel: str, vcpus: int, mem_mib: int,
-                 disk_mib: int, vmm: str, tsc_khz: int | None) -> str:
+                 disk_mib: int, vmm: str, tsc_khz: int | None, nic: bool = False) -> str:
     """The cache key: it changes with every input the saved state depends on."""
     blob = json.dumps({"format": SNAPSHOT_FORMAT, "image": image.key, "backend": backend,
                        "accel": accel, "vcpus": vcpus, "mem": mem_mib, "disk": disk_mib,
-                       "vmm": vmm, "tsc": tsc_khz}, sort_keys=True)
+                       "vmm": vmm, "tsc": tsc_khz, **({"nic": True} if nic else {})}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

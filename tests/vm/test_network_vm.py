@@ -126,7 +126,10 @@ def _vm(lab, **kw):
 @pytest.fixture(scope="module")
 def vms(lab):
     """Three VMs booted at once: one serial with an allowlist, two over SSH without."""
-    boxes = {"allow": _vm(lab, egress_allow=[f"{ALLOWED[0]}/32:{ALLOWED[1]}"], net_connection_rate=RATE),
+    # Cold boots (snapshot="off"): a background snapshot build would share the
+    # CPU with the rate and connection tests (NIC snapshots: see below).
+    boxes = {"allow": _vm(lab, egress_allow=[f"{ALLOWED[0]}/32:{ALLOWED[1]}"], net_connection_rate=RATE,
+                          snapshot="off"),
              "ssh_a": _vm(lab, transport="ssh"),
              "ssh_b": _vm(lab, transport="ssh", net_max_connections=MAX_CONNECTIONS)}
     errors = []
@@ -331,6 +334,34 @@ def test_kernel_work_over_ssh(vms):
     assert any(o.type == "execute_result" and "42" in o.text for o in outs)
     sb.put_file(b"over ssh", "f.txt")
     assert sb.get_file("f.txt") == b"over ssh"
+
+
+def test_nic_vms_start_from_a_ready_snapshot_each_with_its_own_address(lab):
+    """network="nat" with the serial transport: the shape's snapshot has a NIC
+    (its template's on a hub port that leads nowhere); each fork gets its own
+    TAP, and its lease's address and MAC over the channel after the restore."""
+    allow = [f"{ALLOWED[0]}/32:{ALLOWED[1]}"]
+    a = _vm(lab, egress_allow=allow, snapshot="wait")
+    b = _vm(lab, egress_allow=allow, snapshot="wait")
+    try:
+        a.start()
+        b.start()
+        assert (a.started_from, b.started_from) == ("snapshot", "snapshot")
+        seen = []
+        for sb in (a, b):
+            lease = sb.machine.net.lease
+            code = ("import subprocess\nprint(open('/sys/class/net/eth0/address').read().strip())\n"
+                    "print(subprocess.run(['ip', '-4', '-o', 'addr', 'show', 'eth0'], capture_output=True, "
+                    "text=True).stdout.split()[3])")
+            mac, addr = "".join(o.text for o in sb.execute(code) if o.type == "stream").split()
+            assert (mac, addr) == (lease.mac, f"{lease.guest_ip}/30")
+            got = probe(sb, ALLOWED, OTHER)
+            assert got[0] == f"OK hello from {ALLOWED[0]}:{ALLOWED[1]}" and got[1].startswith("BLOCKED"), got
+            seen.append((mac, addr))
+        assert seen[0] != seen[1]
+    finally:
+        a.stop()
+        b.stop()
 
 
 def _ns_has(netns, tap, table) -> tuple[bool, bool]:
