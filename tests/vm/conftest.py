@@ -116,3 +116,23 @@ def kernel(kernelspec, notebook_dir):
     yield km, kc
     kc.stop_channels()
     km.shutdown_kernel(now=False)
+
+
+#: The test course (tests/vm/test_course_image.py; the classroom test offers it to students).
+COURSE = "smolvm-test-course"
+REQUIREMENTS = "tabulate==0.9.0\nmsgpack==1.1.0\n"
+APT = "# a tiny binary the course's notebooks call\njq\n"
+
+
+@pytest.fixture(scope="session")
+def course_image(image, tmp_path_factory):
+    """A course image built from a folder (requirements.txt, apt.txt), once per
+    session and cached by content hash."""
+    from smolvm_kernel.images import ImageCache
+    from smolvm_kernel.images.course import read_folder
+
+    folder = tmp_path_factory.mktemp("course")
+    (folder / "requirements.txt").write_text(REQUIREMENTS)
+    (folder / "apt.txt").write_text(APT)
+    (folder / "notebook.ipynb").write_text("{}")
+    return ImageCache().build_course(read_folder(folder, COURSE))

@@ -46,7 +46,7 @@ max_vcpus = 1
 max_mem_mib = 512
 max_exec_timeout = 120
 network = ["none"]
-profiles = ["base"]
+profiles = ["base", "smolvm-test-course"]
 pause_after = 20
 max_vms_per_user = 1
 host_max_vms = 6
@@ -85,7 +85,7 @@ class Classroom:
 
 
 @pytest.fixture(scope="module")
-def classroom():
+def classroom(course_image):
     from smolvm_kernel.classroom import deploy as cr
     from smolvm_kernel.classroom.provision import read_students
 
@@ -96,7 +96,7 @@ def classroom():
     hub = None
     try:
         cr.setup(folder, 3, port=port, prefix=prefix, cull_idle_timeout=CULL_S,
-                 policy_text=POLICY.format(dir=folder))
+                 policy_text=POLICY.format(dir=folder), profiles=["base", course_image.profile])
         students = read_students(folder)
         log = open(folder / "hub.log", "wb")
         hub = subprocess.Popen(cr.hub_command(folder), cwd=folder, stdout=log, stderr=subprocess.STDOUT)
@@ -592,3 +592,27 @@ def test_a_students_cpu_spinners_and_memory_hog_stay_in_their_cgroup(classroom):
         for p in [*spin, hog]:
             p.kill()
             p.wait()
+
+
+def test_a_student_runs_the_course_image_with_its_packages(classroom, course_image):
+    """The instructor's path end to end: a course folder's image (tests/vm/conftest.py),
+    offered by `classroom up --profile`, shared read-only with the students, run
+    by a student's kernel of that kernelspec (their other kernels shut first:
+    one VM per student)."""
+    from smolvm_kernel.classroom.provision import kernelspec_name
+
+    s = classroom.student(2)
+    for k in s.server("GET", "/api/kernels") or []:
+        s.server("DELETE", f"/api/kernels/{k['id']}")
+    code = ("import tabulate, msgpack, shutil\n"
+            "print(tabulate.__version__, msgpack.unpackb(msgpack.packb([1, 2])), bool(shutil.which('jq')))")
+    deadline = time.monotonic() + 90
+    while True:      # the shut kernels' grants go back as their VMs stop
+        kid = s.start_kernel(kernelspec_name(course_image.profile))
+        r = s.run_cell(kid, code)
+        if r.status == "ok" or "refused" not in r.text or time.monotonic() > deadline:
+            break
+        s.server("DELETE", f"/api/kernels/{kid}")
+        time.sleep(2)
+    assert r.status == "ok", r.text
+    assert r.text.split() == ["0.9.0", "[1,", "2]", "True"], r.text

@@ -17,18 +17,7 @@ from smolvm_kernel.errors import CommandFailed
 from smolvm_kernel.images import ImageCache, recipe
 from smolvm_kernel.images.course import read_folder
 
-COURSE = "smolvm-test-course"
-REQUIREMENTS = "tabulate==0.9.0\nmsgpack==1.1.0\n"
-APT = "# a tiny binary the course's notebooks call\njq\n"
-
-
-@pytest.fixture(scope="session")
-def course_image(image, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("course")
-    (folder / "requirements.txt").write_text(REQUIREMENTS)
-    (folder / "apt.txt").write_text(APT)
-    (folder / "notebook.ipynb").write_text("{}")
-    return ImageCache().build_course(read_folder(folder, COURSE))
+COURSE = "smolvm-test-course"    # the course_image fixture's (tests/vm/conftest.py)
 
 
 @pytest.fixture(scope="module")
