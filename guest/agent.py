@@ -14,6 +14,7 @@ import re
 import signal
 import sys
 import time
+import zlib
 
 import zmq
 
@@ -199,6 +200,11 @@ class Agent:
         for item in items:
             root, parts = files.split_beneath(item["path"], USER_HOME, (USER_HOME,))
             data = base64.b64decode(item["data"])
+            if item.get("z") is True:       # zlib, when it made the chunk smaller (the host's choice)
+                inflate = zlib.decompressobj()
+                data = inflate.decompress(data, MAX_BATCH + 1)
+                if len(data) > MAX_BATCH or not inflate.eof:
+                    raise ValueError(f"a compressed chunk is over {MAX_BATCH} bytes or incomplete")
             offset, total = int(item.get("offset", 0)), int(item["size"])
             carried += len(data)
             if offset < 0 or not 0 <= total <= MAX_FILE or offset + len(data) > total or carried > MAX_BATCH:

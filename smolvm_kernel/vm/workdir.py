@@ -48,6 +48,7 @@ import re
 import stat
 import threading
 import time
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -244,9 +245,13 @@ class Workdir:
                 if batch and size + len(chunk) > BATCH_BYTES:
                     requests.append({"op": "workdir_put", "files": batch, "watch": False})
                     batch, size = [], 0
-                batch.append({"path": rel, "data": base64.b64encode(chunk).decode(), "offset": offset,
-                              "size": len(data)})
+                item = {"path": rel, "offset": offset, "size": len(data)}
                 size += len(chunk)
+                packed = zlib.compress(chunk, 1) if len(chunk) >= 4096 else chunk
+                if len(packed) < len(chunk) * 0.9:   # data files and notebooks shrink; the channel is the cost
+                    item["z"], chunk = True, packed
+                item["data"] = base64.b64encode(chunk).decode()
+                batch.append(item)
         watch = self.mode == "read-write"
         if batch:
             requests.append({"op": "workdir_put", "files": batch, "watch": watch})

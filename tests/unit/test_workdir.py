@@ -184,3 +184,18 @@ def test_a_malformed_report_is_dropped():
     for bad in ({"changed": "x"}, {"changed": [["a", -1]]}, {"changed": [[1, 2]]}, {"changed": [["a"]]},
                 {"changed": [["a", True]]}, {"changed": [["a", 1]] * 2001}, {"changed": [], "removed": [3]}):
         assert guest_news.agent_event({"event": "workdir_changed", **bad}, 512, 1) is None
+
+
+def test_compressible_chunks_travel_compressed_and_come_out_whole(tmp_path):
+    import base64
+    import zlib
+
+    (tmp_path / "table.csv").write_text("a,b,c\n" + "1.0,2.0,3\n" * 50000)
+    (tmp_path / "noise.bin").write_bytes(os.urandom(100000))
+    wd, _, _ = _wd(tmp_path)
+    wd.prepare()
+    items = {f["path"]: f for r in wd.requests for f in r["files"]}
+    assert items["table.csv"]["z"] is True and "z" not in items["noise.bin"]
+    data = zlib.decompress(base64.b64decode(items["table.csv"]["data"]))
+    assert data == (tmp_path / "table.csv").read_bytes() and items["table.csv"]["size"] == len(data)
+    assert len(items["table.csv"]["data"]) < len(data) / 10

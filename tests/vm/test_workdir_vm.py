@@ -29,6 +29,7 @@ def course(tmp_path):
     """A course folder as an instructor hands it out: a notebook, its data, a helper module."""
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "heights.csv").write_text("name,height\nWashington,189\nAdams,170\n")
+    (tmp_path / "data" / "table.csv").write_text("x,y\n" + "1,2\n" * 20000)     # travels compressed
     (tmp_path / "helpers_05.py").write_text("def mean(xs):\n    return sum(xs) / len(xs)\n")
     (tmp_path / "lesson.ipynb").write_text(json.dumps({"cells": [], "metadata": {}, "nbformat": 4,
                                                        "nbformat_minor": 5}))
@@ -44,11 +45,13 @@ def test_a_notebook_works_with_its_folder_and_what_it_writes_outlives_a_restart(
         reply, outs = run(kc, "import csv, os, helpers_05\n"
                               "rows = list(csv.DictReader(open('data/heights.csv')))\n"
                               "print(os.getcwd(), helpers_05.mean([int(r['height']) for r in rows]))\n"
-                              "print(sorted(os.listdir('.')))")
+                              "print(sorted(os.listdir('.')))\n"
+                              "print(open('data/table.csv').read() == 'x,y\\n' + '1,2\\n' * 20000)")
         assert reply["status"] == "ok", reply
         out = text(outs)
         assert "/home/user 179.5" in out
         assert "'lesson.ipynb'" in out and "'huge.bin'" not in out and ".hidden-token" not in out
+        assert out.strip().endswith("True")
         note = text(outs, "stderr")
         assert "huge.bin" in note and "left out" in note       # the first cell says what a limit left out
 
