@@ -215,7 +215,8 @@ def _server_pid(uid: int) -> int:
 def test_students_log_in_and_get_only_smolvm_kernels_and_no_host_shell(classroom):
     s = classroom.student(0)
     uid = pwd.getpwnam(s.name).pw_uid
-    assert set(s.server("GET", "/api/kernelspecs")["kernelspecs"]) == {"smolvm-python"}
+    # the policy's profiles: base and the test course (conftest's course_image)
+    assert set(s.server("GET", "/api/kernelspecs")["kernelspecs"]) == {"smolvm-python", "smolvm-smolvm-test-course"}
     code, _ = s.request("POST", f"/user/{s.name}/api/terminals")
     assert code == 404                                      # terminals are off
     code, body = s.request("PUT", f"/user/{s.name}/api/contents/.jupyter/jupyter_server_config.py",
@@ -517,6 +518,19 @@ def test_a_student_logs_in_through_the_hub_in_a_real_browser_and_runs_a_cell(cla
             page.wait_for_function(
                 "() => [...document.querySelectorAll('.jp-Toolbar-kernelName')]"
                 ".some(e => e.textContent.includes('SmolVM'))", timeout=120_000)
+            # The kernel's connection must be up before the cell runs. In some runs
+            # JupyterLab showed "SmolVM Python | Disconnected" and never sent the
+            # cell while the kernel and its VM were up (audit: restored in 0.5 s);
+            # a reload connects again. Not yet understood (see the closing note).
+            status = ("() => [...document.querySelectorAll('.jp-StatusBar-TextItem, .jp-StatusBar-Item')]"
+                      ".some(e => /SmolVM.*Idle/.test(e.textContent))")
+            try:
+                page.wait_for_function(status, timeout=30_000)
+            except Exception:
+                page.screenshot(path=str(shots / "hub-disconnected.png"))
+                page.reload()
+                page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=120_000)
+                page.wait_for_function(status, timeout=90_000)
             page.locator(".jp-CodeCell .jp-InputArea-editor").first.click()
             page.keyboard.press("Shift+Enter")
             expect(page.locator(".jp-OutputArea-output").first).to_contain_text("cloud-amd64", timeout=180_000)
@@ -524,6 +538,7 @@ def test_a_student_logs_in_through_the_hub_in_a_real_browser_and_runs_a_cell(cla
         except BaseException:
             page.screenshot(path=str(shots / "hub-failure.png"))
             print((classroom.folder / "hub.log").read_text()[-3000:])
+            print("\n".join(json.dumps(e) for e in classroom.audit()[-8:]))
             raise
         finally:
             browser.close()
