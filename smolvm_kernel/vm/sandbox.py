@@ -484,7 +484,7 @@ class Sandbox:
         if not cfg.workdir or cfg.workdir_mode == "off":
             return
         try:
-            self.workdir = Workdir(cfg.workdir, cfg.workdir_mode, request=self._machine_request,
+            self.workdir = Workdir(cfg.workdir, cfg.workdir_mode, request=self.agent_request,
                                    get_file=lambda path, limit: self._read_guest(path, limit),
                                    notice=self._notice)
         except OSError as exc:
@@ -539,24 +539,18 @@ class Sandbox:
         if self.workdir is not None and self.state in (SandboxState.READY, SandboxState.BUSY):
             self.workdir.finish()
 
-    def _machine_request(self, op: str, timeout: float = 30.0, **fields) -> dict:
-        """One agent op on the running machine, in any state (the start's copy-in)."""
-        machine = self.machine
-        if machine is None:
-            raise SandboxStopped()
-        reply = aio.run(machine.request(op, timeout=timeout, **fields), timeout + 1)
-        if not reply.get("ok"):
-            raise GuestFileError(str(reply.get("error", "error"))[:500])
-        return reply
-
     def _read_guest(self, remote: str, max_bytes: int) -> bytes:
-        """A file from the guest's home (the write-back; not audited one by one)."""
+        """A file from the guest's home or /tmp, at most ``max_bytes`` whatever the
+        guest says its size is (get_file; the working folder's write-back, which
+        is not audited file by file)."""
         out = bytearray()
         while True:
             reply = self.agent_request("get", path=remote, offset=len(out), length=_FILE_CHUNK, timeout=60)
             size, data = reply.get("size"), reply.get("data")
-            if not isinstance(size, int) or not isinstance(data, str) or size > max_bytes:
-                raise GuestFileError(f"{remote}: over {max_bytes} bytes, or a malformed answer")
+            if not isinstance(size, int) or isinstance(size, bool) or not isinstance(data, str):
+                raise GuestFileError(f"{remote}: a malformed answer from the guest")
+            if size > max_bytes:
+                raise GuestFileError(f"{remote} is {size} bytes, over the {max_bytes}-byte limit")
             chunk = base64.b64decode(data)
             out += chunk
             if len(out) > max_bytes:
@@ -810,17 +804,9 @@ class Sandbox:
 
     def get_file(self, remote: str, max_bytes: int = 256 * 1024 * 1024) -> bytes:
         """Read ``remote`` (relative to the guest's home, or under /tmp) from the guest."""
-        out = bytearray()
-        while True:
-            reply = self.agent_request("get", path=remote, offset=len(out), length=_FILE_CHUNK, timeout=60)
-            size = int(reply["size"])
-            if size > max_bytes:
-                raise GuestFileError(f"{remote} is {size} bytes, over the {max_bytes}-byte limit")
-            chunk = base64.b64decode(reply["data"])
-            out += chunk
-            if not chunk or len(out) >= size:
-                self.record_audit("pull", vm_id=self.vm_id, **self.audit_context, path=remote, bytes=len(out))
-                return bytes(out)
+        data = self._read_guest(remote, max_bytes)
+        self.record_audit("pull", vm_id=self.vm_id, **self.audit_context, path=remote, bytes=len(data))
+        return data
 
     def __repr__(self) -> str:
         accel = self.backend.spec.accel if self.backend else "-"
