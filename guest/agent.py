@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import hmac
+import json
 import os
 import re
 import signal
@@ -43,14 +44,28 @@ MIN_FRAME = 64 * 1024
 LINK_RETRY_S = 0.05
 
 
-def _is_execute_reply(parts: list[bytes]) -> bool:
-    """Whether a shell message from the kernel is a cell's reply (its header
-    names the type; a false positive costs one scan, nothing more)."""
+def _cell_end(chan: Channel, parts: list[bytes]) -> str | None:
+    """The cell a kernel message ends, by its parent's id: the ``execute_reply``
+    on shell, or the ``idle`` status of an execute request on IOPub. The agent
+    reads the two sockets apart, so either can come first, and a frontend stops
+    listening at "idle": the folder's report must go out before both. A false
+    positive (guest code can forge either) costs one scan, nothing more."""
     try:
         i = parts.index(b"<IDS|MSG>")
-        return b"execute_reply" in parts[i + 2]
-    except (ValueError, IndexError):
-        return False
+        header, parent = parts[i + 2], parts[i + 3]
+        if chan == Channel.SHELL:
+            if b"execute_reply" not in header:
+                return None
+        elif chan == Channel.IOPUB:
+            if (b'"status"' not in header or b"execute_request" not in parent
+                    or b"idle" not in parts[i + 5]):
+                return None
+        else:
+            return None
+        msg_id = json.loads(parent).get("msg_id")
+    except (ValueError, IndexError, AttributeError, RecursionError):
+        return None
+    return msg_id if isinstance(msg_id, str) else None
 
 
 # ---------------------------------------------------------------- agent
@@ -86,6 +101,8 @@ class Agent:
         self.kernel_used = False
         #: The notebook's folder, watched once the host has copied it in (workdir.py).
         self.workdir: workdir.Watch | None = None
+        #: The cell whose end was last reported (its reply and its idle both end it).
+        self.workdir_reported_for: str | None = None
 
     # -- requests from the host
 
@@ -325,10 +342,13 @@ class Agent:
             return
         if chan == Channel.SHELL:
             self.check_limits(force=True)    # a reply ends the cell: say it first
-            if self.workdir is not None and _is_execute_reply(parts):
+        if self.workdir is not None:
+            ended = _cell_end(chan, parts)
+            if ended is not None and ended != self.workdir_reported_for:
+                self.workdir_reported_for = ended
                 news = self.workdir.changes()
                 if news is not None:
-                    self.outbox.put_json(news)
+                    self.outbox.put_json(news)    # a priority frame: ahead of the reply and the idle
         try:
             body = wire.pack_parts(parts)
         except wire.FrameError as exc:

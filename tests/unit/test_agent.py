@@ -460,3 +460,39 @@ def test_a_link_that_needs_a_secret_and_has_none_hears_no_one(tmp_path, monkeypa
         finally:
             agent.shutting_down = True
             thread.join(2)
+
+
+def test_the_folder_report_goes_out_before_the_cells_idle_or_reply_whichever_comes_first():
+    # The agent reads IOPub and shell apart: "idle" can reach it before the
+    # reply, and a frontend stops listening at "idle". The report of what the
+    # cell wrote (said in that cell) must go out before either.
+    agent = agent_mod.Agent.__new__(agent_mod.Agent)
+    out, scans = [], []
+    agent.outbox = types.SimpleNamespace(put_json=lambda obj: out.append(("event", obj["event"])),
+                                         put=lambda chan, body: out.append((chan.name, None)))
+    agent.kernel = types.SimpleNamespace(is_own=lambda parts: None)
+    agent.check_limits = lambda force=False: None
+    agent.workdir = types.SimpleNamespace(changes=lambda: scans.append(1) or {"event": "workdir_changed"})
+    agent.workdir_reported_for = None
+
+    def msg(msg_type: str, parent: dict, content: dict) -> list[bytes]:
+        return [b"<IDS|MSG>", b"sig", json.dumps({"msg_type": msg_type, "msg_id": "k1"}).encode(),
+                json.dumps(parent).encode(), b"{}", json.dumps(content).encode()]
+
+    cell = {"msg_id": "cell-1", "msg_type": "execute_request"}
+    agent.on_kernel_message(Channel.IOPUB, msg("status", cell, {"execution_state": "busy"}))
+    agent.on_kernel_message(Channel.IOPUB, msg("status", cell, {"execution_state": "idle"}))
+    agent.on_kernel_message(Channel.SHELL, msg("execute_reply", cell, {"status": "ok"}))
+    assert out == [("IOPUB", None), ("event", "workdir_changed"), ("IOPUB", None), ("SHELL", None)]
+    assert len(scans) == 1       # the reply ends the same cell: no second scan
+    # the usual order (reply, then idle): the report goes before the reply
+    out.clear()
+    cell2 = {"msg_id": "cell-2", "msg_type": "execute_request"}
+    agent.on_kernel_message(Channel.SHELL, msg("execute_reply", cell2, {"status": "ok"}))
+    agent.on_kernel_message(Channel.IOPUB, msg("status", cell2, {"execution_state": "idle"}))
+    assert out == [("event", "workdir_changed"), ("SHELL", None), ("IOPUB", None)]
+    # a widget's comm_msg idle is no cell's end
+    out.clear()
+    agent.on_kernel_message(Channel.IOPUB, msg("status", {"msg_id": "c", "msg_type": "comm_msg"},
+                                               {"execution_state": "idle"}))
+    assert out == [("IOPUB", None)] and len(scans) == 2
