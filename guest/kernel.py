@@ -199,7 +199,7 @@ class GuestKernel:
         """A VM restored from a snapshot: same kernel, new host and key (see
         kernel_warmup.py and AFTER_RESTORE); :meth:`send_key` follows."""
         if self.key_w is None:
-            raise ValueError("this kernel cannot take a new key (it took one already, or its warm-up failed)")
+            raise ValueError("this kernel cannot take a new key (its re-key thread is gone: its warm-up failed)")
         if not self.ready:
             raise ValueError("the kernel is still starting under another key")
         self.ready = False
@@ -207,11 +207,13 @@ class GuestKernel:
         self.warming = self.execute_own(AFTER_RESTORE, silent=False)
 
     def send_key(self) -> None:
+        """The new key to the re-key thread; the pipe stays open for the next
+        restore's (a checkpoint restored again, a fork of one)."""
         try:
             os.write(self.key_w, self.new_key + b"\n")
         except OSError as exc:     # the kernel died: its exit is reported by check_kernel
             log(f"cannot hand the kernel its new key: {exc}")
-        self.close_rekey()
+            self.close_rekey()
 
     def close_rekey(self) -> None:
         if self.key_w is not None:
@@ -220,10 +222,11 @@ class GuestKernel:
 
     def finish_rekey(self) -> bool:
         """The re-key thread answered (True), or died first (False)."""
-        answer = os.read(self.ack_r, 16)
-        os.close(self.ack_r)
-        self.ack_r = None
-        if answer != b"k":
+        answer = os.read(self.ack_r, 1)
+        if answer != b"k":       # EOF: the thread is gone, no restore can re-key this kernel
+            os.close(self.ack_r)
+            self.ack_r = None
+            self.close_rekey()
             self.new_key = None
             return False
         self.key, self.new_key = self.new_key, None

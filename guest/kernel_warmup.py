@@ -13,23 +13,29 @@ def _smolvm_warmup(key_fd, ack_fd, killed_file):
     kernel = get_ipython().kernel
 
     def rekey():
-        # Whatever happens, the answer pipe is closed: the agent sees "k" or EOF.
+        # One key per restore of this kernel's VM (a ready snapshot's fork,
+        # then each restore of a checkpoint): a line each, answered "k".
+        # Whatever happens, the answer pipe is closed at the end: the agent
+        # sees "k" or EOF.
+        import random, uuid
         try:
-            key = b""
             with os.fdopen(key_fd, "rb", buffering=0) as pipe:
-                while not key.endswith(b"\n"):
+                key = b""
+                while True:
                     chunk = pipe.read(128)
                     if not chunk:
                         return
                     key += chunk
-            import random, uuid
-            kernel.session.key = key.strip()
-            kernel.session.session = str(uuid.uuid4())   # the msg_id prefix, too
-            random.seed()
-            numpy_random = sys.modules.get("numpy.random")
-            if numpy_random is not None:
-                numpy_random.seed()
-            os.write(ack_fd, b"k")
+                    if not key.endswith(b"\n"):
+                        continue
+                    kernel.session.key = key.strip()
+                    kernel.session.session = str(uuid.uuid4())   # the msg_id prefix, too
+                    random.seed()
+                    numpy_random = sys.modules.get("numpy.random")
+                    if numpy_random is not None:
+                        numpy_random.seed()
+                    os.write(ack_fd, b"k")
+                    key = b""
         finally:
             os.close(ack_fd)
 

@@ -151,9 +151,13 @@ class QemuBackend(Backend):
     name = "qemu"
     channel_kind = "serial"     # or vsock / ssh, per VMSpec.transport
 
-    def __init__(self, spec: VMSpec, binary: str, restore=None, drop_privileges: bool = True) -> None:
+    def __init__(self, spec: VMSpec, binary: str, restore=None, drop_privileges: bool = True,
+                 start_after_load: bool = True) -> None:
         super().__init__(spec, binary)
         self.restore = restore
+        #: False: a loaded VM stays stopped (a checkpoint turned into a RAM
+        #: file, vm/checkpoints.py: its guest must not run a single step).
+        self.start_after_load = start_after_load
         #: Saving state makes QEMU reopen its disks by path, which an
         #: unprivileged QEMU cannot do in root's private folders; the template
         #: VM of a snapshot runs no user code, so it keeps its privileges.
@@ -205,7 +209,8 @@ class QemuBackend(Backend):
         """Whether the stream being loaded was saved with x-ignore-shared: a
         snapshot's (its RAM is a file), and a paused VM's (pause.PausedState:
         a pause saves with it on, and a stream carries it)."""
-        return self.spec.ram_file is not None or bool(getattr(self.restore, "ignore_shared", False))
+        said = getattr(self.restore, "ignore_shared", None)     # a checkpoint's says (checkpoints.Load)
+        return bool(said) if said is not None else self.spec.ram_file is not None
 
     def _resume_after_load(self, timeout: float = 30.0) -> None:
         """The template was paused when saved; run the loaded VM once it is in."""
@@ -259,7 +264,8 @@ class QemuBackend(Backend):
                     raise SmolVMError(f"loading the snapshot took over {timeout:.0f} s")
                 time.sleep(0.01)
             if status in ("paused", "postmigrate", "prelaunch"):
-                qmp.execute("cont")
+                if self.start_after_load:
+                    qmp.execute("cont")
             elif status != "running":
                 raise SmolVMError(f"the loaded VM is in state {status!r}: {self.vmm_log_tail()}")
 

@@ -21,6 +21,10 @@ from smolvm_kernel.errors import SmolVMError
 MAX_LINE = 1 << 20
 
 
+#: Bytes a second: no limit a host disk reaches (QEMU's default is 128 MiB/s).
+UNTHROTTLED = 1 << 40
+
+
 class QMPError(SmolVMError, RuntimeError):
     """QEMU refused a QMP command."""
 
@@ -122,8 +126,12 @@ class QMP:
         With ``ignore_shared``, RAM that lives in a shared file is left out
         (the file itself holds it).
         """
-        if ignore_shared:
-            self.enable_migration("x-ignore-shared")
+        # Set either way: a VMM that loaded a stream with it on keeps it on.
+        self.execute("migrate-set-capabilities",
+                     {"capabilities": [{"capability": "x-ignore-shared", "state": bool(ignore_shared)}]})
+        # QEMU 7.2 rate-limits a migration to 128 MiB/s by default, stopped VM
+        # or not: a fresh VM's 174 MiB took 1.32 s, and 0.21 s unthrottled.
+        self.execute("migrate-set-parameters", {"max-bandwidth": UNTHROTTLED})
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             self.execute("stop")

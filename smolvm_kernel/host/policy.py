@@ -16,6 +16,8 @@ these caps; a value beyond one is refused with the cap and whose it is.
     workdir = "read-write"     # the notebook's folder in the VM: at most read-write, read-only or off
     max_output_mib = 16        # most output a cell may send the notebook
     pause_after = 600          # an idle VM is paused to disk after at most this many seconds
+    max_checkpoints = 10       # checkpoints a user may keep (0 = checkpoints off)
+    max_checkpoint_mib = 4096  # their disk, all together
     audit_log = "/var/log/smolvm/audit.jsonl"   # one audit log for the host (audit.py)
     hostd = "/run/smolvm/hostd.sock"   # every VM needs a grant from this service (hostd.py),
     max_vms_per_user = 2               # which enforces these, and the per-VM caps above again
@@ -57,7 +59,7 @@ POLICY_FILE = "/etc/smolvm/policy.toml"
 WORKDIR_MODES = ("read-write", "read-only", "off")
 _INTS = ("max_vcpus", "max_mem_mib", "max_disk_mib", "max_exec_timeout", "max_output_mib",
          "max_vms_per_user", "max_mem_mib_per_user", "host_max_vms", "host_max_guest_mem_mib",
-         "host_reserve_mib", "pause_after")
+         "host_reserve_mib", "pause_after", "max_checkpoints", "max_checkpoint_mib")
 _LISTS = {"network": ("none", "nat"), "profiles": None}
 _CHOICES = {"output_policy": ("safe", "trusted"), "workdir": WORKDIR_MODES}
 _PATHS = ("audit_log", "hostd")
@@ -87,6 +89,10 @@ class Policy:
     #: Idle VMs are paused to disk after at most this many seconds (pause.py);
     #: a user's longer value, or 0, is brought down to it.
     pause_after: int | None = None
+    #: Checkpoints a user may keep (0: none may be taken), and their disk in
+    #: MiB, all together (vm/checkpoints.py).
+    max_checkpoints: int | None = None
+    max_checkpoint_mib: int | None = None
 
     @property
     def whose(self) -> str:

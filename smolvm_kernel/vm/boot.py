@@ -70,9 +70,10 @@ async def admit(cfg: SandboxConfig, kernel_id: str) -> HostClient | None:
 
 
 async def plan(cfg: SandboxConfig, snapshots: SnapshotCache, say: Say,
-               progress: Say | None, hostd: HostClient | None = None) -> Plan:
+               progress: Say | None, hostd: HostClient | None = None, ready_snapshot: bool = True) -> Plan:
     """Choose image, backend, accelerator, shape, transport and snapshot for ``cfg``
-    (a classroom's snapshot RAM comes from ``hostd``, when it offers it)."""
+    (a classroom's snapshot RAM comes from ``hostd``, when it offers it); with
+    ``ready_snapshot`` False, no ready snapshot (a checkpoint's start)."""
     from smolvm_kernel.backends.accel import choose_accel, host_tsc_khz
     from smolvm_kernel.backends.qemu import QemuBackend, find_qemu
 
@@ -102,6 +103,8 @@ async def plan(cfg: SandboxConfig, snapshots: SnapshotCache, say: Say,
         # restore (Sandbox._address).
         if cfg.snapshot != "off":
             say(f"no ready snapshot with transport={p.transport}; cold boot")
+    elif not ready_snapshot:
+        pass
     elif backend_cls is QemuBackend and cfg.snapshot != "off":
         await _ready_snapshot(p, cfg, snapshots, say, hostd)
     elif cfg.snapshot != "off":
@@ -130,11 +133,14 @@ async def launch(p: Plan, cfg: SandboxConfig, *, restore, registry: Registry, ho
                       vmm_overhead_mib=cfg.vmm_overhead_mib, netns=cfg.netns)
     adopt(machine)
     spec = VMSpec(vm_id=vm_id, run_dir=run_dir, image=p.image, transport=p.transport,
-                  ram_file=restore.ram if restore else None, **p.shape)
+                  ram_file=restore.ram if restore else None,
+                  ram_named=bool(restore and restore.ram is None and getattr(restore, "ram_named", False)),
+                  **p.shape)
     spec.cgroup, note = await asyncio.to_thread(make_cgroup, spec, cfg, hostd)
     await setup_network(machine, spec, cfg, p.backend_name, registry, say, restored=restore is not None)
     backend = p.backend_cls(spec, p.binary, restore=restore) if restore else p.backend_cls(spec, p.binary)
-    verb = "restoring microVM from its ready snapshot" if restore else "starting microVM"
+    verb = (getattr(restore, "verb", "restoring microVM from its ready snapshot") if restore
+            else "starting microVM")
     say(f"{verb} ({p.backend_cls.name}/{p.shape['accel']})")
     try:
         await machine.launch(backend, restore=restore is not None)
@@ -208,15 +214,22 @@ async def setup_network(machine: Machine, spec: VMSpec, cfg: SandboxConfig, back
 
 # ---------------------------------------------------------------- snapshots
 
+def shape_key(image: Image, binary: str, shape: dict) -> str:
+    """What a saved state of a QEMU VM depends on (snapshot.snapshot_key): a
+    ready snapshot's cache key, and what a checkpoint must match. ``shape``
+    is a Plan's (or a VMSpec's fields of the same names)."""
+    from smolvm_kernel.vm.snapshot import qemu_identity, snapshot_key
+
+    return snapshot_key(image, "qemu", shape["accel"], shape["vcpus"], shape["mem_mib"],
+                        shape["disk_mib"], qemu_identity(binary), shape["tsc_khz"], shape["nic"])
+
+
 async def _ready_snapshot(p: Plan, cfg: SandboxConfig, snaps: SnapshotCache, say: Say,
                           hostd: HostClient | None = None) -> None:
     """The snapshot for this shape into ``p``: built first (once, under a lock) if
     missing, or left for a background build after this cold boot."""
-    from smolvm_kernel.vm.snapshot import qemu_identity, snapshot_key
-
     shape, image = p.shape, p.image
-    key = snapshot_key(image, "qemu", shape["accel"], shape["vcpus"], shape["mem_mib"],
-                       shape["disk_mib"], qemu_identity(p.binary), shape["tsc_khz"], shape["nic"])
+    key = shape_key(p.image, p.binary, p.shape)
     shared_ram = hostd.shared_ram if hostd is not None else None
     snap = await asyncio.to_thread(snaps.get, image, key, shared_ram)
     if snap is not None or shape["debug_console"]:

@@ -56,7 +56,8 @@ from smolvm_kernel.host.audit import default_path as audit_default_path
 from smolvm_kernel.host.procs import rss_kib
 from smolvm_kernel.host.registry import Registry
 from smolvm_kernel.images import Image
-from smolvm_kernel.vm import aio, boot, guest_news
+from smolvm_kernel.vm import aio, boot, checkpoints, guest_news
+from smolvm_kernel.vm.checkpoints import Checkpoint, CheckpointError, CheckpointStore
 from smolvm_kernel.vm.workdir import Workdir, size_words
 from smolvm_kernel.vm.inbox import Inbox
 from smolvm_kernel.vm.lifecycle import SandboxState
@@ -178,9 +179,16 @@ class Sandbox:
         #: Idle pause to disk (pause.py). ``busy`` is the owner's hook saying it
         #: has work in the VM (the kernel's running cells).
         self.busy: Callable[[], bool] | None = None
+        #: This user's checkpoints (checkpoints.py), within the policy's caps.
+        self.checkpoint_store = CheckpointStore.for_policy(pol)
+        #: The checkpoint the VM being started comes from (restore, fork), if any.
+        self._from_checkpoint: Checkpoint | None = None
+        self._saving = False
+        self.last_checkpoint_s: float | None = None
+        self.last_restore_s: float | None = None
         self.pauser = Pauser(PauseHooks(
             machine=lambda: self.machine, state=lambda: self.state, set_state=self._set_state,
-            busy=lambda: bool(self._pending) or (self.busy is not None and self.busy()),
+            busy=lambda: bool(self._pending) or self._saving or (self.busy is not None and self.busy()),
             pause_after=lambda: self.config.pause_after, network=lambda: self.config.network,
             record=self._record_vm, notice=self._notice))
 
@@ -296,9 +304,10 @@ class Sandbox:
         if self._progress:
             self._progress(msg)
 
-    async def _start(self) -> None:
+    async def _start(self, from_checkpoint: Checkpoint | None = None) -> None:
         """The boot (boot.py): admission, then the plan, then one Machine; a
-        snapshot that does not restore falls back to a cold boot."""
+        snapshot that does not restore falls back to a cold boot. With
+        ``from_checkpoint``, the VM is that checkpoint's, or none (no fallback)."""
         cfg = self.config
         t0 = time.monotonic()
         timeline.mark("VM start begins")
@@ -308,10 +317,13 @@ class Sandbox:
             await asyncio.to_thread(self._registry.cleanup)
             self._open_workdir()
             self._hostd = await boot.admit(cfg, str(self.audit_context.get("kernel_id", "")))
-            plan = await boot.plan(cfg, self._snapshots, self._say, self._progress, self._hostd)
+            plan = await boot.plan(cfg, self._snapshots, self._say, self._progress, self._hostd,
+                                   ready_snapshot=from_checkpoint is None)
             self.image, self.backend_name, self.accel_reason = plan.image, plan.backend_name, plan.accel_reason
             snap = plan.snapshot
-            if snap is not None:
+            if from_checkpoint is not None:
+                await self._launch_checkpoint(plan, from_checkpoint)
+            elif snap is not None:
                 try:
                     await self._launch(plan, restore=snap)
                     self.started_from = "snapshot"
@@ -327,7 +339,7 @@ class Sandbox:
                     self._death = None
                     self._snapshots.drop(snap, str(exc).splitlines()[0])
                     snap = None
-            if snap is None:
+            if snap is None and from_checkpoint is None:
                 await self._launch(plan, restore=None)
                 self.started_from = "cold boot"
             if self._workdir_push is not None:
@@ -366,6 +378,26 @@ class Sandbox:
                                              hooks=hooks, hostd=self._hostd, adopt=adopt, say=self._say)
         if restore is not None and self.machine.net is not None:
             await self._address(self.machine)
+
+    async def _launch_checkpoint(self, plan: boot.Plan, ck: Checkpoint) -> None:
+        """Start this VM from a checkpoint, under its shared lock (a fork's
+        materialize does not swap its files meanwhile)."""
+        store = self.checkpoint_store
+        checkpoints.check_fits(ck, plan.image, plan.binary, plan.shape)
+        lock = store.lock(ck.name, shared=True)
+        await asyncio.to_thread(lock.__enter__)
+        try:
+            ck = await asyncio.to_thread(store.open, ck.name)
+            checkpoints.check_fits(ck, plan.image, plan.binary, plan.shape)
+            load = ck.load()
+            self._from_checkpoint = ck
+            try:
+                await self._launch(plan, restore=load)
+            finally:
+                self._from_checkpoint = None
+        finally:
+            lock.__exit__()
+        self.started_from = f"checkpoint {ck.name!r}"
 
     async def _address(self, machine: Machine) -> None:
         """A fork of a NIC shape: its template had no address (and another
@@ -495,8 +527,15 @@ class Sandbox:
     def _start_workdir_push(self, machine: Machine) -> None:
         """The agent said hello: send the copy-in now (Hooks.hello), on a task
         the start waits for before the VM is ready."""
-        if self.workdir is not None:
-            self._workdir_push = asyncio.ensure_future(self._push_workdir(machine))
+        if self.workdir is None:
+            return
+        if self._from_checkpoint is not None:
+            # The home is the checkpoint's: nothing is copied in; what the
+            # code writes from now on comes back (read-write).
+            if self.workdir.mode == "read-write":
+                self._workdir_push = asyncio.ensure_future(machine.request("workdir_watch", timeout=60))
+            return
+        self._workdir_push = asyncio.ensure_future(self._push_workdir(machine))
 
     async def _push_workdir(self, machine: Machine) -> None:
         copied = await self._workdir_ready
@@ -557,6 +596,104 @@ class Sandbox:
                 raise GuestFileError(f"{remote}: over {max_bytes} bytes")
             if not chunk or len(out) >= size:
                 return bytes(out)
+
+    # ------------------------------------------------------------ checkpoints (checkpoints.py)
+
+    def checkpoint(self, name: str | None = None, *, after_cell: int | None = None) -> Checkpoint:
+        """Save the running VM's whole state (memory, devices, disk) as the
+        checkpoint ``name`` (default: ``after_cell``, the guest's execution
+        count, else the time); the VM goes on running. A name that exists is
+        replaced. Raises CheckpointError with the reason (a VM with a network,
+        the policy's caps)."""
+        with self._lock:
+            self._require_running()
+            why = checkpoints.why_not_saved(self.machine, self.config.network)
+            if why is not None:
+                raise CheckpointError(f"no checkpoint: {why}")
+            name = name or (str(after_cell) if after_cell else time.strftime("%Y%m%d-%H%M%S"))
+            return aio.run(self._checkpoint(name, after_cell))
+
+    async def _checkpoint(self, name: str, after_cell: int | None) -> Checkpoint:
+        machine = self.machine
+        spec = machine.backend.spec
+        key = boot.shape_key(spec.image, machine.backend.binary,
+                             {k: getattr(spec, k) for k in ("vcpus", "mem_mib", "disk_mib", "accel", "tsc_khz", "nic")})
+        self._saving = True
+        try:
+            ck = await checkpoints.take(machine, self.checkpoint_store, name, shape_key=key,
+                                        profile=spec.image.profile, after_cell=after_cell)
+        finally:
+            self._saving = False
+            self.pauser.touch()
+        self.last_checkpoint_s = ck.save_s
+        self._record_vm("checkpoint", name=ck.name, bytes=ck.size, save_s=ck.save_s, after_cell=after_cell)
+        return ck
+
+    def restore(self, checkpoint: Checkpoint | str) -> Checkpoint:
+        """Replace the VM with a checkpoint's state (this user's, of this VM's
+        image and shape): a new VMM loads it, and the guest kernel gets a new
+        key and fresh entropy. Files the code wrote in the working folder are
+        copied back first; the folder is not rolled back. The seconds it took
+        are in ``last_restore_s``."""
+        with self._lock:
+            ck = self._checkpoint_named(checkpoint)
+            aio.run(self._check_fits(ck))       # refused before the running VM is touched
+            t0 = time.monotonic()
+            _live.add(self)
+            self._finish_workdir()
+            aio.run(self._stop())
+            aio.run(self._start(from_checkpoint=ck))
+            self.last_restore_s = time.monotonic() - t0
+            self._record_vm("restore", name=ck.name, restore_s=round(self.last_restore_s, 3))
+            return ck
+
+    def fork(self, checkpoint: Checkpoint | str, n: int) -> list[Sandbox]:
+        """``n`` new Sandboxes (this one's settings, no working folder), each
+        started from the checkpoint's state with keys, entropy, generator seeds
+        and clock of its own. They map one copy of its memory (the checkpoint
+        is made into a RAM file once, checkpoints.materialize); stop each."""
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 64:
+            raise ConfigError("n", n, "fork between 1 and 64 VMs at a time")
+        ck = self._checkpoint_named(checkpoint)
+        plan = aio.run(self._check_fits(ck))
+        ck = aio.run(checkpoints.materialize(self.checkpoint_store, ck, plan.image, plan.binary, plan.shape))
+        config = self.config.changed(workdir="")
+        forks = [Sandbox(config) for _ in range(n)]
+        for sb in forks:
+            sb.audit_context = dict(self.audit_context, forked_from=ck.name)
+            _live.add(sb)
+
+        async def start_all() -> list:
+            return await asyncio.gather(*(sb._start(from_checkpoint=ck) for sb in forks), return_exceptions=True)
+        errors = [e for e in aio.run(start_all()) if isinstance(e, BaseException)]
+        if errors:
+            for sb in forks:
+                sb.stop()
+            raise errors[0]
+        self._record_vm("fork", name=ck.name, n=n)
+        return forks
+
+    def checkpoints(self) -> list[Checkpoint]:
+        """This user's checkpoints, oldest first."""
+        return self.checkpoint_store.list()
+
+    def remove_checkpoint(self, name: str) -> int:
+        """Delete a checkpoint; the bytes freed (a fork running from it keeps its memory)."""
+        freed = self.checkpoint_store.remove(name)
+        self.record_audit("checkpoint_rm", **self.audit_context, name=name, bytes=freed)
+        return freed
+
+    def _checkpoint_named(self, checkpoint: Checkpoint | str) -> Checkpoint:
+        return self.checkpoint_store.open(checkpoint.name if isinstance(checkpoint, Checkpoint) else checkpoint)
+
+    async def _check_fits(self, ck: Checkpoint) -> boot.Plan:
+        plan = await boot.plan(self.config, self._snapshots, log.info, None, None, ready_snapshot=False)
+        if plan.backend_name != "qemu" or plan.transport != "serial" or self.config.network != "none":
+            raise CheckpointError(
+                f"no restore: checkpoints are restored into QEMU VMs over virtio-serial with network 'none' "
+                f"(this kernel's: {plan.backend_name}, {plan.transport}, network {self.config.network!r})")
+        checkpoints.check_fits(ck, plan.image, plan.binary, plan.shape)
+        return plan
 
     # ------------------------------------------------------------ messaging
 
