@@ -133,6 +133,7 @@ CHECKS = {
     "max_output_mib": _within(1, 4096),
     "vmm_overhead_mib": _within(0, 65536, " (256 suits QEMU)"),
     "cpu_limit": _cpu_limit,
+    "checkpoint_each_cell": _within(0, 20, " (undo steps kept; each is a checkpoint on disk)"),
     "max_message_bytes": _within(64 * 1024, 32 * 1024 * 1024, " (the wire protocol's frame limit)"),
 }
 

@@ -183,6 +183,11 @@ _ROWS = (
     Option("pause_after", "float", 0.0, "Seconds a VM may sit idle (no cell running, no message either way) "
            "before it is paused to disk, its host memory freed; its next use resumes it, state intact. "
            "0 = never. VMs with a network are not paused.", env="SMOLVM_PAUSE_AFTER"),
+    Option("checkpoint_each_cell", "int", 0, "Undo steps: before each cell the kernel keeps a checkpoint "
+           "of the VM, for the last N cells, and %smolvm undo restores the state from before the last one "
+           "(vm/checkpoints.py). 0 = off; each step costs a save of the VM before its cell.",
+           env="SMOLVM_CHECKPOINT_EACH_CELL", option="undo", kernelspec=True, line=True, metavar="N",
+           user=True, live=True),
     # The network.
     Option("network", "str", "none", "Guest networking: none (the default: no NIC at all) or nat (one TAP, "
            "NAT egress through nftables, no VM-to-VM, no host, no 169.254/16; needs CAP_NET_ADMIN).",

@@ -23,12 +23,21 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Protocol
 
 from smolvm_kernel.config import LIVE_SETTINGS, USER_SETTINGS, SandboxConfig
 from smolvm_kernel.errors import SmolVMError
 from smolvm_kernel.jupyter import hostline, transfer
+from smolvm_kernel.jupyter.undo import UndoSteps
+from smolvm_kernel.vm.workdir import size_words
+
+#: What a restore does not take back, said in its cell.
+NOT_ROLLED_BACK = ("not rolled back: files already copied to the notebook's folder, the notebook itself, "
+                   "anything sent over the network; widgets shown after that checkpoint no longer answer "
+                   "(run their cells again)")
 
 
 class VMControl(Protocol):
@@ -64,6 +73,11 @@ class VMControl(Protocol):
     def wait_ready(self) -> None:
         """Wait (off the kernel's loop) for a start under way; raise its error."""
 
+    def replace(self, fn: Callable[[], object]) -> Future:
+        """Replace the VM by ``fn()`` (Sandbox.restore), in order with starts
+        and stops, requests for the VM waiting meanwhile: a Future of its
+        result (done already when the owner waits)."""
+
 
 class VMActions:
     """The ``%smolvm`` lines and the panel's buttons over one owner's VM.
@@ -80,12 +94,16 @@ class VMActions:
     """
 
     def __init__(self, vm: VMControl, where: str, *, name: str, workdir: Callable[[], str],
-                 show_panel: Callable[[], None]) -> None:
+                 show_panel: Callable[[], None], last_cell: Callable[[], int | None] = lambda: None,
+                 undo: UndoSteps | None = None) -> None:
         self.vm = vm
         self.where = where
         self.name = name
         self._workdir = workdir
         self._show_panel = show_panel
+        #: The number of the last cell that ran (a checkpoint is "after cell [N]").
+        self._last_cell = last_cell
+        self.undo = undo
         #: The control panel over these actions, once shown (its settings follow a change).
         self.panel = None
 
@@ -140,7 +158,57 @@ class VMActions:
                 self.vm.wait_ready()
                 return transfer.run(self.sandbox, workdir, cmd, self.config.max_transfer_mib * 2**20)
             return move
+        if cmd.command == "checkpoints":
+            return lambda: hostline.format_checkpoints(self.sandbox.checkpoints(), time.time())
+        if cmd.command == "checkpoint" and cmd.remove:
+            return lambda: f"removed checkpoint {cmd.source!r} ({size_words(self.sandbox.remove_checkpoint(cmd.source))} freed)"
+        if cmd.command == "checkpoint":
+            return self.checkpoint(cmd.source or None)
+        if cmd.command == "restore":
+            return self.restore(cmd.source)
+        if cmd.command == "undo":
+            return self.undo_last()
         raise SmolVMError(f"%smolvm {cmd.command} is not for {self.name}; {hostline.usage(self.where)}")
+
+    # -- checkpoints (vm/checkpoints.py; the panel's buttons too)
+
+    def checkpoint(self, name: str | None) -> Callable[[], str]:
+        self.vm.ensure()
+        after = self._last_cell()
+
+        def take() -> str:
+            self.vm.wait_ready()
+            ck = self.sandbox.checkpoint(name, after_cell=after)
+            return (f"checkpoint {ck.name!r} saved in {ck.save_s:.2f} s ({size_words(ck.size)} on disk); "
+                    f"%smolvm restore {ck.name} brings this state back, here or in another of your notebooks")
+        return take
+
+    def restore(self, name: str) -> Callable[[], str]:
+        """Replace the VM with checkpoint ``name`` (a callable that waits for it)."""
+        ck = self.sandbox.checkpoint_store.open(name)      # refused at once if it is not there
+        started = time.monotonic()
+        done = self.vm.replace(lambda: self.sandbox.restore(ck.name))
+
+        def wait() -> str:
+            done.result()
+            return (f"restored {ck.describe()}, in {time.monotonic() - started:.1f} s\n"
+                    f"{NOT_ROLLED_BACK}")
+        return wait
+
+    def undo_last(self) -> Callable[[], str]:
+        if self.undo is None:
+            raise SmolVMError(f"%smolvm undo is not for {self.name}")
+        step = self.undo.latest()
+        started = time.monotonic()
+        done = self.vm.replace(lambda: self.sandbox.restore(step.name))
+
+        def wait() -> str:
+            done.result()
+            left = self.undo.done(step)
+            after = f"after cell [{step.after_cell}]" if step.after_cell else "before the last cell"
+            return (f"undone: the VM is back to its state {after}, in {time.monotonic() - started:.1f} s "
+                    f"({left} more undo step{'s' if left != 1 else ''})\n{NOT_ROLLED_BACK}")
+        return wait
 
     def status(self) -> dict:
         """Sandbox.stats() with the owner's state (safe from any thread)."""

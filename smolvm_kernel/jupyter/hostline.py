@@ -6,6 +6,7 @@ A line is a command and its arguments, split like a shell would (``shlex``):
     %smolvm config [--cpus N] [--mem MiB] [--disk MiB] [--timeout S] [--network none|nat]
     %smolvm push LOCAL [REMOTE]
     %smolvm pull REMOTE [LOCAL] [--force]
+    %smolvm checkpoint [NAME] | checkpoint --rm NAME | checkpoints | restore NAME | undo
 
 In an ordinary IPython kernel (the magic) every line may also name its
 sandbox (``--name N``) and the shape a new one gets (``--cpus``, ``--mem``,
@@ -54,6 +55,13 @@ COMMANDS: dict[str, tuple[str, str, frozenset[str]]] = {
              frozenset({KERNEL, MAGIC})),
     "pull": ("REMOTE [LOCAL] [--force]", "copy a file out of the VM into the notebook's folder "
              "(--force replaces)", frozenset({KERNEL, MAGIC})),
+    "checkpoint": ("[NAME] [--rm]", "save the VM's whole state as NAME (default: the last cell's number); "
+                   "--rm deletes it", frozenset({KERNEL, MAGIC})),
+    "checkpoints": ("", "your checkpoints: name, when, after which cell, size", frozenset({KERNEL, MAGIC})),
+    "restore": ("NAME", "replace the VM with a checkpoint's state (any of your kernels' checkpoints)",
+                frozenset({KERNEL, MAGIC})),
+    "undo": ("", "back to the state before the last cell (with --undo N set in %smolvm config)",
+             frozenset({KERNEL, MAGIC})),
     "help": ("", "this text", frozenset({KERNEL, MAGIC})),
 }
 
@@ -69,6 +77,8 @@ class HostLine:
     name: str = "default"
     #: SandboxConfig settings the line names (``--mem 1024`` -> ``{"mem_mib": 1024}``).
     settings: dict = dataclasses.field(default_factory=dict)
+    #: ``checkpoint --rm NAME``.
+    remove: bool = False
 
     @property
     def source(self) -> str:
@@ -119,6 +129,7 @@ def _parser(where: str) -> argparse.ArgumentParser:
         p.add_argument(option, dest=dest, type=kind)
     if where != CELL:
         p.add_argument("--force", action="store_true")
+        p.add_argument("--rm", action="store_true")
         p.add_argument("words", nargs="*")
     return p
 
@@ -131,7 +142,7 @@ def parse(line: str, where: str = KERNEL) -> HostLine:
         raise SmolVMError(f"cannot parse {line!r}: {exc}") from None
     parser = _parser(where)
     try:
-        ns, extra = parser.parse_known_args(words)
+        ns, extra = parser.parse_known_intermixed_args(words)
     except (argparse.ArgumentError, SystemExit) as exc:      # a value of the wrong type
         raise SmolVMError(f"{exc}; {usage(where, _first_word(words))}") from None
     if extra:
@@ -146,9 +157,16 @@ def parse(line: str, where: str = KERNEL) -> HostLine:
         raise SmolVMError(f"unknown %smolvm command {command!r}; try %smolvm help")
     if ns.force and command != "pull":
         raise SmolVMError(f"--force is for pull only; {usage(where, command)}")
+    if ns.rm and command != "checkpoint":
+        raise SmolVMError(f"--rm is for checkpoint only; {usage(where, command)}")
     if command in ("push", "pull"):
         if not 1 <= len(paths) <= 2:
             raise SmolVMError(f"{usage(where, command)}; got {line!r}")
+    elif command in ("checkpoint", "restore"):
+        need = (1, 1) if command == "restore" or ns.rm else (0, 1)
+        if not need[0] <= len(paths) <= need[1]:
+            raise SmolVMError(f"{usage(where, command)}; got {line!r}"
+                              + ("" if paths or command == "checkpoint" else " (%smolvm checkpoints lists them)"))
     elif paths:
         raise SmolVMError(f"%smolvm {command} takes no {' '.join(paths)!r}; {usage(where, command)}")
     if where == KERNEL and command != "config" and settings:
@@ -157,7 +175,7 @@ def parse(line: str, where: str = KERNEL) -> HostLine:
     if command == "config" and "profile" in settings:
         raise SmolVMError("the profile is the kernel's (its kernelspec), not a setting to change: pick "
                           "the kernel of that profile instead (SmolVM Python (scipy), ...)")
-    return HostLine(command, tuple(paths), bool(ns.force), name, settings)
+    return HostLine(command, tuple(paths), bool(ns.force), name=name, settings=settings, remove=bool(ns.rm))
 
 
 def _first_word(words: list[str]) -> str | None:
@@ -222,3 +240,20 @@ def _profiles_here() -> list[str]:
 def config_changes(line: HostLine, config) -> dict:
     """What a ``config`` line would change in ``config`` (settings equal to today's left out)."""
     return {k: v for k, v in line.settings.items() if k in CONFIG_SETTINGS and getattr(config, k) != v}
+
+
+def format_checkpoints(checkpoints: list, now: float) -> str:
+    """``%smolvm checkpoints``: one row each, oldest first."""
+    if not checkpoints:
+        return ("no checkpoints yet: %smolvm checkpoint [NAME] saves the VM's state "
+                "(%smolvm config --undo N keeps one before each of the last N cells)")
+    rows = [f"{'name':<20} {'taken':<14} {'after':<8} {'size':>8}  shape"]
+    for ck in checkpoints:
+        when = ck.taken(now)
+        after = f"[{ck.after_cell}]" if ck.after_cell else "-"
+        rows.append(f"{ck.name:<20} {when:<14} {after:<8} {ck.size / 2**20:>5.0f} MiB  "
+                    f"{ck.profile}, {ck.vcpus} vCPU, {ck.mem_mib} MiB" + ("  (undo)" if ck.undo else ""))
+    total = sum(ck.size for ck in checkpoints)
+    rows.append(f"{len(checkpoints)} checkpoint(s), {total / 2**20:.0f} MiB; %smolvm restore NAME, "
+                f"%smolvm checkpoint --rm NAME")
+    return "\n".join(rows)

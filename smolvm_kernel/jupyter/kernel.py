@@ -42,6 +42,7 @@ from smolvm_kernel.jupyter.output_policy import OutputPolicy
 from smolvm_kernel.jupyter.panel_host import PanelHost
 from smolvm_kernel.jupyter.relay import Relay
 from smolvm_kernel.jupyter.supervisor import VMSupervisor
+from smolvm_kernel.jupyter.undo import UndoSteps
 from smolvm_kernel.vm.session import PROTOCOL_VERSION, Session
 
 log = logging.getLogger("smolvm_kernel.jupyter.kernel")
@@ -109,8 +110,12 @@ class SmolVMKernel:
         #: Set by a gateway's placement when this kernel was restarted on another host.
         self._placement_notice = os.environ.pop("SMOLVM_NOTICE", "")[:1000]
         #: The %smolvm lines and the panel's buttons (actions.py), over the supervisor.
+        #: Undo steps: a checkpoint before each cell with checkpoint_each_cell set (undo.py).
+        self.undo = UndoSteps(self.sandbox, lambda: self.sandbox.audit_context.get("kernel_id") or f"p{os.getpid()}",
+                              keep=lambda: self.config.checkpoint_each_cell)
         self.actions = VMActions(self.vm, hostline.KERNEL, name=f"this kernel's microVM ({self.config.profile})",
-                                 workdir=lambda: self.workdir, show_panel=lambda: self.panel_host.show())
+                                 workdir=lambda: self.workdir, show_panel=lambda: self.panel_host.show(),
+                                 last_cell=lambda: self.relay.last_count or None, undo=self.undo)
         #: The control panel, shown from this process through its own comms (panel_host.py).
         self.panel_host = PanelHost(
             self.actions, publish=self.relay.publish,
@@ -119,7 +124,8 @@ class SmolVMKernel:
             off_loop=self._ops.submit, call_soon=self._call_soon)
         #: %smolvm lines in the order sent among the cells, answered as cells (line_runner.py).
         self.lines = LineRunner(self.actions.run_line, self.relay, guest_ready=self.vm.guest_ready,
-                                off_loop=self._ops.submit, call_soon=self._call_soon)
+                                off_loop=self._ops.submit, call_soon=self._call_soon,
+                                cells_in_turn=lambda: self.undo.on)
         #: The host's own handlers, by socket and message type, as ipykernel's
         #: shell_handlers and control_handlers: each runs between one busy and
         #: one idle (_dispatch). Every other message goes to the guest.
@@ -254,6 +260,7 @@ class SmolVMKernel:
             self.vm.tick(now)
             self.panel_host.tick(now)
         self.vm.shutdown()
+        self.undo.clear()       # this kernel's undo steps end with it (named checkpoints stay)
 
     def _welcome_subscribers(self) -> None:
         sock = self.sockets["iopub"]
@@ -300,16 +307,40 @@ class SmolVMKernel:
                 return   # a widget event for a VM that is gone: nothing to answer, no VM to start
             if self.config.on_stopped == "error":
                 return self._dispatch(self._refuse_stopped, name, idents, msg)
+        content = msg.get("content")
+        if (mtype == "execute_request" and self.undo.on and self.vm.guest_ready()
+                and isinstance(content, dict) and not content.get("silent")):
+            # An undo step first (the VM as the last cell left it); the cell,
+            # and what came after it, wait for the save.
+            self.relay.publish("status", {"execution_state": "busy"}, header)
+            self.lines.pause_for(lambda: self.undo.before_cell(self.relay.last_count or None),
+                                 lambda note: self._after_undo_step(idents, msg_list, msg, note))
+            return
+        self._to_guest(name, idents, msg_list, msg)
+
+    def _to_guest(self, name: str, idents: list[bytes], msg_list: list[bytes], msg: dict,
+                  said_busy: bool = False) -> None:
+        """A verified request for the guest kernel, to the relay (a VM that is
+        not up is started, and the cell shows its boot)."""
+        header = msg["header"]
+        mtype = header.get("msg_type", "")
         chan = {"shell": Channel.SHELL, "control": Channel.CONTROL, "stdin": Channel.STDIN}[name]
-        host_busy = False
+        host_busy = said_busy
         if not self.vm.guest_ready():
             self.vm.ensure()
-            if mtype == "execute_request":
+            if mtype == "execute_request" and not said_busy:
                 host_busy = self.vm.show_boot_in(header)
         content = msg.get("content")
         allow_stdin = (mtype == "execute_request" and isinstance(content, dict)
                        and content.get("allow_stdin") is True)
         self.relay.forward(chan, name, idents, msg_list, header, host_busy, allow_stdin)
+
+    def _after_undo_step(self, idents: list[bytes], msg_list: list[bytes], msg: dict, note: object) -> None:
+        if isinstance(note, Exception):
+            note = f"[smolvm] no undo step before this cell: {note}\n"
+        if note:
+            self.relay.publish("stream", {"name": "stderr", "text": note}, msg["header"])
+        self._to_guest("shell", idents, msg_list, msg, said_busy=True)
 
     def _dispatch(self, handler: Callable, socket: str, idents: list[bytes], msg: dict) -> None:
         """Run one of the host's handlers between one busy and one idle on

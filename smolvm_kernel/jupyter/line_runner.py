@@ -36,8 +36,12 @@ class LineRunner:
     """
 
     def __init__(self, run_line: Callable, relay, *, guest_ready: Callable[[], bool],
-                 off_loop: Callable[[Callable[[], None]], None], call_soon: Callable[..., None]) -> None:
+                 off_loop: Callable[[Callable[[], None]], None], call_soon: Callable[..., None],
+                 cells_in_turn: Callable[[], bool] = lambda: False) -> None:
         self._run_line = run_line
+        #: Whether every cell, like a line, waits for the cells sent before it
+        #: (undo steps: each cell's step is the state the previous one left).
+        self._cells_in_turn = cells_in_turn
         self._relay = relay
         self._guest_ready = guest_ready
         self._off_loop = off_loop
@@ -55,7 +59,7 @@ class LineRunner:
             # Panel clicks are not cells: they must work while a line runs.
             if self._is_click(frames):
                 return False
-        elif not (self._cells_pending() and _is_line_frame(frames)):
+        elif not (self._cells_pending() and self._waits(frames)):
             return False
         self._held.append(frames)   # after what was sent before it
         return True
@@ -63,9 +67,32 @@ class LineRunner:
     def release(self) -> Iterator[list[bytes]]:
         """The held shell requests that may go on now, in order (each handled before the next is asked for)."""
         while self._held and self._op is None:
-            if self._cells_pending() and _is_line_frame(self._held[0]):
+            if self._cells_pending() and self._waits(self._held[0]):
                 return   # a line waits for the cells sent before it
             yield self._held.pop(0)
+
+    def _waits(self, frames: list[bytes]) -> bool:
+        """Whether these frames wait for the cells sent before them."""
+        kind = _request_kind(frames)
+        return kind == "line" or (kind == "cell" and self._cells_in_turn())
+
+    def pause_for(self, work: Callable[[], object], then: Callable[[object], None]) -> None:
+        """Hold the shell requests while ``work`` runs off the loop (an undo
+        step before a cell); ``then(result)`` runs on the loop before any of
+        them goes on. An exception of ``work`` is its result."""
+        self._op = {"pause": True}
+
+        def run() -> None:
+            try:
+                result = work()
+            except Exception as exc:
+                result = exc
+            self._call_soon(self._resume, then, result)
+        self._off_loop(run)
+
+    def _resume(self, then: Callable[[object], None], result: object) -> None:
+        self._op = None
+        then(result)
 
     def _cells_pending(self) -> bool:
         return bool(self._relay.running_cells() or self._relay.backlog)
@@ -126,12 +153,15 @@ class LineRunner:
             reply(None)
 
 
-def _is_line_frame(frames: list[bytes]) -> bool:
-    """Whether held frames carry a %smolvm line. Unverified: this only
-    orders requests; each is verified once, when it is handled."""
+def _request_kind(frames: list[bytes]) -> str | None:
+    """"line" for a %smolvm line, "cell" for another execute_request, else
+    None. Unverified: this only orders requests; each is verified once,
+    when it is handled."""
     try:
         i = frames.index(DELIM)
         header, content = json.loads(frames[i + 2]), json.loads(frames[i + 5])
-        return header.get("msg_type") == "execute_request" and is_line(content.get("code", ""))
+        if header.get("msg_type") != "execute_request":
+            return None
+        return "line" if is_line(content.get("code", "")) else "cell"
     except (ValueError, IndexError, AttributeError, TypeError):
-        return False
+        return None

@@ -25,16 +25,19 @@ back, as rich display, streams and errors.
 
 from __future__ import annotations
 
+import atexit
 import getpass
 import os
 import sys
 import threading
 import time
 import weakref
+from concurrent.futures import Future
 
 from smolvm_kernel.errors import SmolVMError
 from smolvm_kernel.jupyter import hostline
 from smolvm_kernel.jupyter.actions import VMActions
+from smolvm_kernel.jupyter.undo import UndoSteps
 
 #: name -> its Sandbox
 _sandboxes: dict = {}
@@ -128,6 +131,11 @@ def smolvm_cell(line: str, cell: str):
         print(text, end="", file=sys.stderr, flush=True)
     from smolvm_kernel.jupyter.output_policy import OutputPolicy
 
+    undo = _actions_for(args.name, sb).undo
+    if undo.on:        # an undo step: the VM as the cells before this one left it
+        note = undo.before_cell(_last_cell())
+        if note:
+            print(note, end="", file=sys.stderr, flush=True)
     policy = OutputPolicy.from_config(sb.config)
     for out in sb.execute(cell, timeout=args.settings.get("exec_timeout"), stdin=_stdin):
         if out.type == "error":
@@ -159,12 +167,24 @@ def smolvm_line(line: str):
         print(out)
 
 
+def _last_cell() -> int | None:
+    """The number of the last cell this IPython kernel ran (the one before the running one)."""
+    from IPython import get_ipython
+
+    shell = get_ipython()
+    count = getattr(shell, "execution_count", None)
+    return count - 1 if isinstance(count, int) and count > 1 else None
+
+
 def _actions_for(name: str, sandbox) -> VMActions:
     """The actions over sandbox ``name`` (made again when the sandbox was remade)."""
     actions = _actions.get(name)
     if actions is None or actions.sandbox is not sandbox:
         actions = VMActions(MagicVM(name, sandbox), hostline.MAGIC, name=f"%%smolvm --name {name}",
-                            workdir=os.getcwd, show_panel=lambda: show_panel(name, sandbox))
+                            workdir=os.getcwd, show_panel=lambda: show_panel(name, sandbox),
+                            last_cell=_last_cell,
+                            undo=UndoSteps(sandbox, f"m{os.getpid()}{name}",
+                                           keep=lambda: sandbox.config.checkpoint_each_cell))
         _actions[name] = actions
     return actions
 
@@ -224,6 +244,15 @@ class MagicVM:
     def wait_ready(self) -> None:
         """Starts are done when restart() returns: nothing to wait for."""
 
+    def replace(self, fn) -> Future:
+        """Run ``fn`` (a restore) now, shown as booting; its result, done."""
+        future: Future = Future()
+        try:
+            self._run(lambda: future.set_result(fn()), "booting")
+        except BaseException as exc:
+            future.set_exception(exc)
+        return future
+
     def _run(self, fn, state: str) -> None:
         with self._busy:
             self._op = state
@@ -262,9 +291,18 @@ def show_panel(name: str, sandbox) -> None:
 def load_ipython_extension(ipython) -> None:
     ipython.register_magic_function(smolvm_cell, magic_kind="cell", magic_name="smolvm")
     ipython.register_magic_function(smolvm_line, magic_kind="line", magic_name="smolvm")
+    atexit.register(_clear_undo_steps)
+
+
+def _clear_undo_steps() -> None:
+    """This kernel's undo steps end with it (named checkpoints stay)."""
+    for actions in list(_actions.values()):
+        if actions.undo is not None:
+            actions.undo.clear()
 
 
 def unload_ipython_extension(ipython) -> None:
+    _clear_undo_steps()
     _actions.clear()
     for sb in list(_sandboxes.values()):
         sb.stop()

@@ -19,7 +19,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from smolvm_kernel import timeline
 from smolvm_kernel.config import SandboxConfig
@@ -209,6 +209,34 @@ class VMSupervisor:
 
         self._worker.submit(boot)
         self._on_change()
+
+    def replace(self, fn: Callable[[], object]) -> Future:
+        """Replace the VM by ``fn()`` (a checkpoint's restore) in the worker, in
+        order with starts and stops; requests wait for it as for a boot. A
+        Future of its result. A restore refused before the VM was touched
+        leaves it running, and the requests go on to it."""
+        from smolvm_kernel.vm.sandbox import SandboxState
+
+        self._booting = True
+        self._torn_down = False
+        self._ready_event.clear()
+        self._boot_started = time.monotonic()
+        future: Future = Future()
+
+        def work() -> None:
+            try:
+                result = fn()
+            except BaseException as exc:
+                error = exc if isinstance(exc, SmolVMError) else SmolVMError(f"{type(exc).__name__}: {exc}")
+                running = self.sandbox.state in (SandboxState.READY, SandboxState.BUSY)
+                self._call_soon(self._booted, None if running else error)
+                future.set_exception(error)
+                return
+            self._call_soon(self._booted, None)
+            future.set_result(result)
+        self._worker.submit(work)
+        self._on_change()
+        return future
 
     def _booted(self, error: SmolVMError | None) -> None:
         timeline.mark("VM ready (kernel loop)")

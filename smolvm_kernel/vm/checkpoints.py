@@ -101,10 +101,14 @@ class Checkpoint:
     def shape(self) -> str:
         return f"the {self.profile} image, {self.vcpus} vCPU, {self.mem_mib} MiB, {self.disk_mib} MiB disk"
 
+    def taken(self, now: float | None = None) -> str:
+        """``12 min ago``."""
+        return ago((now or time.time()) - self.created)
+
     def describe(self, now: float | None = None) -> str:
         """``'before-cleaning', taken 12 min ago after cell [14]``."""
         cell = f" after cell [{self.after_cell}]" if self.after_cell else ""
-        return f"{self.name!r}, taken {ago((now or time.time()) - self.created)}{cell}"
+        return f"{self.name!r}, taken {self.taken(now)}{cell}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -294,13 +298,20 @@ class CheckpointStore:
         """Remove a checkpoint; the bytes it freed. A VM forked from it keeps
         its mapping (the files go when the last user lets go)."""
         check_name(name)
-        ck = self.open(name) if (self.root / name).exists() else None
-        if ck is None:
+        directory = self.root / name
+        try:
+            st = os.lstat(directory) if self._root_ok() else None
+        except FileNotFoundError:
+            st = None
+        if st is None:
             have = ", ".join(c.name for c in self.list()) or "none"
             raise CheckpointError(f"there is no checkpoint {name!r} (yours: {have})")
-        with self.lock(name):
-            shutil.rmtree(ck.directory)
-        return ck.size
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+            raise CheckpointError(f"{directory} is not a checkpoint folder of yours; it was left as it is")
+        with self.lock(name):      # an incomplete or unreadable one goes too
+            size = sum(allocated(p) for p in directory.iterdir())
+            shutil.rmtree(directory)
+        return size
 
     def cleanup(self) -> list[Path]:
         """Checkpoints half-written by a process that died (``.new-*``, ``.old-*``)."""

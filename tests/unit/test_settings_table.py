@@ -77,7 +77,8 @@ def test_the_variables_keep_their_names():
         "on_stopped": "SMOLVM_ON_STOPPED", "output_policy": "SMOLVM_OUTPUT_POLICY",
         "max_vcpus": "SMOLVM_MAX_VCPUS", "max_mem_mib": "SMOLVM_MAX_MEM_MIB",
         "max_disk_mib": "SMOLVM_MAX_DISK_MIB", "max_output_mib": "SMOLVM_MAX_OUTPUT_MIB",
-        "vmm_overhead_mib": "SMOLVM_VMM_OVERHEAD_MIB", "cpu_limit": "SMOLVM_CPU_LIMIT"}
+        "vmm_overhead_mib": "SMOLVM_VMM_OVERHEAD_MIB", "cpu_limit": "SMOLVM_CPU_LIMIT",
+        "checkpoint_each_cell": "SMOLVM_CHECKPOINT_EACH_CELL"}
 
 
 def test_kernelspec_options_come_from_the_table():
@@ -86,7 +87,8 @@ def test_kernelspec_options_come_from_the_table():
         "profile": "SMOLVM_PROFILE", "mem": "SMOLVM_MEM_MIB", "cpus": "SMOLVM_VCPUS",
         "timeout": "SMOLVM_TIMEOUT", "backend": "SMOLVM_BACKEND", "disk": "SMOLVM_DISK_MIB",
         "network": "SMOLVM_NETWORK", "transport": "SMOLVM_TRANSPORT", "netns": "SMOLVM_NETNS",
-        "output_policy": "SMOLVM_OUTPUT_POLICY", "workdir": "SMOLVM_WORKDIR_MODE"}
+        "output_policy": "SMOLVM_OUTPUT_POLICY", "workdir": "SMOLVM_WORKDIR_MODE",
+        "undo": "SMOLVM_CHECKPOINT_EACH_CELL"}
 
 
 def test_line_options_come_from_the_table():
@@ -94,11 +96,11 @@ def test_line_options_come_from_the_table():
     assert hostline.SETTINGS == {
         "--cpus": ("vcpus", int), "--mem": ("mem_mib", int), "--disk": ("disk_mib", int),
         "--timeout": ("exec_timeout", float), "--network": ("network", str), "--profile": ("profile", str),
-        "--workdir": ("workdir_mode", str)}
-    assert hostline.CONFIG_SETTINGS == USER_SETTINGS == ("vcpus", "mem_mib", "disk_mib", "exec_timeout", "network",
-                                                         "workdir_mode")
-    assert hostline.COMMANDS["config"][0] == ("[--cpus N] [--mem MiB] [--disk MiB] [--timeout S] [--network none|nat] "
-                                              "[--workdir read-write|read-only|off]")
+        "--workdir": ("workdir_mode", str), "--undo": ("checkpoint_each_cell", int)}
+    assert hostline.CONFIG_SETTINGS == USER_SETTINGS == ("vcpus", "mem_mib", "disk_mib", "exec_timeout",
+                                                         "checkpoint_each_cell", "network", "workdir_mode")
+    assert hostline.COMMANDS["config"][0] == ("[--cpus N] [--mem MiB] [--disk MiB] [--timeout S] [--undo N] "
+                                              "[--network none|nat] [--workdir read-write|read-only|off]")
 
 
 def test_the_table_and_the_class_agree():
