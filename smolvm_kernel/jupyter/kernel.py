@@ -341,6 +341,7 @@ class SmolVMKernel:
         if note:
             self.relay.publish("stream", {"name": "stderr", "text": note}, msg["header"])
         self._to_guest("shell", idents, msg_list, msg, said_busy=True)
+        self._ops.submit(self.undo.prune)      # while the cell runs
 
     def _dispatch(self, handler: Callable, socket: str, idents: list[bytes], msg: dict) -> None:
         """Run one of the host's handlers between one busy and one idle on

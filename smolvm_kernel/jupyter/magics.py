@@ -136,6 +136,7 @@ def smolvm_cell(line: str, cell: str):
         note = undo.before_cell(_last_cell())
         if note:
             print(note, end="", file=sys.stderr, flush=True)
+        threading.Thread(target=undo.prune, name="smolvm-undo-prune", daemon=True).start()
     policy = OutputPolicy.from_config(sb.config)
     for out in sb.execute(cell, timeout=args.settings.get("exec_timeout"), stdin=_stdin):
         if out.type == "error":

@@ -170,6 +170,7 @@ def test_undo_steps_keep_the_last_n_of_their_owner_and_go_with_it(tmp_path):
         mine.latest()
     for cell in (1, 2, 3):
         assert mine.before_cell(cell) is None
+        mine.prune()
         time.sleep(0.01)
     theirs.before_cell(7)
     assert [s.after_cell for s in mine.steps()] == [2, 3]           # the newest two, this owner's only
