@@ -95,7 +95,8 @@ class VMActions:
 
     def __init__(self, vm: VMControl, where: str, *, name: str, workdir: Callable[[], str],
                  show_panel: Callable[[], None], last_cell: Callable[[], int | None] = lambda: None,
-                 undo: UndoSteps | None = None) -> None:
+                 undo: UndoSteps | None = None,
+                 later: Callable[[Callable[[], str], Callable[[str, bool], None]], None] | None = None) -> None:
         self.vm = vm
         self.where = where
         self.name = name
@@ -104,6 +105,10 @@ class VMActions:
         #: The number of the last cell that ran (a checkpoint is "after cell [N]").
         self._last_cell = last_cell
         self.undo = undo
+        #: later(work, done): run ``work`` where it may wait on the VM, then
+        #: ``done(text, error)`` where the owner's widgets are updated (the
+        #: kernel: its ops thread, then its loop); by default a thread.
+        self._later = later or _on_a_thread
         #: The control panel over these actions, once shown (its settings follow a change).
         self.panel = None
 
@@ -211,8 +216,33 @@ class VMActions:
         return wait
 
     def status(self) -> dict:
-        """Sandbox.stats() with the owner's state (safe from any thread)."""
-        return self.vm.stats()
+        """Sandbox.stats() with the owner's state, and the checkpoints as the
+        panel lists them (safe from any thread)."""
+        stats = self.vm.stats()
+        try:
+            now = time.time()
+            stats["checkpoints"] = [(ck.name, f"{ck.name} ({ck.taken(now)}, {size_words(ck.size)})")
+                                    for ck in reversed(self.sandbox.checkpoints())]
+        except SmolVMError:
+            stats["checkpoints"] = []
+        return stats
+
+    def checkpoint_button(self, action: str, name: str | None, done: Callable[[str, bool], None]) -> None:
+        """A panel button: checkpoint / restore / delete / undo, as their lines."""
+        try:
+            if action == "checkpoint":
+                work = self.checkpoint(None)
+            elif action == "restore":
+                work = self.restore(name or "")
+            elif action == "delete":
+                work = self.run(hostline.HostLine("checkpoint", (name or "",), remove=True))
+            elif action == "undo":
+                work = self.undo_last()
+            else:
+                raise SmolVMError(f"no such checkpoint action {action!r}")
+        except SmolVMError as exc:
+            return done(str(exc), True)
+        self._later(work, done)
 
     def _restart_hint(self) -> str:
         if self.where == hostline.MAGIC:
@@ -326,3 +356,15 @@ def describe(changes: dict) -> str:
              "network": "network"}
     units = {"mem_mib": " MiB", "disk_mib": " MiB", "exec_timeout": " s"}
     return ", ".join(f"{names.get(k, k)} {v}{units.get(k, '')}" for k, v in changes.items())
+
+
+def _on_a_thread(work: Callable[[], str], done: Callable[[str, bool], None]) -> None:
+    def run() -> None:
+        try:
+            text, error = work(), False
+        except SmolVMError as exc:
+            text, error = str(exc), True
+        except Exception as exc:
+            text, error = f"{type(exc).__name__}: {exc}", True
+        done(text, error)
+    threading.Thread(target=run, name="smolvm-panel-op", daemon=True).start()

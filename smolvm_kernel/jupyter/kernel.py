@@ -115,7 +115,8 @@ class SmolVMKernel:
                               keep=lambda: self.config.checkpoint_each_cell)
         self.actions = VMActions(self.vm, hostline.KERNEL, name=f"this kernel's microVM ({self.config.profile})",
                                  workdir=lambda: self.workdir, show_panel=lambda: self.panel_host.show(),
-                                 last_cell=lambda: self.relay.last_count or None, undo=self.undo)
+                                 last_cell=lambda: self.relay.last_count or None, undo=self.undo,
+                                 later=self._later)
         #: The control panel, shown from this process through its own comms (panel_host.py).
         self.panel_host = PanelHost(
             self.actions, publish=self.relay.publish,
@@ -334,6 +335,18 @@ class SmolVMKernel:
         allow_stdin = (mtype == "execute_request" and isinstance(content, dict)
                        and content.get("allow_stdin") is True)
         self.relay.forward(chan, name, idents, msg_list, header, host_busy, allow_stdin)
+
+    def _later(self, work: Callable[[], str], done: Callable[[str, bool], None]) -> None:
+        """A panel button's work on the ops thread; its outcome on the loop (actions.VMActions)."""
+        def run() -> None:
+            try:
+                result = (work(), False)
+            except SmolVMError as exc:
+                result = (str(exc), True)
+            except Exception as exc:
+                result = (f"{type(exc).__name__}: {exc}", True)
+            self._call_soon(done, *result)
+        self._ops.submit(run)
 
     def _after_undo_step(self, idents: list[bytes], msg_list: list[bytes], msg: dict, note: object) -> None:
         if isinstance(note, Exception):

@@ -45,6 +45,10 @@ class PanelActions(Protocol):
     def teardown(self) -> str:
         """Destroy the VM."""
 
+    def checkpoint_button(self, action: str, name: str | None, done) -> None:
+        """checkpoint / restore / delete / undo (vm/checkpoints.py); ``done(text,
+        error)`` gets the outcome once the VM is done with it."""
+
 
 class ControlPanel:
     """The widget tree and its behaviour; ``widget`` is what gets displayed."""
@@ -97,10 +101,26 @@ class ControlPanel:
         self.message = w.HTML()
         self.message.add_class("smolvm-message")
 
+        # Checkpoints: the user's (host-side names, checked: checkpoints.NAME_RE).
+        self.checkpoint_list = w.Dropdown(options=[], description="checkpoints", style=style,
+                                          layout=w.Layout(width="26em"))
+        self.checkpoint_list.add_class("smolvm-checkpoint-list")
+        self.checkpoint_buttons = {}
+        for action, label, icon, tip in (
+                ("checkpoint", "Checkpoint", "camera", "save the VM's whole state now"),
+                ("restore", "Restore", "history", "replace the VM's state with the chosen checkpoint's"),
+                ("delete", "Delete", "trash", "delete the chosen checkpoint"),
+                ("undo", "Undo", "undo", "back to the state before the last cell (%smolvm config --undo N)")):
+            button = w.Button(description=label, icon=icon, tooltip=tip)
+            button.add_class(f"smolvm-{action}")
+            button.on_click(lambda _b, a=action: self.request(a))
+            self.checkpoint_buttons[action] = button
+
         settings = w.VBox([self.vcpus, self.mem_mib, self.disk_mib, self.exec_timeout, self.network])
         buttons = w.HBox([self.apply_button, self.reset_button, self.teardown_button])
+        checkpoints = w.VBox([self.checkpoint_list, w.HBox(list(self.checkpoint_buttons.values()))])
         self.widget = w.VBox([w.HBox([self.title, self.state]), self.details, settings, buttons,
-                              self.confirm_box, self.message],
+                              checkpoints, self.confirm_box, self.message],
                              layout=w.Layout(border="1px solid #ccc", padding="6px", width="max-content"))
         self.widget.add_class("smolvm-panel")
         self.load_settings()
@@ -147,6 +167,18 @@ class ControlPanel:
             text = "Reset replaces the VM with a fresh one. Everything in it is lost."
         elif action == "teardown":
             text = "Teardown destroys the VM. Everything in it is lost."
+        elif action == "checkpoint":
+            return self._run(action, {})
+        elif action in ("restore", "delete"):
+            name = self.checkpoint_list.value
+            if not name:
+                return self.say("no checkpoint chosen: take one with Checkpoint, or %smolvm checkpoint NAME")
+            changes = {"name": name}
+            text = (f"Restore replaces the VM's state with checkpoint '{name}'. What the VM holds now is lost "
+                    f"unless you took a checkpoint of it." if action == "restore" else
+                    f"Delete removes checkpoint '{name}' from disk: the state it holds is lost.")
+        elif action == "undo":
+            text = "Undo brings the VM back to its state before the last cell. What that cell did is lost."
         else:
             raise ValueError(action)
         self._pending = (action, changes)
@@ -166,6 +198,10 @@ class ControlPanel:
         self.confirm_text.value = ""
 
     def _run(self, action: str, changes: dict) -> None:
+        if action in self.checkpoint_buttons:
+            self.say(f"{action}: working…")
+            self.actions.checkpoint_button(action, changes.get("name"), lambda text, error: self.say(text, error))
+            return
         try:
             if action == "apply":
                 text = self.actions.apply(changes)
@@ -190,6 +226,14 @@ class ControlPanel:
                             f"background:{STATE_COLORS[state]};padding:1px 8px;border-radius:8px'>"
                             f"{state}</span>")
         self.details.value = render_details(status)
+        listed = status.get("checkpoints")
+        if isinstance(listed, list):
+            options = [(str(label), str(name)) for name, label in listed]
+            if options != list(self.checkpoint_list.options):
+                chosen = self.checkpoint_list.value
+                self.checkpoint_list.options = options
+                if chosen in [name for _, name in options]:
+                    self.checkpoint_list.value = chosen
 
 
 def render_details(s: dict) -> str:

@@ -37,6 +37,10 @@ class FakeActions:
         self.calls.append(("teardown",))
         return "torn down"
 
+    def checkpoint_button(self, action, name, done) -> None:
+        self.calls.append((action, name))
+        done(f"{action} done", False)
+
 
 @pytest.fixture
 def panel():
@@ -179,3 +183,27 @@ def test_needs_restart_asks_the_sandbox_about_memory():
     assert needs_restart({"mem_mib": 384})                  # no running VM to ask
     assert not needs_restart({"exec_timeout": 5.0})
     assert needs_restart({"mem_mib": 384, "vcpus": 1}, Box())
+
+
+def test_checkpoints_are_listed_taken_at_once_and_restored_or_deleted_after_confirmation(panel):
+    p, actions = panel
+    p.refresh({"state": "ready", "checkpoints": [("before", "before (2 min ago, 176.3 MiB)"),
+                                                  ("first", "first (1 h ago, 170.0 MiB)")]})
+    assert p.checkpoint_list.options == (("before (2 min ago, 176.3 MiB)", "before"),
+                                         ("first (1 h ago, 170.0 MiB)", "first"))
+    p.checkpoint_buttons["checkpoint"].click()          # saving loses nothing: no confirmation
+    assert actions.calls == [("checkpoint", None)] and not confirm_shown(p)
+    assert "checkpoint done" in p.message.value
+    p.checkpoint_list.value = "first"
+    for action in ("restore", "delete", "undo"):
+        actions.calls.clear()
+        p.checkpoint_buttons[action].click()
+        assert confirm_shown(p) and actions.calls == []
+        assert ("first" in p.confirm_text.value) == (action != "undo")
+        p.confirm_button.click()
+        assert actions.calls == [(action, "first" if action != "undo" else None)]
+    p.refresh({"state": "ready", "checkpoints": []})
+    assert p.checkpoint_list.options == () and p.checkpoint_list.value is None
+    actions.calls.clear()
+    p.checkpoint_buttons["restore"].click()
+    assert actions.calls == [] and "no checkpoint chosen" in p.message.value

@@ -139,3 +139,29 @@ def test_teardown_then_the_next_cell_starts_a_fresh_vm(panel_kernel):
     content, outs = client.run("print('z' in dir())")
     assert content["status"] == "ok" and stdout(outs).strip() == "False"
     client.pump(lambda: client.state() == "ready", timeout=30)
+
+
+def test_checkpoint_restore_and_delete_from_the_panel(panel_kernel):
+    import re
+
+    _, client, _ = panel_kernel
+    assert client.run("kept = 'before'")[0]["status"] == "ok"
+    client.click("Checkpoint")
+    client.pump(lambda: "saved in" in client.message(), timeout=60)
+    name = re.search(r"checkpoint '([^']+)' saved", client.message()).group(1)
+    listing = client.find("smolvm-checkpoint-list")
+    client.pump(lambda: any(label.startswith(name + " (") for label in
+                            client.states[listing].get("_options_labels", ())), timeout=30)
+    labels = client.states[listing]["_options_labels"]
+    client.send(listing, {"method": "update", "state": {"index": next(
+        i for i, label in enumerate(labels) if label.startswith(name + " ("))}, "buffer_paths": []})
+    assert client.run("kept = 'after'")[0]["status"] == "ok"
+    client.confirm("Restore")
+    client.pump(lambda: "restored" in client.message(), timeout=120)
+    client.pump(lambda: client.state() == "ready", timeout=60)
+    content, outs = client.run("print(kept)")
+    assert stdout(outs).strip() == "before"
+    client.confirm("Delete")
+    client.pump(lambda: "removed checkpoint" in client.message(), timeout=60)
+    client.pump(lambda: not any(label.startswith(name + " (") for label in
+                                client.states[listing].get("_options_labels", ())), timeout=30)
