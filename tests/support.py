@@ -113,6 +113,9 @@ class FakeVM:
     def can_resize_live(self, mem_mib):
         return False
 
+    def checkpoints(self):
+        return []        # none: checkpoints are tested with real VMs (tests/vm/test_checkpoint_vm.py)
+
     def put_file(self, data, remote):
         self.files[remote] = data
         return len(data)

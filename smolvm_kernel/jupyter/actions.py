@@ -216,9 +216,12 @@ class VMActions:
         return wait
 
     def status(self) -> dict:
-        """Sandbox.stats() with the owner's state, and the checkpoints as the
-        panel lists them (safe from any thread)."""
-        stats = self.vm.stats()
+        """Sandbox.stats() with the owner's state (safe from any thread)."""
+        return self.vm.stats()
+
+    def panel_status(self) -> dict:
+        """status(), and the checkpoints as the panel lists them (safe from any thread)."""
+        stats = self.status()
         try:
             now = time.time()
             stats["checkpoints"] = [(ck.name, f"{ck.name} ({ck.taken(now)}, {size_words(ck.size)})")

@@ -274,7 +274,7 @@ def show_panel(name: str, sandbox) -> None:
     actions = _actions_for(name, sandbox)
     if actions.panel is None:
         panel = actions.panel = ControlPanel(actions)
-        actions.vm.on_change = lambda: panel.refresh(actions.status())
+        actions.vm.on_change = lambda: panel.refresh(actions.panel_status())
         actions.vm.on_change()
         ref = weakref.ref(actions)
 
@@ -284,7 +284,7 @@ def show_panel(name: str, sandbox) -> None:
                 a = ref()
                 if a is None or _actions.get(name) is not a:
                     return
-                a.panel.refresh(a.status())
+                a.panel.refresh(a.panel_status())
         threading.Thread(target=refresh_loop, name=f"smolvm-panel-{name}", daemon=True).start()
     display(actions.panel.widget)
 

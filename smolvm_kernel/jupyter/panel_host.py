@@ -84,7 +84,7 @@ class PanelHost:
         if self._stats_running:
             return
         self._stats_running = True
-        self._off_loop(lambda: self._call_soon(self._stats_done, self.actions.status()))
+        self._off_loop(lambda: self._call_soon(self._stats_done, self.actions.panel_status()))
 
     def refresh(self, stats: dict | None = None) -> None:
         """Show ``stats`` (or the last figures) with the state as the loop knows it now."""
