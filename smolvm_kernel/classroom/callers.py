@@ -28,13 +28,14 @@ from smolvm_kernel.host import procs
 #: pause.py and classroom.py send today). Never admit, release, join or
 #: events_dropped: those are the service's own.
 USER_EVENTS = frozenset({"start", "stop", "death", "reset", "push", "pull", "refused",
-                         "pause", "resume", "culled"})
+                         "pause", "resume", "culled", "checkpoint", "restore", "fork", "checkpoint_rm"})
 #: The fields those events may carry; any other is dropped (``by``, ``uid``,
 #: ``user``, ``ts``, ``host``, ``pid`` are the service's).
 USER_FIELDS = frozenset({"vm_id", "kernel_id", "profile", "vcpus", "mem_mib", "disk_mib", "network",
                          "transport", "backend", "accel", "boot_s", "started_from", "ran_s", "cause",
                          "path", "bytes", "idle_s", "state_bytes", "pause_s", "vmm_rss_kib", "paused_s",
-                         "resume_s", "what", "why", "idle_timeout_s"})
+                         "resume_s", "what", "why", "idle_timeout_s", "name", "save_s", "after_cell",
+                         "restore_s", "n", "forked_from"})
 #: A user's string value is cut to this many characters.
 USER_VALUE_MAX = 1024
 #: Per non-root uid: events (burst, per second) and admissions (burst, per second).

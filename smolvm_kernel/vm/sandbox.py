@@ -316,7 +316,8 @@ class Sandbox:
         try:
             await asyncio.to_thread(self._registry.cleanup)
             self._open_workdir()
-            self._hostd = await boot.admit(cfg, str(self.audit_context.get("kernel_id", "")))
+            if self._hostd is None:      # a restore keeps the grant of the VM it replaces
+                self._hostd = await boot.admit(cfg, str(self.audit_context.get("kernel_id", "")))
             plan = await boot.plan(cfg, self._snapshots, self._say, self._progress, self._hostd,
                                    ready_snapshot=from_checkpoint is None)
             self.image, self.backend_name, self.accel_reason = plan.image, plan.backend_name, plan.accel_reason
@@ -513,6 +514,9 @@ class Sandbox:
         cfg = self.config
         self._workdir_push = None
         self.start_notes = []
+        old, self.workdir = self.workdir, None
+        if old is not None:      # a restore's: the VM it belonged to is gone
+            old.close()
         if not cfg.workdir or cfg.workdir_mode == "off":
             return
         try:
@@ -626,7 +630,8 @@ class Sandbox:
             self._saving = False
             self.pauser.touch()
         self.last_checkpoint_s = ck.save_s
-        self._record_vm("checkpoint", name=ck.name, bytes=ck.size, save_s=ck.save_s, after_cell=after_cell)
+        if not ck.undo:      # an undo step before every cell is not an event worth a line each
+            self._record_vm("checkpoint", name=ck.name, bytes=ck.size, save_s=ck.save_s, after_cell=after_cell)
         return ck
 
     def restore(self, checkpoint: Checkpoint | str) -> Checkpoint:
@@ -641,7 +646,9 @@ class Sandbox:
             t0 = time.monotonic()
             _live.add(self)
             self._finish_workdir()
-            aio.run(self._stop())
+            # The host's grant stays: a classroom's one VM per student is
+            # replaced, not given back and asked for again.
+            aio.run(self._stop(keep_grant=True))
             aio.run(self._start(from_checkpoint=ck))
             self.last_restore_s = time.monotonic() - t0
             self._record_vm("restore", name=ck.name, restore_s=round(self.last_restore_s, 3))

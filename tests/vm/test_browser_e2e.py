@@ -150,6 +150,41 @@ def test_demo_notebook_and_panel_in_a_real_browser(lab, page):
         panel.scroll_into_view_if_needed()
         expect(panel.locator(".smolvm-state-ready")).to_be_visible(timeout=60_000)
         expect(panel.locator(".smolvm-details")).to_contain_text("MiB used of", timeout=30_000)
+
+        # A checkpoint with the slider at 4, the slider moved to 5, then the
+        # checkpoint restored from the panel: the slider on the page keeps
+        # working (its model is in the restored VM, at 4) and the page shows
+        # no error.
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(f"pageerror: {exc}"))
+        page.on("console", lambda m: errors.append(f"console: {m.text}") if m.type == "error" else None)
+        panel.locator(".smolvm-checkpoint").click()
+        expect(panel.locator(".smolvm-message")).to_contain_text("saved in", timeout=60_000)
+        slider.scroll_into_view_if_needed()
+        handle.focus()
+        page.keyboard.press("ArrowRight")
+        expect(slider.locator(".widget-readout")).to_have_text("5")
+        panel.scroll_into_view_if_needed()
+        listing = panel.locator(".smolvm-checkpoint-list select")
+        expect(listing.locator("option")).not_to_have_count(0, timeout=30_000)
+        listing.select_option(index=0)           # the newest: the one just taken
+        panel.locator(".smolvm-restore").click()
+        expect(panel.locator(".smolvm-confirm-text")).to_contain_text("Restore replaces")
+        panel.locator(".smolvm-confirm").click()
+        expect(panel.locator(".smolvm-message")).to_contain_text("restored", timeout=120_000)
+        expect(panel.locator(".smolvm-state-ready")).to_be_visible(timeout=60_000)
+        shot(page, root, "2a-after-restore")
+        value_cell.locator(".jp-InputArea-editor").click()
+        page.keyboard.press("Shift+Enter")
+        expect(value_cell.locator(".jp-OutputArea-output")).to_contain_text("doubled: 8", timeout=60_000)
+        slider.scroll_into_view_if_needed()
+        handle.focus()
+        page.keyboard.press("ArrowRight")        # the page's 6 reaches the restored VM's model
+        value_cell.locator(".jp-InputArea-editor").click()
+        page.keyboard.press("Shift+Enter")
+        expect(value_cell.locator(".jp-OutputArea-output")).to_contain_text("doubled: 12", timeout=60_000)
+        assert errors == [], errors
+        panel.scroll_into_view_if_needed()
         page.evaluate("""() => {
             window.__smolvmStates = [];
             const el = document.querySelector('.smolvm-panel .smolvm-state');

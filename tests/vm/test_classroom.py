@@ -48,6 +48,8 @@ max_exec_timeout = 120
 network = ["none"]
 profiles = ["base", "smolvm-test-course"]
 pause_after = 20
+max_checkpoints = 2
+max_checkpoint_mib = 2048
 max_vms_per_user = 1
 host_max_vms = 6
 hostd = "{dir}/hostd.sock"
@@ -424,6 +426,43 @@ def test_a_student_cannot_reach_another_students_vm(classroom):
          "/usr/bin/python3", "-I", "-c", PROBE, home, str(pid), str(qmp)], capture_output=True, text=True,
         timeout=30).stdout)
     assert mine == {"list_state": "allowed", "environ": "allowed", "signal": "allowed", "qmp": "allowed"}, mine
+
+
+def test_a_students_checkpoints_are_theirs_alone_and_capped(classroom):
+    owner, other = classroom.students[0][0], classroom.students[1][0]
+    s0, s1 = classroom.student(0), classroom.student(1)
+    k0, k1 = classroom.kernels[owner], classroom.kernels[other]
+    r = s0.run_cell(k0, "secret = 'mine'")
+    assert r.status == "ok", r.text
+    r = s0.run_cell(k0, "%smolvm checkpoint mine")
+    assert r.status == "ok" and "checkpoint 'mine' saved" in r.text, r.text
+    folder = Path(pwd.getpwnam(owner).pw_dir, ".local/state/smolvm-kernel/checkpoints")
+    assert (folder / "mine" / "state.bin").exists()       # root may look: it is the owner's
+    assert folder.stat().st_uid == pwd.getpwnam(owner).pw_uid and folder.stat().st_mode & 0o777 == 0o700
+    # The other student neither lists, restores nor reads it.
+    r = s1.run_cell(k1, "%smolvm checkpoints")
+    assert r.status == "ok" and "no checkpoints yet" in r.text, r.text
+    r = s1.run_cell(k1, "%smolvm restore mine")
+    assert r.status == "error" and "there is no checkpoint 'mine'" in r.text, r.text
+    reader = "import sys\ntry:\n    open(sys.argv[1], 'rb').read(1)\n    print('read')\nexcept OSError as e:\n" \
+             "    print(type(e).__name__)"
+    for name, expected in ((other, "PermissionError"), (owner, "read")):      # the probe works for the owner
+        probe = _as(name, ["/usr/bin/python3", "-I", "-c", reader, str(folder / "mine" / "state.bin")],
+                    stdout=subprocess.PIPE, text=True)
+        assert probe.communicate(timeout=30)[0].strip() == expected, name
+    # The instructor's cap, in its words; a restore brings the state back.
+    assert s0.run_cell(k0, "%smolvm checkpoint second").status == "ok"
+    r = s0.run_cell(k0, "%smolvm checkpoint third")
+    assert r.status == "error" and "max_checkpoints = 2" in r.text, r.text
+    assert s0.run_cell(k0, "secret = 'changed'").status == "ok"
+    r = s0.run_cell(k0, "%smolvm restore mine")
+    assert r.status == "ok" and "restored 'mine'" in r.text, r.text
+    assert s0.run_cell(k0, "print(secret)").text.strip() == "mine"
+    for name in ("mine", "second"):
+        assert s0.run_cell(k0, f"%smolvm checkpoint --rm {name}").status == "ok"
+    assert not (folder / "mine").exists()
+    events = {e["event"] for e in classroom.audit() if e.get("user") == owner}
+    assert {"checkpoint", "restore"} <= events, events
 
 
 def test_a_student_cannot_raise_a_cap_or_turn_networking_on(classroom):
