@@ -266,7 +266,11 @@ def cmd_classroom(args) -> int:
 def cmd_cleanup(args) -> int:
     from smolvm_kernel.host.registry import Registry
 
+    from smolvm_kernel.vm.checkpoints import CheckpointStore
+
     lines = Registry().cleanup(everything=args.all)
+    lines += [f"removed {path.name}: a half-written checkpoint, or an undo step of a kernel that is gone"
+              for path in CheckpointStore().cleanup()]
     for line in lines:
         print(line)
     if not lines:
@@ -527,7 +531,8 @@ def build_parser() -> argparse.ArgumentParser:
     cr.add_argument("--student-cpus", type=float, default=None, help="their CPU cores (default 1)")
     cr.add_argument("--student-tasks", type=int, default=None, help="their processes and threads (default 512)")
     cr.set_defaults(func=cmd_classroom, profile_given=True)
-    c = sub.add_parser("cleanup", help="kill VMs whose owner died and remove their files")
+    c = sub.add_parser("cleanup", help="kill VMs whose owner died and remove their files (and checkpoints half "
+                                       "written, and undo steps of kernels that are gone)")
     c.add_argument("--all", action="store_true", help="also VMs whose owner is alive")
     c.set_defaults(func=cmd_cleanup)
     doctor = sub.add_parser("doctor", help="show backend, accelerator and why, images, versions")

@@ -314,14 +314,27 @@ class CheckpointStore:
         return size
 
     def cleanup(self) -> list[Path]:
-        """Checkpoints half-written by a process that died (``.new-*``, ``.old-*``)."""
+        """What dead processes left: half-written checkpoints (``.new-*``,
+        ``.old-*``, ``.mat-*``) and undo steps whose kernel is gone (named
+        checkpoints are the user's, kept until deleted)."""
+        from smolvm_kernel.host.procs import process_alive
+
         removed = []
-        if self.root.is_dir():
-            for entry in self.root.iterdir():
-                if entry.name.startswith((".new-", ".old-", ".mat-")) and entry.is_dir():
-                    if time.time() - entry.stat().st_mtime > 60:
-                        shutil.rmtree(entry, ignore_errors=True)
-                        removed.append(entry)
+        if not self.root.is_dir():
+            return removed
+        for entry in self.root.iterdir():
+            if entry.name.startswith((".new-", ".old-", ".mat-")) and entry.is_dir():
+                if time.time() - entry.stat().st_mtime > 60:
+                    shutil.rmtree(entry, ignore_errors=True)
+                    removed.append(entry)
+            elif entry.name.startswith(UNDO_PREFIX) and entry.is_dir() and not entry.is_symlink():
+                try:
+                    owner = json.loads((entry / "meta.json").read_text()).get("owner")
+                except (OSError, ValueError):
+                    owner = None
+                if not (isinstance(owner, list) and len(owner) == 2 and process_alive(*owner)):
+                    shutil.rmtree(entry, ignore_errors=True)
+                    removed.append(entry)
         return removed
 
     def lock(self, name: str, shared: bool = False):
@@ -450,9 +463,13 @@ async def take(machine, store: CheckpointStore, name: str, *, shape_key: str, pr
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"saving the checkpoint {name!r} failed: {exc}") from None
     save_s = time.monotonic() - t0
+    from smolvm_kernel.host.procs import this_process
+
     meta = {"created": time.time(), "after_cell": after_cell, "shape_key": shape_key, "profile": profile,
             "vcpus": spec.vcpus, "mem_mib": spec.mem_mib, "disk_mib": spec.disk_mib, "save_s": round(save_s, 3),
-            "ram_named": spec.ram_file is not None or spec.ram_named}
+            "ram_named": spec.ram_file is not None or spec.ram_named,
+            # an undo step is its kernel's: `cleanup` removes it once that process is gone
+            **({"owner": list(this_process())} if name.startswith(UNDO_PREFIX) else {})}
     return await asyncio.to_thread(store.commit, tmp, name, meta)
 
 

@@ -101,13 +101,23 @@ def test_caps_refuse_with_their_words_and_leave_nothing(tmp_path):
         off.check_room("x")
 
 
-def test_cleanup_removes_what_a_dead_process_half_wrote(tmp_path):
+def test_cleanup_removes_what_a_dead_process_half_wrote_and_undo_steps_of_gone_kernels(tmp_path):
+    import subprocess
+
+    from smolvm_kernel.host.procs import process_start_time, this_process
+
     store = CheckpointStore(tmp_path / "c")
     fake_checkpoint(store, "kept")
     old, fresh = store.begin(), store.begin()
     os.utime(old, (time.time() - 600, time.time() - 600))
-    assert store.cleanup() == [old]
-    assert fresh.exists() and store.open("kept")
+    dead = subprocess.Popen(["true"])
+    dead_start = process_start_time(dead.pid)
+    dead.wait()
+    fake_checkpoint(store, "undo-gone-1", owner=[dead.pid, dead_start])
+    fake_checkpoint(store, "undo-live-1", owner=list(this_process()))
+    fake_checkpoint(store, "undo-nobody-1")
+    assert sorted(p.name for p in store.cleanup()) == sorted([old.name, "undo-gone-1", "undo-nobody-1"])
+    assert fresh.exists() and store.open("kept") and store.open("undo-live-1")
 
 
 def test_only_a_qemu_vm_over_virtio_serial_without_a_network_is_checkpointed():
