@@ -5,7 +5,8 @@
 Runs, one after another (each against a local ipykernel in the same run):
 snapshot_bench (launch, restart, many kernels, memory, snapshot build),
 launch_timeline (where a start's time goes, mark by mark), kernel_bench (round trips, output, first cell and first interrupt after a
-start), workdir_bench (what the notebook's folder adds to a start), transport_bench (virtio-serial vs SSH; needs root for its network
+start), workdir_bench (what the notebook's folder adds to a start), checkpoint_bench (checkpoint,
+restore, undo, fork against a local kernel's restart and re-run), transport_bench (virtio-serial vs SSH; needs root for its network
 namespace, skipped with a note otherwise), boot_loop (cold boots) and
 leak_cycles (what 100 start/stop cycles, restarts and resets leave behind). It
 prints a header naming the machine (CPU, cores, memory, kernel, accelerator
@@ -88,6 +89,8 @@ def main() -> int:
     failed |= run("kernel_bench.py", "--rounds", "50" if quick else "200",
                   "--first-use-runs", "1" if quick else "3")
     failed |= run("workdir_bench.py", "--launches", "2" if quick else "5", "--rounds", "50" if quick else "100")
+    failed |= run("checkpoint_bench.py", "--repeats", "1" if quick else "3", "--rounds", "10" if quick else "30",
+                  "--forks", "3" if quick else "10")
     if args.no_transport:
         pass
     elif os.geteuid() != 0:
