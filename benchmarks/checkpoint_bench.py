@@ -76,10 +76,16 @@ def stop(km, kc) -> None:
     km.shutdown_kernel(now=False)
 
 
-def per_cell(kc, code: str, rounds: int) -> float:
+def per_cell(kc, code: str, rounds: int, think: float = 0.0) -> float:
+    """Median time of ``code`` run ``rounds`` times, ``think`` seconds apart
+    (a user reading and typing; 0: back to back, as Run All)."""
     for _ in range(3):
         timed(kc, code)
-    return median([timed(kc, code)[0] for _ in range(rounds)])
+    times = []
+    for _ in range(rounds):
+        time.sleep(think)
+        times.append(timed(kc, code)[0])
+    return median(times)
 
 
 def main() -> int:
@@ -131,11 +137,16 @@ def main() -> int:
         timed(kc, "%smolvm restore big0")
         timed(kc, "len(blob)")
         restore.append(time.perf_counter() - t)
+    # Undo steps: in the VM holding the state, and with it freed (a fresh VM's size).
     smol_pass = per_cell(kc, "pass", args.rounds)
     smol_write = per_cell(kc, WRITE_8MIB, args.rounds)
     timed(kc, "%smolvm config --undo 3")
-    undo_pass = per_cell(kc, "pass", args.rounds)
-    undo_write = per_cell(kc, WRITE_8MIB, args.rounds)
+    held = {think: (per_cell(kc, "pass", args.rounds, think), per_cell(kc, WRITE_8MIB, args.rounds, think))
+            for think in (0.0, 1.0)}
+    timed(kc, "del blob")
+    freed = {think: (per_cell(kc, "pass", args.rounds, think), per_cell(kc, WRITE_8MIB, args.rounds, think))
+             for think in (0.0, 1.0)}
+    timed(kc, MAKE_STATE)
     undo = []
     for _ in range(args.repeats):
         timed(kc, "x = 1")
@@ -156,11 +167,15 @@ def main() -> int:
         (f"back to the {STATE_MIB} MiB state -> first result", f"{local_back:.2f} s (restart + re-run)",
          f"{median(restore):.2f} s (%smolvm restore)"),
         ("%smolvm undo -> next result", "- (no undo)", f"{median(undo):.2f} s"),
-        ("`pass` cell, undo steps off / on", f"{local_pass * 1000:.1f} ms",
-         f"{smol_pass * 1000:.1f} / {undo_pass * 1000:.1f} ms (+{(undo_pass - smol_pass) * 1000:.0f} ms)"),
-        ("cell writing 8 MiB, undo steps off / on", f"{local_write * 1000:.1f} ms",
-         f"{smol_write * 1000:.1f} / {undo_write * 1000:.1f} ms (+{(undo_write - smol_write) * 1000:.0f} ms)"),
+        ("`pass` cell / a cell writing 8 MiB, undo steps off", f"{local_pass * 1000:.1f} / {local_write * 1000:.1f} ms",
+         f"{smol_pass * 1000:.1f} / {smol_write * 1000:.1f} ms"),
     ]
+    for label, figures in ((f"holding {STATE_MIB} MiB", held), ("fresh-sized", freed)):
+        for think, (p, w) in figures.items():
+            when = "back to back (Run All)" if think == 0 else f"{think:g} s apart (typing)"
+            rows.append((f"same, undo steps on, {label} VM, {when}", "-",
+                         f"{p * 1000:.0f} (+{(p - smol_pass) * 1000:.0f}) / {w * 1000:.0f} "
+                         f"(+{(w - smol_write) * 1000:.0f}) ms"))
 
     # -- fork(n) of the state against n that each make it
     from smolvm_kernel.vm.sandbox import Sandbox

@@ -127,6 +127,12 @@ class SmolVMKernel:
         self.lines = LineRunner(self.actions.run_line, self.relay, guest_ready=self.vm.guest_ready,
                                 off_loop=self._ops.submit, call_soon=self._call_soon,
                                 cells_in_turn=lambda: self.undo.on)
+        #: Undo steps are taken as soon as a cell has ended (off the next
+        #: cell's path, while the user reads and types); the next cell takes
+        #: its own only if anything came in since (see _on_frontend).
+        self.relay.on_cell_end = self._step_after_cell
+        self._handled = 0                  # frontend messages handled so far
+        self._step_fresh_at: int | None = None
         #: The host's own handlers, by socket and message type, as ipykernel's
         #: shell_handlers and control_handlers: each runs between one busy and
         #: one idle (_dispatch). Every other message goes to the guest.
@@ -290,6 +296,7 @@ class SmolVMKernel:
     def _on_frontend(self, name: str, frames: list[bytes], held: bool = False) -> None:
         if name == "shell" and not held and self.lines.hold(frames):
             return      # cells and %smolvm lines run in the order they were sent
+        self._handled += 1
         try:
             idents, msg_list = self.session.feed_identities(frames, copy=True)
             msg = self.session.deserialize(msg_list, content=True, copy=True)
@@ -309,7 +316,8 @@ class SmolVMKernel:
             if self.config.on_stopped == "error":
                 return self._dispatch(self._refuse_stopped, name, idents, msg)
         content = msg.get("content")
-        if (mtype == "execute_request" and self.undo.on and self.vm.guest_ready()
+        fresh = self._step_fresh_at is not None and self._step_fresh_at == self._handled - 1
+        if (mtype == "execute_request" and self.undo.on and self.vm.guest_ready() and not fresh
                 and isinstance(content, dict) and not content.get("silent")):
             # An undo step first (the VM as the last cell left it); the cell,
             # and what came after it, wait for the save.
@@ -317,6 +325,8 @@ class SmolVMKernel:
             self.lines.pause_for(lambda: self.undo.before_cell(self.relay.last_count or None),
                                  lambda note: self._after_undo_step(idents, msg_list, msg, note))
             return
+        if mtype == "execute_request" and fresh:
+            self.undo.used()       # the step taken when the last cell ended is this cell's
         self._to_guest(name, idents, msg_list, msg)
 
     def _to_guest(self, name: str, idents: list[bytes], msg_list: list[bytes], msg: dict,
@@ -347,6 +357,22 @@ class SmolVMKernel:
                 result = (f"{type(exc).__name__}: {exc}", True)
             self._call_soon(done, *result)
         self._ops.submit(run)
+
+    def _step_after_cell(self) -> None:
+        """A cell ended: with undo steps on and nothing else running, take the
+        next cell's step now. Requests that come meanwhile wait for it."""
+        self._step_fresh_at = None
+        if (not (self.undo.on and self.vm.guest_ready()) or self.lines.busy or self.relay.running_cells()
+                or self.relay.backlog):
+            return
+
+        def taken(note: object) -> None:
+            if note is None:      # a step: good for the next cell if nothing comes before it
+                self._step_fresh_at = self._handled
+                self._ops.submit(self.undo.prune)
+        # No note here: the next cell tries again, and says why if it fails too.
+        self.lines.pause_for(lambda: self.undo.before_cell(self.relay.last_count or None, say=False, ahead=True),
+                             taken)
 
     def _after_undo_step(self, idents: list[bytes], msg_list: list[bytes], msg: dict, note: object) -> None:
         if isinstance(note, Exception):

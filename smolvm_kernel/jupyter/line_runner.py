@@ -76,6 +76,11 @@ class LineRunner:
         kind = _request_kind(frames)
         return kind == "line" or (kind == "cell" and self._cells_in_turn())
 
+    @property
+    def busy(self) -> bool:
+        """A line, or a pause_for's work, is in progress."""
+        return self._op is not None
+
     def pause_for(self, work: Callable[[], object], then: Callable[[object], None]) -> None:
         """Hold the shell requests while ``work`` runs off the loop (an undo
         step before a cell); ``then(result)`` runs on the loop before any of

@@ -85,6 +85,8 @@ class Relay:
         #: count in every execute_reply (JupyterLab keeps a cell "[*]" otherwise).
         self.last_count = 0
         self._internal: dict[str, Callable[[int | None], None]] = {}
+        #: Called on the loop once a cell's execute_reply has gone to the frontend.
+        self.on_cell_end: Callable[[], None] = lambda: None
         self.dropped = 0
         self._dropped_logged = 0
         self._last_drop_log = -1.0
@@ -215,8 +217,10 @@ class Relay:
                     self.last_cell_s = time.monotonic() - start
                 self._count(content.get("execution_count"))
             self._to_frontend(req.socket, req.idents, body)
-            if timeline.enabled() and req.header.get("msg_type") == "execute_request":
-                timeline.finish()
+            if req.header.get("msg_type") == "execute_request":
+                if timeline.enabled():
+                    timeline.finish()
+                self.on_cell_end()
         elif chan == Channel.STDIN:
             req = self.inflight.get(parent_id)
             if req is None:

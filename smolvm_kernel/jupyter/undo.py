@@ -35,6 +35,9 @@ class UndoSteps:
         self._n = 0
         #: The last step's failure, said once in the cell it was for.
         self.last_error: str | None = None
+        #: A step taken ahead, right after a cell ended, that no cell has run
+        #: after yet: it is the state now, not one to go back to.
+        self.unused: str | None = None
 
     @property
     def prefix(self) -> str:
@@ -52,21 +55,31 @@ class UndoSteps:
         """This owner's steps, oldest first."""
         return [c for c in self.sandbox.checkpoints() if c.name.startswith(self.prefix)]
 
-    def before_cell(self, last_cell: int | None) -> str | None:
+    def before_cell(self, last_cell: int | None, say: bool = True, ahead: bool = False) -> str | None:
         """Take a step now (the VM as the last cell left it). A note for the
         cell when no step could be taken (the cell runs). :meth:`prune`
         follows, once the cell is on its way."""
         self._n += 1
+        name = f"{self.prefix}{self._n}"
+        self.unused = None
         try:
-            self.sandbox.checkpoint(f"{self.prefix}{self._n}", after_cell=last_cell)
+            self.sandbox.checkpoint(name, after_cell=last_cell)
         except SmolVMError as exc:
             note = f"[smolvm] no undo step before this cell: {exc}\n"
+            if not say:
+                return note           # not said: the caller tries again before the cell
             if note == self.last_error:
                 return None           # said once, not before every cell
             self.last_error = note
             return note
         self.last_error = None
+        if ahead:
+            self.unused = name
         return None
+
+    def used(self) -> None:
+        """A cell runs from the step taken ahead: it is an undo point now."""
+        self.unused = None
 
     def prune(self) -> None:
         """Keep the newest N steps (removing one takes ~40 ms: not before a cell)."""
@@ -75,6 +88,10 @@ class UndoSteps:
     def latest(self) -> Checkpoint:
         """The step ``%smolvm undo`` restores, or SmolVMError saying why there is none."""
         steps = self.steps()
+        if steps and steps[-1].name == self.unused:
+            self._remove(self.unused)       # the state now: nothing to go back to
+            self.unused = None
+            steps = steps[:-1]
         if steps:
             return steps[-1]
         if not self.on:

@@ -196,6 +196,16 @@ def test_undo_steps_keep_the_last_n_of_their_owner_and_go_with_it(tmp_path):
     with pytest.raises(SmolVMError, match="undo steps are off.*--undo 5"):
         mine.latest()
     assert UndoSteps(sb, "never-used", lambda: 1).clear() is None    # took nothing: lists nothing
+    # a step taken ahead (when a cell ended) is the state now until a cell runs after it
+    keep[0] = 3
+    sb.fail = None
+    mine.before_cell(8)
+    time.sleep(0.01)
+    mine.before_cell(9, ahead=True)
+    assert mine.latest().after_cell == 8 and [s.after_cell for s in mine.steps()] == [8]
+    mine.before_cell(10, ahead=True)
+    mine.used()
+    assert mine.latest().after_cell == 10
 
 
 def test_a_ready_snapshot_forks_ram_is_named_in_the_saved_meta(tmp_path):
