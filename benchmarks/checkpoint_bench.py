@@ -36,22 +36,12 @@ from jupyter_client.manager import start_new_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _stats import median  # noqa: E402
+from snapshot_bench import pss_kib  # noqa: E402
 
 STATE_MIB = 200
 MAKE_STATE = (f"import os\nblob = bytearray({STATE_MIB} * 2**20)\n"
               f"for i in range(0, len(blob), 2**24):\n    blob[i:i + 2**24] = os.urandom(2**24)\nlen(blob)")
 WRITE_8MIB = "buf = bytearray(os.urandom(8 * 2**20))"
-
-
-def pss_kib(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as fh:
-            for line in fh:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
 
 
 def timed(kc, code: str, timeout: float = 600) -> tuple[float, str]:

@@ -96,7 +96,8 @@ class VMActions:
     def __init__(self, vm: VMControl, where: str, *, name: str, workdir: Callable[[], str],
                  show_panel: Callable[[], None], last_cell: Callable[[], int | None] = lambda: None,
                  undo: UndoSteps | None = None,
-                 later: Callable[[Callable[[], str], Callable[[str, bool], None]], None] | None = None) -> None:
+                 later: Callable[[Callable[[], str], Callable[[str, bool], None]], None] | None = None,
+                 undone: Callable[[], None] = lambda: None) -> None:
         self.vm = vm
         self.where = where
         self.name = name
@@ -109,6 +110,8 @@ class VMActions:
         #: ``done(text, error)`` where the owner's widgets are updated (the
         #: kernel: its ops thread, then its loop); by default a thread.
         self._later = later or _on_a_thread
+        #: After an undo: the VM is an undo step's state (the kernel's next cell needs no step).
+        self._undone = undone
         #: The control panel over these actions, once shown (its settings follow a change).
         self.panel = None
 
@@ -209,7 +212,8 @@ class VMActions:
 
         def wait() -> str:
             done.result()
-            left = self.undo.done(step)
+            left = self.undo.now_at(step)
+            self._undone()
             after = f"after cell [{step.after_cell}]" if step.after_cell else "before the last cell"
             return (f"undone: the VM is back to its state {after}, in {time.monotonic() - started:.1f} s "
                     f"({left} more undo step{'s' if left != 1 else ''})\n{NOT_ROLLED_BACK}")

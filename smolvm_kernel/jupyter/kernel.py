@@ -116,7 +116,8 @@ class SmolVMKernel:
         self.actions = VMActions(self.vm, hostline.KERNEL, name=f"this kernel's microVM ({self.config.profile})",
                                  workdir=lambda: self.workdir, show_panel=lambda: self.panel_host.show(),
                                  last_cell=lambda: self.relay.last_count or None, undo=self.undo,
-                                 later=self._later)
+                                 later=self._later,
+                                 undone=lambda: self._call_soon(self._step_is_fresh))
         #: The control panel, shown from this process through its own comms (panel_host.py).
         self.panel_host = PanelHost(
             self.actions, publish=self.relay.publish,
@@ -358,6 +359,10 @@ class SmolVMKernel:
             self._call_soon(done, *result)
         self._ops.submit(run)
 
+    def _step_is_fresh(self) -> None:
+        """The VM is an undo step's state now: good for the next request, if it is a cell."""
+        self._step_fresh_at = self._handled
+
     def _step_after_cell(self) -> None:
         """A cell ended: with undo steps on and nothing else running, take the
         next cell's step now. Requests that come meanwhile wait for it."""
@@ -368,7 +373,7 @@ class SmolVMKernel:
 
         def taken(note: object) -> None:
             if note is None:      # a step: good for the next cell if nothing comes before it
-                self._step_fresh_at = self._handled
+                self._step_is_fresh()
                 self._ops.submit(self.undo.prune)
         # No note here: the next cell tries again, and says why if it fails too.
         self.lines.pause_for(lambda: self.undo.before_cell(self.relay.last_count or None, say=False, ahead=True),

@@ -100,10 +100,12 @@ class UndoSteps:
         raise SmolVMError("nothing to undo: no cell has run since undo steps were turned on, or every step "
                           "was undone already")
 
-    def done(self, step: Checkpoint) -> int:
-        """After its restore: the step is used up. Steps left."""
-        self._remove(step.name)
-        return len(self.steps())
+    def now_at(self, step: Checkpoint) -> int:
+        """After its restore: the VM is that step's state, which the next cell
+        starts from (it needs no step of its own) and the next undo skips.
+        The steps left to go back to."""
+        self.unused = step.name
+        return len(self.steps()) - 1
 
     def clear(self) -> None:
         """The owner ends: the steps it took go."""

@@ -185,7 +185,8 @@ def test_undo_steps_keep_the_last_n_of_their_owner_and_go_with_it(tmp_path):
     theirs.before_cell(7)
     assert [s.after_cell for s in mine.steps()] == [2, 3]           # the newest two, this owner's only
     step = mine.latest()
-    assert step.after_cell == 3 and mine.done(step) == 1 and mine.latest().after_cell == 2
+    assert step.after_cell == 3 and mine.now_at(step) == 1     # the VM is that step now
+    assert mine.latest().after_cell == 2 and [s.after_cell for s in mine.steps()] == [2]   # skipped, removed
     sb.fail = "you have 10 checkpoints, the most ... allows"
     note = mine.before_cell(4)
     assert "no undo step before this cell: you have 10 checkpoints" in note
