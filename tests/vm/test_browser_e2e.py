@@ -185,6 +185,10 @@ def test_demo_notebook_and_panel_in_a_real_browser(lab, page):
         expect(value_cell.locator(".jp-OutputArea-output")).to_contain_text("doubled: 12", timeout=60_000)
         assert errors == [], errors
         panel.scroll_into_view_if_needed()
+        panel.locator(".smolvm-delete").click()           # the checkpoint goes: it is the user's, on disk
+        expect(panel.locator(".smolvm-confirm-text")).to_contain_text("Delete removes")
+        panel.locator(".smolvm-confirm").click()
+        expect(panel.locator(".smolvm-message")).to_contain_text("removed checkpoint", timeout=30_000)
         page.evaluate("""() => {
             window.__smolvmStates = [];
             const el = document.querySelector('.smolvm-panel .smolvm-state');
