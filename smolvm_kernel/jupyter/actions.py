@@ -365,13 +365,15 @@ def describe(changes: dict) -> str:
     return ", ".join(f"{names.get(k, k)} {v}{units.get(k, '')}" for k, v in changes.items())
 
 
+def outcome(work: Callable[[], str]) -> tuple[str, bool]:
+    """Run a button's ``work``: (its text, False), or (what went wrong, True)."""
+    try:
+        return work(), False
+    except SmolVMError as exc:
+        return str(exc), True
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}", True
+
+
 def _on_a_thread(work: Callable[[], str], done: Callable[[str, bool], None]) -> None:
-    def run() -> None:
-        try:
-            text, error = work(), False
-        except SmolVMError as exc:
-            text, error = str(exc), True
-        except Exception as exc:
-            text, error = f"{type(exc).__name__}: {exc}", True
-        done(text, error)
-    threading.Thread(target=run, name="smolvm-panel-op", daemon=True).start()
+    threading.Thread(target=lambda: done(*outcome(work)), name="smolvm-panel-op", daemon=True).start()

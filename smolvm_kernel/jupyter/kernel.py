@@ -35,7 +35,7 @@ from smolvm_kernel._version import __version__
 from smolvm_kernel.config import SandboxConfig
 from smolvm_kernel.errors import SmolVMError
 from smolvm_kernel.jupyter import hostline
-from smolvm_kernel.jupyter.actions import VMActions
+from smolvm_kernel.jupyter.actions import VMActions, outcome
 from smolvm_kernel.jupyter.backpressure import ByteGate
 from smolvm_kernel.jupyter.line_runner import LineRunner, is_line
 from smolvm_kernel.jupyter.output_policy import OutputPolicy
@@ -349,15 +349,7 @@ class SmolVMKernel:
 
     def _later(self, work: Callable[[], str], done: Callable[[str, bool], None]) -> None:
         """A panel button's work on the ops thread; its outcome on the loop (actions.VMActions)."""
-        def run() -> None:
-            try:
-                result = (work(), False)
-            except SmolVMError as exc:
-                result = (str(exc), True)
-            except Exception as exc:
-                result = (f"{type(exc).__name__}: {exc}", True)
-            self._call_soon(done, *result)
-        self._ops.submit(run)
+        self._ops.submit(lambda: self._call_soon(done, *outcome(work)))
 
     def _step_is_fresh(self) -> None:
         """The VM is an undo step's state now: good for the next request, if it is a cell."""

@@ -40,6 +40,7 @@ from pathlib import Path
 
 from smolvm_kernel import paths
 from smolvm_kernel.errors import SmolVMError
+from smolvm_kernel.vm.pause import why_not_saveable
 
 log = logging.getLogger("smolvm_kernel.vm.checkpoints")
 
@@ -236,9 +237,6 @@ class CheckpointStore:
             raise CheckpointError(f"the checkpoint {name!r} cannot be read ({exc}); remove it with "
                                   f"%smolvm checkpoint --rm {name}") from None
 
-    def total_bytes(self) -> int:
-        return sum(c.size for c in self.list())
-
     def _root_ok(self) -> bool:
         try:
             st = os.lstat(self.root)
@@ -431,19 +429,10 @@ def _save_devices(qmp_socket: Path, into: Path) -> int:
 # ---------------------------------------------------------------- for the Sandbox
 
 def why_not_saved(machine, network: str) -> str | None:
-    """Why this VM cannot be checkpointed (as pause.why_not_pausable: what
-    belongs to its VMM would be lost by a restore), or None."""
+    """Why this VM cannot be checkpointed (pause.why_not_saveable), or None."""
     if machine is None or machine.backend is None:
         return "no microVM runs: start one first"
-    if machine.backend.name != "qemu":
-        return f"only QEMU VMs can be checkpointed (this one runs on {machine.backend.name})"
-    if machine.transport != "serial":
-        return (f"a VM reached over {machine.transport} cannot be checkpointed: its link belongs to its VMM, "
-                f"and a restored VM would come back without it")
-    if network != "none":
-        return ("a VM with a network cannot be checkpointed: its TAP and its connections belong to its VMM, "
-                "and a restore would drop them; checkpoints need network 'none'")
-    return None
+    return why_not_saveable(machine.backend.name, machine.transport, network, "checkpointed")
 
 
 async def take(machine, store: CheckpointStore, name: str, *, shape_key: str, profile: str,

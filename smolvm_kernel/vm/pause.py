@@ -62,15 +62,27 @@ def pause_due(now: float, last_active: float, pause_after: float, busy: bool) ->
     return pause_after > 0 and not busy and now - last_active >= pause_after
 
 
+def why_not_saveable(backend: str, transport: str, network: str, done: str) -> str | None:
+    """Why a VM of this backend, transport and network cannot be saved to a
+    file and loaded into a new VMM, or None when it can: the one rule for a
+    pause, a checkpoint and a restore (``done`` says which, e.g. "paused to
+    disk"). What belongs to its VMM would be lost."""
+    if backend != "qemu":
+        return f"only QEMU VMs are {done} (this one runs on {backend})"
+    if transport != "serial":
+        return (f"a VM reached over {transport} is not {done}: its link belongs to its VMM, "
+                f"and a restored VM would come back without it")
+    if network != "none":
+        return (f"a VM with a network is not {done}: its TAP and its connections belong to its VMM, "
+                f"and a restore would drop them")
+    return None
+
+
 def why_not_pausable(machine, network: str) -> str | None:
     """Why this VM cannot be paused to disk, or None when it can."""
-    if machine is None or machine.backend is None or machine.backend.name != "qemu":
-        return "only QEMU VMs are paused to disk"
-    if machine.transport != "serial":
-        return f"a VM reached over {machine.transport} is not paused (its link ends with its VMM)"
-    if network != "none":
-        return "a VM with a network is not paused (its TAP ends with its VMM)"
-    return None
+    if machine is None or machine.backend is None:
+        return "no microVM runs"
+    return why_not_saveable(machine.backend.name, machine.transport, network, "paused to disk")
 
 
 @dataclasses.dataclass

@@ -62,7 +62,7 @@ from smolvm_kernel.vm.workdir import Workdir, size_words
 from smolvm_kernel.vm.inbox import Inbox
 from smolvm_kernel.vm.lifecycle import SandboxState
 from smolvm_kernel.vm.machine import Hooks, Machine
-from smolvm_kernel.vm.pause import PauseHooks, Pauser
+from smolvm_kernel.vm.pause import PauseHooks, Pauser, why_not_saveable
 from smolvm_kernel.vm.session import Session
 from smolvm_kernel.vm.snapshot import SnapshotCache
 
@@ -184,7 +184,6 @@ class Sandbox:
         #: The checkpoint the VM being started comes from (restore, fork), if any.
         self._from_checkpoint: Checkpoint | None = None
         self._saving = False
-        self.last_checkpoint_s: float | None = None
         self.last_restore_s: float | None = None
         self.pauser = Pauser(PauseHooks(
             machine=lambda: self.machine, state=lambda: self.state, set_state=self._set_state,
@@ -384,7 +383,6 @@ class Sandbox:
         """Start this VM from a checkpoint, under its shared lock (a fork's
         materialize does not swap its files meanwhile)."""
         store = self.checkpoint_store
-        checkpoints.check_fits(ck, plan.image, plan.binary, plan.shape)
         lock = store.lock(ck.name, shared=True)
         await asyncio.to_thread(lock.__enter__)
         try:
@@ -629,7 +627,6 @@ class Sandbox:
         finally:
             self._saving = False
             self.pauser.touch()
-        self.last_checkpoint_s = ck.save_s
         if not ck.undo:      # an undo step before every cell is not an event worth a line each
             self._record_vm("checkpoint", name=ck.name, bytes=ck.size, save_s=ck.save_s, after_cell=after_cell)
         return ck
@@ -695,10 +692,9 @@ class Sandbox:
 
     async def _check_fits(self, ck: Checkpoint) -> boot.Plan:
         plan = await boot.plan(self.config, self._snapshots, log.info, None, None, ready_snapshot=False)
-        if plan.backend_name != "qemu" or plan.transport != "serial" or self.config.network != "none":
-            raise CheckpointError(
-                f"no restore: checkpoints are restored into QEMU VMs over virtio-serial with network 'none' "
-                f"(this kernel's: {plan.backend_name}, {plan.transport}, network {self.config.network!r})")
+        why = why_not_saveable(plan.backend_name, plan.transport, self.config.network, "restored from a checkpoint")
+        if why is not None:
+            raise CheckpointError(f"no restore: {why}")
         checkpoints.check_fits(ck, plan.image, plan.binary, plan.shape)
         return plan
 
